@@ -1,0 +1,33 @@
+# The two README commands. Each creates .venv when missing and installs the package into it.
+# torch is pinned here (not in setup.cfg) so that CI and fresh machines take the CPU wheel on disk.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed-base: $(PY) setup.cfg setup.py
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[plot]" "$(TORCH_PIN)"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PY) -m pip install -q -e ".[test,plot]" "$(TORCH_PIN)"
+	touch $@
+
+demo: $(VENV)/.installed-base
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed-test
+	$(PY) scripts/bench_patching.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

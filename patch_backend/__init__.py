@@ -1,0 +1,64 @@
+"""patch_backend: a torch.compile backend for activation patching.
+
+``torch.compile(model, backend="graphpatch")`` names every intermediate value after the module
+hierarchy and patches it inside Inductor-compiled code. See README.md and docs/.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from .backend import graphpatch, graphpatch_eager
+from .context import patch
+from .graph import NodePath, PatchableGraph
+from .patches import (
+    AddPatch,
+    CustomPatch,
+    Patch,
+    ProbePatch,
+    RecordPatch,
+    ReplacePatch,
+    TensorSlice,
+    TensorSliceElement,
+    ZeroPatch,
+)
+from .stats import set_max_variants, stats
+
+__all__ = [
+    "AddPatch",
+    "CustomPatch",
+    "NodePath",
+    "Patch",
+    "PatchableGraph",
+    "ProbePatch",
+    "RecordPatch",
+    "ReplacePatch",
+    "TensorSlice",
+    "TensorSliceElement",
+    "ZeroPatch",
+    "graphpatch",
+    "graphpatch_eager",
+    "nodes",
+    "patch",
+    "set_max_variants",
+    "stats",
+]
+
+
+def nodes(model: Any, pattern: Optional[str] = None) -> List[str]:
+    """Node names of ``model`` (module, torch.compile result or PatchableGraph), in graph order.
+
+    ``pattern`` is a glob (``"layers_*.mlp.output"``). Names exist once the model has been
+    captured: after its first compiled call, or at PatchableGraph construction.
+    """
+    from .context import resolve_root
+    from .index import index_for
+
+    root = resolve_root(model)
+    index = index_for(root)
+    if not index.names:
+        raise RuntimeError(
+            f"no graph of {type(root).__name__} has been captured yet: call the model compiled with "
+            "backend='graphpatch' (or 'graphpatch_eager') once, or wrap it in PatchableGraph(model, *example_args)"
+        )
+    return index.match(pattern)

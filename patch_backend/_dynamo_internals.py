@@ -1,0 +1,131 @@
+"""The only module that reads Dynamo internals.
+
+A backend receives a GraphModule and example inputs; two facts the names need are not in them:
+
+* which frame the graph comes from (the module whose ``forward`` is being traced, and whether
+  the frame is a graph-break resume function), and
+* how the frame's return value is structured (``output|logits``): Dynamo returns a flat tuple
+  from the graph and rebuilds the user's structure in bytecode.
+
+There is no public API for either, so we read the instruction translator that is calling the
+backend. Every access is guarded: if a torch release changes these internals, naming degrades
+to the documented fallbacks (``input_<k>``, ``output|sub_<k>``) instead of failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class FrameInfo:
+    """What the backend learns about the frame a graph was traced from."""
+
+    code_name: str = ""
+    #: id() of the frame's code object: recompiles of one frame share it.
+    code_id: int = 0
+    #: Name of the frame local holding the module (``self``; any name for the first argument).
+    self_local: str = "self"
+    self_module: Optional[torch.nn.Module] = None
+    is_resume: bool = False
+    #: For a resume function: the code object of the function it continues (e.g. a forward).
+    original_code: Any = None
+    #: True when the graph ends because the frame returned (not at a graph break).
+    returns: bool = False
+    #: Return-value leaves: (path inside the result, fx node name); empty if unknown.
+    return_leaves: List[Tuple[Tuple[str, ...], str]] = field(default_factory=list)
+
+
+def current_frame_info() -> FrameInfo:
+    info = FrameInfo()
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return info
+    if tx is None:
+        return info
+    try:
+        code = tx.f_code
+        info.code_name = code.co_name
+        info.code_id = id(code)
+        info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
+        candidates = ["self"]
+        if code.co_argcount and not info.is_resume:
+            candidates.insert(0, code.co_varnames[0])
+        for local in candidates:
+            value = tx.f_locals.get(local)
+            if isinstance(value, torch.nn.Module):
+                info.self_module, info.self_local = value, local
+                break
+        if info.is_resume:
+            info.original_code = _original_code(code)
+    except Exception:
+        pass
+    try:
+        reason = getattr(tx.output, "compile_subgraph_reason", None)
+        info.returns = getattr(reason, "reason", None) == "return_value"
+        if info.returns and tx.stack:
+            _walk(tx.stack[-1], (), info.return_leaves, depth=0)
+    except Exception:
+        info.return_leaves = []
+    return info
+
+
+def _original_code(code: Any) -> Any:
+    """The user function a resume function continues (resume functions can nest)."""
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        metadata = ContinueExecutionCache.generated_code_metadata
+        for _ in range(16):
+            entry = metadata.get(code)
+            if entry is None:
+                return code
+            code = entry.code
+    except Exception:
+        return None
+    return code
+
+
+def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
+    """Collects tensor leaves of a returned VariableTracker with their structural path."""
+    if depth > 8:
+        return
+    if hasattr(vt, "realize"):
+        try:
+            vt = vt.realize()
+        except Exception:
+            return
+    from torch._dynamo.variables import ConstantVariable, TensorVariable
+
+    if isinstance(vt, TensorVariable):
+        out.append((path, vt.as_proxy().node.name))
+        return
+    if isinstance(vt, ConstantVariable):
+        return
+    items = getattr(vt, "items", None)
+    if isinstance(items, (list, tuple)):
+        for index, item in enumerate(items):
+            _walk(item, path + (f"sub_{index}",), out, depth + 1)
+        return
+    if isinstance(items, dict):
+        _walk_dict(items, path, out, depth)
+        return
+    dict_vt = getattr(vt, "_base_vt", None) or getattr(vt, "dict_vt", None)
+    if dict_vt is not None and isinstance(getattr(dict_vt, "items", None), dict):
+        _walk_dict(dict_vt.items, path, out, depth)
+
+
+def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: int) -> None:
+    for key_tracker, value in items.items():
+        key_vt = getattr(key_tracker, "vt", key_tracker)
+        try:
+            key = key_vt.as_python_constant()
+        except Exception:
+            continue
+        _walk(value, path + (str(key),), out, depth + 1)

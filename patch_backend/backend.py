@@ -1,0 +1,147 @@
+"""The two Dynamo backends and the per-graph dispatcher.
+
+For every graph Dynamo hands us we record a capture (for naming) and return a ``Dispatcher``.
+On each call it looks at the active patches: none → the plain variant (Inductor's code, or the
+graph itself for ``graphpatch_eager``); some → the variant for their *structure*, built once and
+fed the patch values as inputs (``rewrite.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx
+
+from ._dynamo_internals import current_frame_info
+from .capture import GraphCapture, capture_graph, forget
+from .context import active_state
+from .eager import PatchingInterpreter
+from .plan import Selection, select, structure_key
+
+#: Default bound on compiled patched variants per graph (``pb.set_max_variants``).
+MAX_VARIANTS = [64]
+
+
+@dataclass
+class GraphStats:
+    variants_compiled: int = 0
+    variant_hits: int = 0
+    compile_seconds: float = 0.0
+    calls: int = 0
+    patched_calls: int = 0
+    evictions: int = 0
+
+
+class Dispatcher:
+    """The callable Dynamo runs for one graph."""
+
+    def __init__(
+        self, capture: GraphCapture, compiled: bool, compile_options: Dict[str, Any], example_inputs: Sequence[Any]
+    ) -> None:
+        self.capture = capture
+        self.compiled = compiled
+        self.compile_options = compile_options
+        self.stats = GraphStats()
+        self.variants: "OrderedDict[Any, Callable]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._warned_bound = False
+        self._examples = example_inputs
+        start = time.perf_counter()
+        self.plain = self._compile_plain()
+        del self._examples  # do not keep the first call's activations alive
+        self.stats.compile_seconds += time.perf_counter() - start
+        capture.dispatcher_ref = weakref.ref(self)
+        weakref.finalize(self, forget, capture)
+
+    # -- building --------------------------------------------------------------------------
+    def _compile_plain(self) -> Callable:
+        gm = self.capture.gm
+        if not self.compiled:
+            return gm.forward
+        from .compile import compile_inductor
+
+        return compile_inductor(gm, self._examples, self.compile_options)
+
+    def _variant(self, selection: Selection, args: Sequence[Any]) -> Callable:
+        key = structure_key(selection)
+        variant = self.variants.get(key)
+        if variant is not None:
+            self.variants.move_to_end(key)
+            self.stats.variant_hits += 1
+            return variant
+        with self._lock:
+            variant = self.variants.get(key)
+            if variant is not None:
+                return variant
+            start = time.perf_counter()
+            if self.compiled:
+                from .rewrite import build_compiled_variant
+
+                variant = build_compiled_variant(self.capture, selection, args, self.compile_options)
+            else:
+                variant = _EagerVariant(self.capture.gm)
+            self.stats.compile_seconds += time.perf_counter() - start
+            self.stats.variants_compiled += 1
+            self.variants[key] = variant
+            if len(self.variants) > MAX_VARIANTS[0]:
+                self.variants.popitem(last=False)
+                self.stats.evictions += 1
+                if not self._warned_bound:
+                    self._warned_bound = True
+                    warnings.warn(
+                        f"patch_backend: graph {self.capture.uid} compiled more than {MAX_VARIANTS[0]} patched "
+                        "variants (one per distinct patch structure); the least recently used are dropped and "
+                        "recompiled on reuse. Declare the sites with pb.prepare(model, sites) or raise the bound "
+                        "with pb.set_max_variants(n).",
+                        stacklevel=3,
+                    )
+            return variant
+
+    # -- calling ---------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        instance = self.capture.record_call(args)
+        self.stats.calls += 1
+        state = active_state()
+        if not state.roots:
+            return self.plain(*args)
+        selection = select(state, self.capture, instance)
+        if not selection:
+            return self.plain(*args)
+        self.stats.patched_calls += 1
+        return self._variant(selection, args).run(selection, args)
+
+
+class _EagerVariant:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+
+    def run(self, selection: Selection, args: Sequence[Any]) -> Any:
+        return PatchingInterpreter(self.gm, selection).run(*args)
+
+
+def _backend(gm: torch.fx.GraphModule, example_inputs: List[Any], compiled: bool, **options: Any) -> Callable:
+    frame = current_frame_info()
+    capture = capture_graph(gm, example_inputs, frame)
+    dispatcher = Dispatcher(capture, compiled, options, example_inputs)
+    return dispatcher
+
+
+def graphpatch(gm: torch.fx.GraphModule, example_inputs: List[Any], **options: Any) -> Callable:
+    """Dynamo backend: Inductor-compiled graphs with compiled patched variants.
+
+    ``torch.compile(model, backend="graphpatch", mode=..., options=...)`` forwards ``mode`` and
+    ``options`` to Inductor for every variant.
+    """
+    return _backend(gm, example_inputs, compiled=True, **options)
+
+
+def graphpatch_eager(gm: torch.fx.GraphModule, example_inputs: List[Any], **options: Any) -> Callable:
+    """Dynamo backend: same capture, names and patch semantics, run eagerly (the test oracle)."""
+    return _backend(gm, example_inputs, compiled=False, **options)

@@ -1,0 +1,158 @@
+"""What the backend records about each Dynamo graph, before anything is named.
+
+Names depend on the root model, which the backend does not know: ``torch.compile(model)``
+hands it graphs whose module paths are relative to the traced frame's ``self``, and Dynamo
+reuses one compiled frame for every instance of a module class (all transformer blocks share
+the graph of a block whose forward graph-breaks). So a capture stores frame-relative facts, and
+each *call* records which instance it ran for (its first parameter's identity); ``index.py``
+later resolves both against the root the user names.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from ._dynamo_internals import FrameInfo
+
+#: Global order of first appearance of (graph, instance): names continue per-scope counters
+#: across graph breaks in the order graphs first ran.
+_sequence = itertools.count()
+_registry_lock = threading.Lock()
+_captures: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
+#: Bumped whenever a capture or a new occurrence appears, so name tables know to refresh.
+_version = [0]
+
+_SOURCE_TOKEN = re.compile(r"\._modules\['([^']*)'\]|\._parameters\['([^']*)'\]|\._buffers\['([^']*)'\]"
+                           r"|\.([A-Za-z_][A-Za-z0-9_]*)|\['([^']*)'\]|\[(\d+)\]")
+_ROOT_LOCAL = re.compile(r"^L\['([^']+)'\]")
+
+
+def parse_source_path(source_name: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """``L['self']._modules['h']._modules['0']._parameters['weight']`` → ('self', ('h','0','weight'))."""
+    match = _ROOT_LOCAL.match(source_name)
+    if match is None:
+        return None
+    rest = source_name[match.end():]
+    segments = []
+    position = 0
+    while position < len(rest):
+        token = _SOURCE_TOKEN.match(rest, position)
+        if token is None:
+            return None
+        segments.append(next(group for group in token.groups() if group is not None))
+        position = token.end()
+    return match.group(1), tuple(segments)
+
+
+@dataclass
+class PlaceholderInfo:
+    index: int
+    node_name: str
+    local: str
+    path: Tuple[str, ...]
+    #: 'param' (parameter/buffer/tensor attribute of the frame's self) or 'input'.
+    kind: str
+
+
+@dataclass(eq=False)
+class GraphCapture:
+    """One Dynamo graph with the frame facts naming needs."""
+
+    gm: torch.fx.GraphModule
+    frame: FrameInfo
+    code_key: int
+    placeholders: List[PlaceholderInfo]
+    #: Index of a parameter placeholder whose identity tells the calling instance, if any.
+    anchor_index: Optional[int]
+    #: Relative (to the frame's self) path of the anchor parameter.
+    anchor_path: Tuple[str, ...] = ()
+    #: (instance key, first-seen sequence number); instance key is id() of the anchor argument.
+    occurrences: Dict[Optional[int], int] = field(default_factory=dict)
+    uid: int = field(default_factory=lambda: next(_sequence))
+    #: Weak reference to the backend's dispatcher (stats, variants): Dynamo owns the dispatcher,
+    #: so when it drops a graph (``torch._dynamo.reset()``, a deleted model) the capture goes too.
+    dispatcher_ref: Optional[weakref.ref] = None
+
+    @property
+    def dispatcher(self):
+        return self.dispatcher_ref() if self.dispatcher_ref is not None else None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def record_call(self, args: Sequence[object]) -> Optional[int]:
+        """Notes which instance this call runs for; returns its instance key."""
+        if self.anchor_index is None:
+            return None
+        key = id(args[self.anchor_index])
+        if key not in self.occurrences:
+            with _registry_lock:
+                self.occurrences.setdefault(key, next(_sequence))
+                _version[0] += 1
+        return key
+
+
+def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], frame: FrameInfo) -> GraphCapture:
+    self_local = frame.self_local
+    placeholders: List[PlaceholderInfo] = []
+    anchor_index = None
+    anchor_path: Tuple[str, ...] = ()
+    for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        parsed = parse_source_path(source.name) if source is not None else None
+        if parsed is None:
+            placeholders.append(PlaceholderInfo(index, node.name, "", (), "input"))
+            continue
+        local, path = parsed
+        is_attribute = local == self_local and frame.self_module is not None and len(path) > 0
+        kind = "param" if is_attribute else "input"
+        placeholders.append(PlaceholderInfo(index, node.name, local, path, kind))
+        if (
+            kind == "param"
+            and anchor_index is None
+            and index < len(example_inputs)
+            and isinstance(example_inputs[index], torch.Tensor)
+        ):
+            anchor_index, anchor_path = index, path
+    capture = GraphCapture(
+        gm=gm,
+        frame=frame,
+        code_key=frame.code_id,
+        placeholders=placeholders,
+        anchor_index=anchor_index,
+        anchor_path=anchor_path,
+    )
+    capture.record_call(example_inputs)
+    if anchor_index is None:
+        capture.occurrences[None] = next(_sequence)
+    with _registry_lock:
+        _captures.add(capture)
+        _version[0] += 1
+    return capture
+
+
+def all_captures() -> List[GraphCapture]:
+    """Live captures (whose dispatcher Dynamo still holds), oldest first."""
+    with _registry_lock:
+        live = [c for c in _captures if c.dispatcher_ref is None or c.dispatcher_ref() is not None]
+    return sorted(live, key=lambda capture: capture.uid)
+
+
+def forget(capture: GraphCapture) -> None:
+    """Called when Dynamo drops the graph's dispatcher: names must no longer include it."""
+    with _registry_lock:
+        _captures.discard(capture)
+        _version[0] += 1
+
+
+def registry_version() -> int:
+    return _version[0]

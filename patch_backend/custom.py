@@ -1,0 +1,234 @@
+"""CustomPatch (and user Patch subclasses) inside compiled variants.
+
+A callable is keyed by its code and by the *structure* of what it captures: captured tensors
+become graph inputs, so ``lambda t: t + delta`` re-created in a loop with a new ``delta`` reuses
+the variant; captured numbers and other objects are constants of the variant. A captured
+ProbePatch from the same patch map reads this forward's value inside the graph. A callable that
+cannot be traced runs as an opaque custom op (one warning per node), still without recompiles.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .patches import Patch, ProbePatch, RecordPatch
+
+_CONSTANT_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def patch_function(patch: Patch) -> Callable:
+    from .patches import CustomPatch
+
+    return patch.custom_op if isinstance(patch, CustomPatch) else patch.op
+
+
+def _cell_structure(value: Any, probe_positions: Dict[int, Tuple[int, int]]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, ProbePatch):
+        position = probe_positions.get(id(value))
+        if position is not None:
+            return ("probe", position)
+        return ("host-probe", _cell_structure(value.activation, probe_positions))
+    if isinstance(value, RecordPatch):
+        return ("record", tuple(_cell_structure(v, probe_positions) for v in value.activations))
+    if isinstance(value, _CONSTANT_TYPES):
+        return ("const", type(value), value)
+    if isinstance(value, (tuple, list)) and len(value) < 64:
+        return (type(value), tuple(_cell_structure(v, probe_positions) for v in value))
+    return ("object", id(value))
+
+
+def _parts(fn: Callable) -> Tuple[Optional[types.FunctionType], Optional[Any], Tuple[Any, ...]]:
+    """(plain function, bound self or None, captured values) of a callable."""
+    bound_self = None
+    if isinstance(fn, types.MethodType):
+        bound_self, fn = fn.__self__, fn.__func__
+    if not isinstance(fn, types.FunctionType):
+        return None, None, ()
+    cells = tuple(cell.cell_contents for cell in (fn.__closure__ or ()))
+    defaults = tuple(fn.__defaults__ or ())
+    captured = cells + defaults
+    if bound_self is not None:
+        captured += tuple(vars(bound_self).values())
+    return fn, bound_self, captured
+
+
+def callable_structure(fn: Callable, probe_positions: Optional[Dict[int, Tuple[int, int]]] = None) -> Any:
+    function, bound_self, captured = _parts(fn)
+    if function is None:
+        return ("opaque-object", id(fn))
+    probe_positions = probe_positions or {}
+    return (
+        function.__code__,
+        type(bound_self),
+        tuple(_cell_structure(value, probe_positions) for value in captured),
+    )
+
+
+class _ProbeStandIn:
+    """What a captured ProbePatch looks like while the custom op is traced."""
+
+    def __init__(self, activation: Any) -> None:
+        self.activation = activation
+
+
+class _RecordStandIn:
+    def __init__(self, activations: List[Any]) -> None:
+        self.activations = activations
+
+
+@dataclass
+class CustomLowering:
+    traced_call: Callable
+    probe_keys: Tuple[Tuple[int, int], ...]
+    tensor_positions: Tuple[int, ...]
+    opaque_slot: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _lift(value: Any, tensors: List[torch.Tensor], probe_positions, probe_keys: List, layout: List) -> None:
+    """Flattens captured values into lifted tensors and referenced probes (same order always)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        layout.append(("tensor", len(tensors) - 1))
+    elif isinstance(value, ProbePatch):
+        position = probe_positions.get(id(value))
+        if position is not None:
+            probe_keys.append(position)
+            layout.append(("probe", len(probe_keys) - 1))
+        else:
+            inner: List = []
+            _lift(value.activation, tensors, probe_positions, probe_keys, inner)
+            layout.append(("host-probe", inner))
+    elif isinstance(value, RecordPatch):
+        inner = []
+        for item in value.activations:
+            _lift(item, tensors, probe_positions, probe_keys, inner)
+        layout.append(("record", inner))
+    else:
+        layout.append(("keep", value))
+
+
+def _rebuild(layout_entry, lifted, probes) -> Any:
+    kind, payload = layout_entry
+    if kind == "tensor":
+        return lifted[payload]
+    if kind == "probe":
+        return _ProbeStandIn(probes[payload])
+    if kind == "host-probe":
+        return _ProbeStandIn(_rebuild(payload[0], lifted, probes))
+    if kind == "record":
+        return _RecordStandIn([_rebuild(entry, lifted, probes) for entry in payload])
+    return payload
+
+
+def lower_custom(
+    patch: Patch,
+    tensors: List[torch.Tensor],
+    probe_positions: Dict[int, Tuple[int, int]],
+) -> CustomLowering:
+    fn = patch_function(patch)
+    function, bound_self, captured = _parts(fn)
+    start = len(tensors)
+    probe_keys: List[Tuple[int, int]] = []
+    layout: List[Any] = []
+    for value in captured:
+        _lift(value, tensors, probe_positions, probe_keys, layout)
+    tensor_positions = tuple(range(start, len(tensors)))
+
+    if function is None:
+        def traced_call(value, probes, lifted):
+            return fn(value)
+
+        return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
+
+    closure_count = len(function.__closure__ or ())
+    default_count = len(function.__defaults__ or ())
+    attribute_names = list(vars(bound_self).keys()) if bound_self is not None else []
+    # Offsets into ``lifted`` are relative to this callable's first lifted tensor.
+    relative_layout = [_shift(entry, -start) for entry in layout]
+
+    def traced_call(value, probes, lifted):
+        rebuilt = [_rebuild(entry, lifted, probes) for entry in relative_layout]
+        cells = tuple(types.CellType(v) for v in rebuilt[:closure_count])
+        defaults = tuple(rebuilt[closure_count : closure_count + default_count]) or None
+        clone = types.FunctionType(function.__code__, function.__globals__, function.__name__, defaults, cells or None)
+        clone.__kwdefaults__ = function.__kwdefaults__
+        if bound_self is None:
+            return clone(value)
+        stand_in = object.__new__(type(bound_self))
+        stand_in.__dict__.update(zip(attribute_names, rebuilt[closure_count + default_count :]))
+        return clone(stand_in, value)
+
+    return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
+
+
+def _shift(entry, offset: int):
+    kind, payload = entry
+    if kind == "tensor":
+        return (kind, payload + offset)
+    if kind == "host-probe":
+        return (kind, [_shift(e, offset) for e in payload])
+    if kind == "record":
+        return (kind, [_shift(e, offset) for e in payload])
+    return entry
+
+
+# -- opaque fallback ---------------------------------------------------------------------------
+_OPAQUE_CALLABLES: Dict[int, Callable] = {}
+_WARNED: set = set()
+
+
+@torch.library.custom_op("patch_backend::opaque_patch", mutates_args=())
+def opaque_patch(value: torch.Tensor, slot: int) -> torch.Tensor:
+    """Runs an untraceable patch callable eagerly inside a compiled variant."""
+    result = _OPAQUE_CALLABLES[slot](value.clone())
+    if not isinstance(result, torch.Tensor) or result.shape != value.shape:
+        raise RuntimeError(
+            "an untraceable CustomPatch must return a tensor of its input's shape when compiled "
+            f"(got {type(result).__name__} {getattr(result, 'shape', '')}, expected {tuple(value.shape)})"
+        )
+    return result.to(value.dtype).clone()
+
+
+@opaque_patch.register_fake
+def _(value: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.empty_like(value)
+
+
+def set_opaque_callable(slot: int, fn: Callable) -> None:
+    _OPAQUE_CALLABLES[slot] = fn
+
+
+def is_traceable(lowering: CustomLowering, value_meta: torch.Tensor, tensors: List[torch.Tensor]) -> Optional[str]:
+    """None if the callable traces with fake tensors; else the reason it does not."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    lifted = tuple(tensors[p] for p in lowering.tensor_positions)
+    probes = tuple(torch.zeros(()) for _ in lowering.probe_keys)
+
+    def run(value, lifted_values):
+        return lowering.traced_call(value, probes, lifted_values)
+
+    try:
+        make_fx(run, tracing_mode="fake")(value_meta, lifted)
+    except Exception as error:  # any failure means: do not trace this callable
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def warn_opaque(site_name: str, reason: str) -> None:
+    if site_name in _WARNED:
+        return
+    _WARNED.add(site_name)
+    warnings.warn(
+        f"patch_backend: the CustomPatch at {site_name!r} could not be traced ({reason}); it runs as an "
+        "opaque op (eagerly, between compiled kernels) and does not support autograd",
+        stacklevel=4,
+    )

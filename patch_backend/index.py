@@ -1,0 +1,148 @@
+"""The name table of one root model: every captured graph occurrence that runs inside it.
+
+The root is whatever the user names (``pb.patch(model, ...)``, ``pb.nodes(model)``, a
+PatchableGraph's module). Occurrences are found by parameter identity (see capture.py) and named
+in first-run order, so per-scope counters continue across graph breaks; a recompiled frame
+restarts from the counters its first compile started from, so it gets the same names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .capture import GraphCapture, all_captures, registry_version
+from .naming import ScopeCounters, Site, name_occurrence
+
+Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
+
+
+@dataclass
+class NamedSite:
+    capture: GraphCapture
+    instance: Optional[int]
+    site: Site
+
+
+class RootIndex:
+    def __init__(self, root: nn.Module) -> None:
+        self._root = weakref.ref(root)
+        self._version = -1
+        self._lock = threading.RLock()
+        self.names: List[str] = []
+        self.by_name: Dict[str, List[NamedSite]] = {}
+        self.by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
+
+    @property
+    def root(self) -> nn.Module:
+        root = self._root()
+        if root is None:
+            raise ReferenceError("the model this name table belongs to was deleted")
+        return root
+
+    def refresh(self) -> "RootIndex":
+        if self._version == registry_version():
+            return self
+        with self._lock:
+            version = registry_version()
+            if self._version != version:
+                self._rebuild()
+                self._version = version
+        return self
+
+    def _rebuild(self) -> None:
+        root = self.root
+        tensor_paths: Dict[int, List[Tuple[str, ...]]] = {}
+        for name, tensor in list(root.named_parameters(remove_duplicate=False)) + list(
+            root.named_buffers(remove_duplicate=False)
+        ):
+            tensor_paths.setdefault(id(tensor), []).append(tuple(name.split(".")))
+        module_paths: Dict[int, Tuple[str, ...]] = {}
+        for name, module in root.named_modules(remove_duplicate=False):
+            module_paths.setdefault(id(module), tuple(name.split(".")) if name else ())
+
+        pending = []
+        for capture in all_captures():
+            for instance, sequence in list(capture.occurrences.items()):
+                prefix = self._prefix_of(capture, instance, tensor_paths, module_paths)
+                if prefix is not None:
+                    pending.append((sequence, capture, instance, prefix))
+        pending.sort(key=lambda item: item[0])
+
+        counters = ScopeCounters()
+        group_start: Dict[Tuple[int, Tuple[str, ...]], ScopeCounters] = {}
+        names: List[str] = []
+        by_name: Dict[str, List[NamedSite]] = {}
+        by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
+        for _, capture, instance, prefix in pending:
+            group = (capture.code_key, prefix)
+            if group in group_start:
+                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
+            else:
+                group_start[group] = counters.snapshot()
+                sites = name_occurrence(capture, root, prefix, counters)
+            table = by_occurrence.setdefault((capture.uid, instance), {})
+            for site in sites:
+                table[site.name] = site
+                if site.name not in by_name:
+                    names.append(site.name)
+                by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
+        self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
+
+    def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
+        if instance is not None:
+            anchor = capture.anchor_path
+            for path in tensor_paths.get(instance, ()):
+                if len(path) >= len(anchor) and path[len(path) - len(anchor):] == anchor:
+                    return path[: len(path) - len(anchor)]
+            return None
+        module = capture.frame.self_module
+        if module is not None:
+            return module_paths.get(id(module))
+        # A resume function whose ``self`` is no longer live: attribute it to the one module of
+        # this root whose forward it continues.
+        code = capture.frame.original_code
+        if code is None:
+            return None
+        owners = [
+            path
+            for path, candidate in module_paths_by_object(self.root)
+            if getattr(getattr(type(candidate), "forward", None), "__code__", None) is code
+        ]
+        return owners[0] if len(owners) == 1 else None
+
+    def sites_for(self, capture: GraphCapture, instance: Optional[int]) -> Optional[Dict[str, Site]]:
+        self.refresh()
+        return self.by_occurrence.get((capture.uid, instance))
+
+    def match(self, pattern: Optional[str]) -> List[str]:
+        self.refresh()
+        if pattern is None:
+            return list(self.names)
+        return [name for name in self.names if fnmatch.fnmatchcase(name, pattern)]
+
+    def close_matches(self, name: str, count: int = 5) -> List[str]:
+        return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
+
+
+def module_paths_by_object(root: nn.Module):
+    for name, module in root.named_modules():
+        yield (tuple(name.split(".")) if name else ()), module
+
+
+_indexes: "weakref.WeakKeyDictionary[nn.Module, RootIndex]" = weakref.WeakKeyDictionary()
+_indexes_lock = threading.Lock()
+
+
+def index_for(root: nn.Module) -> RootIndex:
+    with _indexes_lock:
+        index = _indexes.get(root)
+        if index is None:
+            index = _indexes[root] = RootIndex(root)
+    return index.refresh()

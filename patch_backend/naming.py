@@ -1,0 +1,357 @@
+"""Hierarchical node names for one graph occurrence (see docs/naming.md).
+
+A *site* is a named place where patches apply: a producing fx node plus the set of its uses
+that see the patched value. Op names patch every use; ``<scope>.output`` patches the uses
+outside the scope; ``<scope>.input`` and ``<scope>.weight`` patch the uses inside it. So a value
+flowing out of ``mlp`` into ``ln_2`` meets, in order, the op's patches, ``mlp.output``'s, then
+``ln_2.input``'s: the path the value takes through the module hierarchy (``Site.rank``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+from torch import nn
+
+from .capture import GraphCapture, parse_source_path
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
+_NON_IDENTIFIER = re.compile(r"[^0-9A-Za-z_]")
+_STACK_LOCAL = re.compile(r"^L\['[^']+'\]")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named patch site inside one graph."""
+
+    name: str
+    node: str
+    #: fx node names whose use of ``node`` sees the patched value; None means every use.
+    consumers: Optional[FrozenSet[str]]
+    #: Order among sites sharing ``node`` (see module docstring).
+    rank: Tuple[int, int]
+    kind: str
+    #: Where the site sits in graph order (for listings: inputs before ops, outputs after).
+    position: float
+    shape: Optional[Tuple[int, ...]]
+    dtype: Optional[torch.dtype]
+    code: str
+
+
+def sanitize(token: str) -> str:
+    token = _NON_IDENTIFIER.sub("_", str(token))
+    return token if token.isidentifier() else f"sub_{token}"
+
+
+def module_at(root: Optional[nn.Module], segments: Sequence[str]) -> Optional[nn.Module]:
+    module = root
+    for segment in segments:
+        if module is None:
+            return None
+        module = module._modules.get(segment)
+    return module
+
+
+def format_module_path(root: Optional[nn.Module], segments: Sequence[str]) -> str:
+    """``('transformer', 'h', '17')`` → ``transformer.h_17`` (container children join with ``_``)."""
+    return extend_scope("", root, segments)
+
+
+def extend_scope(scope: str, module: Optional[nn.Module], segments: Sequence[str]) -> str:
+    """The scope of ``module``'s descendant at ``segments``, given ``module``'s own scope."""
+    for segment in segments:
+        if scope and isinstance(module, _CONTAINERS):
+            scope += "_" + _NON_IDENTIFIER.sub("_", segment)
+        else:
+            scope = join(scope, sanitize(segment))
+        module = module._modules.get(segment) if module is not None else None
+    return scope
+
+
+def join(scope: str, leaf: str) -> str:
+    return f"{scope}.{leaf}" if scope else leaf
+
+
+def op_base_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        base = str(node.target)
+    elif node.op == "call_module":
+        base = str(node.target).rsplit(".", 1)[-1]
+    else:
+        base = getattr(node.target, "__name__", None) or str(node.target)
+    base = _NON_IDENTIFIER.sub("_", base).strip("_").lower() or "op"
+    return base if base[0].isalpha() else f"op_{base}"
+
+
+def forward_parameters(module: Optional[nn.Module]) -> Tuple[List[str], Optional[str], Optional[str]]:
+    """(named positional/keyword parameters, *args name, **kwargs name) of ``module.forward``."""
+    if module is None:
+        return [], None, None
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return [], None, None
+    named, varargs, varkw = [], None, None
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            varargs = parameter.name
+        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            varkw = parameter.name
+        else:
+            named.append(parameter.name)
+    return named, varargs, varkw
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """The user source line that produced ``node`` (last frame of Dynamo's stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line for line in trace.rstrip().splitlines() if line.strip()]
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].lstrip().startswith("File "):
+            return lines[index + 1].strip() if index + 1 < len(lines) else ""
+    return ""
+
+
+def _tensor_meta(node: torch.fx.Node) -> Tuple[bool, Optional[Tuple[int, ...]], Optional[torch.dtype]]:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.Tensor):
+        shape = tuple(int(s) if isinstance(s, int) else s for s in value.shape)
+        return True, shape, value.dtype
+    return False, None, None
+
+
+@dataclass
+class _Invocation:
+    keys: Tuple[str, ...]
+    raw_path: Tuple[str, ...]
+    scope: str
+    depth: int
+
+
+class ScopeCounters:
+    """Per-scope op counters, continued across the graphs of one forward."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, Counter] = defaultdict(Counter)
+
+    def take(self, scope: str, base: str) -> str:
+        count = self.counts[scope][base]
+        self.counts[scope][base] += 1
+        return base if count == 0 else f"{base}_{count}"
+
+    def snapshot(self) -> "ScopeCounters":
+        copy = ScopeCounters()
+        copy.counts = defaultdict(Counter, {scope: Counter(c) for scope, c in self.counts.items()})
+        return copy
+
+
+def name_occurrence(
+    capture: GraphCapture,
+    root: nn.Module,
+    prefix: Tuple[str, ...],
+    counters: ScopeCounters,
+) -> List[Site]:
+    """Names every tensor-valued node of ``capture`` running as the module at ``prefix``."""
+    graph = capture.gm.graph
+    frame_scope = format_module_path(root, prefix)
+    frame_module = module_at(root, prefix)
+    nodes = list(graph.nodes)
+    output_node = next(n for n in reversed(nodes) if n.op == "output")
+    placeholders = {info.node_name: info for info in capture.placeholders}
+    sites: List[Site] = []
+
+    order = {node.name: position for position, node in enumerate(nodes)}
+
+    def add(name, node, consumers, rank, kind):
+        is_tensor, shape, dtype = _tensor_meta(node)
+        if not is_tensor:
+            return
+        depth = rank[1]
+        if kind in ("input", "param") and consumers:
+            position = min(order[c] for c in consumers) - 0.5 + 0.001 * depth + (0.0005 if kind == "param" else 0)
+        elif kind == "output":
+            position = order[node.name] + 0.5 + 0.001 * depth
+        else:
+            position = order[node.name]
+        sites.append(Site(name, node.name, consumers, rank, kind, position, shape, dtype, source_line(node)))
+
+    # Module invocations, from nn_module_stack (paths relative to the frame's self).
+    chains: Dict[str, List[_Invocation]] = {}
+    children: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], List[Tuple[str, ...]]] = defaultdict(list)
+    raw_stacks: Dict[str, List[Tuple[Tuple[str, ...], Tuple[str, ...]]]] = {}
+    for node in nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        entries = []
+        keys: Tuple[Any, ...] = ()
+        for key, value in stack.items():
+            path_text = value[0] if isinstance(value, tuple) else str(value)
+            relative = _stack_segments(path_text)
+            if relative is None:
+                continue
+            parent_keys = keys
+            raw = tuple(prefix) + relative
+            # Dynamo marks a re-invocation at the same path with "@k" in the key, but a module
+            # reached under several paths keeps one key: the path is part of the identity.
+            keys = keys + ((key, raw),)
+            entries.append((keys, raw))
+            if keys not in children[(parent_keys, raw)]:
+                children[(parent_keys, raw)].append(keys)
+        raw_stacks[node.name] = entries
+
+    invocations: Dict[Tuple[str, ...], _Invocation] = {}
+
+    def invocation(keys: Tuple[str, ...], raw: Tuple[str, ...]) -> _Invocation:
+        if keys in invocations:
+            return invocations[keys]
+        parent = invocations.get(keys[:-1]) if len(keys) > 1 else None
+        parent_raw = parent.raw_path if parent else tuple(prefix)
+        parent_scope = parent.scope if parent else frame_scope
+        if raw[: len(parent_raw)] == parent_raw and len(raw) > len(parent_raw):
+            scope = extend_scope(parent_scope, module_at(root, parent_raw), raw[len(parent_raw):])
+        else:
+            scope = format_module_path(root, raw)
+        siblings = children[(keys[:-1], raw)]
+        if len(siblings) > 1:
+            scope = f"{scope}_{siblings.index(keys)}"
+        result = _Invocation(keys, raw, scope, len(keys))
+        invocations[keys] = result
+        return result
+
+    for node_name, entries in raw_stacks.items():
+        chains[node_name] = [invocation(keys, raw) for keys, raw in entries]
+
+    # Ops.
+    members: Dict[Tuple[str, ...], List[torch.fx.Node]] = defaultdict(list)
+    for node in nodes:
+        if node.name not in chains:
+            continue
+        chain = chains[node.name]
+        scope = chain[-1].scope if chain else frame_scope
+        for inv in chain:
+            members[inv.keys].append(node)
+        if _tensor_meta(node)[0]:
+            add(join(scope, counters.take(scope, op_base_name(node))), node, None, (0, 0), "op")
+
+    # Frame inputs (a resume frame's inputs are values of earlier graphs: not named again).
+    named_params, varargs, varkw = forward_parameters(frame_module)
+    for node in nodes:
+        info = placeholders.get(node.name) if node.op == "placeholder" else None
+        if info is None or info.kind != "input" or capture.frame.is_resume or not info.local:
+            continue
+        add(join(frame_scope, _input_name(info.local, info.path, varargs, varkw)), node, None, (0, 0), "input")
+
+    # Parameters and buffers, named in the scope of the module that owns them.
+    for node in nodes:
+        info = placeholders.get(node.name) if node.op == "placeholder" else None
+        if info is None or info.kind != "param":
+            continue
+        owner_raw = tuple(prefix) + info.path[:-1]
+        owner = module_at(root, owner_raw)
+        groups: Dict[Tuple[str, int], set] = defaultdict(set)
+        for user in node.users:
+            if user.op == "output":
+                continue
+            scope, depth = format_module_path(root, owner_raw), 0
+            chain = chains.get(user.name, [])
+            for inv in reversed(chain):
+                if owner is not None and module_at(root, inv.raw_path) is owner:
+                    scope, depth = inv.scope, inv.depth
+                    break
+            else:
+                if owner is not None and owner is frame_module:
+                    scope = frame_scope
+            groups[(scope, depth)].add(user.name)
+        if not groups:
+            groups[(format_module_path(root, owner_raw), 0)] = set()
+        for (scope, depth), users in groups.items():
+            add(join(scope, sanitize(info.path[-1])), node, frozenset(users), (2, depth), "param")
+
+    # Module inputs and outputs of each invocation.
+    for keys, inv in sorted(invocations.items(), key=lambda item: len(item[0])):
+        inside = members[keys]
+        inside_names = {n.name for n in inside}
+        external: List[torch.fx.Node] = []
+        external_users: Dict[str, set] = defaultdict(set)
+        escaping: List[torch.fx.Node] = []
+        for member in inside:
+            for source in member.all_input_nodes:
+                if source.name in inside_names or source.op == "get_attr":
+                    continue
+                info = placeholders.get(source.name)
+                if info is not None and info.kind == "param":
+                    continue
+                if not _tensor_meta(source)[0]:
+                    continue
+                if source not in external:
+                    external.append(source)
+                external_users[source.name].add(member.name)
+            if any(user.name not in inside_names for user in member.users):
+                escaping.append(member)
+        module = module_at(root, inv.raw_path)
+        parameter_names = forward_parameters(module)[0]
+        for position, source in enumerate(external):
+            leaf = parameter_names[0] if position == 0 and parameter_names else f"input_{position}"
+            add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
+        escaping = [n for n in escaping if _tensor_meta(n)[0]]
+        for position, member in enumerate(escaping):
+            leaf = "output" if len(escaping) == 1 else f"output|sub_{position}"
+            outside = frozenset(user.name for user in member.users if user.name not in inside_names)
+            add(join(inv.scope, leaf), member, outside, (1, -inv.depth), "output")
+
+    # The frame's result: the model's ``output`` for the root frame, else ``<scope>.output``.
+    if capture.frame.returns:
+        leaves = capture.frame.return_leaves or _flat_output_leaves(output_node)
+        by_name = {n.name: n for n in nodes}
+        for path, node_name in leaves:
+            node = by_name.get(node_name)
+            if node is None:
+                continue
+            leaf = "output" + ("|" + ".".join(sanitize(p) for p in path) if path else "")
+            add(join(frame_scope, leaf), node, frozenset({output_node.name}), (1, 0), "output")
+    return sorted(_dedupe(sites), key=lambda site: site.position)
+
+
+def _stack_segments(path_text: str) -> Optional[Tuple[str, ...]]:
+    match = _STACK_LOCAL.match(path_text)
+    if match is None:
+        return None
+    rest = path_text[match.end():]
+    parsed = parse_source_path("L['x']" + re.sub(r"\.(\d+)(?=\.|\[|$)", r"[\1]", rest))
+    if parsed is None:
+        return None
+    return parsed[1]
+
+
+def _input_name(local: str, path: Tuple[str, ...], varargs: Optional[str], varkw: Optional[str]) -> str:
+    if local == varkw and path:
+        head, rest = sanitize(path[0]), path[1:]
+    elif local == varargs and path:
+        head, rest = f"{sanitize(local)}_{path[0]}", path[1:]
+    else:
+        head, rest = sanitize(local), path
+    return head + ("|" + ".".join(sanitize(p) for p in rest) if rest else "")
+
+
+def _flat_output_leaves(output_node: torch.fx.Node) -> List[Tuple[Tuple[str, ...], str]]:
+    values = output_node.args[0]
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    tensors = [(index, v) for index, v in enumerate(values) if isinstance(v, torch.fx.Node)]
+    if len(values) == 1 and tensors:
+        return [((), tensors[0][1].name)]
+    return [((f"sub_{index}",), v.name) for index, v in tensors]
+
+
+def _dedupe(sites: Iterable[Site]) -> List[Site]:
+    seen: Dict[str, Site] = {}
+    for site in sites:
+        if site.name not in seen:
+            seen[site.name] = site
+    return list(seen.values())

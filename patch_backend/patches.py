@@ -1,0 +1,156 @@
+"""Patch classes, compatible with graphpatch 0.2.3's public API.
+
+Each class's ``op`` is the *reference* semantics: ``graphpatch_eager`` calls it directly on the
+(cloned) activation. The compiled backend does not call ``op`` for the built-in kinds; it lowers
+them to functional graph ops (see ``rewrite.py``) that must agree with ``op`` exactly, which is
+what the tests check. User-defined subclasses that override ``op`` are traced like CustomPatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+
+TensorSliceElement = Union[int, slice, torch.Tensor]
+TensorSlice = Union[TensorSliceElement, List["TensorSlice"], Tuple["TensorSlice", ...]]
+PatchTarget = Union[torch.Tensor, float, int, bool]
+
+__all__ = [
+    "Patch",
+    "AddPatch",
+    "CustomPatch",
+    "ProbePatch",
+    "RecordPatch",
+    "ReplacePatch",
+    "ZeroPatch",
+    "TensorSlice",
+    "TensorSliceElement",
+    "PatchTarget",
+    "normalize_slice",
+]
+
+
+def normalize_slice(tensor_slice: TensorSlice) -> Tuple[Any, ...]:
+    """Turns a TensorSlice into the index tuple Python indexing would use.
+
+    graphpatch's convention: the outer sequence (list or tuple) is the per-dimension index;
+    a sequence *inside* it selects several rows along that dimension (an advanced index).
+    """
+    if isinstance(tensor_slice, (list, tuple)):
+        elements = tensor_slice
+    else:
+        elements = (tensor_slice,)
+    normalized = []
+    for element in elements:
+        if isinstance(element, (list, tuple)):
+            normalized.append(list(element))
+        else:
+            normalized.append(element)
+    return tuple(normalized)
+
+
+@dataclass(kw_only=True)
+class Patch:
+    """Base class: an operation on the activation at one node.
+
+    Subclasses are keyword-only dataclasses overriding ``op``; ``requires_clone`` says whether
+    ``op`` may modify its argument in place (the activation is then cloned once per node, so no
+    patch ever mutates a parameter, buffer or input).
+    """
+
+    requires_clone: bool = field(default=True, init=False, repr=False)
+    path: Optional[str] = field(default=None, init=False, repr=False)
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        raise NotImplementedError(f"{type(self).__name__} must override op()")
+
+
+@dataclass(kw_only=True)
+class _SlicedPatch(Patch):
+    slice: Optional[TensorSlice] = None
+
+    def _index(self) -> Any:
+        return Ellipsis if self.slice is None else normalize_slice(self.slice)
+
+
+@dataclass(kw_only=True)
+class ZeroPatch(_SlicedPatch):
+    """Zeroes (a slice of) the target."""
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        original_output[self._index()] = 0
+        return original_output
+
+
+@dataclass(kw_only=True)
+class AddPatch(_SlicedPatch):
+    """Adds ``value`` to (a slice of) the target."""
+
+    value: PatchTarget
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        original_output[self._index()] += _on_device_of(self.value, original_output)
+        return original_output
+
+
+@dataclass(kw_only=True)
+class ReplacePatch(_SlicedPatch):
+    """Replaces (a slice of) the target with ``value``."""
+
+    value: PatchTarget
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        if not isinstance(original_output, torch.Tensor):
+            return self.value
+        original_output[self._index()] = _on_device_of(self.value, original_output)
+        return original_output
+
+
+@dataclass(kw_only=True)
+class CustomPatch(Patch):
+    """Replaces the target with ``custom_op(target)``."""
+
+    requires_clone: bool = True
+    custom_op: Callable[[PatchTarget], PatchTarget]
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        return self.custom_op(original_output)
+
+
+@dataclass(kw_only=True)
+class ProbePatch(Patch):
+    """Keeps a detached copy of the target's latest activation in ``activation``."""
+
+    requires_clone: bool = field(default=False, init=False, repr=False)
+    activation: Optional[PatchTarget] = field(default=None, init=False)
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        self.activation = _detached_copy(original_output)
+        return original_output
+
+
+@dataclass(kw_only=True)
+class RecordPatch(Patch):
+    """Appends a detached copy of every activation of the target to ``activations``."""
+
+    requires_clone: bool = field(default=False, init=False, repr=False)
+    activations: List[PatchTarget] = field(default_factory=list)
+
+    def op(self, original_output: PatchTarget) -> PatchTarget:
+        self.activations.append(_detached_copy(original_output))
+        return original_output
+
+
+def _detached_copy(value: PatchTarget) -> PatchTarget:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _on_device_of(value: PatchTarget, target: PatchTarget) -> PatchTarget:
+    if isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor):
+        if value.device != target.device:
+            return value.to(target.device)
+    return value

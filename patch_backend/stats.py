@@ -1,0 +1,53 @@
+"""Accounting: how many graphs and variants a model compiled, and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .capture import all_captures
+
+
+@dataclass
+class Stats:
+    graphs: int = 0
+    variants_compiled: int = 0
+    variant_hits: int = 0
+    compile_seconds: float = 0.0
+    calls: int = 0
+    patched_calls: int = 0
+    evictions: int = 0
+
+
+def stats(model: Optional[Any] = None) -> Stats:
+    """Totals over the graphs captured for ``model`` (all graphs when ``model`` is None).
+
+    ``variants_compiled`` counts patched variants only; each graph's plain variant is compiled
+    once when it is captured and its time is included in ``compile_seconds``.
+    """
+    captures = all_captures()
+    if model is not None:
+        from .context import resolve_root
+        from .index import index_for
+
+        index = index_for(resolve_root(model))
+        uids = {uid for uid, _ in index.by_occurrence}
+        captures = [capture for capture in captures if capture.uid in uids]
+    total = Stats()
+    for capture in captures:
+        dispatcher = capture.dispatcher
+        if dispatcher is None:
+            continue
+        total.graphs += 1
+        for field_name in ("variants_compiled", "variant_hits", "compile_seconds", "calls", "patched_calls", "evictions"):
+            setattr(total, field_name, getattr(total, field_name) + getattr(dispatcher.stats, field_name))
+    return total
+
+
+def set_max_variants(count: int) -> None:
+    """Bound on patched variants kept per graph; beyond it the least recently used are dropped."""
+    from .backend import MAX_VARIANTS
+
+    if count < 1:
+        raise ValueError(f"max variants must be at least 1, got {count}")
+    MAX_VARIANTS[0] = count

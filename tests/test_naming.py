@@ -1,0 +1,331 @@
+"""Node names and the graph tree (snapshots reviewed through expecttest)."""
+
+import expecttest
+import torch
+
+import patch_backend as pb
+from fixtures import (
+    BlocksWithBreak,
+    BufferModel,
+    CalledTwice,
+    ContainerModel,
+    GraphBreakModel,
+    LayerNormModel,
+    LinearModel,
+    NestedModel,
+    TupleModel,
+    VarArgsModel,
+)
+
+
+def ascii_tree(node) -> str:
+    """repr of a tree with the box-drawing characters spelled in ASCII (expecttest needs ASCII)."""
+    return repr(node).replace("├─", "+-").replace("└─", "`-").replace("│", "|")
+
+
+def listing(model, *args, backend="graphpatch_eager", **kwargs):
+    pg = pb.PatchableGraph(model, *args, _backend=backend, **kwargs)
+    return "\n".join(pb.nodes(pg))
+
+
+class NamingTest(expecttest.TestCase):
+    def test_linear(self):
+        self.assertExpectedInline(listing(LinearModel(), torch.randn(3, 2)), """\
+x
+linear.input
+linear.weight
+linear.bias
+linear.linear
+linear.output
+output""")
+
+    def test_linear_tree(self):
+        pg = pb.PatchableGraph(LinearModel(), torch.randn(3, 2), _backend="graphpatch_eager")
+        self.assertExpectedInline(ascii_tree(pg.graph), """\
+<root>: Graph(3)
++-x: Tensor(3, 2)
++-linear: Graph(5)
+| +-input: Tensor(3, 2)
+| +-weight: Tensor(3, 2)
+| +-bias: Tensor(3)
+| +-linear: Tensor(3, 3)
+| `-output: Tensor(3, 3)
+`-output: Tensor(3, 3)""")
+
+    def test_layer_norm(self):
+        self.assertExpectedInline(listing(LayerNormModel(), torch.randn(2, 4)), """\
+x
+ln.input
+ln.weight
+ln.bias
+ln.layer_norm
+ln.output
+output""")
+
+    def test_nested(self):
+        self.assertExpectedInline(listing(NestedModel(), torch.randn(2, 100)), """\
+x
+a.x
+a.b_0.x
+a.b_0.c.x
+a.b_0.c.linear.input
+a.b_0.c.linear.weight
+a.b_0.c.linear.bias
+a.b_0.c.linear.linear
+a.b_0.c.linear.output
+a.b_0.c.output
+a.b_0.relu
+a.b_0.output
+a.b_1.x
+a.b_1.c.x
+a.b_1.c.linear.input
+a.b_1.c.linear.weight
+a.b_1.c.linear.bias
+a.b_1.c.linear.linear
+a.b_1.c.linear.output
+a.b_1.c.output
+a.b_1.relu
+a.b_1.output
+a.b_2.x
+a.b_2.c.x
+a.b_2.c.linear.input
+a.b_2.c.linear.weight
+a.b_2.c.linear.bias
+a.b_2.c.linear.linear
+a.b_2.c.linear.output
+a.b_2.c.output
+a.b_2.relu
+a.b_2.output
+a.output
+mul
+output""")
+
+    def test_nested_tree(self):
+        pg = pb.PatchableGraph(NestedModel(), torch.randn(2, 100), _backend="graphpatch_eager")
+        self.assertExpectedInline(ascii_tree(pg.graph.a.b_1), """\
+b_1: Graph(4)
++-x: Tensor(2, 100)
++-c: Graph(3)
+| +-x: Tensor(2, 100)
+| +-linear: Graph(5)
+| | +-input: Tensor(2, 100)
+| | +-weight: Tensor(100, 100)
+| | +-bias: Tensor(100)
+| | +-linear: Tensor(2, 100)
+| | `-output: Tensor(2, 100)
+| `-output: Tensor(2, 100)
++-relu: Tensor(2, 100)
+`-output: Tensor(2, 100)""")
+
+    def test_tuple_output(self):
+        self.assertExpectedInline(listing(TupleModel(), torch.randn(3, 2)), """\
+x
+linear.input
+linear.weight
+linear.bias
+linear.linear
+linear.output
+add
+output|sub_0
+mul
+output|sub_1""")
+
+    def test_called_twice(self):
+        self.assertExpectedInline(listing(CalledTwice(), torch.randn(2, 3)), """\
+x
+linear_0.input
+linear_0.weight
+linear_0.bias
+linear_0.linear
+linear_0.output
+relu
+linear_1.input
+linear_1.weight
+linear_1.bias
+linear_1.linear
+linear_1.output
+output""")
+
+    def test_called_twice_tree(self):
+        pg = pb.PatchableGraph(CalledTwice(), torch.randn(2, 3), _backend="graphpatch_eager")
+        self.assertExpectedInline(ascii_tree(pg.graph), """\
+<root>: Graph(5)
++-x: Tensor(2, 3)
++-linear_0: Graph(5)
+| +-input: Tensor(2, 3)
+| +-weight: Tensor(3, 3)
+| +-bias: Tensor(3)
+| +-linear: Tensor(2, 3)
+| `-output: Tensor(2, 3)
++-relu: Tensor(2, 3)
++-linear_1: Graph(5)
+| +-input: Tensor(2, 3)
+| +-weight: Tensor(3, 3)
+| +-bias: Tensor(3)
+| +-linear: Tensor(2, 3)
+| `-output: Tensor(2, 3)
+`-output: Tensor(2, 3)""")
+
+    def test_containers(self):
+        self.assertExpectedInline(listing(ContainerModel(), torch.randn(2, 3)), """\
+x
+seq.input
+seq_0.input
+seq_0.weight
+seq_0.bias
+seq_0.linear
+seq_0.output
+seq_1.input
+seq_1.relu
+seq_1.output
+seq.output
+blocks_a.input
+blocks_a.weight
+blocks_a.bias
+blocks_a.linear
+blocks_a.output
+blocks_b.input
+blocks_b_0.input
+blocks_b_0.weight
+blocks_b_0.bias
+blocks_b_0.linear
+blocks_b_0.output
+blocks_b.output
+layers_0.input
+layers_0.weight
+layers_0.bias
+layers_0.linear
+layers_0.output
+layers_1.input
+layers_1.weight
+layers_1.bias
+layers_1.linear
+layers_1.output
+output""")
+
+    def test_buffer(self):
+        self.assertExpectedInline(listing(BufferModel(), torch.randn(2, 2)), """\
+x
+linear.input
+linear.weight
+linear.bias
+linear.linear
+linear.output
+scale
+mul
+output""")
+
+    def test_varargs(self):
+        names = listing(VarArgsModel(), torch.randn(2, 2), torch.ones(2), k=5, bias=torch.zeros(2))
+        self.assertExpectedInline(names, """\
+x
+args_0
+bias
+linear.input
+linear.weight
+linear.bias
+linear.linear
+linear.output
+mul
+add
+add_1
+output""")
+
+    def test_graph_break_names_match_unbroken(self):
+        broken = listing(GraphBreakModel(), torch.randn(2, 3))
+        self.assertExpectedInline(broken, """\
+x
+first.input
+first.weight
+first.bias
+first.linear
+first.output
+relu
+second.input
+second.weight
+second.bias
+second.linear
+second.output
+add
+output""")
+
+    def test_blocks_with_break(self):
+        self.assertExpectedInline(listing(BlocksWithBreak(), torch.randn(2, 3)), """\
+x
+embed.input
+embed.weight
+embed.bias
+embed.linear
+embed.output
+blocks_0.x
+blocks_0.up.input
+blocks_0.up.weight
+blocks_0.up.bias
+blocks_0.up.linear
+blocks_0.up.output
+blocks_0.relu
+blocks_0.down.input
+blocks_0.down.weight
+blocks_0.down.bias
+blocks_0.down.linear
+blocks_0.down.output
+blocks_0.add
+blocks_0.output
+blocks_1.x
+blocks_1.up.input
+blocks_1.up.weight
+blocks_1.up.bias
+blocks_1.up.linear
+blocks_1.up.output
+blocks_1.relu
+blocks_1.down.input
+blocks_1.down.weight
+blocks_1.down.bias
+blocks_1.down.linear
+blocks_1.down.output
+blocks_1.add
+blocks_1.output
+blocks_2.x
+blocks_2.up.input
+blocks_2.up.weight
+blocks_2.up.bias
+blocks_2.up.linear
+blocks_2.up.output
+blocks_2.relu
+blocks_2.down.input
+blocks_2.down.weight
+blocks_2.down.bias
+blocks_2.down.linear
+blocks_2.down.output
+blocks_2.add
+blocks_2.output
+mul
+output""")
+
+    def test_same_names_through_compile_and_patchable_graph(self):
+        model = NestedModel()
+        compiled = torch.compile(model, backend="graphpatch")
+        compiled(torch.randn(2, 100))
+        self.assertEqual(pb.nodes(compiled), pb.nodes(pb.PatchableGraph(NestedModel(), torch.randn(2, 100))))
+
+    def test_glob_pattern(self):
+        pg = pb.PatchableGraph(NestedModel(), torch.randn(2, 100), _backend="graphpatch_eager")
+        self.assertExpectedInline("\n".join(pb.nodes(pg, "a.b_*.c.output")), """\
+a.b_0.c.output
+a.b_1.c.output
+a.b_2.c.output""")
+
+    def test_tree_navigation(self):
+        pg = pb.PatchableGraph(LinearModel(), torch.randn(3, 2), _backend="graphpatch_eager")
+        node = pg.graph.linear.weight
+        self.assertEqual(str(node), "linear.weight")
+        self.assertEqual(node._shape, torch.Size([3, 2]))
+        self.assertIn("weight", dir(pg.graph.linear))
+        self.assertIn("self.linear(x)", pg.graph.linear.linear._code)
+        with self.assertRaisesRegex(AttributeError, "no node 'nope'"):
+            pg.graph.linear.nope
+
+    def test_nodes_before_capture_is_a_clear_error(self):
+        compiled = torch.compile(LinearModel(), backend="graphpatch")
+        with self.assertRaisesRegex(RuntimeError, "has been captured yet"):
+            pb.nodes(compiled)
