@@ -22,6 +22,7 @@ from .patches import (
     TensorSliceElement,
     ZeroPatch,
 )
+from .prepared import declare as prepare
 from .stats import set_max_variants, stats
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "graphpatch_eager",
     "nodes",
     "patch",
+    "prepare",
     "set_max_variants",
     "stats",
 ]

@@ -23,7 +23,9 @@ from ._dynamo_internals import current_frame_info
 from .capture import GraphCapture, capture_graph, forget
 from .context import active_state
 from .eager import PatchingInterpreter
+from .naming import Site
 from .plan import Selection, select, structure_key
+from .prepared import build_prepared, fits, site_key
 
 #: Default bound on compiled patched variants per graph (``pb.set_max_variants``).
 MAX_VARIANTS = [64]
@@ -62,15 +64,20 @@ class Dispatcher:
 
     # -- building --------------------------------------------------------------------------
     def _compile_plain(self) -> Callable:
-        gm = self.capture.gm
         if not self.compiled:
-            return gm.forward
-        from .compile import compile_inductor
-
-        return compile_inductor(gm, self._examples, self.compile_options)
+            return self.capture.gm.forward
+        return self._compile(self.capture.gm, self._examples)
 
     def _variant(self, selection: Selection, args: Sequence[Any]) -> Callable:
-        key = structure_key(selection)
+        if self.compiled:
+            from .rewrite import build_variant
+
+            build = lambda: build_variant(self.capture, selection, args, self._compile)  # noqa: E731
+        else:
+            build = lambda: _EagerVariant(self.capture.gm)  # noqa: E731
+        return self._cached(structure_key(selection), build)
+
+    def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
         variant = self.variants.get(key)
         if variant is not None:
             self.variants.move_to_end(key)
@@ -81,12 +88,7 @@ class Dispatcher:
             if variant is not None:
                 return variant
             start = time.perf_counter()
-            if self.compiled:
-                from .rewrite import build_compiled_variant
-
-                variant = build_compiled_variant(self.capture, selection, args, self.compile_options)
-            else:
-                variant = _EagerVariant(self.capture.gm)
+            variant = build()
             self.stats.compile_seconds += time.perf_counter() - start
             self.stats.variants_compiled += 1
             self.variants[key] = variant
@@ -115,7 +117,30 @@ class Dispatcher:
         if not selection:
             return self.plain(*args)
         self.stats.patched_calls += 1
+        if self.compiled:
+            declared = self._declared(state, instance)
+            if declared and fits(selection, {site_key(site): 0 for site in declared}):
+                return self._prepared(declared, args).run(selection, args)
         return self._variant(selection, args).run(selection, args)
+
+    def _declared(self, state, instance) -> List[Site]:
+        memo_key = ("declared", self.capture.uid, instance)
+        if memo_key not in state.memo:
+            declared: List[Site] = []
+            for entry in state.roots:
+                if entry.index.declared:
+                    declared.extend(entry.index.declared_sites(self.capture, instance))
+            state.memo[memo_key] = declared
+        return state.memo[memo_key]
+
+    def _prepared(self, sites: List[Site], args: Sequence[Any]):
+        key = ("prepared", frozenset(site_key(site) for site in sites))
+        return self._cached(key, lambda: build_prepared(self.capture, sites, args, self._compile))
+
+    def _compile(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
+        from .compile import compile_inductor
+
+        return compile_inductor(gm, example, self.compile_options)
 
 
 class _EagerVariant:

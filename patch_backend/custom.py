@@ -202,6 +202,14 @@ def _(value: torch.Tensor, slot: int) -> torch.Tensor:
     return torch.empty_like(value)
 
 
+def _no_gradient(ctx, grad_output):
+    # The callable ran outside autograd's view; gradients stop here (documented limitation).
+    return None, None
+
+
+opaque_patch.register_autograd(_no_gradient)
+
+
 def set_opaque_callable(slot: int, fn: Callable) -> None:
     _OPAQUE_CALLABLES[slot] = fn
 
@@ -229,6 +237,6 @@ def warn_opaque(site_name: str, reason: str) -> None:
     _WARNED.add(site_name)
     warnings.warn(
         f"patch_backend: the CustomPatch at {site_name!r} could not be traced ({reason}); it runs as an "
-        "opaque op (eagerly, between compiled kernels) and does not support autograd",
+        "opaque op (eagerly, between compiled kernels); gradients do not flow through it",
         stacklevel=4,
     )

@@ -9,7 +9,7 @@ restarts from the counters its first compile started from, so it gets the same n
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -38,6 +38,8 @@ class RootIndex:
         self.names: List[str] = []
         self.by_name: Dict[str, List[NamedSite]] = {}
         self.by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
+        #: Names declared with pb.prepare (one compiled variant covers them all).
+        self.declared: frozenset = frozenset()
 
     @property
     def root(self) -> nn.Module:
@@ -121,14 +123,39 @@ class RootIndex:
         self.refresh()
         return self.by_occurrence.get((capture.uid, instance))
 
+    def declared_sites(self, capture: GraphCapture, instance: Optional[int]) -> List[Site]:
+        sites = self.sites_for(capture, instance) or {}
+        return [sites[name] for name in sorted(self.declared) if name in sites]
+
     def match(self, pattern: Optional[str]) -> List[str]:
         self.refresh()
         if pattern is None:
             return list(self.names)
-        return [name for name in self.names if fnmatch.fnmatchcase(name, pattern)]
+        regex = glob_regex(pattern)
+        return [name for name in self.names if regex.fullmatch(name)]
 
     def close_matches(self, name: str, count: int = 5) -> List[str]:
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
+
+
+def glob_regex(pattern: str) -> "re.Pattern[str]":
+    """``*`` matches within one name segment, ``**`` across segments, ``?`` one character."""
+    parts = []
+    position = 0
+    while position < len(pattern):
+        if pattern.startswith("**", position):
+            parts.append(".*")
+            position += 2
+        elif pattern[position] == "*":
+            parts.append(r"[^.|]*")
+            position += 1
+        elif pattern[position] == "?":
+            parts.append(r"[^.|]")
+            position += 1
+        else:
+            parts.append(re.escape(pattern[position]))
+            position += 1
+    return re.compile("".join(parts))
 
 
 def module_paths_by_object(root: nn.Module):

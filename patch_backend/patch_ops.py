@@ -143,3 +143,8 @@ def add(x, spec: Spec, ints, index_tensors, value: torch.Tensor) -> torch.Tensor
 def probe(x: torch.Tensor) -> torch.Tensor:
     """A copy for ProbePatch/RecordPatch outputs, so they never alias inputs or parameters."""
     return x.clone()
+
+
+def slot(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A declared site (prepared.py): kept positions get ``x + fill``, the others ``fill``."""
+    return torch.where(keep, x + fill, fill)

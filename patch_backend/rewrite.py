@@ -197,6 +197,10 @@ class _Builder:
             return graph.call_function(op, (value, spec, self.ints, tensors, patch_value))
         if key in self.opaque:
             return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, self.opaque[key]))
+        if patch.requires_clone:
+            # The callable may write in place; under functionalization that would write back
+            # into a parameter or input, which patches must never modify.
+            value = graph.call_function(torch.clone, (value,))
         custom = self.lowered.customs[key]
         probes = tuple(self.probe_nodes.get(position) for position in custom.probe_keys)
         lifted = tuple(self.tensors[position] for position in custom.tensor_positions)
@@ -275,9 +279,3 @@ def build_variant(capture: GraphCapture, selection: Selection, args: Sequence[An
     example = list(args) + runtime_inputs(lowered, device)
     fn = compile_fn(gm, example)
     return CompiledVariant(fn, [key for key, _ in builder.probe_outputs], builder.original_outputs, device, opaque)
-
-
-def build_compiled_variant(capture: GraphCapture, selection: Selection, args: Sequence[Any], options: Dict[str, Any]):
-    from .compile import compile_inductor
-
-    return build_variant(capture, selection, args, lambda gm, example: compile_inductor(gm, example, options))
