@@ -1,0 +1,187 @@
+"""Patching overhead on a GPT-2-shaped model with random weights (one process, one table).
+
+    python scripts/bench_patching.py [--layers 4 --width 256 --batch 8 --seq 128 --device cpu]
+                                     [--json out/bench_patching.json]
+
+Rows: eager, eager + forward hook, graphpatch_eager patched, Inductor, graphpatch unpatched,
+graphpatch patched at an MLP output and at an op inside the MLP activation; plus compile
+seconds. Ratios are what to compare: they are measured in this process on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import patch_backend as pb  # noqa: E402
+from patch_backend import AddPatch  # noqa: E402
+
+
+def gpt2(layers: int, width: int, heads: int, seq: int, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=layers, n_embd=width, n_head=heads, vocab_size=1024, n_positions=max(seq, 64),
+        bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval().to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(calls: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, float]:
+    """Median seconds per call, timing the contenders in turns so machine drift hits all alike."""
+    for fn in calls.values():
+        for _ in range(2):
+            fn()
+    samples: Dict[str, list] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _patched(compiled, patch_map, ids) -> Callable[[], object]:
+    def run():
+        with pb.patch(compiled, patch_map):
+            return compiled(ids)
+
+    return run
+
+
+def first_call_seconds(fn: Callable[[], object], device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    options = parser.parse_args()
+
+    # Compile times must not come from Inductor's on-disk cache of an earlier run, and the
+    # first compile in a process pays one-time imports/warm-up that belong to neither side.
+    torch._inductor.config.fx_graph_cache = False
+    device = options.device
+    warmup = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).to(device))
+    warmup(torch.randn(2, 8, device=device))
+    model = gpt2(options.layers, options.width, options.heads, options.seq, device)
+    ids = torch.randint(0, 1024, (options.batch, options.seq), device=device)
+    layer = options.layers // 2
+    mlp_site = f"transformer.h_{layer}.mlp.output"
+    delta = torch.full((options.width,), 0.1, device=device)
+    calls: Dict[str, Callable[[], object]] = {}
+    torch.set_grad_enabled(False)
+
+    calls["eager"] = lambda: model(ids)
+
+    hooked = copy.deepcopy(model)
+    hooked.transformer.h[layer].mlp.register_forward_hook(lambda m, a, out: out + delta)
+    calls["eager + forward hook"] = lambda: hooked(ids)
+
+    eager_gp = torch.compile(copy.deepcopy(model), backend="graphpatch_eager")
+    eager_gp(ids)
+    calls["graphpatch_eager patched"] = _patched(eager_gp, {mlp_site: AddPatch(value=delta)}, ids)
+
+    inductor = torch.compile(copy.deepcopy(model), backend="inductor")
+    inductor_compile = first_call_seconds(lambda: inductor(ids), device)
+    calls["inductor"] = lambda: inductor(ids)
+
+    compiled = torch.compile(model, backend="graphpatch")
+    graphpatch_compile = first_call_seconds(lambda: compiled(ids), device)
+    calls["graphpatch unpatched"] = lambda: compiled(ids)
+
+    act_ops = [n for n in pb.nodes(compiled, f"transformer.h_{layer}.mlp.act.*") if not n.endswith(("input", "output"))]
+    act_site = act_ops[len(act_ops) // 2]
+    with pb.patch(compiled, {mlp_site: AddPatch(value=delta)}):
+        variant_compile = first_call_seconds(lambda: compiled(ids), device)
+    calls["graphpatch patched (MLP output)"] = _patched(compiled, {mlp_site: AddPatch(value=delta)}, ids)
+    act_label = f"graphpatch patched ({act_site.split('.', 3)[-1]})"
+    calls[act_label] = _patched(compiled, {act_site: AddPatch(value=delta.repeat(4))}, ids)
+    # Values change every call: still the same variant.
+    values = [torch.randn(options.width, device=device) for _ in range(8)]
+    counter = iter(range(10**9))
+
+    def sweep_values():
+        with pb.patch(compiled, {mlp_site: AddPatch(value=values[next(counter) % 8])}):
+            return compiled(ids)
+
+    calls["graphpatch patched, new value each call"] = sweep_values
+    rows = interleaved(calls, device, options.repeats)
+    stats = pb.stats(compiled)
+
+    patched = rows["graphpatch patched (MLP output)"]
+    ratios = {
+        "patched compiled / unpatched Inductor": patched / rows["inductor"],
+        "graphpatch unpatched / Inductor": rows["graphpatch unpatched"] / rows["inductor"],
+        "compile seconds graphpatch / Inductor": graphpatch_compile / inductor_compile,
+        "eager + hook / patched compiled (speedup)": rows["eager + forward hook"] / patched,
+        "graphpatch_eager patched / patched compiled (speedup)": rows["graphpatch_eager patched"] / patched,
+    }
+    result = {
+        "config": vars(options) | {"torch": torch.__version__, "device_name": _device_name(device)},
+        "milliseconds_per_forward": {k: v * 1e3 for k, v in rows.items()},
+        "compile_seconds": {
+            "inductor": inductor_compile,
+            "graphpatch (first call)": graphpatch_compile,
+            "graphpatch patched variant": variant_compile,
+        },
+        "ratios": ratios,
+        "variants_compiled": stats.variants_compiled,
+        "act_site": act_site,
+    }
+    _print_table(result)
+    if options.json:
+        os.makedirs(os.path.dirname(options.json) or ".", exist_ok=True)
+        with open(options.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _print_table(result: Dict[str, object]) -> None:
+    print(f"config: {result['config']}")
+    print(f"{'forward':48s} {'ms':>10s}")
+    for name, ms in result["milliseconds_per_forward"].items():
+        print(f"{name:48s} {ms:10.3f}")
+    for name, seconds in result["compile_seconds"].items():
+        print(f"compile: {name:39s} {seconds:10.2f} s")
+    for name, ratio in result["ratios"].items():
+        print(f"{name:48s} {ratio:10.3f}")
+    print(f"patched variants compiled: {result['variants_compiled']}")
+
+
+if __name__ == "__main__":
+    main()
