@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
+from .causal import CausalTrace, causal_trace, plot_grid
 from .context import patch
 from .graph import NodePath, PatchableGraph
 from .patches import (
@@ -24,8 +25,12 @@ from .patches import (
 )
 from .prepared import declare as prepare
 from .stats import set_max_variants, stats
+from .sweep import sweep
 
 __all__ = [
+    "CausalTrace",
+    "causal_trace",
+    "plot_grid",
     "AddPatch",
     "CustomPatch",
     "NodePath",
@@ -44,6 +49,7 @@ __all__ = [
     "prepare",
     "set_max_variants",
     "stats",
+    "sweep",
 ]
 
 

@@ -129,3 +129,37 @@ def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: i
         except Exception:
             continue
         _walk(value, path + (str(key),), out, depth + 1)
+
+
+def symbol_bindings(placeholder_values: Any, args: Any) -> Dict[Any, int]:
+    """Symbol → int for this call, read off the args of a dynamic-shape graph.
+
+    ``placeholder_values`` are the placeholders' ``example_value`` (FakeTensors with SymInt
+    sizes, or SymInts); ``args`` the call's real values in the same order.
+    """
+    bindings: Dict[Any, int] = {}
+
+    def bind(fake: Any, real: Any) -> None:
+        expr = getattr(getattr(fake, "node", None), "expr", None)
+        if expr is not None and getattr(expr, "is_Symbol", False):
+            bindings[expr] = int(real)
+
+    for fake, real in zip(placeholder_values, args):
+        if isinstance(fake, torch.SymInt):
+            bind(fake, real)
+        elif isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor):
+            for fake_size, real_size in zip(fake.shape, real.shape):
+                if isinstance(fake_size, torch.SymInt):
+                    bind(fake_size, real_size)
+    return bindings
+
+
+def concrete_shape(shape: Any, bindings: Dict[Any, int]) -> Tuple[int, ...]:
+    """A (possibly symbolic) shape evaluated for one call."""
+    out = []
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            out.append(int(size.node.expr.xreplace(bindings)))
+        else:
+            out.append(int(size))
+    return tuple(out)

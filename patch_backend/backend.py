@@ -75,7 +75,7 @@ class Dispatcher:
             build = lambda: build_variant(self.capture, selection, args, self._compile)  # noqa: E731
         else:
             build = lambda: _EagerVariant(self.capture.gm)  # noqa: E731
-        return self._cached(structure_key(selection), build)
+        return self._cached((structure_key(selection), self._shape_key(args)), build)
 
     def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
         variant = self.variants.get(key)
@@ -111,6 +111,8 @@ class Dispatcher:
         instance = self.capture.record_call(args)
         self.stats.calls += 1
         state = active_state()
+        if state.sweep is not None:
+            return self._sweep_call(state.sweep, instance, args)
         if not state.roots:
             return self.plain(*args)
         selection = select(state, self.capture, instance)
@@ -123,6 +125,18 @@ class Dispatcher:
                 return self._prepared(declared, args).run(selection, args)
         return self._variant(selection, args).run(selection, args)
 
+    def _sweep_call(self, spec: Any, instance: Optional[int], args: Sequence[Any]) -> Any:
+        from .sweep import slot_inputs
+
+        sites = spec.index.sites_for(self.capture, instance) or {}
+        here = [sites[name] for name in spec.names if name in sites]
+        if not here:
+            return self.plain(*args)
+        self.stats.patched_calls += 1
+        variant = self._prepared(here, args)
+        outputs, _ = variant.call(args, slot_inputs(spec, variant, sites))
+        return outputs
+
     def _declared(self, state, instance) -> List[Site]:
         memo_key = ("declared", self.capture.uid, instance)
         if memo_key not in state.memo:
@@ -134,10 +148,18 @@ class Dispatcher:
         return state.memo[memo_key]
 
     def _prepared(self, sites: List[Site], args: Sequence[Any]):
-        key = ("prepared", frozenset(site_key(site) for site in sites))
+        key = ("prepared", frozenset(site_key(site) for site in sites), self._shape_key(args))
         return self._cached(key, lambda: build_prepared(self.capture, sites, args, self._compile))
 
+    def _shape_key(self, args: Sequence[Any]) -> Any:
+        """Concrete input shapes, for graphs whose shapes are symbolic (variants are not)."""
+        if not self.capture.dynamic:
+            return None
+        return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args if not isinstance(a, torch.nn.Parameter))
+
     def _compile(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
+        if not self.compiled:
+            return gm.forward
         from .compile import compile_inductor
 
         return compile_inductor(gm, example, self.compile_options)

@@ -77,6 +77,8 @@ class GraphCapture:
     #: (instance key, first-seen sequence number); instance key is id() of the anchor argument.
     occurrences: Dict[Optional[int], int] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_sequence))
+    #: True when Dynamo handed us a graph with symbolic shapes.
+    dynamic: bool = False
     #: Weak reference to the backend's dispatcher (stats, variants): Dynamo owns the dispatcher,
     #: so when it drops a graph (``torch._dynamo.reset()``, a deleted model) the capture goes too.
     dispatcher_ref: Optional[weakref.ref] = None
@@ -130,6 +132,13 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         placeholders=placeholders,
         anchor_index=anchor_index,
         anchor_path=anchor_path,
+        dynamic=any(
+            isinstance(n.meta.get("example_value"), torch.SymInt)
+            or (isinstance(n.meta.get("example_value"), torch.Tensor)
+                and any(isinstance(s, torch.SymInt) for s in n.meta["example_value"].shape))
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+        ),
     )
     capture.record_call(example_inputs)
     if anchor_index is None:

@@ -32,6 +32,8 @@ class RootPatches:
 @dataclass(frozen=True, eq=False)
 class PatchState:
     roots: Tuple[RootPatches, ...] = ()
+    #: Row-block patches of a running pb.sweep chunk (sweep.SweepSpec), else None.
+    sweep: Any = None
     #: Per-state memo for the dispatcher: (capture uid, instance, index version) → selection.
     memo: Dict[Any, Any] = field(default_factory=dict)
 

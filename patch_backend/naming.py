@@ -301,6 +301,14 @@ def name_occurrence(
             leaf = parameter_names[0] if position == 0 and parameter_names else f"input_{position}"
             add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
         escaping = [n for n in escaping if _tensor_meta(n)[0]]
+        # Values that only leave through the graph output while another value flows on to
+        # later ops are side results (e.g. a KV-cache update), not the module's result.
+        flowing = [
+            n for n in escaping
+            if any(u.name not in inside_names and u.op != "output" for u in n.users)
+        ]
+        if len(escaping) > 1 and flowing:
+            escaping = flowing
         for position, member in enumerate(escaping):
             leaf = "output" if len(escaping) == 1 else f"output|sub_{position}"
             outside = frozenset(user.name for user in member.users if user.name not in inside_names)

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from . import patch_ops
+from ._dynamo_internals import concrete_shape, symbol_bindings
 from .capture import GraphCapture
 from .naming import Site
 from .patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
@@ -158,9 +159,11 @@ def build_prepared(
     slots: List[SlotInfo] = []
     slot_nodes: List[Tuple[torch.fx.Node, torch.fx.Node]] = []
     last = placeholders[-1]
+    # The variant is compiled for this call's concrete shapes (the dispatcher keys it by them).
+    bindings = symbol_bindings([n.meta.get("example_value") for n in placeholders], args)
     for position, site in enumerate(ordered):
         meta = nodes[site.node].meta.get("example_value")
-        slots.append(SlotInfo(site_key(site), tuple(meta.shape), meta.dtype, meta.device))
+        slots.append(SlotInfo(site_key(site), concrete_shape(meta.shape, bindings), meta.dtype, meta.device))
         with graph.inserting_after(last):
             keep = graph.placeholder(f"_slot_keep_{position}")
         with graph.inserting_after(keep):

@@ -1,0 +1,224 @@
+"""Batched activation-patching sweeps: many patch maps as row blocks of a few large forwards.
+
+A chunk of K cells runs once, on the inputs repeated K times along the batch dimension; rows
+``k*B:(k+1)*B`` see only cell k's patches. Every site any cell names becomes a declared slot
+(prepared.py), whose (keep, fill) inputs are built per row block on the host, so all chunks —
+the last one padded with empty cells — run one compiled variant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .context import PatchState, _active, active_state, normalize_map, resolve_root
+from .index import RootIndex, index_for
+from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
+from .validation import check_patch_for_site, unknown_name_error
+
+Inputs = Union[Mapping[str, Any], Sequence[Any]]
+_VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
+#: Bytes of activations one chunk may use when ``batch_size`` is not given (CPU).
+CPU_BUDGET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What the dispatcher needs to patch row blocks: set by ``row_patches``."""
+
+    index: RootIndex
+    rows_per_cell: int
+    names: Tuple[str, ...]
+    cells: Tuple[Dict[str, Tuple[Patch, ...]], ...]
+
+
+class row_patches:
+    """Context manager: cell k's patches apply to rows ``k*rows_per_cell:(k+1)*rows_per_cell``."""
+
+    def __init__(self, index: RootIndex, rows_per_cell: int, names: Sequence[str], cells: Sequence[Dict]) -> None:
+        self.spec = SweepSpec(index, rows_per_cell, tuple(names), tuple(cells))
+
+    def __enter__(self) -> None:
+        self._token = _active.set(PatchState(roots=(), sweep=self.spec))
+
+    def __exit__(self, *exc: Any) -> None:
+        _active.reset(self._token)
+
+
+def _compiled_model(model: Any) -> Tuple[Callable, nn.Module]:
+    """The callable to run and the root module; a plain module is compiled with graphpatch."""
+    root = resolve_root(model)
+    if model is root:
+        # A fresh wrapper is cheap: Dynamo's cache lives on the code, not on the wrapper.
+        return torch.compile(root, backend="graphpatch"), root
+    return model, root
+
+
+def _call(model: Callable, inputs: Inputs) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def _batch_size(inputs: Inputs) -> int:
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"sweep inputs must share one leading batch dimension; found sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _repeat(inputs: Inputs, times: int) -> Inputs:
+    def repeat(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.repeat(times, *([1] * (value.dim() - 1)))
+        return value
+
+    if isinstance(inputs, Mapping):
+        return {key: repeat(value) for key, value in inputs.items()}
+    return tuple(repeat(value) for value in inputs)
+
+
+def _check_cells(index: RootIndex, cells: Sequence[Mapping], batch: int) -> Tuple[List[Dict], List[str]]:
+    normalized: List[Dict[str, Tuple[Patch, ...]]] = []
+    names: List[str] = []
+    for position, cell in enumerate(cells):
+        try:
+            by_name = normalize_map(cell)
+        except (KeyError, ValueError) as error:
+            raise type(error)(f"sweep cell {position}: {error.args[0]}") from None
+        for name, patches in by_name.items():
+            sites = index.by_name.get(name)
+            if not sites:
+                raise unknown_name_error(name, index)
+            batched = [s.site for s in sites if s.site.shape and not isinstance(s.site.shape[0], int)]
+            batched += [s.site for s in sites if s.site.shape and s.site.shape[0] == batch]
+            site = batched[0] if batched else sites[0].site
+            if not batched or site.kind == "param":
+                raise ValueError(
+                    f"sweep cell {position}: {name!r} (shape {site.shape}) has no leading batch dimension of "
+                    f"size {batch}; sweeps patch row blocks, so sites must keep the batch first"
+                )
+            per_cell = _per_cell_site(site, batch)
+            for patch in patches:
+                if not isinstance(patch, _VALUE_PATCHES):
+                    raise ValueError(
+                        f"sweep cell {position}: {type(patch).__name__} at {name!r}; sweep cells take Zero/Add/Replace "
+                        "patches (record activations with pb.patch and a ProbePatch instead)"
+                    )
+                check_patch_for_site(name, per_cell, patch)
+            if name not in names:
+                names.append(name)
+        normalized.append(by_name)
+    return normalized, names
+
+
+def _per_cell_site(site: Any, batch: int) -> Any:
+    from dataclasses import replace
+
+    return replace(site, shape=(batch,) + tuple(site.shape[1:]))
+
+
+def _chunk_size(index: RootIndex, batch: int, cells: int) -> int:
+    """Cells per forward from a memory budget: the bytes of every named activation, per row."""
+    seen = set()
+    row_bytes = 0
+    for named_sites in index.by_name.values():
+        site = named_sites[0].site
+        if site.node in seen or site.shape is None or not site.shape:
+            continue
+        seen.add(site.node)
+        row_bytes += math.prod(site.shape) * site.dtype.itemsize // max(1, site.shape[0])
+    budget = CPU_BUDGET_BYTES
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        budget = max(budget, free // 4)
+    return max(1, min(cells, 256, budget // max(1, row_bytes * batch)))
+
+
+def sweep(
+    model: Any,
+    inputs: Inputs,
+    cells: Sequence[Mapping[str, Any]],
+    metric: Callable[[Any], torch.Tensor],
+    batch_size: Optional[int] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
+
+    ``model`` is a module (compiled here with backend="graphpatch") or its torch.compile
+    result; ``inputs`` its args (tuple) or kwargs (dict), batch size B on dim 0;
+    ``metric(output)`` must return a tensor whose leading dim is the rows of the batched forward.
+    ``batch_size`` is cells per forward (default: from a memory budget).
+    """
+    if not cells:
+        raise ValueError("sweep needs at least one cell (patch map)")
+    compiled, root = _compiled_model(model)
+    state = active_state()
+    if state.sweep is not None or any(entry.index.root is root for entry in state.roots):
+        raise RuntimeError("pb.sweep cannot run inside an active pb.patch or sweep on the same model")
+    batch = _batch_size(inputs)
+    index = index_for(root)
+    if not index.names:
+        with torch.no_grad():
+            _call(compiled, inputs)
+        index.refresh()
+    normalized, names = _check_cells(index, cells, batch)
+    chunk = batch_size or _chunk_size(index, batch, len(cells))
+    if chunk < 1:
+        raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+    batched = _repeat(inputs, chunk)
+    results: List[torch.Tensor] = []
+    bar = _progress(len(cells), progress)
+    try:
+        for start in range(0, len(cells), chunk):
+            block = normalized[start : start + chunk]
+            padded = block + [{}] * (chunk - len(block))
+            with row_patches(index, batch, names, padded):
+                output = _call(compiled, batched)
+            values = metric(output)
+            if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != chunk * batch:
+                raise ValueError(
+                    f"metric must return a tensor whose leading dim is the {chunk * batch} rows of the batched "
+                    f"forward, got {getattr(values, 'shape', type(values).__name__)}"
+                )
+            values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
+            results.append(values.detach())
+            if bar is not None:
+                bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(results)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="cell", desc="sweep")
+
+
+def slot_inputs(spec: SweepSpec, variant: Any, sites: Dict[str, Any]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """(keep, fill) per slot of ``variant``, each row block patched by its own cell."""
+    from .prepared import compose, site_key
+
+    inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in spec.names:
+        site = sites.get(name)
+        if site is None:
+            continue
+        position = variant.slot_index[site_key(site)]
+        keep, fill = variant.fresh(position)
+        for cell_index, cell in enumerate(spec.cells):
+            patches = cell.get(name)
+            if patches:
+                rows = slice(cell_index * spec.rows_per_cell, (cell_index + 1) * spec.rows_per_cell)
+                compose(patches, keep, fill, rows)
+        inputs[position] = (keep, fill)
+    return inputs
