@@ -54,19 +54,30 @@ class Dispatcher:
         self.variants: "OrderedDict[Any, Callable]" = OrderedDict()
         self._lock = threading.Lock()
         self._warned_bound = False
-        self._examples = example_inputs
-        start = time.perf_counter()
-        self.plain = self._compile_plain()
-        del self._examples  # do not keep the first call's activations alive
-        self.stats.compile_seconds += time.perf_counter() - start
+        if compiled and not capture.dynamic:
+            # Static shapes: compile the plain variant at its first unpatched call, so a graph
+            # that only ever runs patched (a sweep's batched graph) never compiles it.
+            self.plain = self._compile_plain_on_first_call
+        else:
+            # Symbolic shapes need Dynamo's tracing context, which exists only right now.
+            self.plain = self._compile_plain(example_inputs)
         capture.dispatcher_ref = weakref.ref(self)
         weakref.finalize(self, forget, capture)
 
     # -- building --------------------------------------------------------------------------
-    def _compile_plain(self) -> Callable:
+    def _compile_plain(self, example_inputs: Sequence[Any]) -> Callable:
         if not self.compiled:
             return self.capture.gm.forward
-        return self._compile(self.capture.gm, self._examples)
+        start = time.perf_counter()
+        plain = self._compile(self.capture.gm, example_inputs)
+        self.stats.compile_seconds += time.perf_counter() - start
+        return plain
+
+    def _compile_plain_on_first_call(self, *args: Any) -> Any:
+        with self._lock:
+            if self.plain == self._compile_plain_on_first_call:
+                self.plain = self._compile_plain(args)
+        return self.plain(*args)
 
     def _variant(self, selection: Selection, args: Sequence[Any]) -> Callable:
         if self.compiled:
@@ -131,6 +142,10 @@ class Dispatcher:
         sites = spec.index.sites_for(self.capture, instance) or {}
         here = [sites[name] for name in spec.names if name in sites]
         if not here:
+            if not spec.names and self.plain == self._compile_plain_on_first_call:
+                # The sweep's name-discovery call: capturing is all it needs, so do not
+                # compile a plain variant that the sweep itself will never run.
+                return self.capture.gm.forward(*args)
             return self.plain(*args)
         self.stats.patched_calls += 1
         variant = self._prepared(here, args)

@@ -75,7 +75,11 @@ def _batch_size(inputs: Inputs) -> int:
 def _repeat(inputs: Inputs, times: int) -> Inputs:
     def repeat(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.repeat(times, *([1] * (value.dim() - 1)))
+            repeated = value.repeat(times, *([1] * (value.dim() - 1)))
+            # Every chunk has this exact shape (the last is padded): a static graph compiles
+            # faster than the dynamic one Dynamo would otherwise make for a second batch size.
+            torch._dynamo.mark_static(repeated)
+            return repeated
         return value
 
     if isinstance(inputs, Mapping):
@@ -164,7 +168,7 @@ def sweep(
     batch = _batch_size(inputs)
     index = index_for(root)
     if not index.names:
-        with torch.no_grad():
+        with torch.no_grad(), row_patches(index, batch, (), ()):
             _call(compiled, inputs)
         index.refresh()
     normalized, names = _check_cells(index, cells, batch)
@@ -214,6 +218,8 @@ def slot_inputs(spec: SweepSpec, variant: Any, sites: Dict[str, Any]) -> Dict[in
         if site is None:
             continue
         position = variant.slot_index[site_key(site)]
+        if not any(name in cell for cell in spec.cells):
+            continue  # untouched in this chunk: the variant's cached identity inputs
         keep, fill = variant.fresh(position)
         for cell_index, cell in enumerate(spec.cells):
             patches = cell.get(name)
