@@ -11,23 +11,27 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
-$(VENV)/.installed-base: $(PY) setup.cfg setup.py
+$(VENV)/.installed-torch: $(PY)
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[plot]" "$(TORCH_PIN)"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed-base
-	$(PY) -m pip install -q -e ".[test,plot]" "$(TORCH_PIN)"
+$(VENV)/.installed-demo: $(VENV)/.installed-torch setup.cfg setup.py
+	$(PY) -m pip install -q -e ".[demo]" "$(TORCH_PIN)"
 	touch $@
 
-demo: $(VENV)/.installed-base
+$(VENV)/.installed-test: $(VENV)/.installed-torch setup.cfg setup.py
+	$(PY) -m pip install -q -e ".[test,demo]" "$(TORCH_PIN)"
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-test
-	$(PY) scripts/bench_patching.py
+	$(PY) scripts/bench_patching.py --json out/bench_patching.json
+	$(PY) scripts/bench_sweep.py --json out/bench_sweep.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
