@@ -14,6 +14,7 @@ to the documented fallbacks (``input_<k>``, ``output|sub_<k>``) instead of faili
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,14 +30,27 @@ class FrameInfo:
     code_id: int = 0
     #: Name of the frame local holding the module (``self``; any name for the first argument).
     self_local: str = "self"
-    self_module: Optional[torch.nn.Module] = None
+    #: Weak reference behind ``self_module``: Dynamo keeps a backend's result (and with it the
+    #: capture holding this) for as long as the code stays cached, so a strong reference here
+    #: would keep a deleted model, and all its patched variants, alive.
+    self_module_ref: Optional["weakref.ref[torch.nn.Module]"] = field(default=None, repr=False)
     is_resume: bool = False
     #: For a resume function: the code object of the function it continues (e.g. a forward).
     original_code: Any = None
     #: True when the graph ends because the frame returned (not at a graph break).
     returns: bool = False
-    #: Return-value leaves: (path inside the result, fx node name); empty if unknown.
-    return_leaves: List[Tuple[Tuple[str, ...], str]] = field(default_factory=list)
+    #: Return-value leaves: (path inside the result, fx node name, or None for a non-tensor
+    #: leaf); empty if unknown.
+    return_leaves: List[Tuple[Tuple[str, ...], Optional[str]]] = field(default_factory=list)
+
+    @property
+    def self_module(self) -> Optional[torch.nn.Module]:
+        return self.self_module_ref() if self.self_module_ref is not None else None
+
+    @self_module.setter
+    def self_module(self, module: Optional[torch.nn.Module]) -> None:
+        self.self_module_ref = weakref.ref(module) if module is not None else None
+
 
 
 def current_frame_info() -> FrameInfo:
@@ -101,12 +115,15 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
             vt = vt.realize()
         except Exception:
             return
-    from torch._dynamo.variables import ConstantVariable, TensorVariable
+    from torch._dynamo.variables import ConstantVariable, SymNodeVariable, TensorVariable
 
     if isinstance(vt, TensorVariable):
         out.append((path, vt.as_proxy().node.name))
         return
-    if isinstance(vt, ConstantVariable):
+    if isinstance(vt, (ConstantVariable, SymNodeVariable)):
+        # A number, None or size in the result: no tensor to patch. Recorded (node None) so a
+        # patch aimed at it is refused with that reason rather than as an unknown name.
+        out.append((path, None))
         return
     items = getattr(vt, "items", None)
     if isinstance(items, (list, tuple)):

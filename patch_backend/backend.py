@@ -62,6 +62,8 @@ class Dispatcher:
             # Symbolic shapes need Dynamo's tracing context, which exists only right now.
             self.plain = self._compile_plain(example_inputs)
         capture.dispatcher_ref = weakref.ref(self)
+        #: Models whose patches built variants here (see ``_owned_by``).
+        self._owners: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         weakref.finalize(self, forget, capture)
 
     # -- building --------------------------------------------------------------------------
@@ -129,6 +131,7 @@ class Dispatcher:
         selection = select(state, self.capture, instance)
         if not selection:
             return self.plain(*args)
+        self._owned_by(entry.index for entry in state.roots)
         self.stats.patched_calls += 1
         if self.compiled:
             declared = self._declared(state, instance)
@@ -147,10 +150,21 @@ class Dispatcher:
                 # compile a plain variant that the sweep itself will never run.
                 return self.capture.gm.forward(*args)
             return self.plain(*args)
+        self._owned_by((spec.index,))
         self.stats.patched_calls += 1
         variant = self._prepared(here, args)
         outputs, _ = variant.call(args, slot_inputs(spec, variant, sites))
         return outputs
+
+    def _owned_by(self, indexes) -> None:
+        """Ties the patched variants to the models being patched: they are dropped when one of
+        them is deleted. Dynamo keeps this dispatcher for as long as the graph's code stays
+        cached, which outlives the model; another model reaching this graph rebuilds them."""
+        for index in indexes:
+            root = index._root()
+            if root is not None and root not in self._owners:
+                self._owners.add(root)
+                weakref.finalize(root, _drop_variants, weakref.ref(self))
 
     def _declared(self, state, instance) -> List[Site]:
         memo_key = ("declared", self.capture.uid, instance)
@@ -178,6 +192,12 @@ class Dispatcher:
         from .compile import compile_inductor
 
         return compile_inductor(gm, example, self.compile_options)
+
+
+def _drop_variants(dispatcher_ref: "weakref.ref[Dispatcher]") -> None:
+    dispatcher = dispatcher_ref()
+    if dispatcher is not None:
+        dispatcher.variants.clear()
 
 
 class _EagerVariant:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -86,27 +86,44 @@ def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
     return normalized
 
 
-def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]]) -> None:
-    """Raises KeyError for unknown names, ValueError for patches that cannot apply there."""
+def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]], defer_unknown: bool = False) -> bool:
+    """Raises KeyError for unknown names, ValueError for patches that cannot apply there.
+
+    With ``defer_unknown``, names not captured yet are skipped; returns whether all were found.
+    """
     index.refresh()
+    found_all = True
     for name, patches in by_name.items():
         named_sites = index.by_name.get(name)
         if not named_sites:
+            if name in index.non_tensor:
+                raise ValueError(
+                    f"{type(patches[0]).__name__} at {name!r}: the node holds no tensor (a number, None or "
+                    "size in the result, kept outside the graph); patch_backend patches tensor values only"
+                )
+            if defer_unknown:
+                found_all = False
+                continue
             raise unknown_name_error(name, index)
         for patch in patches:
             check_patch_for_site(name, named_sites[0].site, patch)
+    return found_all
 
 
-def _check_reuse(by_name: Dict[str, Tuple[Patch, ...]]) -> None:
-    placed: Dict[int, str] = {}
-    for name, patches in by_name.items():
-        for patch in patches:
-            other = placed.setdefault(id(patch), name)
-            if other != name:
-                raise ValueError(
-                    f"the same {type(patch).__name__} object is used at {other!r} and at {name!r}; "
-                    "a patch object may stand in one place at a time (create one per node)"
-                )
+def _check_reuse(roots: Sequence["RootPatches"]) -> None:
+    """A patch object may stand in one place at a time, across nodes and across patched models:
+    its state (``ProbePatch.activation``, a RecordPatch's list) would mix two places."""
+    placed: Dict[int, Tuple[int, str]] = {}
+    for position, entry in enumerate(roots):
+        for name, patches in entry.by_name.items():
+            for patch in patches:
+                other = placed.setdefault(id(patch), (position, name))
+                if other != (position, name):
+                    where = repr(other[1]) if other[0] == position else f"{other[1]!r} of another patched model"
+                    raise ValueError(
+                        f"the same {type(patch).__name__} object is used at {where} and at {name!r}; "
+                        "a patch object may stand in one place at a time (create one per node)"
+                    )
 
 
 @contextlib.contextmanager
@@ -127,14 +144,13 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
             merged = {name: patches for name, patches in entry.by_name.items()}
             for name, patches in new_names.items():
                 merged[name] = merged.get(name, ()) + patches
-            _check_reuse(merged)
             roots.append(RootPatches(index, merged, entry.validated and bool(index.names)))
         else:
             roots.append(entry)
     if merged is None:
-        _check_reuse(new_names)
         roots.append(RootPatches(index, new_names, False))
         merged = new_names
+    _check_reuse(roots)
     known = bool(index.names)
     if known:
         validate_names(index, new_names)
@@ -146,8 +162,22 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
         _active.reset(token)
 
 
-def validate_pending(state: PatchState) -> None:
-    """Called by the dispatcher before running: checks maps entered before the model ran."""
+def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
+    """Called by the dispatcher before a graph runs: checks maps entered before the model ran.
+
+    In a model's very first forward, a graph break in the root's forward means later graphs are
+    not captured yet, so a name still unknown is only an error once no graph can be missing:
+    the root's returning graph was captured (``RootIndex.complete``), or the forward started
+    over (the graph this state ran first, ``occurrence``, runs again). Until then names found so
+    far are checked and patched, and this returns False so the next graph call checks again.
+    """
+    first = state.memo.setdefault("first_occurrence", occurrence)
+    if occurrence is not None and occurrence == first:
+        state.memo["first_runs"] = state.memo.get("first_runs", 0) + 1
+    restarted = state.memo.get("first_runs", 0) > 1
+    done = True
     for entry in state.roots:
         if not entry.validated:
-            validate_names(entry.index, entry.by_name)
+            strict = restarted or entry.index.refresh().complete
+            done = validate_names(entry.index, entry.by_name, defer_unknown=not strict) and done
+    return done

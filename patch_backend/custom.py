@@ -9,10 +9,12 @@ cannot be traced runs as an opaque custom op (one warning per node), still witho
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -181,14 +183,29 @@ def _shift(entry, offset: int):
 
 
 # -- opaque fallback ---------------------------------------------------------------------------
-_OPAQUE_CALLABLES: Dict[int, Callable] = {}
+#: slot -> callable, for the variant call running in this thread/task. Set around each call
+#: (``opaque_callables``), not globally: two threads running one variant with their own
+#: CustomPatch each see their own callable, and a callable (with whatever it captures) is not
+#: kept alive after the call.
+_OPAQUE_CALLABLES: contextvars.ContextVar[Dict[int, Callable]] = contextvars.ContextVar(
+    "patch_backend_opaque_callables", default={}
+)
 _WARNED: set = set()
+
+
+@contextlib.contextmanager
+def opaque_callables(callables: Dict[int, Callable]) -> Iterator[None]:
+    token = _OPAQUE_CALLABLES.set(callables)
+    try:
+        yield
+    finally:
+        _OPAQUE_CALLABLES.reset(token)
 
 
 @torch.library.custom_op("patch_backend::opaque_patch", mutates_args=())
 def opaque_patch(value: torch.Tensor, slot: int) -> torch.Tensor:
     """Runs an untraceable patch callable eagerly inside a compiled variant."""
-    result = _OPAQUE_CALLABLES[slot](value.clone())
+    result = _OPAQUE_CALLABLES.get()[slot](value.clone())
     if not isinstance(result, torch.Tensor) or result.shape != value.shape:
         raise RuntimeError(
             "an untraceable CustomPatch must return a tensor of its input's shape when compiled "
@@ -208,10 +225,6 @@ def _no_gradient(ctx, grad_output):
 
 
 opaque_patch.register_autograd(_no_gradient)
-
-
-def set_opaque_callable(slot: int, fn: Callable) -> None:
-    _OPAQUE_CALLABLES[slot] = fn
 
 
 def is_traceable(lowering: CustomLowering, value_meta: torch.Tensor, tensors: List[torch.Tensor]) -> Optional[str]:

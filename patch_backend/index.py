@@ -40,6 +40,14 @@ class RootIndex:
         self.by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
         #: Names declared with pb.prepare (one compiled variant covers them all).
         self.declared: frozenset = frozenset()
+        #: Non-tensor leaves of a result (``output|sub_1`` holding an int): not nodes, kept to
+        #: say why a patch there is refused.
+        self.non_tensor: Dict[str, Site] = {}
+        #: True once a graph that returns from the root's own forward was captured: no graph of
+        #: the forward is left to capture, so a name still unknown is an error (before that,
+        #: during a first forward with graph breaks, it may belong to a later graph).
+        self.complete = False
+
 
     @property
     def root(self) -> nn.Module:
@@ -82,7 +90,10 @@ class RootIndex:
         names: List[str] = []
         by_name: Dict[str, List[NamedSite]] = {}
         by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
+        non_tensor: Dict[str, Site] = {}
+        complete = False
         for _, capture, instance, prefix in pending:
+            complete = complete or (prefix == () and capture.frame.returns)
             group = (capture.code_key, prefix)
             if group in group_start:
                 sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
@@ -91,11 +102,15 @@ class RootIndex:
                 sites = name_occurrence(capture, root, prefix, counters)
             table = by_occurrence.setdefault((capture.uid, instance), {})
             for site in sites:
+                if site.kind == "value":
+                    non_tensor.setdefault(site.name, site)
+                    continue
                 table[site.name] = site
                 if site.name not in by_name:
                     names.append(site.name)
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
+        self.non_tensor, self.complete = non_tensor, complete
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
         if instance is not None:

@@ -316,13 +316,19 @@ def name_occurrence(
 
     # The frame's result: the model's ``output`` for the root frame, else ``<scope>.output``.
     if capture.frame.returns:
-        leaves = capture.frame.return_leaves or _flat_output_leaves(output_node)
+        returned = capture.frame.return_leaves
+        leaves = returned if any(n is not None for _, n in returned) else _flat_output_leaves(output_node)
         by_name = {n.name: n for n in nodes}
         for path, node_name in leaves:
+            leaf = "output" + ("|" + ".".join(sanitize(p) for p in path) if path else "")
+            if node_name is None:
+                # A non-tensor leaf (kind "value", no node): not listed or patchable, only known
+                # so that a patch naming it is refused with the reason (index.non_tensor).
+                sites.append(Site(join(frame_scope, leaf), "", None, (1, 0), "value", float(len(nodes)), None, None, ""))
+                continue
             node = by_name.get(node_name)
             if node is None:
                 continue
-            leaf = "output" + ("|" + ".".join(sanitize(p) for p in path) if path else "")
             add(join(frame_scope, leaf), node, frozenset({output_node.name}), (1, 0), "output")
     return sorted(_dedupe(sites), key=lambda site: site.position)
 

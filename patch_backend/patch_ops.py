@@ -91,7 +91,11 @@ def _mask_and_value(x, spec, ints, index_tensors, value):
     if value.dim() < len(kept):
         value = value.reshape((1,) * (len(kept) - value.dim()) + tuple(value.shape))
     for axis, (dim, where_in_value) in enumerate(kept):
-        if where_in_value is not None and value.shape[axis] != 1:
+        if value.shape[axis] == 0:
+            # An empty value only fits an empty selection (validation checked it broadcasts), so
+            # the mask is all False along this dim; gathering from it would index out of bounds.
+            value = value.new_zeros(value.shape[:axis] + (1,) + value.shape[axis + 1:])
+        elif where_in_value is not None and value.shape[axis] != 1:
             value = value.index_select(axis, torch.clamp(where_in_value, min=0))
     for dim in dropped:
         value = value.unsqueeze(dim)

@@ -91,7 +91,7 @@ class AddPatch(_SlicedPatch):
     value: PatchTarget
 
     def op(self, original_output: PatchTarget) -> PatchTarget:
-        original_output[self._index()] += _on_device_of(self.value, original_output)
+        original_output[self._index()] += _as_target(self.value, original_output)
         return original_output
 
 
@@ -104,7 +104,7 @@ class ReplacePatch(_SlicedPatch):
     def op(self, original_output: PatchTarget) -> PatchTarget:
         if not isinstance(original_output, torch.Tensor):
             return self.value
-        original_output[self._index()] = _on_device_of(self.value, original_output)
+        original_output[self._index()] = _as_target(self.value, original_output)
         return original_output
 
 
@@ -149,8 +149,15 @@ def _detached_copy(value: PatchTarget) -> PatchTarget:
     return value
 
 
-def _on_device_of(value: PatchTarget, target: PatchTarget) -> PatchTarget:
+def _as_target(value: PatchTarget, target: PatchTarget) -> PatchTarget:
+    """A tensor value converted to the target's device and dtype before it is applied.
+
+    Validation refuses values whose dtype the target cannot hold (float into int, ...); the rest
+    are converted here, so the eager reference computes exactly what the compiled ops do (they
+    convert first too) instead of depending on how each indexing path promotes dtypes
+    (``x[[0, 1], [1, 0]] = float64_value`` on a float32 ``x`` raises, ``x[0] = ...`` does not).
+    """
     if isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor):
-        if value.device != target.device:
-            return value.to(target.device)
+        if value.device != target.device or value.dtype != target.dtype:
+            return value.to(device=target.device, dtype=target.dtype)
     return value

@@ -32,9 +32,9 @@ Selection = Tuple[SitePatches, ...]
 def select(state: PatchState, capture: GraphCapture, instance: Optional[int]) -> Selection:
     """The active patches that land in this graph occurrence, in graph order of their sites."""
     if not state.memo.get("validated"):
-        validate_pending(state)
-        state.memo["validated"] = True
+        state.memo["validated"] = validate_pending(state, (capture.uid, instance))
     found: List[SitePatches] = []
+    keys = []
     for entry in state.roots:
         index = entry.index.refresh()
         memo_key = (capture.uid, instance, id(index), index._version)
@@ -46,7 +46,10 @@ def select(state: PatchState, capture: GraphCapture, instance: Optional[int]) ->
             )
             state.memo[memo_key] = cached
         found.extend(cached)
-    return tuple(found)
+        keys.append(memo_key)
+    # The same tuple on every call of this occurrence under this state, so that per-call memos
+    # keyed by the selection (dynamic.check_call_shapes) hit instead of growing with each call.
+    return state.memo.setdefault(("selection", tuple(keys)), tuple(found))
 
 
 Chain = Tuple[int, ...]  # indices into the selection, in application order

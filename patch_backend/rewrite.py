@@ -17,7 +17,7 @@ import torch.fx
 
 from . import patch_ops
 from .capture import GraphCapture
-from .custom import CustomLowering, is_traceable, lower_custom, set_opaque_callable, warn_opaque, patch_function
+from .custom import CustomLowering, is_traceable, lower_custom, opaque_callables, warn_opaque, patch_function
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 from .plan import Chain, Selection, chains, dangling, probe_positions
 
@@ -224,9 +224,12 @@ class CompiledVariant:
 
     def run(self, selection: Selection, args: Sequence[Any]) -> Any:
         lowered = lower(selection)
-        for (entry_index, patch_index), slot in self.opaque.items():
-            set_opaque_callable(slot, patch_function(selection[entry_index].patches[patch_index]))
-        outputs = self.fn(*args, *runtime_inputs(lowered, self.device))
+        callables = {
+            slot: patch_function(selection[entry_index].patches[patch_index])
+            for (entry_index, patch_index), slot in self.opaque.items()
+        }
+        with opaque_callables(callables):
+            outputs = self.fn(*args, *runtime_inputs(lowered, self.device))
         for (entry_index, patch_index), value in zip(self.probe_keys, outputs[self.original_outputs:]):
             patch = selection[entry_index].patches[patch_index]
             if isinstance(patch, ProbePatch):
@@ -266,7 +269,6 @@ def _opaque_customs(capture: GraphCapture, selection: Selection, lowered: Lowere
         if reason is not None:
             warn_opaque(site.name, reason)
             opaque[key] = next(_opaque_slots)
-            set_opaque_callable(opaque[key], patch_function(selection[key[0]].patches[key[1]]))
     return opaque
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -31,9 +31,21 @@ def sliced_shape(name: str, patch: Patch, shape: Tuple[int, ...]) -> Tuple[int, 
         return tuple(shape)
     index = normalize_slice(patch.slice)
     meta_index = []
-    for dim, element in enumerate(index):
-        if isinstance(element, (list, torch.Tensor)):
-            values = torch.as_tensor(element)
+    # Meta tensors do not bounds-check index *values*, so tensor/list indices are checked here,
+    # against the dim each one indexes: Ellipsis spans the dims no element names, None and bool
+    # elements add a dim, a bool mask consumes as many dims as it has.
+    named = sum(1 for e in index if e is not None and e is not Ellipsis and not isinstance(e, bool))
+    dim = 0
+    for element in index:
+        if element is Ellipsis:
+            dim += max(len(shape) - named, 0)
+        elif isinstance(element, (list, torch.Tensor)):
+            try:
+                values = torch.as_tensor(element)
+            except (ValueError, TypeError, RuntimeError) as error:
+                raise ValueError(
+                    f"{type(patch).__name__} at {name!r}: slice element {element!r} is not a valid index: {error}"
+                ) from None
             if values.dtype != torch.bool and values.numel():
                 size = shape[dim] if dim < len(shape) else None
                 low, high = int(values.min()), int(values.max())
@@ -42,7 +54,10 @@ def sliced_shape(name: str, patch: Patch, shape: Tuple[int, ...]) -> Tuple[int, 
                         f"{type(patch).__name__} at {name!r}: index {high if high >= size else low} is out "
                         f"of range for dimension {dim} of size {size} (target shape {tuple(shape)})"
                     )
+            dim += max(values.dim(), 1) if values.dtype == torch.bool else 1
             element = values.to("meta")
+        elif element is not None and not isinstance(element, bool):
+            dim += 1
         meta_index.append(element)
     try:
         return tuple(torch.empty(shape, device="meta")[tuple(meta_index)].shape)
@@ -51,43 +66,72 @@ def sliced_shape(name: str, patch: Patch, shape: Tuple[int, ...]) -> Tuple[int, 
             f"{type(patch).__name__} at {name!r}: slice {patch.slice!r} does not fit target shape "
             f"{tuple(shape)}: {error}"
         ) from None
-
-
-def check_value(name: str, patch: Patch, target_shape: Tuple[int, ...], dtype: torch.dtype) -> None:
-    value = patch.value
-    kind = type(patch).__name__
-    if isinstance(value, torch.Tensor):
-        value_shape, value_dtype = tuple(value.shape), value.dtype
-    elif isinstance(value, (bool, int, float)):
-        value_shape, value_dtype = (), torch.tensor(value).dtype
-    else:
-        raise ValueError(f"{kind} at {name!r}: value must be a tensor or a number, got {type(value).__name__}")
-    try:
-        broadcast = torch.broadcast_shapes(value_shape, target_shape)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != tuple(target_shape):
+    except (ValueError, TypeError, RuntimeError) as error:
+        # Not an index torch accepts (a negative or zero step, a float, a string...): the same
+        # error for both backends, naming the node, instead of torch's bare message mid-run.
         raise ValueError(
-            f"{kind} at {name!r}: value of shape {value_shape} does not broadcast to the target "
-            f"slice of shape {tuple(target_shape)}"
-        )
-    lossy = (value_dtype.is_floating_point or value_dtype.is_complex) and not (
-        dtype.is_floating_point or dtype.is_complex
-    )
-    if lossy or (value_dtype.is_complex and not dtype.is_complex):
+            f"{type(patch).__name__} at {name!r}: slice {patch.slice!r} is not a valid index for "
+            f"target shape {tuple(shape)}: {error}"
+        ) from None
+
+
+def _value_meta(name: str, patch: Patch) -> Tuple[Tuple[int, ...], torch.dtype]:
+    value = patch.value
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, (bool, int, float)):
+        return (), torch.tensor(value).dtype
+    raise ValueError(f"{type(patch).__name__} at {name!r}: value must be a tensor or a number, got {type(value).__name__}")
+
+
+def check_value_kind(name: str, patch: Patch, dtype: Optional[torch.dtype]) -> None:
+    """The value checks that do not depend on shapes: type, data, dtype."""
+    kind = type(patch).__name__
+    _, value_dtype = _value_meta(name, patch)
+    if isinstance(patch.value, torch.Tensor) and patch.value.is_meta:
+        raise ValueError(f"{kind} at {name!r}: value is a meta tensor, which holds no data")
+    if isinstance(patch.value, int) and abs(patch.value) > 2**53:
+        # Compiled variants take number values as float64 inputs (one variant for all values).
+        raise ValueError(f"{kind} at {name!r}: integer value {patch.value} is too large to pass exactly; use a tensor")
+    # Values are converted to the target's dtype (and device) before they apply; a conversion
+    # to a lower kind (complex -> float -> int -> bool) would change the numbers, so it is refused.
+    if dtype is not None and not torch.can_cast(value_dtype, dtype):
         raise ValueError(
             f"{kind} at {name!r}: value dtype {value_dtype} cannot be stored in the target's dtype {dtype} "
             "without losing information; convert it explicitly"
         )
 
 
-def check_patch_for_site(name: str, site: Any, patch: Patch) -> None:
+def check_value(name: str, patch: Patch, target_shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+    value_shape, _ = _value_meta(name, patch)
+    try:
+        broadcast = torch.broadcast_shapes(value_shape, target_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != tuple(target_shape):
+        raise ValueError(
+            f"{type(patch).__name__} at {name!r}: value of shape {value_shape} does not broadcast to the target "
+            f"slice of shape {tuple(target_shape)}"
+        )
+    check_value_kind(name, patch, dtype)
+
+
+def check_patch_kind(name: str, site: Any, patch: Patch) -> None:
+    """What can be checked without the call's shapes; runs when ``patch()`` is entered."""
     if isinstance(patch, CustomPatch) and not callable(patch.custom_op):
         raise ValueError(f"CustomPatch at {name!r}: custom_op must be callable, got {type(patch.custom_op).__name__}")
     if not isinstance(patch, (ZeroPatch, AddPatch, ReplacePatch)):
         return
     if site.shape is None:
         raise ValueError(f"{type(patch).__name__} at {name!r}: the node does not hold a tensor")
+    if isinstance(patch, (AddPatch, ReplacePatch)):
+        check_value_kind(name, patch, site.dtype)
+
+
+def check_patch_for_site(name: str, site: Any, patch: Patch) -> None:
+    check_patch_kind(name, site, patch)
+    if not isinstance(patch, (ZeroPatch, AddPatch, ReplacePatch)):
+        return
     if not all(isinstance(s, int) for s in site.shape):
         return  # symbolic shape: checked when the patched graph runs
     target_shape = sliced_shape(name, patch, site.shape)
