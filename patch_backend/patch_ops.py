@@ -96,7 +96,9 @@ def _mask_and_value(x, spec, ints, index_tensors, value):
             # the mask is all False along this dim; gathering from it would index out of bounds.
             value = value.new_zeros(value.shape[:axis] + (1,) + value.shape[axis + 1:])
         elif where_in_value is not None and value.shape[axis] != 1:
-            value = value.index_select(axis, torch.clamp(where_in_value, min=0))
+            # Positions outside the selection are masked out, but their gather index must still
+            # be in bounds (a slice ending early puts them past the value's end).
+            value = value.index_select(axis, torch.clamp(where_in_value, 0, value.shape[axis] - 1))
     for dim in dropped:
         value = value.unsqueeze(dim)
     return mask, value

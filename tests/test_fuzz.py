@@ -483,6 +483,23 @@ def test_found_advanced_index_replace_converts_dtype(backend):
     torch.testing.assert_close(first, expected + 1)
 
 
+def test_found_slice_ending_early_with_full_value(backend):
+    """A full-size value on a slice that stops before the end: positions past the slice had a
+    gather index past the value's end (Inductor: 'index out of bounds' in the kernel)."""
+    model, x = TwoLayerMLP(8), torch.randn(2, 5, 8)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    tensor_slice = [slice(1, None, 3), [-4, 2], slice(None, -1)]
+    value = torch.randn(1, 2, 15, dtype=torch.float64)
+    probe = ProbePatch()
+    patches = [ReplacePatch(slice=tensor_slice, value=value), CustomPatch(custom_op=_relu_plus), probe]
+    with pb.patch(compiled, {"layers_1.up.output": patches}):
+        compiled(x)
+    up = model.layers[1].up(x + model.layers[0](x)).detach()
+    up[1::3, [-4, 2], :-1] = value.float()
+    torch.testing.assert_close(probe.activation, torch.relu(up) + 1)
+
+
 def test_fuzz_unpatched_after_examples():
     """After patched examples, every fixture runs its plain code again with the model's result."""
     for name in FIXTURES:
