@@ -42,6 +42,13 @@ class FrameInfo:
     #: Return-value leaves: (path inside the result, fx node name, or None for a non-tensor
     #: leaf); empty if unknown.
     return_leaves: List[Tuple[Tuple[str, ...], Optional[str]]] = field(default_factory=list)
+    #: The frame code's ``*args`` / ``**kwargs`` local names (a decorator's ``wrapper(self,
+    #: *args, **kwargs)`` or ``Module._call_impl`` when the traced frame is not ``forward``).
+    varargs_local: Optional[str] = None
+    varkw_local: Optional[str] = None
+    #: Where the module sits inside ``self_local``: ``("0",)`` when a ``wrapper(*args, **kwargs)``
+    #: decorator (transformers' ``deprecate_kwarg``) receives it as ``args[0]``.
+    self_prefix: Tuple[str, ...] = ()
 
     @property
     def self_module(self) -> Optional[torch.nn.Module]:
@@ -50,7 +57,6 @@ class FrameInfo:
     @self_module.setter
     def self_module(self, module: Optional[torch.nn.Module]) -> None:
         self.self_module_ref = weakref.ref(module) if module is not None else None
-
 
 
 def current_frame_info() -> FrameInfo:
@@ -68,6 +74,7 @@ def current_frame_info() -> FrameInfo:
         info.code_name = code.co_name
         info.code_id = id(code)
         info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
+        info.varargs_local, info.varkw_local = _star_locals(code)
         candidates = ["self"]
         if code.co_argcount and not info.is_resume:
             candidates.insert(0, code.co_varnames[0])
@@ -76,6 +83,10 @@ def current_frame_info() -> FrameInfo:
             if isinstance(value, torch.nn.Module):
                 info.self_module, info.self_local = value, local
                 break
+        else:
+            packed = tx.f_locals.get(info.varargs_local) if info.varargs_local and not info.is_resume else None
+            if isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
+                info.self_module, info.self_local, info.self_prefix = packed[0], info.varargs_local, ("0",)
         if info.is_resume:
             info.original_code = _original_code(code)
     except Exception:
@@ -88,6 +99,19 @@ def current_frame_info() -> FrameInfo:
     except Exception:
         info.return_leaves = []
     return info
+
+
+def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
+    import inspect
+
+    position = code.co_argcount + code.co_kwonlyargcount
+    varargs = varkw = None
+    if code.co_flags & inspect.CO_VARARGS:
+        varargs = code.co_varnames[position]
+        position += 1
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        varkw = code.co_varnames[position]
+    return varargs, varkw
 
 
 def _original_code(code: Any) -> Any:

@@ -22,6 +22,7 @@ import torch.fx
 from ._dynamo_internals import current_frame_info
 from .capture import GraphCapture, capture_graph, forget
 from .context import active_state
+from .dynamic import Layout, Specializations, SymbolicInputs, check_call_shapes, symbolic_layout
 from .eager import PatchingInterpreter
 from .naming import Site
 from .plan import Selection, select, structure_key
@@ -82,13 +83,46 @@ class Dispatcher:
         return self.plain(*args)
 
     def _variant(self, selection: Selection, args: Sequence[Any]) -> Callable:
-        if self.compiled:
-            from .rewrite import build_variant
+        if not self.compiled:
+            return self._cached(structure_key(selection), lambda: _EagerVariant(self.capture.gm))
+        from .rewrite import build_variant
 
-            build = lambda: build_variant(self.capture, selection, args, self._compile)  # noqa: E731
-        else:
-            build = lambda: _EagerVariant(self.capture.gm)  # noqa: E731
+        if self.capture.dynamic:
+            # Compiled with symbolic shapes: one variant serves every length (dynamic.py).
+            layout = self.layout
+            if layout is not None:
+
+                def build_dynamic():
+                    variants = Specializations(layout, self._compile, self._build_variant, self._count_compile)
+                    variants.add(selection, args)
+                    return variants
+
+                return self._cached(structure_key(selection), build_dynamic)
+        build = lambda: build_variant(self.capture, selection, args, self._compile)  # noqa: E731
         return self._cached((structure_key(selection), self._shape_key(args)), build)
+
+    @property
+    def layout(self) -> Optional[Layout]:
+        """Which inputs Dynamo traced with symbolic sizes (None for a static graph)."""
+        if not hasattr(self, "_layout"):
+            self._layout = symbolic_layout(self.capture.gm) if self.capture.dynamic else None
+        return self._layout
+
+    @property
+    def symbolic_inputs(self) -> Optional[SymbolicInputs]:
+        if not hasattr(self, "_symbolic_inputs"):
+            layout = self.layout
+            self._symbolic_inputs = SymbolicInputs(self.capture.gm, layout) if layout is not None else None
+        return self._symbolic_inputs
+
+    def _build_variant(self, selection: Selection, args: Sequence[Any], compile_fn: Callable) -> Any:
+        from .rewrite import build_variant
+
+        return build_variant(self.capture, selection, args, compile_fn)
+
+    def _count_compile(self, seconds: float) -> None:
+        self.stats.variants_compiled += 1
+        self.stats.compile_seconds += seconds
 
     def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
         variant = self.variants.get(key)
@@ -131,6 +165,7 @@ class Dispatcher:
         selection = select(state, self.capture, instance)
         if not selection:
             return self.plain(*args)
+        check_call_shapes(self.symbolic_inputs, self.capture, selection, args, state.memo)
         self._owned_by(entry.index for entry in state.roots)
         self.stats.patched_calls += 1
         if self.compiled:

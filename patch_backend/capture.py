@@ -15,7 +15,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -90,16 +90,71 @@ class GraphCapture:
     def __hash__(self) -> int:
         return id(self)
 
-    def record_call(self, args: Sequence[object]) -> Optional[int]:
+    def record_call(self, args: Sequence[object]) -> Optional[Any]:
         """Notes which instance this call runs for; returns its instance key."""
-        if self.anchor_index is None:
+        frame = self.frame
+        if self.anchor_index is not None:
+            key: Any = id(args[self.anchor_index])
+        elif frame.is_resume and frame.self_module is None:
+            key = _continued_instance(frame)
+        else:
+            key = None
+        if frame.is_resume or not frame.returns:
+            _track_frames(self, key)
+        if key is None:
             return None
-        key = id(args[self.anchor_index])
         if key not in self.occurrences:
             with _registry_lock:
                 self.occurrences.setdefault(key, next(_sequence))
                 _version[0] += 1
         return key
+
+
+#: Per thread: the frame invocations whose graph ended at a graph break and whose resume graphs
+#: have not all run yet, innermost last: (id of the code being continued, occurrence).
+_open_frames = threading.local()
+
+
+def _frame_stack() -> list:
+    stack = getattr(_open_frames, "stack", None)
+    if stack is None:
+        stack = _open_frames.stack = []
+    return stack
+
+
+def _continued_code_id(frame: FrameInfo) -> Optional[int]:
+    if frame.is_resume:
+        return id(frame.original_code) if frame.original_code is not None else None
+    return frame.code_id
+
+
+def _continued_instance(frame: FrameInfo) -> Optional[Any]:
+    """A resume graph that uses no parameter of its module (e.g. only the residual add after a
+    block's MLP broke the graph) belongs to the invocation it continues: the innermost open
+    frame of the same code. Its key, ("via", uid, instance), names it like that occurrence."""
+    code_id = _continued_code_id(frame)
+    for uid, code, instance in reversed(_frame_stack()):
+        if code == code_id and code is not None:
+            return ("via", uid, instance)
+    return None
+
+
+def _track_frames(capture: "GraphCapture", key: Any) -> None:
+    stack = _frame_stack()
+    frame = capture.frame
+    code_id = _continued_code_id(frame)
+    if not frame.is_resume:
+        # The first graph of a frame that breaks: open it (anchored at this occurrence).
+        stack.append((capture.uid, code_id, key))
+        del stack[:-64]
+        return
+    for position in range(len(stack) - 1, -1, -1):
+        if stack[position][1] == code_id:
+            if frame.returns:
+                del stack[position:]  # the frame returned: it and anything left inside it close
+            else:
+                del stack[position + 1:]
+            return
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], frame: FrameInfo) -> GraphCapture:
@@ -115,7 +170,12 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
             placeholders.append(PlaceholderInfo(index, node.name, "", (), "input"))
             continue
         local, path = parsed
-        is_attribute = local == self_local and frame.self_module is not None and len(path) > 0
+        prefix = frame.self_prefix
+        if local == self_local and prefix and path[: len(prefix)] == prefix:
+            path = path[len(prefix):]  # the module is args[0] of a wrapper: paths relative to it
+            is_attribute = frame.self_module is not None and len(path) > 0
+        else:
+            is_attribute = local == self_local and not prefix and frame.self_module is not None and len(path) > 0
         kind = "param" if is_attribute else "input"
         placeholders.append(PlaceholderInfo(index, node.name, local, path, kind))
         if (

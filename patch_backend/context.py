@@ -16,7 +16,7 @@ from torch import nn
 
 from .index import RootIndex, index_for
 from .patches import Patch
-from .validation import check_name_syntax, check_patch_for_site, unknown_name_error
+from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 
 PatchMap = Mapping[Any, Any]
 
@@ -87,7 +87,13 @@ def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
 
 
 def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]], defer_unknown: bool = False) -> bool:
-    """Raises KeyError for unknown names, ValueError for patches that cannot apply there.
+    """Raises KeyError for unknown names, ValueError for patches that cannot apply there whatever
+    the shapes (non-tensor node, value type or dtype, custom_op not callable).
+
+    Whether a patch fits its node (slice in range, value broadcasts, dtype) is checked per call,
+    against that call's shapes, before the graph runs (``dynamic.check_call_shapes``): a name
+    has one shape per captured graph (prompt lengths, prefill and decode), and the next call may
+    bring a length not seen yet.
 
     With ``defer_unknown``, names not captured yet are skipped; returns whether all were found.
     """
@@ -106,7 +112,7 @@ def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]], defe
                 continue
             raise unknown_name_error(name, index)
         for patch in patches:
-            check_patch_for_site(name, named_sites[0].site, patch)
+            check_patch_kind(name, named_sites[0].site, patch)
     return found_all
 
 

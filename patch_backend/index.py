@@ -78,7 +78,9 @@ class RootIndex:
             module_paths.setdefault(id(module), tuple(name.split(".")) if name else ())
 
         pending = []
-        for capture in all_captures():
+        captures = all_captures()
+        self._by_uid = {capture.uid: capture for capture in captures}
+        for capture in captures:
             for instance, sequence in list(capture.occurrences.items()):
                 prefix = self._prefix_of(capture, instance, tensor_paths, module_paths)
                 if prefix is not None:
@@ -113,6 +115,12 @@ class RootIndex:
         self.non_tensor, self.complete = non_tensor, complete
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
+        if isinstance(instance, tuple) and instance and instance[0] == "via":
+            # A resume graph without parameters: where the invocation it continues runs.
+            continued = self._by_uid.get(instance[1])
+            if continued is None or continued is capture:
+                return None
+            return self._prefix_of(continued, instance[2], tensor_paths, module_paths)
         if instance is not None:
             anchor = capture.anchor_path
             for path in tensor_paths.get(instance, ()):

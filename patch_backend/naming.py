@@ -193,7 +193,7 @@ def name_occurrence(
         keys: Tuple[Any, ...] = ()
         for key, value in stack.items():
             path_text = value[0] if isinstance(value, tuple) else str(value)
-            relative = _stack_segments(path_text)
+            relative = _stack_segments(path_text, capture.frame.self_prefix)
             if relative is None:
                 continue
             parent_keys = keys
@@ -242,11 +242,15 @@ def name_occurrence(
 
     # Frame inputs (a resume frame's inputs are values of earlier graphs: not named again).
     named_params, varargs, varkw = forward_parameters(frame_module)
+    wrapped = _traced_through_wrapper(capture.frame, frame_module)
     for node in nodes:
         info = placeholders.get(node.name) if node.op == "placeholder" else None
         if info is None or info.kind != "input" or capture.frame.is_resume or not info.local:
             continue
-        add(join(frame_scope, _input_name(info.local, info.path, varargs, varkw)), node, None, (0, 0), "input")
+        local, path = info.local, info.path
+        if wrapped:
+            local, path = _unwrap_argument(capture.frame, local, path, named_params, varargs)
+        add(join(frame_scope, _input_name(local, path, varargs, varkw)), node, None, (0, 0), "input")
 
     # Parameters and buffers, named in the scope of the module that owns them.
     for node in nodes:
@@ -263,6 +267,11 @@ def name_occurrence(
             chain = chains.get(user.name, [])
             for inv in reversed(chain):
                 if owner is not None and module_at(root, inv.raw_path) is owner:
+                    scope, depth = inv.scope, inv.depth
+                    break
+                if _holds_same(module_at(root, inv.raw_path), owner, info.path[-1]):
+                    # A tied parameter (GPT-2's lm_head.weight is transformer.wte.weight): Dynamo
+                    # passes it once, under the first path it met; each user names it as its own.
                     scope, depth = inv.scope, inv.depth
                     break
             else:
@@ -333,7 +342,7 @@ def name_occurrence(
     return sorted(_dedupe(sites), key=lambda site: site.position)
 
 
-def _stack_segments(path_text: str) -> Optional[Tuple[str, ...]]:
+def _stack_segments(path_text: str, self_prefix: Tuple[str, ...] = ()) -> Optional[Tuple[str, ...]]:
     match = _STACK_LOCAL.match(path_text)
     if match is None:
         return None
@@ -341,7 +350,47 @@ def _stack_segments(path_text: str) -> Optional[Tuple[str, ...]]:
     parsed = parse_source_path("L['x']" + re.sub(r"\.(\d+)(?=\.|\[|$)", r"[\1]", rest))
     if parsed is None:
         return None
+    if self_prefix and parsed[1][: len(self_prefix)] == self_prefix:
+        return parsed[1][len(self_prefix):]
     return parsed[1]
+
+
+def _holds_same(module: Optional[nn.Module], owner: Optional[nn.Module], leaf: str) -> bool:
+    if module is None or owner is None or module is owner:
+        return False
+    for table in ("_parameters", "_buffers"):
+        mine, theirs = getattr(module, table, {}).get(leaf), getattr(owner, table, {}).get(leaf)
+        if mine is not None and mine is theirs:
+            return True
+    return False
+
+
+def _traced_through_wrapper(frame: Any, module: Optional[nn.Module]) -> bool:
+    """True when the traced frame is not the module's ``forward`` but a ``(self, *args,
+    **kwargs)`` function calling it: a decorator's wrapper (transformers' ``can_return_tuple``),
+    ``Module.__call__`` (``module.compile()``, transformers' compiled generate step)."""
+    if module is None or frame.is_resume or (frame.varargs_local is None and frame.varkw_local is None):
+        return False
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    return code is not None and id(code) != frame.code_id
+
+
+def _unwrap_argument(
+    frame: Any, local: str, path: Tuple[str, ...], named: List[str], varargs: Optional[str]
+) -> Tuple[str, Tuple[str, ...]]:
+    """A wrapper's ``args[k]`` / ``kwargs["name"]`` → the forward parameter it binds to."""
+    if not path:
+        return local, path
+    if local == frame.varargs_local and path[0].isdigit():
+        position = int(path[0]) - (len(frame.self_prefix) if frame.self_local == local else 0)
+        if position < len(named):
+            return named[position], path[1:]
+        if varargs is not None:
+            return varargs, (str(position - len(named)),) + path[1:]
+    elif local == frame.varkw_local:
+        return path[0], path[1:]
+    return local, path
 
 
 def _input_name(local: str, path: Tuple[str, ...], varargs: Optional[str], varkw: Optional[str]) -> str:

@@ -1,0 +1,229 @@
+"""Patched variants of dynamic-shape graphs: compiled once with symbolic shapes.
+
+Dynamo hands the backend a graph with symbolic sizes (SymInt placeholders, example values with
+SymInt dims) once a frame has run with a second distinct size, e.g. a second prompt length. A
+patched variant is compiled lazily at call time; compiled from the call's real tensors it would
+be specialized to that call's sizes, and running it for another length would be wrong.
+
+So for a dynamic graph the variant is compiled from *fake* inputs whose dims are symbolic exactly
+where Dynamo's are, in a fresh ``ShapeEnv`` (Dynamo's own has already produced its guards and
+must not be changed after the fact). Whatever that compile had to assume about the sizes (for
+example that a patch value's length equals the sequence length) is recorded as guards in the
+fresh ShapeEnv; ``Specializations`` runs a variant only for calls where its guards hold and
+compiles another specialization, counted like any variant, where they do not. A patch on a
+variable-length graph thus costs one compile for all lengths.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+#: Per placeholder: None (static: a parameter, a static tensor, any non-tensor), "symint", or a
+#: tuple saying for each dim whether it is symbolic.
+Layout = List[Any]
+
+_GUARD_NAME = re.compile(r"L\['t(\d+)'\]")
+
+
+def symbolic_layout(gm: torch.fx.GraphModule) -> Optional[Layout]:
+    """Which placeholder values Dynamo traced symbolically; None when the graph is static."""
+    layout: Layout = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt):
+            layout.append("symint")
+        elif isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):
+            layout.append(tuple(isinstance(s, torch.SymInt) for s in value.shape))
+        else:
+            layout.append(None)
+    return layout if any(entry is not None for entry in layout) else None
+
+
+class ShapeGuard:
+    """The shape guards a variant's compile recorded, evaluated on a call's real values."""
+
+    def __init__(self, code: Optional[str], sizes: Optional[List[Tuple[int, Any]]] = None) -> None:
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+        self.source = code
+        self.code = compile(code, "<patch_backend shape guards>", "eval") if code else None
+        self.used = sorted({int(i) for i in _GUARD_NAME.findall(code)}) if code else []
+        self.globals = SYMPY_INTERP
+        #: Fallback when guards could not be produced: the exact sizes of the symbolic inputs.
+        self.sizes = sizes
+
+    def __call__(self, args: Sequence[Any]) -> bool:
+        if self.sizes is not None:
+            return all(_size_of(args[i]) == size for i, size in self.sizes)
+        if self.code is None:
+            return True
+        return bool(eval(self.code, self.globals, {"L": {f"t{i}": args[i] for i in self.used}}))
+
+    def __repr__(self) -> str:
+        return f"ShapeGuard({self.source if self.sizes is None else self.sizes!r})"
+
+
+def _size_of(value: Any) -> Any:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else value
+
+
+class SymbolicCompile:
+    """A compile function for ``rewrite.build_variant``: compiles with symbolic example inputs.
+
+    ``build_variant`` passes the call's real values (the graph's own inputs first, then the
+    patch inputs); the first ``len(layout)`` become fakes with Dynamo's symbolic dims, the patch
+    inputs static fakes. After compiling, ``guard`` holds what the compile assumed.
+    """
+
+    def __init__(self, layout: Layout, compile_fn: Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]) -> None:
+        self.layout = layout
+        self.compile_fn = compile_fn
+        self.guard: Optional[ShapeGuard] = None
+
+    def __call__(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
+        from torch._dynamo.source import LocalSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        shape_env = ShapeEnv()
+        fake_mode = FakeTensorMode(shape_env=shape_env)
+        count = len(self.layout)
+        fakes: List[Any] = []
+        for position, value in enumerate(example):
+            entry = self.layout[position] if position < count else None
+            source = LocalSource(f"t{position}")
+            if isinstance(value, torch.Tensor):
+                if isinstance(entry, tuple) and value.dim() == len(entry):
+                    context = StatelessSymbolicContext(
+                        dynamic_sizes=[DimDynamic.DYNAMIC if symbolic else DimDynamic.STATIC for symbolic in entry],
+                        constraint_sizes=[None] * value.dim(),
+                    )
+                    fakes.append(fake_mode.from_tensor(value, source=source, symbolic_context=context))
+                else:
+                    fakes.append(fake_mode.from_tensor(value, static_shapes=True))
+            elif entry == "symint" and isinstance(value, int) and not isinstance(value, bool):
+                symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+                fakes.append(shape_env.create_symintnode(symbol, hint=value, source=source))
+            else:
+                fakes.append(value)
+        fn = self.compile_fn(gm, fakes)
+        self.guard = _guard(shape_env, fakes[:count], example[:count], self.layout)
+        return fn
+
+
+def _guard(shape_env: Any, fakes: Sequence[Any], real: Sequence[Any], layout: Layout) -> ShapeGuard:
+    try:
+        return ShapeGuard(shape_env.produce_guards_expression(list(fakes)))
+    except Exception:  # a torch release without this API: fall back to the exact sizes
+        return ShapeGuard(None, [(i, _size_of(real[i])) for i, entry in enumerate(layout) if entry is not None])
+
+
+class Specializations:
+    """The variants of one patch structure on a dynamic graph, each with its shape guard.
+
+    ``make(selection, args, compile_fn)`` builds a variant (``rewrite.build_variant``);
+    ``on_compile(seconds)`` accounts every specialization after the first (the dispatcher
+    counts the first, like any variant).
+    """
+
+    def __init__(self, layout: Layout, compile_fn: Callable, make: Callable, on_compile: Callable[[float], None]) -> None:
+        self.layout = layout
+        self.compile_fn = compile_fn
+        self.make = make
+        self.on_compile = on_compile
+        self.entries: List[Tuple[ShapeGuard, Any]] = []
+
+    def add(self, selection: Any, args: Sequence[Any]) -> Any:
+        symbolic = SymbolicCompile(self.layout, self.compile_fn)
+        variant = self.make(selection, args, symbolic)
+        self.entries.append((symbolic.guard or ShapeGuard(None), variant))
+        return variant
+
+    def run(self, selection: Any, args: Sequence[Any]) -> Any:
+        for guard, variant in self.entries:
+            if guard(args):
+                return variant.run(selection, args)
+        start = time.perf_counter()
+        variant = self.add(selection, args)
+        self.on_compile(time.perf_counter() - start)
+        return variant.run(selection, args)
+
+
+class SymbolicInputs:
+    """The symbolic inputs of a dynamic graph, to read a call's sizes off its arguments."""
+
+    def __init__(self, gm: torch.fx.GraphModule, layout: Layout) -> None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        #: (argument position, dim or None for a SymInt argument, sympy symbol)
+        self.slots: List[Tuple[int, Optional[int], Any]] = []
+        for position, (entry, node) in enumerate(zip(layout, placeholders)):
+            value = node.meta.get("example_value", node.meta.get("val"))
+            if entry == "symint":
+                self._add(position, None, value)
+            elif isinstance(entry, tuple):
+                for dim, symbolic in enumerate(entry):
+                    if symbolic:
+                        self._add(position, dim, value.shape[dim])
+
+    def _add(self, position: int, dim: Optional[int], size: Any) -> None:
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if expr is not None and getattr(expr, "is_Symbol", False):
+            self.slots.append((position, dim, expr))
+
+    def bindings(self, args: Sequence[Any]) -> dict:
+        """Symbol → this call's int."""
+        return {
+            symbol: int(args[position] if dim is None else args[position].shape[dim])
+            for position, dim, symbol in self.slots
+        }
+
+
+def concrete(shape: Any, bindings: dict) -> Any:
+    """A site's (possibly symbolic) shape for one call; None where a size is not bound."""
+    out = []
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            expr = size.node.expr
+            value = bindings.get(expr) if expr.is_Symbol else expr.xreplace(bindings)
+            try:
+                out.append(int(value))
+            except (TypeError, ValueError):
+                return None
+        else:
+            out.append(int(size))
+    return tuple(out)
+
+
+def check_call_shapes(inputs: Optional[SymbolicInputs], capture: Any, selection: Any, args: Sequence[Any], memo: dict) -> None:
+    """Checks each patch against the shape its node has in this call, before the graph runs.
+
+    Once per patch context, graph occurrence and set of site shapes (``memo`` is the patch
+    state's memo): a decode step whose patched node keeps its shape costs a dict lookup.
+    """
+    import dataclasses
+
+    from .validation import check_patch_for_site
+
+    shapes: Any = None
+    if inputs is not None:
+        bindings = inputs.bindings(args)
+        shapes = tuple(
+            concrete(entry.site.shape, bindings) if entry.site.shape is not None else None for entry in selection
+        )
+    key = ("shapes", capture.uid, id(selection), shapes)
+    if key in memo:
+        return
+    for position, entry in enumerate(selection):
+        site = entry.site
+        if shapes is not None and shapes[position] is not None:
+            site = dataclasses.replace(site, shape=shapes[position])
+        for patch in entry.patches:
+            check_patch_for_site(site.name, site, patch)
+    memo[key] = True
