@@ -264,7 +264,10 @@ def _opaque_customs(capture: GraphCapture, selection: Selection, lowered: Lowere
     for key, lowering in lowered.customs.items():
         site = selection[key[0]].site
         meta = nodes[site.node].meta.get("example_value")
-        example = torch.zeros(meta.shape, dtype=meta.dtype) if isinstance(meta, torch.Tensor) else torch.zeros(())
+        # A dynamic graph's sizes are symbolic: try the callable at the sizes Dynamo traced with.
+        shape = [int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.has_hint() else s for s in meta.shape] \
+            if isinstance(meta, torch.Tensor) else []
+        example = torch.zeros(shape, dtype=meta.dtype) if isinstance(meta, torch.Tensor) else torch.zeros(())
         reason = is_traceable(lowering, example, lowered.tensors)
         if reason is not None:
             warn_opaque(site.name, reason)

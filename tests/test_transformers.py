@@ -311,6 +311,29 @@ def test_variable_lengths_share_one_variant():
     assert stats.graphs == 2 and stats.variants_compiled == 2
 
 
+def test_variant_specialized_by_its_compile_is_not_reused_for_other_lengths():
+    """A traced CustomPatch that branches on the length makes the symbolic compile assume a
+    range; a call outside it compiles another specialization instead of running the first."""
+    from fixtures import TwoLayerMLP
+    from patch_backend import CustomPatch
+
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch", dynamic=True)
+
+    def long_inputs_only(t):
+        return t * 2 if t.shape[0] > 4 else t
+
+    for rows in (3, 6, 2, 9):
+        x = torch.randn(rows, 8)
+        with torch.no_grad():
+            with pb.patch(compiled, {"layers_0.output": CustomPatch(custom_op=long_inputs_only)}):
+                patched = compiled(x)
+            h = x + long_inputs_only(model.layers[0](x))
+            torch.testing.assert_close(patched, h + model.layers[1](h))
+    stats = pb.stats(compiled)
+    assert stats.graphs == 1 and stats.variants_compiled == 2  # rows <= 4, rows > 4
+
+
 class PrintingMLP(GPT2MLP):
     def forward(self, hidden_states):
         hidden_states = self.act(self.c_fc(hidden_states))
