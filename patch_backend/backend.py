@@ -13,7 +13,6 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -27,19 +26,10 @@ from .eager import PatchingInterpreter
 from .naming import Site
 from .plan import Selection, select, structure_key
 from .prepared import build_prepared, fits, site_key
+from .stats import Stats
 
 #: Default bound on compiled patched variants per graph (``pb.set_max_variants``).
 MAX_VARIANTS = [64]
-
-
-@dataclass
-class GraphStats:
-    variants_compiled: int = 0
-    variant_hits: int = 0
-    compile_seconds: float = 0.0
-    calls: int = 0
-    patched_calls: int = 0
-    evictions: int = 0
 
 
 class Dispatcher:
@@ -51,7 +41,7 @@ class Dispatcher:
         self.capture = capture
         self.compiled = compiled
         self.compile_options = compile_options
-        self.stats = GraphStats()
+        self.stats = Stats(graphs=1)
         self.variants: "OrderedDict[Any, Callable]" = OrderedDict()
         self._lock = threading.Lock()
         self._warned_bound = False

@@ -7,11 +7,10 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .context import patch, resolve_root
+from .context import patch
 from .index import index_for
 from .patches import ProbePatch, ReplacePatch
 from .sweep import Inputs, _call, _compiled_model, sweep
-from .validation import unknown_name_error
 
 
 @dataclass
@@ -24,18 +23,6 @@ class CausalTrace:
     positions: List[int]
     clean: torch.Tensor
     corrupt: torch.Tensor
-
-
-def _site_names(model: Any, sites: Union[str, Sequence[str]]) -> List[str]:
-    index = index_for(resolve_root(model))
-    patterns = [sites] if isinstance(sites, str) else list(sites)
-    names: List[str] = []
-    for pattern in patterns:
-        matched = index.match(str(pattern))
-        if not matched:
-            raise unknown_name_error(str(pattern), index)
-        names.extend(n for n in matched if n not in names)
-    return names
 
 
 def causal_trace(
@@ -58,7 +45,7 @@ def causal_trace(
     if not index_for(root).names:
         with torch.no_grad():
             _call(compiled, clean)
-    names = _site_names(root, sites)
+    names = index_for(root).match_all(sites)
     position_list = list(range(positions)) if isinstance(positions, int) else list(positions)
     probes = {name: ProbePatch() for name in names}
     with torch.no_grad(), patch(compiled, probes):

@@ -13,7 +13,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -47,7 +47,6 @@ class RootIndex:
         #: the forward is left to capture, so a name still unknown is an error (before that,
         #: during a first forward with graph breaks, it may belong to a later graph).
         self.complete = False
-
 
     @property
     def root(self) -> nn.Module:
@@ -156,6 +155,21 @@ class RootIndex:
             return list(self.names)
         regex = glob_regex(pattern)
         return [name for name in self.names if regex.fullmatch(name)]
+
+    def match_all(self, patterns: Any) -> List[str]:
+        """Names matching any of ``patterns`` (a name, NodePath or glob, or a list of them), in
+        pattern order; a pattern that matches nothing raises KeyError with close matches."""
+        from .validation import unknown_name_error
+
+        if isinstance(patterns, str) or hasattr(patterns, "_name"):
+            patterns = [patterns]
+        names: List[str] = []
+        for pattern in patterns:
+            matched = self.match(str(pattern))
+            if not matched:
+                raise unknown_name_error(str(pattern), self)
+            names.extend(name for name in matched if name not in names)
+        return names
 
     def close_matches(self, name: str, count: int = 5) -> List[str]:
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)

@@ -218,19 +218,12 @@ def declare(model: Any, sites: Any) -> List[str]:
     """``pb.prepare``: declares sites (names, NodePaths or glob patterns) of ``model``."""
     from .context import resolve_root
     from .index import index_for
-    from .validation import unknown_name_error
 
     index = index_for(resolve_root(model))
     if not index.names:
         raise RuntimeError(
             f"pb.prepare needs the names of {type(index.root).__name__}: call the compiled model once first"
         )
-    patterns = [sites] if isinstance(sites, str) or hasattr(sites, "_name") else list(sites)
-    names: List[str] = []
-    for pattern in patterns:
-        matched = index.match(str(pattern))
-        if not matched:
-            raise unknown_name_error(str(pattern), index)
-        names.extend(name for name in matched if name not in names)
+    names = index.match_all(sites)
     index.declared = index.declared | frozenset(names)
     return names

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .capture import all_captures
@@ -10,6 +10,8 @@ from .capture import all_captures
 
 @dataclass
 class Stats:
+    """Counters of one graph's dispatcher, or totals over a model's graphs."""
+
     graphs: int = 0
     variants_compiled: int = 0
     variant_hits: int = 0
@@ -38,9 +40,8 @@ def stats(model: Optional[Any] = None) -> Stats:
         dispatcher = capture.dispatcher
         if dispatcher is None:
             continue
-        total.graphs += 1
-        for field_name in ("variants_compiled", "variant_hits", "compile_seconds", "calls", "patched_calls", "evictions"):
-            setattr(total, field_name, getattr(total, field_name) + getattr(dispatcher.stats, field_name))
+        for field in fields(Stats):
+            setattr(total, field.name, getattr(total, field.name) + getattr(dispatcher.stats, field.name))
     return total
 
 
