@@ -173,9 +173,11 @@ def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
 
     In a model's very first forward, a graph break in the root's forward means later graphs are
     not captured yet, so a name still unknown is only an error once no graph can be missing:
-    the root's returning graph was captured (``RootIndex.complete``), or the forward started
-    over (the graph this state ran first, ``occurrence``, runs again). Until then names found so
-    far are checked and patched, and this returns False so the next graph call checks again.
+    the graph about to run (``occurrence``) is the one returning from the root's forward
+    (``RootIndex.root_returns``), or the forward started over (the graph this state ran first
+    runs again). Until then names found so far are checked and patched, and this returns False
+    so the next graph call checks again. (Only the graph about to run counts: a graph captured
+    earlier for another instance of the class may not belong to this forward at all.)
     """
     first = state.memo.setdefault("first_occurrence", occurrence)
     if occurrence is not None and occurrence == first:
@@ -184,6 +186,6 @@ def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
     done = True
     for entry in state.roots:
         if not entry.validated:
-            strict = restarted or entry.index.refresh().complete
+            strict = restarted or occurrence in entry.index.refresh().root_returns
             done = validate_names(entry.index, entry.by_name, defer_unknown=not strict) and done
     return done

@@ -43,10 +43,10 @@ class RootIndex:
         #: Non-tensor leaves of a result (``output|sub_1`` holding an int): not nodes, kept to
         #: say why a patch there is refused.
         self.non_tensor: Dict[str, Site] = {}
-        #: True once a graph that returns from the root's own forward was captured: no graph of
-        #: the forward is left to capture, so a name still unknown is an error (before that,
-        #: during a first forward with graph breaks, it may belong to a later graph).
-        self.complete = False
+        #: Occurrences of graphs that return from the root's own forward: when one is about to
+        #: run, no graph of the forward is left to capture, so a name still unknown is an error
+        #: (before that, during a first forward with graph breaks, it may be in a later graph).
+        self.root_returns: frozenset = frozenset()
 
     @property
     def root(self) -> nn.Module:
@@ -92,9 +92,10 @@ class RootIndex:
         by_name: Dict[str, List[NamedSite]] = {}
         by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
         non_tensor: Dict[str, Site] = {}
-        complete = False
+        root_returns = set()
         for _, capture, instance, prefix in pending:
-            complete = complete or (prefix == () and capture.frame.returns)
+            if prefix == () and capture.frame.returns:
+                root_returns.add((capture.uid, instance))
             group = (capture.code_key, prefix)
             if group in group_start:
                 sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
@@ -111,7 +112,7 @@ class RootIndex:
                     names.append(site.name)
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
-        self.non_tensor, self.complete = non_tensor, complete
+        self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
         if isinstance(instance, tuple) and instance and instance[0] == "via":

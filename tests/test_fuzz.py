@@ -14,9 +14,10 @@ dtypes). Then:
 
 Cost: compiled models live at module level, so each test captures them once (the conftest resets
 Dynamo per test, not per example) and a patch *structure* seen before reuses its compiled
-variant; draws are biased towards a few slice structures so structures recur. 50 examples per
-test by default; ``PATCH_BACKEND_FUZZ_EXAMPLES=1000`` runs a campaign (random seeds; CI runs are
-derandomized so they are reproducible).
+variant. In CI the structural choices come from 24 seeded structures (``Picks``) while
+hypothesis draws the numbers, so variants recur and run again with other slice integers and
+values; 50 examples per test, derandomized so CI is reproducible.
+``PATCH_BACKEND_FUZZ_EXAMPLES=1000`` runs a campaign: random seeds, every choice from hypothesis.
 """
 
 from __future__ import annotations
@@ -156,48 +157,74 @@ def site_shape(model: torch.nn.Module, name: str) -> Tuple[int, ...]:
 
 
 # -- strategies ----------------------------------------------------------------------------------
-def dim_element(draw, size: int) -> Any:
-    kind = draw(st.sampled_from(["full", "full", "int", "int", "range", "step", "tensor", "list"]))
+#: CI: structural choices come from this many seeded structures, so compiled variants recur
+#: and each also runs again with other numbers (the "values are inputs" path). A campaign draws
+#: every choice from hypothesis.
+STRUCTURES = None if CAMPAIGN else 24
+
+
+class Picks:
+    """Structural choices (``choice``/``count``: what decides the compiled variant) and numbers
+    (``number``/``numbers``: slice integers, values), drawn by hypothesis or, for the structure
+    in CI, by a ``random.Random`` seeded with a drawn structure number."""
+
+    def __init__(self, draw, structure_seed: Optional[int]) -> None:
+        import random
+
+        self.draw = draw
+        self.rng = random.Random(structure_seed) if structure_seed is not None else None
+
+    def choice(self, options):
+        options = list(options)
+        return self.rng.choice(options) if self.rng else self.draw(st.sampled_from(options))
+
+    def count(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high) if self.rng else self.draw(st.integers(low, high))
+
+    def number(self, low: int, high: int) -> int:
+        return self.draw(st.integers(low, high))
+
+    def maybe_number(self, low: int, high: int) -> Optional[int]:
+        return None if self.choice([True, False]) else self.number(low, high)
+
+
+def dim_element(picks: Picks, size: int) -> Any:
+    kind = picks.choice(["full", "full", "int", "int", "range", "step", "tensor", "list"])
     if kind == "full":
         return slice(None)
     if kind == "int":
-        return draw(st.integers(-size, size - 1))
+        return picks.number(-size, size - 1)
     if kind == "range":
-        start = draw(st.one_of(st.none(), st.integers(-size - 1, size)))
-        stop = draw(st.one_of(st.none(), st.integers(-size - 1, size + 1)))
-        return slice(start, stop)
+        return slice(picks.maybe_number(-size - 1, size), picks.maybe_number(-size - 1, size + 1))
     if kind == "step":
-        return slice(draw(st.one_of(st.none(), st.integers(-size, size))), None, draw(st.integers(1, 3)))
-    rows = draw(st.lists(st.integers(-size, size - 1), min_size=1, max_size=2))
+        return slice(picks.maybe_number(-size, size), None, picks.number(1, 3))
+    rows = [picks.number(-size, size - 1) for _ in range(picks.count(1, 2))]
     return torch.tensor(rows) if kind == "tensor" else rows
 
 
-@st.composite
-def tensor_slices(draw, shape: Tuple[int, ...]) -> Any:
+def tensor_slice_for(picks: Picks, shape: Tuple[int, ...]) -> Any:
     rank = len(shape)
-    form = draw(st.sampled_from(["none"] * 3 + ["dims"] * 8 + ["ellipsis", "bare", "odd", "bad"]))
+    form = picks.choice(["none"] * 3 + ["dims"] * 8 + ["ellipsis", "bare", "odd", "bad"])
     if form == "none":
         return None
     if form == "bare":  # a single element, not a sequence: indexes dim 0
-        return draw(st.sampled_from([draw(st.integers(-shape[0], shape[0] - 1)), slice(1, None)]))
+        return picks.number(-shape[0], shape[0] - 1) if picks.choice([True, False]) else slice(1, None)
     if form == "ellipsis":
-        return (Ellipsis, dim_element(draw, shape[-1]))
+        return (Ellipsis, dim_element(picks, shape[-1]))
     if form == "odd":  # forms compiled with constants (several advanced indices, None, bool)
-        if rank >= 2:
-            return draw(st.sampled_from([([0, 1], [1, 0]), (None, 0), (True, 0)]))
-        return (None, 0)
+        return picks.choice([([0, 1], [1, 0]), (None, 0), (True, 0)] if rank >= 2 else [(None, 0)])
     if form == "bad":  # must be refused identically by both backends
-        return draw(st.sampled_from([
+        return picks.choice([
             (shape[0],), (slice(None, None, -1),), tuple([0] * (rank + 1)), (torch.tensor([shape[0]]),),
             (Ellipsis, [shape[-1]]), (Ellipsis, torch.tensor([-shape[-1] - 1])),
-        ]))
-    count = draw(st.integers(1, rank))
-    elements = [dim_element(draw, shape[dim]) for dim in range(count)]
+        ])
+    count = picks.count(1, rank)
+    elements = [dim_element(picks, shape[dim]) for dim in range(count)]
     if sum(isinstance(e, (list, torch.Tensor)) for e in elements) > 1:
         # one advanced index keeps the masked (runtime-integer) form; several are rarer ("odd")
         first = next(i for i, e in enumerate(elements) if isinstance(e, (list, torch.Tensor)))
         elements = [e if i == first or not isinstance(e, (list, torch.Tensor)) else slice(None) for i, e in enumerate(elements)]
-    return list(elements) if draw(st.booleans()) and count > 1 else tuple(elements)
+    return list(elements) if picks.choice([True, False]) and count > 1 else tuple(elements)
 
 
 def sliced(shape: Tuple[int, ...], tensor_slice: Any) -> Optional[Tuple[int, ...]]:
@@ -214,26 +241,20 @@ def sliced(shape: Tuple[int, ...], tensor_slice: Any) -> Optional[Tuple[int, ...
         return None
 
 
-@st.composite
-def values(draw, target: Optional[Tuple[int, ...]]) -> Any:
-    form = draw(st.sampled_from(["float", "int", "bool", "full", "full", "broadcast", "suffix", "bad"]))
-    if form == "float":
-        return draw(st.floats(-4, 4, allow_nan=False, width=32))
-    if form == "int":
-        return draw(st.integers(-3, 3))
-    if form == "bool":
-        return draw(st.booleans())
+def value_for(picks: Picks, target: Optional[Tuple[int, ...]]) -> Any:
+    form = picks.choice(["number", "number", "full", "full", "broadcast", "suffix", "bad"])
+    if form == "number":
+        return picks.draw(st.one_of(st.floats(-4, 4, allow_nan=False, width=32), st.integers(-3, 3), st.booleans()))
     target = target if target is not None else (1,)
     if form == "bad":
         return torch.ones(tuple(target) + (3,))
     shape = list(target)
     if form == "broadcast":
-        shape = [1 if draw(st.booleans()) else s for s in shape]
+        shape = [1 if picks.choice([True, False]) else s for s in shape]
     elif form == "suffix":
-        shape = shape[draw(st.integers(0, len(shape))):]
-    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.int64]))
-    seed = draw(st.integers(0, 2**16))
-    generator = torch.Generator().manual_seed(seed)
+        shape = shape[picks.count(0, len(shape)):]
+    dtype = picks.choice([torch.float32, torch.float32, torch.float64, torch.int64])
+    generator = torch.Generator().manual_seed(picks.number(0, 2**16))
     return (torch.randn(shape, generator=generator) * 3).to(dtype)
 
 
@@ -250,20 +271,20 @@ def _in_place_double(t):
     return t
 
 
-@st.composite
-def patch_specs(draw, shape: Tuple[int, ...]) -> Tuple[Any, ...]:
-    kind = draw(st.sampled_from(["zero", "add", "add", "replace", "replace", "probe", "record", "custom"]))
+def patch_spec(picks: Picks, shape: Tuple[int, ...]) -> Tuple[Any, ...]:
+    kind = picks.choice(["zero", "add", "add", "replace", "replace", "probe", "record", "custom"])
     if kind in ("probe", "record"):
         return (kind,)
     if kind == "custom":
-        which = draw(st.sampled_from(["scale", "relu", "inplace"]))
+        which = picks.choice(["scale", "relu", "inplace"])
         if which == "scale":
-            return ("custom", "scale", torch.randn(shape[-1], generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))))
+            generator = torch.Generator().manual_seed(picks.number(0, 99))
+            return ("custom", "scale", torch.randn(shape[-1], generator=generator))
         return ("custom", which, None)
-    tensor_slice = draw(tensor_slices(shape))
+    tensor_slice = tensor_slice_for(picks, shape)
     if kind == "zero":
         return ("zero", tensor_slice)
-    return (kind, tensor_slice, draw(values(sliced(shape, tensor_slice))))
+    return (kind, tensor_slice, value_for(picks, sliced(shape, tensor_slice)))
 
 
 def make_patch(spec: Tuple[Any, ...]):
@@ -283,19 +304,26 @@ def make_patch(spec: Tuple[Any, ...]):
 
 
 @st.composite
-def scenarios(draw, fixture_names: Optional[List[str]] = None, hooked_only: bool = False):
-    name = draw(st.sampled_from(fixture_names or sorted(FIXTURES)))
+def scenarios(draw, hooked_only: bool = False):
+    structure = draw(st.integers(0, STRUCTURES - 1)) if STRUCTURES else None
+    picks = Picks(draw, structure)
+    # CI: every fixture gets its share of the structures.
+    name = sorted(FIXTURES)[structure % len(FIXTURES)] if STRUCTURES else picks.choice(sorted(FIXTURES))
     entry = models(name)
     eager_model = entry["eager"][0]
     candidates = [site for site, hook in FIXTURES[name].sites.items() if hook is not None or not hooked_only]
     layers = []
-    # Mostly small maps (so compiled structures recur), sometimes deeper nesting and longer lists.
-    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 2, 3]))):
-        sites = draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=2, unique=True))
+    # Mostly small maps, sometimes deeper nesting and longer lists.
+    for _ in range(picks.choice([1, 1, 1, 2, 2, 3])):
+        sites = []
+        for _ in range(picks.choice([1, 1, 2])):
+            site = picks.choice(candidates)
+            if site not in sites:
+                sites.append(site)
         layer = {}
         for site in sites:
             shape = site_shape(eager_model, site)
-            layer[site] = [draw(patch_specs(shape)) for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3])))]
+            layer[site] = [patch_spec(picks, shape) for _ in range(picks.choice([1, 1, 1, 2, 3]))]
         layers.append(layer)
     return name, layers
 
