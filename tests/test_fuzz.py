@@ -14,7 +14,7 @@ dtypes). Then:
 
 Cost: compiled models live at module level, so each test captures them once (the conftest resets
 Dynamo per test, not per example) and a patch *structure* seen before reuses its compiled
-variant. In CI the structural choices come from 24 seeded structures (``Picks``) while
+variant. In CI the structural choices come from 20 seeded structures (``Picks``) while
 hypothesis draws the numbers, so variants recur and run again with other slice integers and
 values; 50 examples per test, derandomized so CI is reproducible.
 ``PATCH_BACKEND_FUZZ_EXAMPLES=1000`` runs a campaign: random seeds, every choice from hypothesis.
@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -160,7 +159,7 @@ def site_shape(model: torch.nn.Module, name: str) -> Tuple[int, ...]:
 #: CI: structural choices come from this many seeded structures, so compiled variants recur
 #: and each also runs again with other numbers (the "values are inputs" path). A campaign draws
 #: every choice from hypothesis.
-STRUCTURES = None if CAMPAIGN else 24
+STRUCTURES = None if CAMPAIGN else 20
 
 
 class Picks:

@@ -8,7 +8,6 @@ no patch active.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import re
 import threading
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 import patch_backend as pb
-from fixtures import BufferModel, GraphBreakModel, LinearModel, TupleModel, TwoLayerMLP
+from fixtures import BufferModel, GraphBreakModel, LinearModel, TwoLayerMLP
 from patch_backend import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from patch_backend.capture import all_captures
 from patch_backend.context import active_state
@@ -61,48 +60,52 @@ def assert_refused(compiled, calls, x, patch_map, error, match):
 
 
 # -- error catalogue -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["", "linear.output|", "|sub_0", "output||sub_0", "a|b|c"])
-def test_malformed_names(backend, name):
-    x = torch.randn(3, 2)
-    assert_refused(*counted(LinearModel(), backend, x), x, {name: ZeroPatch()}, KeyError, "malformed node name")
+# Cases of one kind share one compiled model (a compile per case would dominate the run time).
+def assert_all_refused(model, backend, cases, x=None):
+    """``cases``: (patch map, error type, message regex); each refused before the model runs."""
+    x = torch.randn(3, 2) if x is None else x
+    compiled, calls = counted(model, backend, x)
+    for patch_map, error, match in cases:
+        try:
+            assert_refused(compiled, calls, x, patch_map, error, match)
+        except BaseException as failure:
+            raise AssertionError(f"case {patch_map!r}: {failure}") from failure
+    return compiled
+
+
+def test_malformed_names(backend):
+    names = ["", "linear.output|", "|sub_0", "output||sub_0", "a|b|c"]
+    assert_all_refused(LinearModel(), backend, [({name: ZeroPatch()}, KeyError, "malformed node name") for name in names])
 
 
 def test_non_string_key(backend):
-    x = torch.randn(3, 2)
-    assert_refused(*counted(LinearModel(), backend, x), x, {3: ZeroPatch()}, ValueError, "keys must be node names")
+    assert_all_refused(LinearModel(), backend, [({3: ZeroPatch()}, ValueError, "keys must be node names")])
 
 
-@pytest.mark.parametrize("value", [[ZeroPatch(), "zero"], ZeroPatch, None, (ProbePatch(), 1.0)])
-def test_non_patch_values(backend, value):
-    x = torch.randn(3, 2)
-    assert_refused(*counted(LinearModel(), backend, x), x, {"linear.output": value}, ValueError, "must be a Patch")
+def test_non_patch_values(backend):
+    values = [[ZeroPatch(), "zero"], ZeroPatch, None, (ProbePatch(), 1.0)]
+    assert_all_refused(LinearModel(), backend, [({"linear.output": v}, ValueError, "must be a Patch") for v in values])
 
 
 def test_tensor_patch_on_non_tensor_node(backend):
-    x = torch.randn(3, 2)
-    compiled, calls = counted(CountsAndFlags(), backend, x)
-    assert "output|sub_1" not in pb.nodes(compiled)
-    for patch in (ZeroPatch(), ReplacePatch(value=1), ProbePatch()):
-        assert_refused(compiled, calls, x, {"output|sub_1": patch}, ValueError, re.escape("'output|sub_1': the node holds no tensor"))
+    match = re.escape("'output|sub_1': the node holds no tensor")
+    cases = [({"output|sub_1": patch}, ValueError, match) for patch in (ZeroPatch(), ReplacePatch(value=1), ProbePatch())]
+    compiled = assert_all_refused(CountsAndFlags(), backend, cases)
+    assert "output|sub_1" not in pb.nodes(compiled) and "output|sub_0" in pb.nodes(compiled)
 
 
-@pytest.mark.parametrize(
-    "site, patch, match",
-    [
+def test_value_shape_mismatch_names_node_and_shapes(backend):
+    cases = [
         ("linear.output", ReplacePatch(value=torch.ones(2), slice=(slice(None), 0)), r"'linear.output'.*shape \(2,\).*shape \(3,\)"),
         ("linear.output", AddPatch(value=torch.ones(3, 3, 1)), r"'linear.output'.*shape \(3, 3, 1\).*shape \(3, 3\)"),
         ("linear.input", AddPatch(value=torch.ones(3, 2), slice=(torch.tensor([0, 2]),)), r"'linear.input'.*shape \(3, 2\).*shape \(2, 2\)"),
         ("linear.output", ReplacePatch(value=torch.ones(3), slice=(Ellipsis, [0, 1])), r"'linear.output'.*shape \(3,\).*shape \(3, 2\)"),
-    ],
-)
-def test_value_shape_mismatch_names_node_and_shapes(backend, site, patch, match):
-    x = torch.randn(3, 2)
-    assert_refused(*counted(LinearModel(), backend, x), x, {site: patch}, ValueError, match)
+    ]
+    assert_all_refused(LinearModel(), backend, [({site: patch}, ValueError, match) for site, patch, match in cases])
 
 
-@pytest.mark.parametrize(
-    "tensor_slice, error, match",
-    [
+def test_slice_out_of_range_or_invalid(backend):
+    cases = [
         ((slice(None), -4), IndexError, "linear.output"),
         ((torch.tensor([0, 3]),), IndexError, "index 3 is out of range for dimension 0 of size 3"),
         (([-4],), IndexError, "index -4 is out of range for dimension 0 of size 3"),
@@ -112,18 +115,13 @@ def test_value_shape_mismatch_names_node_and_shapes(backend, site, patch, match)
         ((slice(0, 2, 0),), ValueError, "'linear.output'.*not a valid index"),
         ((1.5,), IndexError, "'linear.output'"),
         (("a",), ValueError, "'linear.output'.*not a valid index"),
-    ],
-)
-def test_slice_out_of_range_or_invalid(backend, tensor_slice, error, match):
-    x = torch.randn(3, 2)
-    assert_refused(
-        *counted(LinearModel(), backend, x), x, {"linear.output": ZeroPatch(slice=tensor_slice)}, error, match
-    )
+    ]
+    cases = [({"linear.output": ZeroPatch(slice=tensor_slice)}, error, match) for tensor_slice, error, match in cases]
+    assert_all_refused(LinearModel(), backend, cases)
 
 
-@pytest.mark.parametrize(
-    "site, value, match",
-    [
+def test_dtype_that_would_change_numbers_is_refused(backend):
+    cases = [
         ("sum", 1.5, "dtype torch.float32 cannot be stored in the target's dtype torch.int64"),
         ("sum", torch.ones(3, dtype=torch.float64), "torch.float64 cannot be stored in the target's dtype torch.int64"),
         ("gt", 2, "torch.int64 cannot be stored in the target's dtype torch.bool"),
@@ -131,17 +129,14 @@ def test_slice_out_of_range_or_invalid(backend, tensor_slice, error, match):
         ("linear.output", torch.ones(3, device="meta"), "meta tensor"),
         ("linear.output", "1.0", "value must be a tensor or a number, got str"),
         ("sum", 2**60, "too large to pass exactly; use a tensor"),
-    ],
-)
-def test_dtype_that_would_change_numbers_is_refused(backend, site, value, match):
-    x = torch.randn(3, 2)
-    assert_refused(*counted(CountsAndFlags(), backend, x), x, {site: ReplacePatch(value=value)}, ValueError, match)
+    ]
+    cases = [({site: ReplacePatch(value=value)}, ValueError, match) for site, value, match in cases]
+    assert_all_refused(CountsAndFlags(), backend, cases)
 
 
 def test_custom_op_not_callable(backend):
-    x = torch.randn(3, 2)
-    patch = CustomPatch(custom_op=torch.ones(3))
-    assert_refused(*counted(LinearModel(), backend, x), x, {"linear.output": patch}, ValueError, "custom_op must be callable")
+    cases = [({"linear.output": CustomPatch(custom_op=torch.ones(3))}, ValueError, "custom_op must be callable")]
+    assert_all_refused(LinearModel(), backend, cases)
 
 
 def test_dtype_refused_on_entry_for_a_captured_model(backend):
@@ -201,6 +196,23 @@ def test_patch_before_first_call_with_graph_break(backend):
             compiled(x)
     assert active_state().roots == ()
     torch.testing.assert_close(compiled(x), compiled._orig_mod(x))
+
+
+def test_shape_error_in_a_later_graph(backend):
+    """Shapes are checked per call before the graph holding the node runs (docs/errors.md): with
+    a graph break, the earlier graph has run, the later one has not, and no patch stays active."""
+    model, x = GraphBreakModel(), torch.randn(2, 3)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    later = []
+    model.second.register_forward_pre_hook(lambda module, args: later.append(1))
+    compiled(x)  # recompiles the second frame with the hook traced in
+    later.clear()
+    with pytest.raises(ValueError, match=r"'second.output'.*shape \(4,\)"):
+        with pb.patch(compiled, {"first.output": ZeroPatch(), "second.output": AddPatch(value=torch.ones(4))}):
+            compiled(x)
+    assert later == [] and active_state().roots == ()
+    torch.testing.assert_close(compiled(x), model(x))
 
 
 def test_patchable_graph_rejects_bad_inputs_compiled():
@@ -478,12 +490,11 @@ def test_fresh_values_keep_one_variant(backend, one_thread):
         with pb.patch(compiled, patches):
             patched = compiled(x)
         if step in (0, 999):
-            with contextlib.ExitStack():
-                h = x + model.layers[0](x)
-                h[step % 4] += delta
-                up = model.layers[1].up(h)
-                up[:, step % 16 :: 1 + step % 3] = float(step)
-                expected = h + model.layers[1].down(model.layers[1].act(up)) * scale
+            h = x + model.layers[0](x)
+            h[step % 4] += delta
+            up = model.layers[1].up(h)
+            up[:, step % 16 :: 1 + step % 3] = float(step)
+            expected = h + model.layers[1].down(model.layers[1].act(up)) * scale
             torch.testing.assert_close(patched, expected)
     stats = pb.stats(compiled)
     assert stats.variants_compiled == 1 and stats.variant_hits == 999
