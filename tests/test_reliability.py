@@ -370,10 +370,8 @@ def _in_place_add(t):
 
 _KINDS = {
     "zero": lambda: ZeroPatch(),
-    "zero_slice": lambda: ZeroPatch(slice=(0,)),
     "add": lambda: AddPatch(value=torch.ones(2)),
-    "replace": lambda: ReplacePatch(value=torch.full((2,), 5.0)),
-    "replace_slice": lambda: ReplacePatch(value=5.0, slice=(0,)),
+    "replace_slice": lambda: ReplacePatch(value=torch.tensor(5.0), slice=(0,)),
     "custom_in_place": lambda: CustomPatch(custom_op=_in_place_add),
     "subclass_in_place": lambda: InPlaceScale(),
     "probe": lambda: ProbePatch(),
