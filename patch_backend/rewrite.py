@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -18,7 +18,7 @@ import torch.fx
 from . import patch_ops
 from .capture import GraphCapture
 from .custom import CustomLowering, is_traceable, lower_custom, opaque_callables, warn_opaque, patch_function
-from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
+from .patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 from .plan import Chain, Selection, chains, dangling, probe_positions
 
 

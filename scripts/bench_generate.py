@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import patch_backend as pb  # noqa: E402
+from bench_util import device_name, sync, write_json  # noqa: E402
 from patch_backend import AddPatch  # noqa: E402
 
 VOCAB = 1024
@@ -63,10 +63,6 @@ def submodule(root, path: str):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
     return root
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -166,7 +162,7 @@ def main() -> Dict[str, object]:
         "eager + hook / eager": hook / tokens_per_second["eager"],
     }
     result = {
-        "config": vars(options) | {"torch": torch.__version__, "site": site, "device_name": _device_name(device)},
+        "config": vars(options) | {"torch": torch.__version__, "site": site, "device_name": device_name(device)},
         "tokens_per_second": tokens_per_second,
         "first_call_seconds": first_call,
         "ratios": ratios,
@@ -177,16 +173,9 @@ def main() -> Dict[str, object]:
     }
     _print_table(result)
     if options.json:
-        os.makedirs(os.path.dirname(options.json) or ".", exist_ok=True)
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(options.json, result)
     return result
 
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return "cpu"
 
 
 def _print_table(result: Dict[str, object]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import patch_backend as pb  # noqa: E402
+from bench_util import device_name, sync, write_json  # noqa: E402
 from patch_backend import AddPatch  # noqa: E402
 
 
@@ -37,10 +37,6 @@ def gpt2(layers: int, width: int, heads: int, seq: int, device: str):
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval().to(device)
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def interleaved(calls: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, float]:
@@ -146,7 +142,7 @@ def main() -> Dict[str, object]:
         "graphpatch_eager patched / patched compiled (speedup)": rows["graphpatch_eager patched"] / patched,
     }
     result = {
-        "config": vars(options) | {"torch": torch.__version__, "device_name": _device_name(device)},
+        "config": vars(options) | {"torch": torch.__version__, "device_name": device_name(device)},
         "milliseconds_per_forward": {k: v * 1e3 for k, v in rows.items()},
         "compile_seconds": {
             "inductor": inductor_compile,
@@ -159,16 +155,9 @@ def main() -> Dict[str, object]:
     }
     _print_table(result)
     if options.json:
-        os.makedirs(os.path.dirname(options.json) or ".", exist_ok=True)
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(options.json, result)
     return result
 
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return "cpu"
 
 
 def _print_table(result: Dict[str, object]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from typing import Dict, List, Tuple
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import patch_backend as pb  # noqa: E402
+from bench_util import device_name, write_json  # noqa: E402
 from sweep_common import (  # noqa: E402
     answer_metric,
     clean_and_corrupt,
@@ -143,13 +143,11 @@ def main() -> List[Dict[str, object]]:
     results = []
     for layers, positions in sweeps:
         result = run_sweep(layers, positions, options.width, options.device, options.chunk)
-        result["device"] = torch.cuda.get_device_name() if options.device.startswith("cuda") else "cpu"
+        result["device"] = device_name(options.device)
         print_table(result)
         results.append(result)
     if options.json:
-        os.makedirs(os.path.dirname(options.json) or ".", exist_ok=True)
-        with open(options.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(options.json, results)
     return results
 
 
