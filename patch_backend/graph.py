@@ -1,94 +1,419 @@
-"""Exploring names: ``PatchableGraph`` (graphpatch-style wrapper) and the navigable node tree."""
+"""Exploring names: ``PatchableGraph`` (graphpatch-style wrapper) and the navigable node tree.
+
+The tree is drawn from the flat names (``a.b_0.c.linear.output``, ``output|sub_1.sub_0``) the
+way graphpatch 0.2.3 draws its ``NodePath``: module scopes are ``CompiledGraphModule`` nodes, a
+nested result is drawn level by level with container labels (``tuple(2)``, ``list(3)``,
+``dict(1)``), tensors as ``Tensor(2, 4)`` with the concrete sizes of the example call.
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
-from .index import RootIndex, index_for
-from .naming import Site
+from .index import NamedSite, RootIndex, index_for
+from .naming import sanitize
+
+#: Attributes of the explorer a node name must never shadow (graphpatch's reserved names).
+RESERVED_NAMES: FrozenSet[str] = frozenset({"_code", "_shape"})
+#: How graphpatch labels a module's node (every scope, and the root).
+MODULE_LABEL = "CompiledGraphModule"
 
 _PART = re.compile(r"[.|]")
+_ASSIGNED = re.compile(r"^\s*(\w+)\s*(?::[^=]*)?=\s")
+_CLEANUP = re.compile(r";\s+[\w\s=]+= None\s*$")
+_SUB_INDEX = re.compile(r"^sub_(\d+)$")
+
+# A part's role in a name: a module scope, the value a scope holds (leaf or top of a nested
+# result), or a key inside a nested result (after the one ``|``).
+SCOPE, VALUE, KEY = "scope", "value", "key"
+RawPath = Tuple[str, ...]
+ShapeValue = Union[torch.Size, Tuple[Any, ...], "ShapeTree", None]
+
+
+class Code(str):
+    """Code text whose repr is the text itself, so the REPL prints it readably (graphpatch's
+    ``WrappedCode``) while it stays a plain ``str`` for comparisons and ``in``."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def example_size(dim: Union[int, torch.SymInt]) -> Union[int, torch.SymInt]:
+    """The concrete size behind a (possibly symbolic) dimension, as in the example call.
+
+    When Dynamo traces with symbolic sizes (``mark_dynamic``, automatic dynamic shapes) the
+    graph's example values carry SymInts whose *hint* is the size of the call that was traced.
+    ``optimization_hint`` is torch's public accessor (2.13); older releases lack it, so the
+    fallback reads the private ``SymInt.node.hint`` attribute (the same number). A size with no
+    hint (data-dependent) stays symbolic.
+    """
+    if not isinstance(dim, torch.SymInt):
+        return dim
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(dim))
+    except Exception:
+        hint = getattr(getattr(dim, "node", None), "hint", None)  # private: SymNode.hint
+        return int(hint) if hint is not None else dim
+
+
+def concrete_shape(shape: Sequence[Union[int, torch.SymInt]]) -> Union[torch.Size, Tuple[Any, ...]]:
+    """A site's shape with example sizes; a tuple only if some size has no hint."""
+    sizes = [example_size(dim) for dim in shape]
+    if all(isinstance(size, int) for size in sizes):
+        return torch.Size(sizes)
+    return tuple(sizes)
+
+
+def split_name(name: str) -> List[Tuple[str, str]]:
+    """``a.b.output|sub_1.sub_0`` → [(a, scope), (b, scope), (output, value), (sub_1, key),
+    (sub_0, key)]: every part with its role (see ``SCOPE``/``VALUE``/``KEY``)."""
+    head, _, tail = name.partition("|")
+    head_parts = head.split(".")
+    parts = [(part, SCOPE) for part in head_parts[:-1]] + [(head_parts[-1], VALUE)]
+    return parts + [(part, KEY) for part in tail.split(".")] if tail else parts
+
+
+class ProtectedNames:
+    """graphpatch's rule for names that would shadow the explorer's ``_code`` and ``_shape``.
+
+    A module scope part is suffixed with ``_`` (``_code`` → ``_code_``). Any other part (an
+    input, op, parameter, or a key inside a result) gets a ``sub`` prefix (``_shape`` →
+    ``sub_shape``), and when that is taken by another child of the same parent, the FX-style
+    counter ``sub_shape_1``, ``sub_shape_2``, ... (the first one free).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._siblings: Dict[RawPath, Set[str]] = {}
+        for name in names:
+            raw = [part for part, _ in split_name(name)]
+            for depth, part in enumerate(raw):
+                self._siblings.setdefault(tuple(raw[:depth]), set()).add(part)
+        self._assigned: Dict[Tuple[RawPath, str], str] = {}
+
+    def rename(self, parent: RawPath, part: str, role: str) -> str:
+        if part not in RESERVED_NAMES:
+            return part
+        if role == SCOPE:
+            return part + "_"
+        if (parent, part) not in self._assigned:
+            self._assigned[(parent, part)] = self._free_name(parent, "sub" + part)
+        return self._assigned[(parent, part)]
+
+    def _free_name(self, parent: RawPath, base: str) -> str:
+        taken = self._siblings.get(parent, set()) | {
+            new for (where, _), new in self._assigned.items() if where == parent
+        }
+        candidate, counter = base, 0
+        while candidate in taken:
+            counter += 1
+            candidate = f"{base}_{counter}"
+        return candidate
 
 
 class NodePath:
-    """One level of the name hierarchy; ``str(path)`` is the node name to use in a patch map."""
+    """One node of the name tree; ``str(node)`` is the name to use in a patch map.
 
-    __slots__ = ("_name", "_children", "_site")
+    Children are reached as attributes (tab completion lists them) or with ``node["a.b.c"]``
+    (a dotted path; ``|`` is accepted in place of a dot). ``_shape``, ``_code`` and ``_dtype``
+    describe the node; node names never shadow ``_code`` or ``_shape`` (see ProtectedNames).
+    """
 
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._children: Dict[str, NodePath] = {}
-        self._site: Optional[Site] = None
+    __slots__ = ("__name", "__role", "__children", "__named", "__type_name", "__code_source")
 
-    def __getattr__(self, attribute: str) -> "NodePath":
-        children = object.__getattribute__(self, "_children")
+    def __init__(self, name: str, role: str, code_source: "CodeSource") -> None:
+        self.__name = name
+        self.__role = role
+        self.__children: Dict[str, NodePath] = {}
+        self.__named: Optional[NamedSite] = None
+        self.__type_name: Optional[str] = None
+        self.__code_source = code_source
+
+    # Navigation.
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith(("__", "_NodePath__")):
+            raise AttributeError(attribute)  # unset slots (copy, pickle): never a node
+        if attribute == "_shape":
+            return self.__shape()
+        if attribute == "_code":
+            return self.__code()
+        children = self.__children
         if attribute in children:
             return children[attribute]
+        if attribute == "_dtype":
+            return self.__named.site.dtype if self.__named is not None else None
+        if attribute == "_name":
+            return self.__name
         raise AttributeError(
-            f"{object.__getattribute__(self, '_name') or '<root>'} has no node {attribute!r}; "
-            f"children: {', '.join(children) or 'none'}"
+            f"{self.__name or '<root>'} has no node {attribute!r}; children: {', '.join(children) or 'none'}"
         )
 
-    def __getitem__(self, key: str) -> "NodePath":
-        return self.__getattr__(key)
+    def __getitem__(self, path: str) -> "NodePath":
+        node = self
+        for part in _PART.split(str(path)):
+            children = node.__children
+            if part not in children:
+                raise KeyError(
+                    f"no node {part!r} under {node.__name or '<root>'!r} (looking up {str(path)!r}); "
+                    f"children: {', '.join(children) or 'none'}"
+                )
+            node = children[part]
+        return node
+
+    def __contains__(self, path: str) -> bool:
+        try:
+            self[path]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator["NodePath"]:
+        return iter(list(self.__children.values()))
 
     def __dir__(self) -> List[str]:
-        return list(self._children) + ["_shape", "_dtype", "_code", "_name"]
+        return list(self.__children) + ["_code", "_shape", "_dtype"]
 
     def __str__(self) -> str:
-        return self._name
+        return self.__name
 
-    def __iter__(self):
-        return iter(self._children.values())
+    def __hash__(self) -> int:
+        return hash(self.__name)
 
-    @property
-    def _shape(self) -> Optional[torch.Size]:
-        return torch.Size(self._site.shape) if self._site is not None and self._site.shape is not None else None
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NodePath) and other.__name == self.__name
 
-    @property
-    def _dtype(self) -> Optional[torch.dtype]:
-        return self._site.dtype if self._site is not None else None
+    # Description.
 
-    @property
-    def _code(self) -> str:
-        return self._site.code if self._site is not None else ""
+    def __shape(self) -> ShapeValue:
+        if self.__children:
+            return ShapeTree(self)
+        site = self.__named.site if self.__named is not None else None
+        return concrete_shape(site.shape) if site is not None and site.shape is not None else None
 
-    def _label(self) -> str:
-        if self._site is not None:
-            return "Tensor(" + ", ".join(str(s) for s in self._site.shape) + ")"
-        return f"Graph({len(self._children)})"
+    def __code(self) -> Code:
+        if self.__children or self.__named is None:
+            return self.__code_source.for_scope(self.__name, list(self.__leaves()))
+        site = self.__named.site
+        return Code(site.code or self.__code_source.line_of(self.__named))
+
+    def __leaves(self) -> Iterator[NamedSite]:
+        if self.__named is not None:
+            yield self.__named
+        for child in self.__children.values():
+            yield from child.__leaves()
+
+    def __label(self) -> str:
+        """What the tree draws after the node's key (graphpatch's labels)."""
+        if self.__role == SCOPE or (self.__children and self.__role == "root"):
+            return MODULE_LABEL
+        if self.__children:
+            return f"{self.__type_name or _guess_container(self.__children)}({len(self.__children)})"
+        site = self.__named.site if self.__named is not None else None
+        if site is not None and site.shape is not None:
+            return "Tensor(" + ", ".join(str(size) for size in concrete_shape(site.shape)) + ")"
+        return self.__type_name or "value"
+
+    # Drawing.
 
     def __repr__(self) -> str:
-        lines = [f"{self._name.rsplit('.', 1)[-1] if self._name else '<root>'}: {self._label()}"]
-        self._draw(lines, "")
+        lines = [f"{self.__name or '<root>'}: {self.__label()}"]
+        self.__draw(lines, "")
         return "\n".join(lines)
 
-    def _draw(self, lines: List[str], indent: str) -> None:
-        children = list(self._children.items())
+    def __draw(self, lines: List[str], indent: str) -> None:
+        children = list(self.__children.items())
         for position, (key, child) in enumerate(children):
             last = position == len(children) - 1
-            lines.append(f"{indent}{'└─' if last else '├─'}{key}: {child._label()}")
-            child._draw(lines, indent + ("  " if last else "│ "))
+            lines.append(f"{indent}{'└─' if last else '├─'}{key}: {child.__label()}")
+            child.__draw(lines, indent + ("  " if last else "│ "))
+
+    # Building (used by build_tree only).
+
+    def __child(self, part: str, role: str) -> "NodePath":
+        if part not in self.__children:
+            separator = "|" if self.__role == VALUE else "."
+            name = f"{self.__name}{separator}{part}" if self.__name else part
+            self.__children[part] = NodePath(name, role, self.__code_source)
+        return self.__children[part]
+
+    def __set_leaf(self, named: Optional[NamedSite], type_name: Optional[str]) -> None:
+        self.__named = named if named is not None else self.__named
+        self.__type_name = type_name or self.__type_name
+
+    def __arrange(self, order: Dict[str, float], item_positions: Dict[str, int], types: Dict[str, str]) -> float:
+        """Sorts children (scopes and values in graph order, a structure's items in its own
+        order) and returns where this node sits: a scope at its first value, a nested result
+        after its last item (it is complete only then, like graphpatch's output node)."""
+        children = self.__children
+        positions = {key: child.__arrange(order, item_positions, types) for key, child in children.items()}
+        if self.__role in (VALUE, KEY) and children:
+            self.__type_name = types.get(self.__name, self.__type_name)
+            keys = sorted(children, key=lambda key: _item_order(children[key].__name, key, item_positions))
+        else:
+            keys = sorted(children, key=lambda key: positions[key])
+        self.__children = {key: children[key] for key in keys}
+        if not positions:
+            return order.get(self.__name, math.inf)
+        return max(positions.values()) if self.__role in (VALUE, KEY) else min(positions.values())
 
 
-def build_tree(index: RootIndex) -> NodePath:
-    root = NodePath("")
-    for name in index.names:
-        parts = _PART.split(name)
-        node = root
-        consumed = 0
-        for part in parts:
-            consumed += len(part)
-            if part not in node._children:
-                node._children[part] = NodePath(name[:consumed])
-            node = node._children[part]
-            consumed += 1
-        node._site = index.by_name[name][0].site
+def _guess_container(children: Mapping[str, Any]) -> str:
+    """A nested result whose real type is not known (a module's several results): ``tuple``
+    when its items are ``sub_<k>``, else ``dict``."""
+    return "tuple" if all(_SUB_INDEX.match(key) for key in children) else "dict"
+
+
+def _item_order(name: str, key: str, item_positions: Dict[str, int]) -> Tuple[float, float]:
+    """A structure's items in the example result's order, else ``sub_<k>`` by ``k``."""
+    match = _SUB_INDEX.match(key)
+    return (item_positions.get(name, math.inf), int(match.group(1)) if match else math.inf)
+
+
+def _children(node: NodePath) -> Dict[str, NodePath]:
+    # NodePath keeps its state in name-mangled slots so that no attribute shadows a child.
+    return node._NodePath__children  # type: ignore[attr-defined]
+
+
+class ShapeTree(Mapping):
+    """``node._shape`` of a module or a nested result: child name → shape, navigable like the
+    node tree (``pg.graph._shape.linear.output`` is a ``torch.Size``; a subtree is another
+    ShapeTree; a non-tensor item is None). Equal to a dict of the same shapes; draws as the
+    node tree does."""
+
+    __slots__ = ("__node",)
+
+    def __init__(self, node: NodePath) -> None:
+        self.__node = node
+
+    def __getitem__(self, path: str) -> ShapeValue:
+        return self.__node[path]._shape
+
+    def __getattr__(self, attribute: str) -> ShapeValue:
+        if attribute.startswith(("__", "_ShapeTree__")):
+            raise AttributeError(attribute)
+        try:
+            return self[attribute]
+        except KeyError as error:
+            raise AttributeError(error.args[0]) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_children(self.__node)))
+
+    def __len__(self) -> int:
+        return len(_children(self.__node))
+
+    def __dir__(self) -> List[str]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return repr(self.__node)
+
+
+class CodeSource:
+    """The generated (Dynamo FX) code behind the tree's nodes, read from the captured graphs."""
+
+    def __init__(self, sites: Callable[[], List[NamedSite]]) -> None:
+        self._sites = sites
+
+    def for_scope(self, name: str, leaves: List[NamedSite]) -> Code:
+        """The root: every captured graph's code, in first-run order. A scope or nested result:
+        the lines of those graphs computing its values (one block per graph)."""
+        root = not name
+        if not root:  # inputs and parameters are computed outside the scope
+            leaves = [named for named in leaves if named.site.kind in ("op", "output")]
+        blocks: List[str] = []
+        for capture, wanted in self._by_capture(self._sites() if root else leaves):
+            lines = _code_lines(capture.gm.code) if root else _lines_defining(capture.gm.code, wanted)
+            if lines:
+                blocks.append("\n".join(lines))
+        header = len(blocks) > 1
+        return Code("\n\n".join(f"# graph {k}\n{block}" if header else block for k, block in enumerate(blocks)))
+
+    def line_of(self, named: NamedSite) -> str:
+        lines = _lines_defining(named.capture.gm.code, {named.site.node})
+        return lines[0] if lines else ""
+
+    @staticmethod
+    def _by_capture(sites: List[NamedSite]) -> List[Tuple[Any, Set[str]]]:
+        groups: Dict[int, Tuple[Any, Set[str]]] = {}
+        for named in sites:
+            groups.setdefault(named.capture.uid, (named.capture, set()))[1].add(named.site.node)
+        return list(groups.values())
+
+
+def _code_lines(code: str) -> List[str]:
+    return [line.rstrip() for line in code.strip("\n").splitlines() if line.strip()]
+
+
+def _lines_defining(code: str, nodes: Set[str]) -> List[str]:
+    lines = []
+    for line in code.splitlines():
+        match = _ASSIGNED.match(line)
+        if match and match.group(1) in nodes:
+            lines.append(_CLEANUP.sub("", line.strip()))
+    return lines
+
+
+def build_tree(index: RootIndex, types: Optional[Dict[str, str]] = None) -> NodePath:
+    """The node tree of ``index``'s names (tensor nodes, and the non-tensor items of results so
+    that containers show all their items), with protected names renamed (ProtectedNames)."""
+    types = dict(types or {})
+    names = list(index.names) + [name for name in index.non_tensor if name not in index.by_name]
+    protected = ProtectedNames(names)
+    root = NodePath("", "root", CodeSource(lambda: [index.by_name[name][0] for name in index.names]))
+    order: Dict[str, float] = {}
+    for position, name in enumerate(names):
+        node = _insert(root, name, protected)
+        named = index.by_name[name][0] if name in index.by_name else None
+        node._NodePath__set_leaf(named, types.get(name))  # type: ignore[attr-defined]
+        order[str(node)] = position
+    renamed_types = {_renamed(name, protected): type_name for name, type_name in types.items()}
+    positions = {name: position for position, name in enumerate(renamed_types)}
+    root._NodePath__arrange(order, positions, renamed_types)  # type: ignore[attr-defined]
     return root
+
+
+def _insert(root: NodePath, name: str, protected: ProtectedNames) -> NodePath:
+    node, raw = root, ()
+    for part, role in split_name(name):
+        node = node._NodePath__child(protected.rename(raw, part, role), role)  # type: ignore[attr-defined]
+        raw = raw + (part,)
+    return node
+
+
+def _renamed(name: str, protected: ProtectedNames) -> str:
+    """``name`` as the tree spells it (the flat name with protected parts renamed)."""
+    out, raw = "", ()
+    for part, role in split_name(name):
+        new = protected.rename(raw, part, role)
+        out = new if not out else out + ("|" if role == KEY and "|" not in out else ".") + new
+        raw = raw + (part,)
+    return out
+
+
+def structure_types(value: Any, name: str = "output") -> Dict[str, str]:
+    """Type names of a result and of everything nested in it, by node name (``output``,
+    ``output|sub_1``, ``output|sub_1.sub_0``), in the result's own order: the tree's container
+    labels (``tuple(2)``, ``CausalLMOutputWithPast(1)``). Keeps no reference to the values."""
+    types = {name: type(value).__name__}
+    if isinstance(value, (list, tuple)):
+        items: List[Tuple[str, Any]] = [(f"sub_{index}", item) for index, item in enumerate(value)]
+    elif isinstance(value, Mapping):
+        items = [(sanitize(str(key)), item) for key, item in value.items()]
+    else:
+        return types
+    for key, item in items:
+        types.update(structure_types(item, f"{name}{'.' if '|' in name else '|'}{key}"))
+    return types
 
 
 class PatchableGraph(nn.Module):
@@ -98,13 +423,17 @@ class PatchableGraph(nn.Module):
     ``"graphpatch"`` (default) or ``"graphpatch_eager"``. Calling it runs the compiled model.
     """
 
-    def __init__(self, module: nn.Module, *example_args: Any, _backend: str = "graphpatch", **example_kwargs: Any):
+    def __init__(
+        self, module: nn.Module, *example_args: Any, _backend: str = "graphpatch", **example_kwargs: Any
+    ) -> None:
         super().__init__()
         self._module = module
+        self._backend = _backend
         self._compiled = torch.compile(module, backend=_backend)
+        self._generate_forward: Optional[Callable[..., Any]] = None
         try:
             with torch.no_grad():
-                self._compiled(*example_args, **example_kwargs)
+                output = self._compiled(*example_args, **example_kwargs)
         except Exception as error:
             raise ValueError(
                 f"PatchableGraph could not capture {type(module).__name__}: the model rejected the example "
@@ -112,6 +441,8 @@ class PatchableGraph(nn.Module):
             ) from error
         if not index_for(module).names:
             raise RuntimeError(f"PatchableGraph captured no graph for {type(module).__name__}")
+        self._types = structure_types(output)
+        self._tree: Optional[Tuple[List[str], int, NodePath]] = None
 
     @property
     def module(self) -> nn.Module:
@@ -122,9 +453,50 @@ class PatchableGraph(nn.Module):
 
     @property
     def graph(self) -> NodePath:
-        return build_tree(index_for(self._module))
+        """The node tree (rebuilt when new graphs were captured, e.g. after a recompile)."""
+        index = index_for(self._module)
+        cached = self._tree
+        if cached is None or cached[0] is not index.names or cached[1] != len(index.non_tensor):
+            cached = self._tree = (index.names, len(index.non_tensor), build_tree(index, self._types))
+        return cached[2]
 
-    def patch(self, patch_map: Mapping[Any, Any]):
+    def patch(self, patch_map: Mapping[Any, Any]) -> ContextManager[None]:
         from .context import patch
 
         return patch(self, patch_map)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the wrapped model's ``generate`` (Hugging Face) with every forward it makes
+        compiled by this graph's backend, so ``with pg.patch({...}): pg.generate(...)`` patches
+        the prefill and every decode step.
+
+        ``generate`` calls the model itself (``self(...)``), never this wrapper, so for the
+        duration of the call the model's ``forward`` is temporarily replaced by a compiled
+        version of its own forward (Dynamo compiles the prefill and decode graphs on first use,
+        under the same names). The original is restored in a ``finally`` block: the model is
+        left exactly as it was, even when ``generate`` raises.
+        """
+        generate = getattr(self._module, "generate", None)
+        if not callable(generate):
+            raise TypeError(
+                f"{type(self._module).__name__} has no generate method: PatchableGraph.generate is for "
+                "Hugging Face generation models (transformers' GenerationMixin)"
+            )
+        with self._compiled_forward_installed():
+            return generate(*args, **kwargs)
+
+    @contextmanager
+    def _compiled_forward_installed(self) -> Iterator[None]:
+        module = self._module
+        had_own = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        if self._generate_forward is None:
+            self._generate_forward = torch.compile(module.forward, backend=self._backend)
+        module.forward = self._generate_forward
+        try:
+            yield
+        finally:
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward

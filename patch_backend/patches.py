@@ -9,13 +9,17 @@ what the tests check. User-defined subclasses that override ``op`` are traced li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Generic, List, Optional, Tuple, TypeVar, Union
 
 import torch
 
 TensorSliceElement = Union[int, slice, torch.Tensor]
 TensorSlice = Union[TensorSliceElement, List["TensorSlice"], Tuple["TensorSlice", ...]]
-PatchTarget = Union[torch.Tensor, float, int, bool]
+#: The value a patch operates on; ``Patch`` is generic in it, as graphpatch's is, so a custom
+#: patch can be declared ``class RomePatch(Patch[torch.Tensor])``.
+PatchTarget = TypeVar("PatchTarget")
+#: What the built-in patches accept and return.
+PatchableValue = Union[torch.Tensor, float, int, bool]
 
 __all__ = [
     "Patch",
@@ -28,6 +32,7 @@ __all__ = [
     "TensorSlice",
     "TensorSliceElement",
     "PatchTarget",
+    "PatchableValue",
     "normalize_slice",
 ]
 
@@ -52,10 +57,11 @@ def normalize_slice(tensor_slice: TensorSlice) -> Tuple[Any, ...]:
 
 
 @dataclass(kw_only=True)
-class Patch:
+class Patch(Generic[PatchTarget]):
     """Base class: an operation on the activation at one node.
 
-    Subclasses are keyword-only dataclasses overriding ``op``; ``requires_clone`` says whether
+    Subclasses are keyword-only dataclasses overriding ``op``, optionally parametrized by the
+    value type (``Patch[torch.Tensor]``, graphpatch's spelling); ``requires_clone`` says whether
     ``op`` may modify its argument in place (the activation is then cloned once per node, so no
     patch ever mutates a parameter, buffer or input).
     """
@@ -68,7 +74,7 @@ class Patch:
 
 
 @dataclass(kw_only=True)
-class _SlicedPatch(Patch):
+class _SlicedPatch(Patch[PatchableValue]):
     slice: Optional[TensorSlice] = None
 
     def _index(self) -> Any:
@@ -79,7 +85,7 @@ class _SlicedPatch(Patch):
 class ZeroPatch(_SlicedPatch):
     """Zeroes (a slice of) the target."""
 
-    def op(self, original_output: PatchTarget) -> PatchTarget:
+    def op(self, original_output: PatchableValue) -> PatchableValue:
         original_output[self._index()] = 0
         return original_output
 
@@ -88,9 +94,9 @@ class ZeroPatch(_SlicedPatch):
 class AddPatch(_SlicedPatch):
     """Adds ``value`` to (a slice of) the target."""
 
-    value: PatchTarget
+    value: PatchableValue
 
-    def op(self, original_output: PatchTarget) -> PatchTarget:
+    def op(self, original_output: PatchableValue) -> PatchableValue:
         original_output[self._index()] += _as_target(self.value, original_output)
         return original_output
 
@@ -99,9 +105,9 @@ class AddPatch(_SlicedPatch):
 class ReplacePatch(_SlicedPatch):
     """Replaces (a slice of) the target with ``value``."""
 
-    value: PatchTarget
+    value: PatchableValue
 
-    def op(self, original_output: PatchTarget) -> PatchTarget:
+    def op(self, original_output: PatchableValue) -> PatchableValue:
         if not isinstance(original_output, torch.Tensor):
             return self.value
         original_output[self._index()] = _as_target(self.value, original_output)
@@ -109,7 +115,7 @@ class ReplacePatch(_SlicedPatch):
 
 
 @dataclass(kw_only=True)
-class CustomPatch(Patch):
+class CustomPatch(Patch[PatchTarget]):
     """Replaces the target with ``custom_op(target)``."""
 
     requires_clone: bool = True
@@ -120,36 +126,36 @@ class CustomPatch(Patch):
 
 
 @dataclass(kw_only=True)
-class ProbePatch(Patch):
+class ProbePatch(Patch[PatchableValue]):
     """Keeps a detached copy of the target's latest activation in ``activation``."""
 
     requires_clone: bool = field(default=False, init=False, repr=False)
-    activation: Optional[PatchTarget] = field(default=None, init=False)
+    activation: Optional[PatchableValue] = field(default=None, init=False)
 
-    def op(self, original_output: PatchTarget) -> PatchTarget:
+    def op(self, original_output: PatchableValue) -> PatchableValue:
         self.activation = _detached_copy(original_output)
         return original_output
 
 
 @dataclass(kw_only=True)
-class RecordPatch(Patch):
+class RecordPatch(Patch[PatchableValue]):
     """Appends a detached copy of every activation of the target to ``activations``."""
 
     requires_clone: bool = field(default=False, init=False, repr=False)
-    activations: List[PatchTarget] = field(default_factory=list)
+    activations: List[PatchableValue] = field(default_factory=list)
 
-    def op(self, original_output: PatchTarget) -> PatchTarget:
+    def op(self, original_output: PatchableValue) -> PatchableValue:
         self.activations.append(_detached_copy(original_output))
         return original_output
 
 
-def _detached_copy(value: PatchTarget) -> PatchTarget:
+def _detached_copy(value: PatchableValue) -> PatchableValue:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     return value
 
 
-def _as_target(value: PatchTarget, target: PatchTarget) -> PatchTarget:
+def _as_target(value: PatchableValue, target: PatchableValue) -> PatchableValue:
     """A tensor value converted to the target's device and dtype before it is applied.
 
     Validation refuses values whose dtype the target cannot hold (float into int, ...); the rest
