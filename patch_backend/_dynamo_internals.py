@@ -75,7 +75,9 @@ def current_frame_info() -> FrameInfo:
         info.code_id = id(code)
         info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
         info.varargs_local, info.varkw_local = _star_locals(code)
-        candidates = ["self"]
+        # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
+        # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
+        candidates = ["self", "fn"]
         if code.co_argcount and not info.is_resume:
             candidates.insert(0, code.co_varnames[0])
         for local in candidates:

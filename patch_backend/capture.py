@@ -77,6 +77,8 @@ class GraphCapture:
     #: (instance key, first-seen sequence number); instance key is id() of the anchor argument.
     occurrences: Dict[Optional[int], int] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_sequence))
+    #: Instance key → weak reference to the anchor parameter it was computed from.
+    anchors: Dict[int, "weakref.ref[torch.Tensor]"] = field(default_factory=dict)
     #: True when Dynamo handed us a graph with symbolic shapes.
     dynamic: bool = False
     #: Weak reference to the backend's dispatcher (stats, variants): Dynamo owns the dispatcher,
@@ -94,15 +96,30 @@ class GraphCapture:
         """Notes which instance this call runs for; returns its instance key."""
         frame = self.frame
         if self.anchor_index is not None:
-            key: Any = id(args[self.anchor_index])
+            anchor = args[self.anchor_index]
+            key: Any = id(anchor)
+            if key not in self.anchors or self.anchors[key]() is not anchor:
+                # ids are reused once a tensor dies: the weak reference tells a live anchor
+                # from a dead model's (index.py checks it before naming an occurrence).
+                self.anchors[key] = weakref.ref(anchor)
+                if key in self.occurrences:
+                    with _registry_lock:
+                        self.occurrences[key] = next(_sequence)
+                        _version[0] += 1
         elif frame.is_resume and frame.self_module is None:
             key = _continued_instance(frame)
         else:
             key = None
+        if key is None and frame.self_module is None:
+            # Nothing here says which model this runs for (a resume graph holding neither
+            # ``self`` nor a parameter, whose frame had no earlier graph): it belongs to the
+            # model whose parameters the thread saw last, never to another instance whose
+            # forward shares the code.
+            key = _last_anchored()
         if frame.is_resume or not frame.returns:
             _track_frames(self, key)
-        if key is None:
-            return None
+        if self.anchor_index is not None:
+            _open_frames.last = ("after", self.uid, key)
         if key not in self.occurrences:
             with _registry_lock:
                 self.occurrences.setdefault(key, next(_sequence))
@@ -126,6 +143,10 @@ def _continued_code_id(frame: FrameInfo) -> Optional[int]:
     if frame.is_resume:
         return id(frame.original_code) if frame.original_code is not None else None
     return frame.code_id
+
+
+def _last_anchored() -> Optional[Any]:
+    return getattr(_open_frames, "last", None)
 
 
 def _continued_instance(frame: FrameInfo) -> Optional[Any]:
@@ -201,8 +222,6 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         ),
     )
     capture.record_call(example_inputs)
-    if anchor_index is None:
-        capture.occurrences[None] = next(_sequence)
     with _registry_lock:
         _captures.add(capture)
         _version[0] += 1

@@ -12,16 +12,16 @@ import math
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from .index import NamedSite, RootIndex, index_for
+from .protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
 from .naming import sanitize
 
 #: Attributes of the explorer a node name must never shadow (graphpatch's reserved names).
-RESERVED_NAMES: FrozenSet[str] = frozenset({"_code", "_shape"})
 #: How graphpatch labels a module's node (every scope, and the root).
 MODULE_LABEL = "CompiledGraphModule"
 
@@ -30,10 +30,6 @@ _ASSIGNED = re.compile(r"^\s*(\w+)\s*(?::[^=]*)?=\s")
 _CLEANUP = re.compile(r";\s+[\w\s=]+= None\s*$")
 _SUB_INDEX = re.compile(r"^sub_(\d+)$")
 
-# A part's role in a name: a module scope, the value a scope holds (leaf or top of a nested
-# result), or a key inside a nested result (after the one ``|``).
-SCOPE, VALUE, KEY = "scope", "value", "key"
-RawPath = Tuple[str, ...]
 ShapeValue = Union[torch.Size, Tuple[Any, ...], "ShapeTree", None]
 
 
@@ -71,52 +67,6 @@ def concrete_shape(shape: Sequence[Union[int, torch.SymInt]]) -> Union[torch.Siz
     if all(isinstance(size, int) for size in sizes):
         return torch.Size(sizes)
     return tuple(sizes)
-
-
-def split_name(name: str) -> List[Tuple[str, str]]:
-    """``a.b.output|sub_1.sub_0`` → [(a, scope), (b, scope), (output, value), (sub_1, key),
-    (sub_0, key)]: every part with its role (see ``SCOPE``/``VALUE``/``KEY``)."""
-    head, _, tail = name.partition("|")
-    head_parts = head.split(".")
-    parts = [(part, SCOPE) for part in head_parts[:-1]] + [(head_parts[-1], VALUE)]
-    return parts + [(part, KEY) for part in tail.split(".")] if tail else parts
-
-
-class ProtectedNames:
-    """graphpatch's rule for names that would shadow the explorer's ``_code`` and ``_shape``.
-
-    A module scope part is suffixed with ``_`` (``_code`` → ``_code_``). Any other part (an
-    input, op, parameter, or a key inside a result) gets a ``sub`` prefix (``_shape`` →
-    ``sub_shape``), and when that is taken by another child of the same parent, the FX-style
-    counter ``sub_shape_1``, ``sub_shape_2``, ... (the first one free).
-    """
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self._siblings: Dict[RawPath, Set[str]] = {}
-        for name in names:
-            raw = [part for part, _ in split_name(name)]
-            for depth, part in enumerate(raw):
-                self._siblings.setdefault(tuple(raw[:depth]), set()).add(part)
-        self._assigned: Dict[Tuple[RawPath, str], str] = {}
-
-    def rename(self, parent: RawPath, part: str, role: str) -> str:
-        if part not in RESERVED_NAMES:
-            return part
-        if role == SCOPE:
-            return part + "_"
-        if (parent, part) not in self._assigned:
-            self._assigned[(parent, part)] = self._free_name(parent, "sub" + part)
-        return self._assigned[(parent, part)]
-
-    def _free_name(self, parent: RawPath, base: str) -> str:
-        taken = self._siblings.get(parent, set()) | {
-            new for (where, _), new in self._assigned.items() if where == parent
-        }
-        candidate, counter = base, 0
-        while candidate in taken:
-            counter += 1
-            candidate = f"{base}_{counter}"
-        return candidate
 
 
 class NodePath:
@@ -376,7 +326,7 @@ def build_tree(index: RootIndex, types: Optional[Dict[str, str]] = None) -> Node
         named = index.by_name[name][0] if name in index.by_name else None
         node._NodePath__set_leaf(named, types.get(name))  # type: ignore[attr-defined]
         order[str(node)] = position
-    renamed_types = {_renamed(name, protected): type_name for name, type_name in types.items()}
+    renamed_types = {protected_name(name, protected): type_name for name, type_name in types.items()}
     positions = {name: position for position, name in enumerate(renamed_types)}
     root._NodePath__arrange(order, positions, renamed_types)  # type: ignore[attr-defined]
     return root
@@ -388,16 +338,6 @@ def _insert(root: NodePath, name: str, protected: ProtectedNames) -> NodePath:
         node = node._NodePath__child(protected.rename(raw, part, role), role)  # type: ignore[attr-defined]
         raw = raw + (part,)
     return node
-
-
-def _renamed(name: str, protected: ProtectedNames) -> str:
-    """``name`` as the tree spells it (the flat name with protected parts renamed)."""
-    out, raw = "", ()
-    for part, role in split_name(name):
-        new = protected.rename(raw, part, role)
-        out = new if not out else out + ("|" if role == KEY and "|" not in out else ".") + new
-        raw = raw + (part,)
-    return out
 
 
 def structure_types(value: Any, name: str = "output") -> Dict[str, str]:

@@ -8,17 +8,20 @@ restarts from the counters its first compile started from, so it gets the same n
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
+from .protected import ProtectedNames, protected_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
 
@@ -86,24 +89,32 @@ class RootIndex:
                     pending.append((sequence, capture, instance, prefix))
         pending.sort(key=lambda item: item[0])
 
-        counters = ScopeCounters()
-        group_start: Dict[Tuple[int, Tuple[str, ...]], ScopeCounters] = {}
+        # A module's scope gets ``_<k>`` when it is invoked more than once in the forward, which
+        # is known only once every graph is counted: name until the counts settle (a suffixed
+        # parent renames its children, so nesting can take one more pass per level).
+        totals: Dict[str, int] = {}
+        for _ in range(8):
+            named, seen = self._name_occurrences(root, pending, totals)
+            counted = {scope: n for scope, n in Counter(seen).items() if n > 1}
+            if counted == totals:
+                break
+            totals = counted
         names: List[str] = []
         by_name: Dict[str, List[NamedSite]] = {}
         by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
         non_tensor: Dict[str, Site] = {}
         root_returns = set()
-        for _, capture, instance, prefix in pending:
+        scopes = _scopes(site.name for _, _, _, sites in named for site in sites)
+        protected = ProtectedNames([_unclash(site, scopes).name for _, _, _, sites in named for site in sites])
+        for capture, instance, prefix, sites in named:
             if prefix == () and capture.frame.returns:
                 root_returns.add((capture.uid, instance))
-            group = (capture.code_key, prefix)
-            if group in group_start:
-                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
-            else:
-                group_start[group] = counters.snapshot()
-                sites = name_occurrence(capture, root, prefix, counters)
             table = by_occurrence.setdefault((capture.uid, instance), {})
             for site in sites:
+                site = _unclash(site, scopes)
+                renamed = protected_name(site.name, protected)
+                if renamed != site.name:
+                    site = dataclasses.replace(site, name=renamed)
                 if site.kind == "value":
                     non_tensor.setdefault(site.name, site)
                     continue
@@ -114,6 +125,23 @@ class RootIndex:
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
 
+    @staticmethod
+    def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int]):
+        """Names every occurrence in first-run order with counters continued across graphs; a
+        recompiled frame restarts from the counters its first compile started from."""
+        counters = ScopeCounters(totals)
+        group_start: Dict[Tuple[int, Tuple[str, ...]], ScopeCounters] = {}
+        named = []
+        for _, capture, instance, prefix in pending:
+            group = (capture.code_key, prefix)
+            if group in group_start:
+                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
+            else:
+                group_start[group] = counters.snapshot()
+                sites = name_occurrence(capture, root, prefix, counters)
+            named.append((capture, instance, prefix, sites))
+        return named, counters.seen
+
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
         if isinstance(instance, tuple) and instance and instance[0] == "via":
             # A resume graph without parameters: where the invocation it continues runs.
@@ -121,7 +149,17 @@ class RootIndex:
             if continued is None or continued is capture:
                 return None
             return self._prefix_of(continued, instance[2], tensor_paths, module_paths)
+        if isinstance(instance, tuple) and instance and instance[0] == "after":
+            # Ran right after a graph of this model: the one module of this model running the
+            # frame's code (never another instance's, see capture.record_call).
+            anchored = self._by_uid.get(instance[1])
+            if anchored is None or self._prefix_of(anchored, instance[2], tensor_paths, module_paths) is None:
+                return None
+            return self._code_owner(capture)
         if instance is not None:
+            reference = capture.anchors.get(instance)
+            if reference is None or reference() is None:
+                return None  # the anchor died: its id may now belong to another tensor
             anchor = capture.anchor_path
             for path in tensor_paths.get(instance, ()):
                 if len(path) >= len(anchor) and path[len(path) - len(anchor):] == anchor:
@@ -130,8 +168,11 @@ class RootIndex:
         module = capture.frame.self_module
         if module is not None:
             return module_paths.get(id(module))
-        # A resume function whose ``self`` is no longer live: attribute it to the one module of
-        # this root whose forward it continues.
+        # A resume function whose ``self`` is no longer live, seen before any graph of a model.
+        return self._code_owner(capture)
+
+    def _code_owner(self, capture: GraphCapture) -> Optional[Tuple[str, ...]]:
+        """The one module of this root whose forward the resume graph continues, if only one."""
         code = capture.frame.original_code
         if code is None:
             return None
@@ -176,8 +217,32 @@ class RootIndex:
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
 
 
+def _scopes(names: Iterable[str]) -> Set[str]:
+    """Every proper dotted prefix of a name before its ``|`` part: the scopes of the tree."""
+    scopes: Set[str] = set()
+    for name in names:
+        parts = name.split("|", 1)[0].split(".")
+        scopes.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    return scopes
+
+
+def _unclash(site: Site, scopes: Set[str]) -> Site:
+    """No name is both a node and a scope: a result ``<scope>.output`` whose scope also has a
+    child module called ``output`` (BERT's ``layer.output``, a ``BertOutput``) becomes
+    ``<scope>.output_1``; the module path keeps its name, as ``named_modules`` spells it. The
+    ``|`` part follows (``output_1|sub_0``)."""
+    head, bar, rest = site.name.partition("|")
+    if head not in scopes:
+        return site
+    candidate, suffix = head, 1
+    while candidate in scopes:
+        candidate, suffix = f"{head}_{suffix}", suffix + 1
+    return dataclasses.replace(site, name=candidate + bar + rest)
+
+
 def glob_regex(pattern: str) -> "re.Pattern[str]":
-    """``*`` matches within one name segment, ``**`` across segments, ``?`` one character."""
+    """``*`` matches within one name part (and the ``|`` path after it), ``**`` across parts,
+    ``?`` one character."""
     parts = []
     position = 0
     while position < len(pattern):
@@ -185,7 +250,8 @@ def glob_regex(pattern: str) -> "re.Pattern[str]":
             parts.append(".*")
             position += 2
         elif pattern[position] == "*":
-            parts.append(r"[^.|]*")
+            # Within one name part, and across a ``|``: ``h_*.output*`` matches ``h_0.output|sub_1.sub_0``.
+            parts.append(r"[^.|]*(?:\|.*)?")
             position += 1
         elif pattern[position] == "?":
             parts.append(r"[^.|]")

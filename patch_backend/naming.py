@@ -13,7 +13,7 @@ import inspect
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -63,10 +63,15 @@ def format_module_path(root: Optional[nn.Module], segments: Sequence[str]) -> st
     return extend_scope("", root, segments)
 
 
-def extend_scope(scope: str, module: Optional[nn.Module], segments: Sequence[str]) -> str:
-    """The scope of ``module``'s descendant at ``segments``, given ``module``'s own scope."""
-    for segment in segments:
-        if scope and isinstance(module, _CONTAINERS):
+def extend_scope(scope: str, module: Optional[nn.Module], segments: Sequence[str], called: bool = False) -> str:
+    """The scope of ``module``'s descendant at ``segments``, given ``module``'s own scope.
+
+    Containers that are not called themselves (``ModuleList``, ``ModuleDict``, a ``Sequential``
+    only indexed) are flattened into their parent's scope with ``_``; ``called`` says that
+    ``module`` was called, so its direct children keep the dot.
+    """
+    for position, segment in enumerate(segments):
+        if scope and isinstance(module, _CONTAINERS) and not (called and position == 0):
             scope += "_" + _NON_IDENTIFIER.sub("_", segment)
         else:
             scope = join(scope, sanitize(segment))
@@ -135,19 +140,41 @@ class _Invocation:
 
 
 class ScopeCounters:
-    """Per-scope op counters, continued across the graphs of one forward."""
+    """Per-forward counters, continued across the graphs of one forward.
 
-    def __init__(self) -> None:
+    ``counts`` numbers ops per scope (``mul``, ``mul_1``); ``calls`` numbers the invocations of
+    each module scope in run order, and ``totals`` (how many invocations each scope has in the
+    whole forward, from a counting pass) decides between the plain scope (called once) and
+    ``<scope>_<k>``. Both continue across graph breaks, so a module called before and after a
+    break is ``lin_0`` and ``lin_1`` exactly as without the break.
+    """
+
+    def __init__(self, totals: Optional[Dict[str, int]] = None) -> None:
         self.counts: Dict[str, Counter] = defaultdict(Counter)
+        self.calls: Counter = Counter()
+        self.totals: Dict[str, int] = dict(totals or {})
+        #: Every invocation scope seen (before the suffix), in order: the counting pass's result.
+        self.seen: List[str] = []
+        #: Frame inputs named so far in the forward (a resume frame does not name them again).
+        self.inputs: Set[str] = set()
 
     def take(self, scope: str, base: str) -> str:
         count = self.counts[scope][base]
         self.counts[scope][base] += 1
         return base if count == 0 else f"{base}_{count}"
 
+    def call(self, scope: str) -> str:
+        """The scope of the next invocation of the module whose plain scope is ``scope``."""
+        ordinal = self.calls[scope]
+        self.calls[scope] += 1
+        self.seen.append(scope)
+        return f"{scope}_{ordinal}" if self.totals.get(scope, 1) > 1 else scope
+
     def snapshot(self) -> "ScopeCounters":
-        copy = ScopeCounters()
+        copy = ScopeCounters(self.totals)
         copy.counts = defaultdict(Counter, {scope: Counter(c) for scope, c in self.counts.items()})
+        copy.calls = Counter(self.calls)
+        copy.inputs = set(self.inputs)
         return copy
 
 
@@ -183,7 +210,6 @@ def name_occurrence(
 
     # Module invocations, from nn_module_stack (paths relative to the frame's self).
     chains: Dict[str, List[_Invocation]] = {}
-    children: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], List[Tuple[str, ...]]] = defaultdict(list)
     raw_stacks: Dict[str, List[Tuple[Tuple[str, ...], Tuple[str, ...]]]] = {}
     for node in nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
@@ -196,14 +222,11 @@ def name_occurrence(
             relative = _stack_segments(path_text, capture.frame.self_prefix)
             if relative is None:
                 continue
-            parent_keys = keys
             raw = tuple(prefix) + relative
             # Dynamo marks a re-invocation at the same path with "@k" in the key, but a module
             # reached under several paths keeps one key: the path is part of the identity.
             keys = keys + ((key, raw),)
             entries.append((keys, raw))
-            if keys not in children[(parent_keys, raw)]:
-                children[(parent_keys, raw)].append(keys)
         raw_stacks[node.name] = entries
 
     invocations: Dict[Tuple[str, ...], _Invocation] = {}
@@ -215,13 +238,13 @@ def name_occurrence(
         parent_raw = parent.raw_path if parent else tuple(prefix)
         parent_scope = parent.scope if parent else frame_scope
         if raw[: len(parent_raw)] == parent_raw and len(raw) > len(parent_raw):
-            scope = extend_scope(parent_scope, module_at(root, parent_raw), raw[len(parent_raw):])
+            # The parent was called, so its children keep the dot even if it is a container
+            # (a called ``nn.Sequential``'s children are ``seq.sub_0``, graphpatch's convention).
+            called_parent = parent is not None or frame_module is not None
+            scope = extend_scope(parent_scope, module_at(root, parent_raw), raw[len(parent_raw):], called_parent)
         else:
             scope = format_module_path(root, raw)
-        siblings = children[(keys[:-1], raw)]
-        if len(siblings) > 1:
-            scope = f"{scope}_{siblings.index(keys)}"
-        result = _Invocation(keys, raw, scope, len(keys))
+        result = _Invocation(keys, raw, counters.call(scope), len(keys))
         invocations[keys] = result
         return result
 
@@ -240,17 +263,24 @@ def name_occurrence(
         if _tensor_meta(node)[0]:
             add(join(scope, counters.take(scope, op_base_name(node))), node, None, (0, 0), "op")
 
-    # Frame inputs (a resume frame's inputs are values of earlier graphs: not named again).
+    # Frame inputs. A resume frame's locals are mostly values of earlier graphs (not named
+    # again); a forward parameter that no earlier graph of the forward consumed (the code before
+    # the break had no tensor op on it, e.g. a ``warnings.warn`` first) is still the argument.
     named_params, varargs, varkw = forward_parameters(frame_module)
     wrapped = _traced_through_wrapper(capture.frame, frame_module)
+    arguments = set(named_params) | {name for name in (varargs, varkw) if name}
     for node in nodes:
         info = placeholders.get(node.name) if node.op == "placeholder" else None
-        if info is None or info.kind != "input" or capture.frame.is_resume or not info.local:
+        if info is None or info.kind != "input" or not info.local:
             continue
         local, path = info.local, info.path
         if wrapped:
             local, path = _unwrap_argument(capture.frame, local, path, named_params, varargs)
-        add(join(frame_scope, _input_name(local, path, varargs, varkw)), node, None, (0, 0), "input")
+        name = join(frame_scope, _input_name(local, path, varargs, varkw))
+        if capture.frame.is_resume and (local not in arguments or name in counters.inputs):
+            continue
+        counters.inputs.add(name)
+        add(name, node, None, (0, 0), "input")
 
     # Parameters and buffers, named in the scope of the module that owns them.
     for node in nodes:
@@ -394,10 +424,12 @@ def _unwrap_argument(
 
 
 def _input_name(local: str, path: Tuple[str, ...], varargs: Optional[str], varkw: Optional[str]) -> str:
+    """``x``; ``x|a.sub_0`` inside a structured argument; ``*foos`` → ``foos.sub_0`` and
+    ``**bars`` → ``bars.a`` (graphpatch's names for variadic arguments)."""
     if local == varkw and path:
-        head, rest = sanitize(path[0]), path[1:]
+        head, rest = f"{sanitize(local)}.{sanitize(path[0])}", path[1:]
     elif local == varargs and path:
-        head, rest = f"{sanitize(local)}_{path[0]}", path[1:]
+        head, rest = f"{sanitize(local)}.{sanitize(path[0])}", path[1:]
     else:
         head, rest = sanitize(local), path
     return head + ("|" + ".".join(sanitize(p) for p in rest) if rest else "")

@@ -42,9 +42,9 @@ output""")
     def test_linear_tree(self):
         pg = pb.PatchableGraph(LinearModel(), torch.randn(3, 2), _backend="graphpatch_eager")
         self.assertExpectedInline(ascii_tree(pg.graph), """\
-<root>: Graph(3)
+<root>: CompiledGraphModule
 +-x: Tensor(3, 2)
-+-linear: Graph(5)
++-linear: CompiledGraphModule
 | +-input: Tensor(3, 2)
 | +-weight: Tensor(3, 2)
 | +-bias: Tensor(3)
@@ -103,11 +103,11 @@ output""")
     def test_nested_tree(self):
         pg = pb.PatchableGraph(NestedModel(), torch.randn(2, 100), _backend="graphpatch_eager")
         self.assertExpectedInline(ascii_tree(pg.graph.a.b_1), """\
-b_1: Graph(4)
+a.b_1: CompiledGraphModule
 +-x: Tensor(2, 100)
-+-c: Graph(3)
++-c: CompiledGraphModule
 | +-x: Tensor(2, 100)
-| +-linear: Graph(5)
+| +-linear: CompiledGraphModule
 | | +-input: Tensor(2, 100)
 | | +-weight: Tensor(100, 100)
 | | +-bias: Tensor(100)
@@ -149,16 +149,16 @@ output""")
     def test_called_twice_tree(self):
         pg = pb.PatchableGraph(CalledTwice(), torch.randn(2, 3), _backend="graphpatch_eager")
         self.assertExpectedInline(ascii_tree(pg.graph), """\
-<root>: Graph(5)
+<root>: CompiledGraphModule
 +-x: Tensor(2, 3)
-+-linear_0: Graph(5)
++-linear_0: CompiledGraphModule
 | +-input: Tensor(2, 3)
 | +-weight: Tensor(3, 3)
 | +-bias: Tensor(3)
 | +-linear: Tensor(2, 3)
 | `-output: Tensor(2, 3)
 +-relu: Tensor(2, 3)
-+-linear_1: Graph(5)
++-linear_1: CompiledGraphModule
 | +-input: Tensor(2, 3)
 | +-weight: Tensor(3, 3)
 | +-bias: Tensor(3)
@@ -170,14 +170,14 @@ output""")
         self.assertExpectedInline(listing(ContainerModel(), torch.randn(2, 3)), """\
 x
 seq.input
-seq_0.input
-seq_0.weight
-seq_0.bias
-seq_0.linear
-seq_0.output
-seq_1.input
-seq_1.relu
-seq_1.output
+seq.sub_0.input
+seq.sub_0.weight
+seq.sub_0.bias
+seq.sub_0.linear
+seq.sub_0.output
+seq.sub_1.input
+seq.sub_1.relu
+seq.sub_1.output
 seq.output
 blocks_a.input
 blocks_a.weight
@@ -185,11 +185,11 @@ blocks_a.bias
 blocks_a.linear
 blocks_a.output
 blocks_b.input
-blocks_b_0.input
-blocks_b_0.weight
-blocks_b_0.bias
-blocks_b_0.linear
-blocks_b_0.output
+blocks_b.sub_0.input
+blocks_b.sub_0.weight
+blocks_b.sub_0.bias
+blocks_b.sub_0.linear
+blocks_b.sub_0.output
 blocks_b.output
 layers_0.input
 layers_0.weight
@@ -219,8 +219,8 @@ output""")
         names = listing(VarArgsModel(), torch.randn(2, 2), torch.ones(2), k=5, bias=torch.zeros(2))
         self.assertExpectedInline(names, """\
 x
-args_0
-bias
+args.sub_0
+kwargs.bias
 linear.input
 linear.weight
 linear.bias

@@ -1,0 +1,315 @@
+"""Names never depend on how Dynamo split the forward (issue 9).
+
+The matrix: a graph break at the root between two calls of one module, inside a submodule, at
+the top of the root's forward, and a second break inside a resume frame; each under both
+backends, for the first compiled instance of the class and for a second instance compiled after
+an instance that broke elsewhere (compile history). In every cell the names equal the unbroken
+model's, and one patch map has the same effect as on the unbroken model and as hand-written
+forward hooks on the eager model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, FrozenSet, List
+
+import expecttest
+import pytest
+import torch
+from torch import nn
+
+import patch_backend as pb
+
+BREAK_MODES = ["between", "submodule", "root_start", "resume"]
+
+
+def _maybe_break(breaks: FrozenSet[str], where: str) -> None:
+    if where in breaks:
+        torch._dynamo.graph_break()
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 8)
+        self.act = nn.GELU()
+        self.down = nn.Linear(8, 4)
+        self.breaks: FrozenSet[str] = frozenset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        _maybe_break(self.breaks, "submodule")
+        return self.down(self.act(h))
+
+
+class Model(nn.Module):
+    """``lin`` is called twice, around the MLP; the result is a dict."""
+
+    def __init__(self, breaks: FrozenSet[str] = frozenset()) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.mlp = Mlp()
+        self.breaks = breaks
+        self.mlp.breaks = breaks
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        _maybe_break(self.breaks, "root_start")
+        h = self.lin(x * 2)
+        _maybe_break(self.breaks, "between")
+        h = self.mlp(h) + h
+        _maybe_break(self.breaks, "resume")
+        return {"logits": self.lin(h), "hidden": h}
+
+
+def _breaks(mode: str) -> FrozenSet[str]:
+    return frozenset({"between", "resume"}) if mode == "resume" else frozenset({mode})
+
+
+def _patch_map() -> Dict[str, pb.Patch]:
+    return {
+        "lin_0.output": pb.AddPatch(value=torch.full((4,), 0.5)),
+        "lin_1.input": pb.ZeroPatch(slice=(slice(None), 1)),
+        "mlp.up.output": pb.AddPatch(value=-1.0),
+        "mlp.down.weight": pb.ZeroPatch(slice=(0,)),
+        "output|logits": pb.AddPatch(value=3.0),
+    }
+
+
+def _hook_reference(model: Model, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The same patches written as forward hooks on the eager model (no patch_backend)."""
+    calls = {"lin": 0}
+
+    def lin_pre(module: nn.Module, args):
+        calls["lin"] += 1
+        if calls["lin"] == 2:  # lin_1.input
+            patched = args[0].clone()
+            patched[:, 1] = 0
+            return (patched,)
+        return None
+
+    def lin_post(module: nn.Module, args, output):
+        return output + 0.5 if calls["lin"] == 1 else output  # lin_0.output
+
+    handles = [
+        model.lin.register_forward_pre_hook(lin_pre),
+        model.lin.register_forward_hook(lin_post),
+        model.mlp.up.register_forward_hook(lambda m, a, out: out - 1.0),
+    ]
+    saved = model.mlp.down.weight.data.clone()
+    try:
+        with torch.no_grad():
+            model.mlp.down.weight[0] = 0  # mlp.down.weight, first row
+            result = model(x)
+    finally:
+        model.mlp.down.weight.data.copy_(saved)
+        for handle in handles:
+            handle.remove()
+    return {"logits": result["logits"] + 3.0, "hidden": result["hidden"]}
+
+
+def _compiled_run(model: Model, backend: str, x: torch.Tensor):
+    compiled = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        names = pb.nodes(compiled)
+        probe = pb.ProbePatch()
+        patches = _patch_map()
+        with torch.no_grad(), pb.patch(compiled, {**patches, "mlp.act.output": probe}):
+            patched = compiled(x)
+    return names, patched, probe.activation
+
+
+@pytest.fixture(scope="module")
+def unbroken():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(3, 4)
+    names, patched, probed = _compiled_run(model, "graphpatch_eager", x)
+    reference = _hook_reference(model, x)
+    torch._dynamo.reset()
+    return model, x, names, patched, probed, reference
+
+
+def test_unbroken_matches_hooks(unbroken) -> None:
+    _, _, names, patched, _, reference = unbroken
+    assert "lin_0.output" in names and "lin_1.output" in names and "lin.output" not in names
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(patched[key], reference[key])
+
+
+@pytest.mark.parametrize("instance", ["first", "second"])
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("mode", BREAK_MODES)
+def test_break_matrix(unbroken, mode: str, backend: str, instance: str) -> None:
+    model, x, names, patched, probed, reference = unbroken
+    if instance == "second":
+        # Compile history: another instance of the class, broken elsewhere, ran first.
+        other = BREAK_MODES[(BREAK_MODES.index(mode) + 1) % len(BREAK_MODES)]
+        _compiled_run(_copy_of(model, _breaks(other)), backend, x)
+    broken_names, broken_patched, broken_probed = _compiled_run(_copy_of(model, _breaks(mode)), backend, x)
+    assert broken_names == names
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(broken_patched[key], patched[key])
+        torch.testing.assert_close(broken_patched[key], reference[key])
+    torch.testing.assert_close(broken_probed, probed)
+
+
+def _copy_of(model: Model, breaks: FrozenSet[str]) -> Model:
+    copy = Model(breaks)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+class NamesTest(expecttest.TestCase):
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+
+    def _names(self, model: nn.Module, *args, backend: str = "graphpatch_eager") -> List[str]:
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(*args)
+        return pb.nodes(compiled)
+
+    def test_builtin_sequential_root(self) -> None:
+        """Case 6: a built-in module as the compiled model has its root input and output."""
+        model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+        names = self._names(model, torch.randn(2, 3))
+        self.assertExpectedInline("\n".join(names), """\
+input
+sub_0.input
+sub_0.weight
+sub_0.bias
+sub_0.linear
+sub_0.output
+sub_1.input
+sub_1.relu
+sub_1.output
+output""")
+        compiled = torch.compile(model, backend="graphpatch")
+        x = torch.randn(2, 3)
+        with pb.patch(compiled, {"sub_0.output": pb.ZeroPatch(), "input": pb.AddPatch(value=1.0)}):
+            self.assertEqual(compiled(x).abs().sum().item(), 0.0)
+        torch.testing.assert_close(compiled(x), model(x))
+
+    def test_builtin_linear_root(self) -> None:
+        model = nn.Linear(3, 2)
+        self.assertEqual(self._names(model, torch.randn(2, 3)), ["input", "weight", "bias", "linear", "output"])
+        x = torch.randn(2, 3)
+        with pb.patch(model, {"input": pb.ZeroPatch()}):
+            out = torch.compile(model, backend="graphpatch")(x)
+        torch.testing.assert_close(out, model.bias.expand(2, 2).detach())
+
+    def test_root_inputs_after_a_warning_at_the_top(self) -> None:
+        """Case 5: a warning first (a graph break before any tensor op) keeps the root's inputs."""
+
+        class Warns(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = nn.Linear(3, 3)
+
+            def forward(self, input_ids: torch.Tensor, mask=None):
+                warnings.warn("deprecated argument", FutureWarning)
+                return {"logits": self.emb(input_ids)}
+
+        model = Warns()
+        names = self._names(model, torch.randn(2, 3))
+        self.assertEqual(names[0], "input_ids")
+        self.assertIn("output|logits", names)
+        x = torch.randn(2, 3)
+        compiled = torch.compile(model, backend="graphpatch")
+        with warnings.catch_warnings(), pb.patch(compiled, {"input_ids": pb.ZeroPatch()}):
+            warnings.simplefilter("ignore")
+            out = compiled(x)["logits"]
+        torch.testing.assert_close(out, model.emb(torch.zeros(2, 3)))
+
+    def test_result_named_like_a_child_module(self) -> None:
+        """Case 8: a module with a child called ``output`` (BERT's BertOutput): the scope keeps
+        the module path and the result becomes ``output_1``, so no name is node and scope."""
+
+        class Out(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dense = nn.Linear(3, 3)
+
+            def forward(self, h):
+                return self.dense(h)
+
+        class Layer(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.output = Out()
+
+            def forward(self, h):
+                return self.output(h) + h
+
+        class Encoder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = nn.ModuleList([Layer(), Layer()])
+
+            def forward(self, h):
+                for layer in self.layer:
+                    h = layer(h)
+                return h
+
+        model = Encoder()
+        names = self._names(model, torch.randn(2, 3))
+        self.assertIn("layer_0.output.dense.output", names)
+        self.assertIn("layer_0.output_1", names)
+        self.assertNotIn("layer_0.output", names)
+        scopes = {name.split("|")[0].rsplit(".", 1)[0] for name in names if "." in name}
+        self.assertFalse(scopes & set(names))
+        x = torch.randn(2, 3)
+        compiled = torch.compile(model, backend="graphpatch")
+        with pb.patch(compiled, {"layer_0.output_1": pb.ZeroPatch()}):
+            out = compiled(x)
+        torch.testing.assert_close(out, model.layer[1](torch.zeros(2, 3)))
+
+    def test_glob_matches_across_the_bar(self) -> None:
+        class TwoResults(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lin = nn.Linear(3, 3)
+
+            def forward(self, x):
+                return self.lin(x), (x * 2, x + 1)
+
+        self._names(TwoResults(), torch.randn(2, 3))
+        model = TwoResults()
+        compiled = torch.compile(model, backend="graphpatch_eager")
+        compiled(torch.randn(2, 3))
+        self.assertEqual(pb.nodes(compiled, "output*"), ["output|sub_0", "output|sub_1.sub_0", "output|sub_1.sub_1"])
+        self.assertEqual(pb.nodes(compiled, "lin.*"), ["lin.input", "lin.weight", "lin.bias", "lin.linear", "lin.output"])
+
+    def test_graphpatch_varargs_names(self) -> None:
+        """graphpatch's varargs fixture: ``*foos`` → ``foos.sub_0``, ``**bars`` → ``bars.a``."""
+
+        class VarargsModule(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = nn.Linear(3, 3)
+
+            def forward(self, x, *foos, blah=3, **bars):
+                result = self.linear(x)
+                for f in foos:
+                    result += f
+                result = self.linear(result + blah)
+                for v in bars.values():
+                    result += v
+                return result
+
+        x = torch.ones(3, 3)
+        pg = pb.PatchableGraph(VarargsModule(), x, x.clone(), x.clone(), x.clone(), a=x.clone(), b=x.clone())
+        names = pb.nodes(pg)
+        self.assertEqual(names[:6], ["x", "foos.sub_0", "foos.sub_1", "foos.sub_2", "bars.a", "bars.b"])
+        self.assertIn("linear_0.output", names)
+        self.assertIn("linear_1.output", names)
+        with pg.patch({"foos.sub_1": pb.AddPatch(value=1.0), "bars.b": pb.AddPatch(value=2.0)}):
+            patched = pg(x, x.clone(), x.clone(), x.clone(), a=x.clone(), b=x.clone())
+        plain = pg(x, x.clone(), x.clone(), x.clone(), a=x.clone(), b=x.clone())
+        # foos.sub_1 + 1 passes through linear (weight row sums); bars.b + 2 adds 2 at the end.
+        expected = plain + pg.module.linear.weight.sum(dim=1).detach() + 2.0
+        torch.testing.assert_close(patched, expected)
