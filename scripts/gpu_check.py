@@ -390,7 +390,6 @@ def section_forward(ctx: Context, entry: Entry) -> None:
         except Exception as exc:
             entry["checks"][name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc(file=sys.stderr)
-    entry["figures"]["patched variants compiled"] = pb.stats(ctx.model).variants_compiled
 
 
 def check_case(ctx: Context, kind: str, case: Case, ids: torch.Tensor, plain_eager: torch.Tensor) -> Dict[str, Any]:
