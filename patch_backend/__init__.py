@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
 from .causal import CausalTrace, causal_trace, plot_grid
-from .context import patch
+from .context import PatchNotAppliedError, patch
 from .graph import NodePath, PatchableGraph
 from .patches import (
     AddPatch,
@@ -35,6 +35,7 @@ __all__ = [
     "CustomPatch",
     "NodePath",
     "Patch",
+    "PatchNotAppliedError",
     "PatchableGraph",
     "ProbePatch",
     "RecordPatch",

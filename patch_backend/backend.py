@@ -20,7 +20,7 @@ import torch.fx
 
 from ._dynamo_internals import current_frame_info
 from .capture import GraphCapture, capture_graph, forget
-from .context import active_state
+from .context import active_state, note_graph_run
 from .dynamic import Layout, Specializations, SymbolicInputs, check_call_shapes, symbolic_layout
 from .eager import PatchingInterpreter
 from .naming import Site
@@ -153,6 +153,7 @@ class Dispatcher:
         if not state.roots:
             return self.plain(*args)
         selection = select(state, self.capture, instance)
+        note_graph_run(state, self.capture, instance)  # for pb.patch's check at exit
         if not selection:
             return self.plain(*args)
         check_call_shapes(self.symbolic_inputs, self.capture, selection, args, state.memo)
@@ -165,9 +166,11 @@ class Dispatcher:
         return self._variant(selection, args).run(selection, args)
 
     def _sweep_call(self, spec: Any, instance: Optional[int], args: Sequence[Any]) -> Any:
-        from .sweep import slot_inputs
+        from .sweep import note_sweep_graph, slot_inputs
 
-        sites = spec.index.sites_for(self.capture, instance) or {}
+        found = spec.index.sites_for(self.capture, instance)
+        note_sweep_graph(spec, found)
+        sites = found or {}
         here = [sites[name] for name in spec.names if name in sites]
         if not here:
             if not spec.names and self.plain == self._compile_plain_on_first_call:

@@ -3,22 +3,102 @@
 State lives in a ContextVar, so threads and asyncio tasks patching the same compiled model each
 see only their own patches. Every ``patch()`` builds a new immutable ``PatchState`` (outer
 patches first, then inner) and restores the previous one on exit, exception or not.
+
+Never silent: each state carries a ``RunLog`` of what ran under it (which patched names were in
+a graph that ran, how many graphs and forwards of each patched model ran, and which calls of the
+model ran outside its compiled graphs). On a normal exit, ``patch()`` raises
+``PatchNotAppliedError`` for every name it added whose node never ran although the model did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
+import torch
 from torch import nn
 
+from .capture import GraphCapture, registry_version
 from .index import RootIndex, index_for
 from .patches import Patch
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 
 PatchMap = Mapping[Any, Any]
+#: A patched model in a run log: ``id`` of its RootIndex (the state holds the index alive).
+RootKey = int
+
+
+class PatchNotAppliedError(RuntimeError):
+    """A patch whose node never ran in its context's forwards (docs/errors.md, issue 9).
+
+    Raised when a ``pb.patch`` block (or a ``pb.sweep`` chunk) exits normally; for a model
+    patched through its torch.compile wrapper, also at the second call of the uncompiled model
+    in a block where none of its compiled graphs ran yet (``compiled.generate``). A silently
+    ignored patch would look like a patch that changed nothing.
+    """
+
+
+@dataclass(eq=False)
+class GraphMarks:
+    """One graph occurrence as a RunLog sees it, computed once per PatchState. Its runs are
+    counted here, so that a graph call costs one memo lookup and one increment."""
+
+    #: Patched models the occurrence belongs to.
+    roots: Tuple[RootKey, ...]
+    #: Of those, the models whose own ``forward`` this graph returns from (one per forward).
+    returns: Tuple[RootKey, ...]
+    #: (model, name) of every patched name whose site is in this occurrence.
+    applied: FrozenSet[Tuple[RootKey, str]]
+    #: Runs not yet folded into the RunLog's totals (``RunLog.settle``).
+    calls: int = 0
+
+
+@dataclass(eq=False)
+class RunLog:
+    """What ran under one PatchState: the facts the never-ran check needs.
+
+    The totals hold what ``settle`` folded in from the marks, what inner contexts merged in, and
+    what a sweep records directly; read them after ``settle()``.
+    """
+
+    marks: List[GraphMarks] = field(default_factory=list)
+    applied: Set[Tuple[RootKey, str]] = field(default_factory=set)
+    graph_calls: Dict[RootKey, int] = field(default_factory=dict)
+    forwards: Dict[RootKey, int] = field(default_factory=dict)
+    #: Calls of the model itself that ran outside torch.compile (seen by ``_root_called``).
+    eager_calls: Dict[RootKey, int] = field(default_factory=dict)
+
+    def settle(self) -> "RunLog":
+        """Folds the marks' run counters into the totals (idempotent: the counters restart)."""
+        for marks in self.marks:
+            calls = marks.calls
+            if not calls:
+                continue
+            marks.calls = 0
+            self.applied |= marks.applied
+            _add(self.graph_calls, marks.roots, calls)
+            _add(self.forwards, marks.returns, calls)
+        return self
+
+    def merge_into(self, outer: "RunLog") -> None:
+        """An inner context's runs are runs of the enclosing context too."""
+        self.settle()
+        outer.applied |= self.applied
+        for mine, theirs in (
+            (self.graph_calls, outer.graph_calls),
+            (self.forwards, outer.forwards),
+            (self.eager_calls, outer.eager_calls),
+        ):
+            for key, count in mine.items():
+                theirs[key] = theirs.get(key, 0) + count
+
+
+def _add(counts: Dict[RootKey, int], keys: Sequence[RootKey], number: int) -> None:
+    for key in keys:
+        counts[key] = counts.get(key, 0) + number
 
 
 @dataclass(frozen=True)
@@ -36,6 +116,8 @@ class PatchState:
     sweep: Any = None
     #: Per-state memo for the dispatcher: (capture uid, instance, index version) → selection.
     memo: Dict[Any, Any] = field(default_factory=dict)
+    #: What ran under this state (mutable: the state is shared by the calls it patches).
+    log: RunLog = field(default_factory=RunLog)
 
 
 _EMPTY = PatchState()
@@ -137,35 +219,252 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     """Activates ``patch_map`` on ``model`` for the body of the ``with`` block.
 
     Everything is checked on entry; for a compiled model that has not run yet, names are checked
-    at its first call, still before any computation.
+    at its first call, still before any computation. On a normal exit, a name of this map whose
+    node never ran, although the model did, raises ``PatchNotAppliedError`` (or ``KeyError``
+    for a name no graph of the model holds); an exception from the body propagates unchanged.
+    The previous patches are restored either way.
     """
     root = resolve_root(model)
     new_names = normalize_map(patch_map)
     index = index_for(root)
     previous = _active.get()
-    roots: List[RootPatches] = []
-    merged = None
-    for entry in previous.roots:
-        if entry.index is index:
-            merged = {name: patches for name, patches in entry.by_name.items()}
-            for name, patches in new_names.items():
-                merged[name] = merged.get(name, ()) + patches
-            roots.append(RootPatches(index, merged, entry.validated and bool(index.names)))
-        else:
-            roots.append(entry)
-    if merged is None:
-        roots.append(RootPatches(index, new_names, False))
-        merged = new_names
+    roots = _entered_roots(previous, index, new_names)
     _check_reuse(roots)
-    known = bool(index.names)
-    if known:
+    if index.names:
         validate_names(index, new_names)
         roots = [RootPatches(r.index, r.by_name, True) if r.index is index else r for r in roots]
-    token = _active.set(PatchState(tuple(roots)))
+    state = PatchState(tuple(roots))
+    release = _watch_eager_calls(model, root)
+    token = _active.set(state)
     try:
         yield
+        raise_if_unapplied(state.log, index, new_names)
     finally:
         _active.reset(token)
+        release()
+        if previous.roots:
+            state.log.merge_into(previous.log)
+
+
+def _entered_roots(
+    previous: PatchState, index: RootIndex, new_names: Dict[str, Tuple[Patch, ...]]
+) -> List[RootPatches]:
+    """The previous roots with ``new_names`` appended to ``index``'s map (outer patches first)."""
+    roots: List[RootPatches] = []
+    merged = False
+    for entry in previous.roots:
+        if entry.index is index:
+            by_name = dict(entry.by_name)
+            for name, patches in new_names.items():
+                by_name[name] = by_name.get(name, ()) + patches
+            roots.append(RootPatches(index, by_name, entry.validated and bool(index.names)))
+            merged = True
+        else:
+            roots.append(entry)
+    if not merged:
+        roots.append(RootPatches(index, new_names, False))
+    return roots
+
+
+# -- never silent: what ran, and the check at exit ---------------------------------------------
+
+
+def graph_marks(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> GraphMarks:
+    """Which patched models and names one graph occurrence stands for under ``state``."""
+    roots: List[RootKey] = []
+    returns: List[RootKey] = []
+    applied: Set[Tuple[RootKey, str]] = set()
+    for entry in state.roots:
+        index = entry.index.refresh()
+        sites = index.sites_for(capture, instance)
+        if sites is None:
+            continue  # a graph of another model
+        key = id(index)
+        roots.append(key)
+        if (capture.uid, instance) in index.root_returns:
+            returns.append(key)
+        applied.update((key, name) for name in entry.by_name if name in sites)
+    return GraphMarks(tuple(roots), tuple(returns), frozenset(applied))
+
+
+def note_graph_run(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> None:
+    """Called by the dispatcher for each graph call under patches: one memo lookup and one
+    increment, the marks being computed once per (state, occurrence, name-table version)."""
+    memo_key = ("ran", capture.uid, instance, registry_version())
+    marks = state.memo.get(memo_key)
+    if marks is None:
+        marks = state.memo[memo_key] = graph_marks(state, capture, instance)
+        state.log.marks.append(marks)
+    marks.calls += 1
+
+
+def raise_if_unapplied(
+    log: RunLog, index: RootIndex, names: Mapping[str, Tuple[Patch, ...]], where: str = "this pb.patch context"
+) -> None:
+    """The exit check of one context: only its own names, only if the model ran in it."""
+    log.settle()
+    key = id(index)
+    graphs = log.graph_calls.get(key, 0)
+    if not graphs and not log.eager_calls.get(key, 0):
+        return  # the model never ran in this context: nothing was expected to apply
+    missing = {name: patches for name, patches in names.items() if (key, name) not in log.applied}
+    if not missing:
+        return
+    if graphs:
+        validate_names(index, missing)  # a name no graph holds is a KeyError, as on entry
+    raise PatchNotAppliedError(unapplied_message(log, index, missing, where))
+
+
+def _describe(patches_by_name: Mapping[str, Tuple[Patch, ...]]) -> str:
+    return ", ".join(
+        f"{name!r} ({', '.join(dict.fromkeys(type(patch).__name__ for patch in patches))})"
+        for name, patches in patches_by_name.items()
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _model_name(index: RootIndex) -> str:
+    root = index._root()
+    return type(root).__name__ if root is not None else "the model"
+
+
+_EAGER_HINT = (
+    "The model itself was called, not its torch.compile result (e.g. `compiled.generate(...)` calls "
+    "the uncompiled `forward`), or Dynamo ran the forward without compiling it. To generate, use "
+    "`pb.PatchableGraph(model, example_ids).generate(...)`, or compile the forward "
+    "(`model.forward = torch.compile(model.forward, backend=\"graphpatch\")`) and patch the model "
+    "(docs/transformers.md); otherwise call the compiled model."
+)
+
+
+def unapplied_message(
+    log: RunLog, index: RootIndex, missing: Mapping[str, Tuple[Patch, ...]], where: str = "this pb.patch context"
+) -> str:
+    """Names the nodes and patches, and says why they did not run."""
+    key = id(index)
+    model = _model_name(index)
+    graphs = log.graph_calls.get(key, 0)
+    eager = log.eager_calls.get(key, 0)
+    head = f"{_describe(missing)} never ran in {where}: "
+    if not graphs:
+        ran = f"{model}'s forward ran {_count(eager, 'time')}, always outside its compiled graphs. "
+        return head + ran + _EAGER_HINT
+    forwards = log.forwards.get(key, 0)
+    runs = _count(graphs, "graph call")
+    if forwards:
+        runs = f"{_count(forwards, 'forward')} ({runs})"
+    its, was, node = ("its graph", "was", "node") if len(missing) == 1 else ("their graphs", "were", "nodes")
+    message = (
+        head + f"{its} {was} not entered in any of the {runs} of {model} that ran in it; the {node} {was} "
+        "captured in another call (a branch, input shape or argument these forwards did not take)."
+    )
+    if eager:
+        message += f" {_count(eager, 'call')} of {model} also ran outside its compiled graphs. " + _EAGER_HINT
+    return message
+
+
+# -- calls of the uncompiled model ----------------------------------------------------------
+
+_watch_lock = threading.Lock()
+#: id(module) → (hook handles, number of active contexts using them).
+_watched: Dict[int, Tuple[List[Any], int]] = {}
+#: ``depth``: how many calls of watched wrappers this thread is inside.
+_inside = threading.local()
+
+
+def _watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
+    """While a context patches ``root`` through a wrapper (its torch.compile result or a
+    PatchableGraph), hooks tell calls of the uncompiled ``root`` made outside the wrapper (such
+    as ``compiled.generate``'s) from the wrapper's own; returns the function that stops watching.
+
+    The wrapper's hooks count, per thread, the wrapper calls in progress; the root's pre-hook
+    (hidden from Dynamo, so nothing is traced or recompiled for it) counts a call of the root
+    made outside them. Not done for a plain module: it may be called inside another compiled
+    function, whose trace would meet the hook (a graph break and a recompile per context), as
+    would torch's own module classes compiled directly.
+    """
+    if model is root or not isinstance(model, nn.Module) or not _hooks_run_outside_dynamo(root):
+        return _nothing
+    with _watch_lock:
+        _acquire(root, lambda: [root.register_forward_pre_hook(_root_called)])
+        _acquire(
+            model,
+            lambda: [
+                model.register_forward_pre_hook(_enter_wrapper),
+                model.register_forward_hook(_leave_wrapper, always_call=True),
+            ],
+        )
+    return lambda: _release(root, model)
+
+
+def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
+    """torch.compile traces a torch.nn class's hooks (``wrap_inline``), a user class's not."""
+    top_frame = bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
+    return not top_frame and type(root).__module__.split(".")[0] != "torch"
+
+
+def _acquire(module: nn.Module, register: Callable[[], List[Any]]) -> None:
+    """Registers ``module``'s hooks for the first context using them (caller holds the lock)."""
+    handles, users = _watched.get(id(module), (None, 0))
+    _watched[id(module)] = (handles if handles is not None else register(), users + 1)
+
+
+def _release(*modules: nn.Module) -> None:
+    with _watch_lock:
+        for module in modules:
+            handles, users = _watched[id(module)]
+            if users > 1:
+                _watched[id(module)] = (handles, users - 1)
+                continue
+            for handle in handles:
+                handle.remove()
+            del _watched[id(module)]
+
+
+def _nothing() -> None:
+    return None
+
+
+def _enter_wrapper(module: nn.Module, args: Any) -> None:
+    _inside.depth = getattr(_inside, "depth", 0) + 1
+
+
+def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
+    """Also runs when the call raised (``always_call``); never below 0, should a pre-hook
+    registered before ``_enter_wrapper`` have raised."""
+    _inside.depth = max(0, getattr(_inside, "depth", 0) - 1)
+
+
+@torch.compiler.disable
+def _root_called(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook on a watched root: a call outside every watched wrapper call ran the
+    uncompiled model."""
+    if getattr(_inside, "depth", 0):
+        return None
+    _note_eager_call(module)
+    return None
+
+
+def _note_eager_call(module: nn.Module) -> None:
+    """Counts an uncompiled call of a patched model; raises at the second one if no compiled
+    graph of the model ran in this context yet (``compiled.generate`` fails at its second step
+    rather than after the whole generation)."""
+    state = _active.get()
+    for entry in state.roots:
+        if entry.index._root() is not module:
+            continue
+        key = id(entry.index)
+        log = state.log.settle()
+        if log.eager_calls.get(key, 0) and not log.graph_calls.get(key, 0):
+            raise PatchNotAppliedError(
+                f"{type(module).__name__} was called again outside its compiled graphs: its previous "
+                f"forward in this pb.patch context ran none of them, so {_describe(entry.by_name)} did not "
+                "apply there. " + _EAGER_HINT
+            )
+        log.eager_calls[key] = log.eager_calls.get(key, 0) + 1
 
 
 def validate_pending(state: PatchState, occurrence: Any = None) -> bool:

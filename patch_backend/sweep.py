@@ -9,13 +9,13 @@ the last one padded with empty cells — run one compiled variant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .context import PatchState, _active, active_state, normalize_map, resolve_root
+from .context import PatchState, RunLog, _active, active_state, normalize_map, raise_if_unapplied, resolve_root
 from .index import RootIndex, index_for
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
@@ -34,10 +34,16 @@ class SweepSpec:
     rows_per_cell: int
     names: Tuple[str, ...]
     cells: Tuple[Dict[str, Tuple[Patch, ...]], ...]
+    #: Which names ran in this chunk's forward (checked on leaving ``row_patches``).
+    log: RunLog = field(default_factory=RunLog, compare=False)
 
 
 class row_patches:
-    """Context manager: cell k's patches apply to rows ``k*rows_per_cell:(k+1)*rows_per_cell``."""
+    """Context manager: cell k's patches apply to rows ``k*rows_per_cell:(k+1)*rows_per_cell``.
+
+    Never silent, like ``pb.patch``: on a normal exit, a name some cell patches whose node did
+    not run in the chunk's forward raises PatchNotAppliedError.
+    """
 
     def __init__(self, index: RootIndex, rows_per_cell: int, names: Sequence[str], cells: Sequence[Dict]) -> None:
         self.spec = SweepSpec(index, rows_per_cell, tuple(names), tuple(cells))
@@ -45,8 +51,26 @@ class row_patches:
     def __enter__(self) -> None:
         self._token = _active.set(PatchState(roots=(), sweep=self.spec))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         _active.reset(self._token)
+        if exc_type is None:
+            spec = self.spec
+            patched = {name: _patches_of(spec, name) for name in spec.names}
+            patched = {name: patches for name, patches in patched.items() if patches}
+            raise_if_unapplied(spec.log, spec.index, patched, "this sweep chunk")
+
+
+def _patches_of(spec: SweepSpec, name: str) -> Tuple[Patch, ...]:
+    return tuple(patch for cell in spec.cells for patch in cell.get(name, ()))
+
+
+def note_sweep_graph(spec: SweepSpec, sites: Optional[Dict[str, Any]]) -> None:
+    """Called by the dispatcher per graph call of a sweep chunk (``sites`` None: another model's)."""
+    if sites is None:
+        return
+    key = id(spec.index)
+    spec.log.graph_calls[key] = spec.log.graph_calls.get(key, 0) + 1
+    spec.log.applied.update((key, name) for name in spec.names if name in sites)
 
 
 def _compiled_model(model: Any) -> Tuple[Callable, nn.Module]:
