@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Opti
 import torch
 from torch import nn
 
+from .aliases import resolve_aliases
 from .capture import GraphCapture, registry_version
 from .index import RootIndex, index_for
 from .patches import Patch
@@ -225,7 +226,7 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     The previous patches are restored either way.
     """
     root = resolve_root(model)
-    new_names = normalize_map(patch_map)
+    new_names = resolve_aliases(root, normalize_map(patch_map))  # TransformerLens names (aliases.py)
     index = index_for(root)
     previous = _active.get()
     roots = _entered_roots(previous, index, new_names)
@@ -430,12 +431,35 @@ def _nothing() -> None:
 
 def _enter_wrapper(module: nn.Module, args: Any) -> None:
     _inside.depth = getattr(_inside, "depth", 0) + 1
+    calls = getattr(_inside, "graph_calls", None)
+    if calls is None:
+        calls = _inside.graph_calls = []
+    calls.append(_graph_calls_of(resolve_root(module)))
 
 
 def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
     """Also runs when the call raised (``always_call``); never below 0, should a pre-hook
-    registered before ``_enter_wrapper`` have raised."""
+    registered before ``_enter_wrapper`` have raised.
+
+    A wrapper call in which no graph of the model ran was a forward Dynamo ran eagerly (it gives
+    up on a whole forward it cannot trace, e.g. around an ``nn.LSTM``): no patch applied in it,
+    so it counts as a call outside the compiled graphs."""
     _inside.depth = max(0, getattr(_inside, "depth", 0) - 1)
+    calls = getattr(_inside, "graph_calls", None)
+    if calls:
+        before = calls.pop()
+        root = resolve_root(module)
+        if before is not None and _graph_calls_of(root) == before:
+            _note_eager_call(root)
+
+
+def _graph_calls_of(root: nn.Module) -> Optional[int]:
+    """Graph calls of ``root`` so far in the active context (None when it is not patched)."""
+    state = _active.get()
+    for entry in state.roots:
+        if entry.index._root() is root:
+            return state.log.settle().graph_calls.get(id(entry.index), 0)
+    return None
 
 
 @torch.compiler.disable

@@ -380,7 +380,11 @@ class PatchableGraph(nn.Module):
                 f"inputs ({type(error).__name__}: {error})"
             ) from error
         if not index_for(module).names:
-            raise RuntimeError(f"PatchableGraph captured no graph for {type(module).__name__}")
+            raise RuntimeError(
+                f"PatchableGraph captured no graph for {type(module).__name__}: Dynamo ran its forward without "
+                "compiling any part of it (it gives up on a whole forward it cannot trace or resume, e.g. one "
+                "calling nn.LSTM; TORCH_LOGS=graph_breaks says why), so no node can be named or patched"
+            )
         self._types = structure_types(output)
         self._tree: Optional[Tuple[List[str], int, NodePath]] = None
 

@@ -313,3 +313,33 @@ output""")
         # foos.sub_1 + 1 passes through linear (weight row sums); bars.b + 2 adds 2 at the end.
         expected = plain + pg.module.linear.weight.sum(dim=1).detach() + 2.0
         torch.testing.assert_close(patched, expected)
+
+
+class WithLSTM(nn.Module):
+    """Dynamo gives up on this whole forward (it does not trace nn.LSTM) and runs it eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 3)
+        self.lstm = nn.LSTM(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.emb(x))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
+    """Case 5: no graph at all, so nothing can be patched: the context says so at exit (before,
+    the patch was accepted and changed nothing), and PatchableGraph refuses with the reason."""
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(WithLSTM(), backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        with pytest.raises(pb.PatchNotAppliedError, match=r"'emb.output' \(ZeroPatch\).*outside its compiled graphs"):
+            with pb.patch(compiled, {"emb.output": pb.ZeroPatch()}):
+                compiled(x)
+        with pytest.raises(RuntimeError, match="captured no graph for WithLSTM.*nn.LSTM"):
+            pb.PatchableGraph(WithLSTM(), x, _backend=backend)
