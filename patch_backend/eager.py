@@ -1,8 +1,8 @@
 """``graphpatch_eager``: the captured graph interpreted in Python, patches applied by ``op``.
 
-This is the reference the compiled backend is tested against, so it follows
-reference/patch-api.txt literally: at each site the value is cloned once if any patch there
-requires it, then every patch's ``op`` runs in list order.
+This is the reference the compiled backend is tested against, so it follows graphpatch 0.2.3's
+documented Patch API literally: at each site the value is cloned once if any patch there requires
+it, then every patch's ``op`` runs in list order.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ def _converted(value: Any, target: torch.Tensor) -> Any:
 
 
 def apply_by_hand(value: torch.Tensor, patches) -> torch.Tensor:
-    """The patch semantics of reference/patch-api.txt, written out (no Patch.op)."""
+    """The patch semantics of graphpatch 0.2.3's Patch API, written out (no Patch.op)."""
     if any(not isinstance(p, (ProbePatch, RecordPatch)) for p in patches):
         value = value.clone()
     for patch in patches:

@@ -1,4 +1,4 @@
-"""Patch semantics (reference/patch-api.txt), each under graphpatch_eager and graphpatch."""
+"""Patch semantics (graphpatch 0.2.3's documented Patch API), each under graphpatch_eager and graphpatch."""
 
 import pytest
 import torch
