@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
+from . import aliases
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
 from .protected import ProtectedNames, protected_name
@@ -104,14 +105,15 @@ class RootIndex:
         by_occurrence: Dict[Occurrence, Dict[str, Site]] = {}
         non_tensor: Dict[str, Site] = {}
         root_returns = set()
-        scopes = _scopes(site.name for _, _, _, sites in named for site in sites)
-        protected = ProtectedNames([_unclash(site, scopes).name for _, _, _, sites in named for site in sites])
+        taken = {site.name for _, _, _, sites in named for site in sites}
+        scopes = _scopes(taken)
+        protected = ProtectedNames([_unclash(site, scopes, taken).name for _, _, _, sites in named for site in sites])
         for capture, instance, prefix, sites in named:
             if prefix == () and capture.frame.returns:
                 root_returns.add((capture.uid, instance))
             table = by_occurrence.setdefault((capture.uid, instance), {})
             for site in sites:
-                site = _unclash(site, scopes)
+                site = _unclash(site, scopes, taken)
                 renamed = protected_name(site.name, protected)
                 if renamed != site.name:
                     site = dataclasses.replace(site, name=renamed)
@@ -195,6 +197,8 @@ class RootIndex:
         self.refresh()
         if pattern is None:
             return list(self.names)
+        if aliases.is_alias_pattern(self.root, pattern):
+            return aliases.match(self.root, pattern, self.names)  # TransformerLens names
         regex = glob_regex(pattern)
         return [name for name in self.names if regex.fullmatch(name)]
 
@@ -214,6 +218,8 @@ class RootIndex:
         return names
 
     def close_matches(self, name: str, count: int = 5) -> List[str]:
+        if aliases.is_alias_pattern(self.root, name):
+            return aliases.close_matches(self.root, name, count)
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
 
 
@@ -226,16 +232,17 @@ def _scopes(names: Iterable[str]) -> Set[str]:
     return scopes
 
 
-def _unclash(site: Site, scopes: Set[str]) -> Site:
+def _unclash(site: Site, scopes: Set[str], taken: Set[str]) -> Site:
     """No name is both a node and a scope: a result ``<scope>.output`` whose scope also has a
     child module called ``output`` (BERT's ``layer.output``, a ``BertOutput``) becomes
-    ``<scope>.output_1``; the module path keeps its name, as ``named_modules`` spells it. The
+    ``<scope>.output_1``, and an op ``linear`` next to a submodule ``linear`` becomes the first
+    free ``linear_<k>``; the module path keeps its name, as ``named_modules`` spells it. The
     ``|`` part follows (``output_1|sub_0``)."""
     head, bar, rest = site.name.partition("|")
     if head not in scopes:
         return site
     candidate, suffix = head, 1
-    while candidate in scopes:
+    while candidate in scopes or candidate in taken or any(name.startswith(candidate + "|") for name in taken):
         candidate, suffix = f"{head}_{suffix}", suffix + 1
     return dataclasses.replace(site, name=candidate + bar + rest)
 

@@ -158,10 +158,15 @@ class ScopeCounters:
         #: Frame inputs named so far in the forward (a resume frame does not name them again).
         self.inputs: Set[str] = set()
 
-    def take(self, scope: str, base: str) -> str:
-        count = self.counts[scope][base]
-        self.counts[scope][base] += 1
-        return base if count == 0 else f"{base}_{count}"
+    def take(self, scope: str, base: str, reserved: FrozenSet[str] = frozenset()) -> str:
+        """The next ``base``, ``base_1``, ... in ``scope``, skipping ``reserved`` names (the
+        scope's child modules: an op ``linear`` next to ``self.linear`` is ``linear_1``)."""
+        while True:
+            count = self.counts[scope][base]
+            self.counts[scope][base] += 1
+            name = base if count == 0 else f"{base}_{count}"
+            if name not in reserved:
+                return name
 
     def call(self, scope: str) -> str:
         """The scope of the next invocation of the module whose plain scope is ``scope``."""
@@ -251,7 +256,8 @@ def name_occurrence(
     for node_name, entries in raw_stacks.items():
         chains[node_name] = [invocation(keys, raw) for keys, raw in entries]
 
-    # Ops.
+    # Ops (never named like a child module of their scope).
+    reserved: Dict[int, FrozenSet[str]] = {}
     members: Dict[Tuple[str, ...], List[torch.fx.Node]] = defaultdict(list)
     for node in nodes:
         if node.name not in chains:
@@ -261,7 +267,10 @@ def name_occurrence(
         for inv in chain:
             members[inv.keys].append(node)
         if _tensor_meta(node)[0]:
-            add(join(scope, counters.take(scope, op_base_name(node))), node, None, (0, 0), "op")
+            owner = module_at(root, chain[-1].raw_path) if chain else frame_module
+            if id(owner) not in reserved:
+                reserved[id(owner)] = _child_names(owner)
+            add(join(scope, counters.take(scope, op_base_name(node), reserved[id(owner)])), node, None, (0, 0), "op")
 
     # Frame inputs. A resume frame's locals are mostly values of earlier graphs (not named
     # again); a forward parameter that no earlier graph of the forward consumed (the code before
@@ -370,6 +379,18 @@ def name_occurrence(
                 continue
             add(join(frame_scope, leaf), node, frozenset({output_node.name}), (1, 0), "output")
     return sorted(_dedupe(sites), key=lambda site: site.position)
+
+
+def _child_names(module: Optional[nn.Module]) -> FrozenSet[str]:
+    """Names a module's children take in its scope (containers flattened: ``h_0``)."""
+    if module is None:
+        return frozenset()
+    names = set()
+    for name, child in module._modules.items():
+        names.add(sanitize(name))
+        if isinstance(child, _CONTAINERS) and child is not None:
+            names.update(f"{sanitize(name)}_{_NON_IDENTIFIER.sub('_', key)}" for key in child._modules)
+    return frozenset(names)
 
 
 def _stack_segments(path_text: str, self_prefix: Tuple[str, ...] = ()) -> Optional[Tuple[str, ...]]:

@@ -343,3 +343,28 @@ def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
                 compiled(x)
         with pytest.raises(RuntimeError, match="captured no graph for WithLSTM.*nn.LSTM"):
             pb.PatchableGraph(WithLSTM(), x, _backend=backend)
+
+
+def test_op_named_like_a_child_module() -> None:
+    """An op ``linear`` next to a submodule ``linear``: the op takes the next free counter, so
+    ``linear`` stays a scope only (no name is both a node and a scope)."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+            self.w = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            return self.linear(torch.nn.functional.linear(torch.nn.functional.linear(x, self.w), self.w))
+
+    model = Functional()
+    pg = pb.PatchableGraph(model, torch.randn(2, 3), _backend="graphpatch_eager")
+    assert pb.nodes(pg) == [
+        "x", "w", "linear_1", "linear_2", "linear.input", "linear.weight", "linear.bias", "linear.linear",
+        "linear.output", "output",
+    ]
+    x = torch.randn(2, 3)
+    with pg.patch({"linear_1": pb.ZeroPatch()}):
+        out = pg(x)
+    torch.testing.assert_close(out, model.linear(torch.zeros(2, 3)))
