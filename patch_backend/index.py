@@ -107,13 +107,13 @@ class RootIndex:
         root_returns = set()
         taken = {site.name for _, _, _, sites in named for site in sites}
         scopes = _scopes(taken)
-        protected = ProtectedNames([_unclash(site, scopes, taken).name for _, _, _, sites in named for site in sites])
+        named = [(c, i, p, [_unclash(site, scopes, taken) for site in sites]) for c, i, p, sites in named]
+        protected = ProtectedNames([site.name for _, _, _, sites in named for site in sites])
         for capture, instance, prefix, sites in named:
             if prefix == () and capture.frame.returns:
                 root_returns.add((capture.uid, instance))
             table = by_occurrence.setdefault((capture.uid, instance), {})
             for site in sites:
-                site = _unclash(site, scopes, taken)
                 renamed = protected_name(site.name, protected)
                 if renamed != site.name:
                     site = dataclasses.replace(site, name=renamed)
@@ -234,10 +234,10 @@ def _scopes(names: Iterable[str]) -> Set[str]:
 
 def _unclash(site: Site, scopes: Set[str], taken: Set[str]) -> Site:
     """No name is both a node and a scope: a result ``<scope>.output`` whose scope also has a
-    child module called ``output`` (BERT's ``layer.output``, a ``BertOutput``) becomes
-    ``<scope>.output_1``, and an op ``linear`` next to a submodule ``linear`` becomes the first
-    free ``linear_<k>``; the module path keeps its name, as ``named_modules`` spells it. The
-    ``|`` part follows (``output_1|sub_0``)."""
+    child module called ``output`` (BERT's ``layer.output``, a ``BertOutput``) becomes the first
+    free ``<scope>.output_<k>``; the module path keeps its name, as ``named_modules`` spells it.
+    The ``|`` part follows (``output_1|sub_0``). (Ops avoid child module names as they are
+    counted, naming.ScopeCounters.take.)"""
     head, bar, rest = site.name.partition("|")
     if head not in scopes:
         return site
