@@ -154,6 +154,8 @@ class Dispatcher:
             return self.plain(*args)
         selection = select(state, self.capture, instance)
         note_graph_run(state, self.capture, instance)  # for pb.patch's check at exit
+        if state.eager:
+            return self._eager_call(state, selection, args)
         if not selection:
             return self.plain(*args)
         check_call_shapes(self.symbolic_inputs, self.capture, selection, args, state.memo)
@@ -164,6 +166,15 @@ class Dispatcher:
             if declared and fits(selection, {site_key(site): 0 for site in declared}):
                 return self._prepared(declared, args).run(selection, args)
         return self._variant(selection, args).run(selection, args)
+
+    def _eager_call(self, state: Any, selection: Selection, args: Sequence[Any]) -> Any:
+        """The eager tier (``context.eager_tier``): the captured graph, patched by the eager
+        interpreter, so a one-off reference run compiles nothing."""
+        if not selection:
+            return self.capture.gm.forward(*args)
+        check_call_shapes(self.symbolic_inputs, self.capture, selection, args, state.memo)
+        self.stats.patched_calls += 1
+        return _EagerVariant(self.capture.gm).run(selection, args)
 
     def _sweep_call(self, spec: Any, instance: Optional[int], args: Sequence[Any]) -> Any:
         from .sweep import note_sweep_graph, slot_inputs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
@@ -119,6 +120,9 @@ class PatchState:
     memo: Dict[Any, Any] = field(default_factory=dict)
     #: What ran under this state (mutable: the state is shared by the calls it patches).
     log: RunLog = field(default_factory=RunLog)
+    #: Run the patched graphs on the eager interpreter (graphpatch_eager semantics), compiling
+    #: nothing: a one-off reference run (``eager_tier``).
+    eager: bool = False
 
 
 _EMPTY = PatchState()
@@ -489,6 +493,18 @@ def _note_eager_call(module: nn.Module) -> None:
                 "apply there. " + _EAGER_HINT
             )
         log.eager_calls[key] = log.eager_calls.get(key, 0) + 1
+
+
+@contextlib.contextmanager
+def eager_tier() -> Iterator[None]:
+    """The active patches run on the eager interpreter in this block, the plain graphs as
+    captured: no Inductor compile. pb.sweep uses it to check a cell against its unbatched run
+    without compiling a variant for the check."""
+    token = _active.set(dataclasses.replace(_active.get(), eager=True))
+    try:
+        yield
+    finally:
+        _active.reset(token)
 
 
 def validate_pending(state: PatchState, occurrence: Any = None) -> bool:

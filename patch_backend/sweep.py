@@ -9,13 +9,25 @@ the last one padded with empty cells — run one compiled variant.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .context import PatchState, RunLog, _active, active_state, normalize_map, raise_if_unapplied, resolve_root
+from .aliases import resolve_aliases
+from .context import (
+    PatchState,
+    RunLog,
+    _active,
+    active_state,
+    eager_tier,
+    normalize_map,
+    patch as patch_context,
+    raise_if_unapplied,
+    resolve_root,
+)
 from .index import RootIndex, index_for
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
@@ -116,7 +128,7 @@ def _check_cells(index: RootIndex, cells: Sequence[Mapping], batch: int) -> Tupl
     names: List[str] = []
     for position, cell in enumerate(cells):
         try:
-            by_name = normalize_map(cell)
+            by_name = resolve_aliases(index.root, normalize_map(cell))
         except (KeyError, ValueError) as error:
             raise type(error)(f"sweep cell {position}: {error.args[0]}") from None
         for name, patches in by_name.items():
@@ -168,6 +180,11 @@ def _chunk_size(index: RootIndex, batch: int, cells: int) -> int:
     return max(1, min(cells, 256, budget // max(1, row_bytes * batch)))
 
 
+class SweepBatchingWarning(RuntimeWarning):
+    """pb.sweep found that running cells as row blocks of one forward changed a result (the
+    model's Python reads values across the batch) and ran one forward per cell instead."""
+
+
 def sweep(
     model: Any,
     inputs: Inputs,
@@ -175,6 +192,7 @@ def sweep(
     metric: Callable[[Any], torch.Tensor],
     batch_size: Optional[int] = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -182,6 +200,12 @@ def sweep(
     result; ``inputs`` its args (tuple) or kwargs (dict), batch size B on dim 0;
     ``metric(output)`` must return a tensor whose leading dim is the rows of the batched forward.
     ``batch_size`` is cells per forward (default: from a memory budget).
+
+    Never a wrong row: batching is exact only if no Python code of the model reads values
+    across the batch (``if h.sum() > 0``). With ``verify`` (the default), the first and last
+    cells of the first chunk are also run alone, on the eager interpreter (nothing compiled for
+    it); if either differs from its rows, the sweep warns (``SweepBatchingWarning``) and runs
+    one forward per cell instead (docs/errors.md).
     """
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
@@ -215,6 +239,16 @@ def sweep(
                     f"forward, got {getattr(values, 'shape', type(values).__name__)}"
                 )
             values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
+            if verify and start == 0 and not _rows_match_alone(compiled, inputs, block, values, metric):
+                warnings.warn(
+                    f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
+                    f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
+                    "tensor's value), so batching cells would change results; running one forward per cell "
+                    "instead (docs/errors.md)",
+                    SweepBatchingWarning,
+                    stacklevel=2,
+                )
+                return _cell_by_cell(compiled, inputs, normalized, metric, bar)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
@@ -222,6 +256,47 @@ def sweep(
         if bar is not None:
             bar.close()
     return torch.cat(results)
+
+
+def _rows_match_alone(
+    compiled: Callable, inputs: Inputs, block: Sequence[Dict], values: torch.Tensor, metric: Callable
+) -> bool:
+    """Whether the first and last patched cells of a chunk give, run alone on the eager tier,
+    the rows the batched forward gave them."""
+    patched = [position for position, cell in enumerate(block) if cell]
+    for position in dict.fromkeys(patched[:1] + patched[-1:]):
+        with torch.no_grad(), patch_context(compiled, block[position]), eager_tier():
+            alone = metric(_call(compiled, inputs)).detach()
+        if not _close(alone, values[position]):
+            return False
+    return True
+
+
+def _close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
+    """Equal up to the rounding that another batch size's kernels may bring."""
+    if expected.shape != actual.shape:
+        return False
+    if not expected.is_floating_point():
+        return bool(torch.equal(expected, actual))
+    loose = expected.dtype in (torch.float16, torch.bfloat16)
+    scale = 1.0 + float(expected.abs().max()) if expected.numel() else 1.0
+    tolerance = (5e-2 if loose else 1e-4) * scale
+    return bool(torch.allclose(actual.to(expected.dtype), expected, rtol=5e-2 if loose else 1e-3, atol=tolerance))
+
+
+def _cell_by_cell(
+    compiled: Callable, inputs: Inputs, cells: Sequence[Dict], metric: Callable, bar: Any
+) -> torch.Tensor:
+    """The fallback: one patched forward per cell (cells of one structure share a variant)."""
+    if bar is not None:
+        bar.reset()
+    results = []
+    for cell in cells:
+        with patch_context(compiled, cell):
+            results.append(metric(_call(compiled, inputs)).detach())
+        if bar is not None:
+            bar.update(1)
+    return torch.stack(results)
 
 
 def _progress(total: int, enabled: bool):
