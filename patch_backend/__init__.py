@@ -23,7 +23,9 @@ from .patches import (
     TensorSliceElement,
     ZeroPatch,
 )
+from . import recipes
 from .prepared import declare as prepare
+from .record import record
 from .stats import set_max_variants, stats
 from .sweep import sweep
 
@@ -48,6 +50,8 @@ __all__ = [
     "nodes",
     "patch",
     "prepare",
+    "recipes",
+    "record",
     "set_max_variants",
     "stats",
     "sweep",
