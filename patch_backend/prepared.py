@@ -225,5 +225,12 @@ def declare(model: Any, sites: Any) -> List[str]:
             f"pb.prepare needs the names of {type(index.root).__name__}: call the compiled model once first"
         )
     names = index.match_all(sites)
-    index.declared = index.declared | frozenset(names)
+    index.declared = index.declared | frozenset(_native(index.root, name) for name in names)
     return names
+
+
+def _native(root: Any, name: str) -> str:
+    """The node a TransformerLens alias stands for (a per-head view declares its whole node)."""
+    from . import aliases
+
+    return aliases.lookup(root, name).native if aliases.is_alias_pattern(root, name) else name

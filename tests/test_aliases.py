@@ -331,3 +331,21 @@ def test_compiled_alias_patch_and_record_match_eager():
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
     assert got["blocks.1.attn.hook_k"][:, 2, 1].abs().max() == 0
     assert got["blocks.1.attn.hook_k"].shape == (2, 5, KV_HEADS, HIDDEN // HEADS)
+
+
+def test_prepare_and_causal_trace_take_alias_patterns():
+    torch.manual_seed(0)
+    model = FAMILIES["gpt2"].build("sdpa")
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    clean, corrupt = torch.randint(0, VOCAB, (2, 1, 4)).unbind(0)
+    with torch.no_grad():
+        compiled(clean)
+    assert pb.prepare(compiled, "blocks.*.attn.hook_z") == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    from patch_backend.index import index_for
+
+    assert {"transformer.h_0.attn.c_proj.x", "transformer.h_1.attn.c_proj.x"} <= index_for(model).declared
+    metric = lambda out: out.logits[:, -1, 3]  # noqa: E731
+    by_alias = pb.causal_trace(compiled, (clean,), (corrupt,), "blocks.*.hook_resid_pre", 4, metric, progress=False)
+    native = pb.causal_trace(compiled, (clean,), (corrupt,), "transformer.h_*.hidden_states", 4, metric, progress=False)
+    assert by_alias.sites == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    torch.testing.assert_close(by_alias.grid, native.grid)
