@@ -112,7 +112,7 @@ MODELS = {"gpt2": gpt2, "llama": llama}
 OP_LEVEL = {
     "gpt2": lambda v: {
         "transformer.h_0.mlp.act.mul_3": ZeroPatch(slice=(slice(None), slice(1, 4), slice(0, 100))),
-        "transformer.h_0.attn.transpose": AddPatch(value=v(HEAD_DIM), slice=(slice(None), 1)),  # query, per head
+        "transformer.h_0.attn.transpose_2": AddPatch(value=v(HEAD_DIM), slice=(slice(None), 1)),  # query, per head
         "transformer.h_1.ln_2.layer_norm": ReplacePatch(value=v(HIDDEN), slice=(0, 5)),
         "transformer.h_1.attn.scaled_dot_product_attention": ZeroPatch(slice=(slice(None), 3, -1)),
         "transformer.wpe.embedding": AddPatch(value=v(HIDDEN)),
