@@ -206,3 +206,10 @@ def concrete_shape(shape: Any, bindings: Dict[Any, int]) -> Tuple[int, ...]:
         else:
             out.append(int(size))
     return tuple(out)
+
+
+def dynamo_wraps_top_frame() -> bool:
+    """Whether Dynamo traces a compiled module's own ``__call__`` (and so its hooks) for every
+    module: ``torch._dynamo.config.wrap_top_frame``, read here because it is private. Absent
+    (older releases) means no."""
+    return bool(getattr(torch._dynamo.config, "wrap_top_frame", False))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Opti
 import torch
 from torch import nn
 
+from ._dynamo_internals import dynamo_wraps_top_frame
 from .aliases import resolve_aliases
 from .capture import GraphCapture, registry_version
 from .index import RootIndex, index_for
@@ -407,7 +408,7 @@ def _watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
 
 def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
     """torch.compile traces a torch.nn class's hooks (``wrap_inline``), a user class's not."""
-    top_frame = bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
+    top_frame = dynamo_wraps_top_frame()
     return not top_frame and type(root).__module__.split(".")[0] != "torch"
 
 
