@@ -388,7 +388,7 @@ def _child_names(module: Optional[nn.Module]) -> FrozenSet[str]:
     names = set()
     for name, child in module._modules.items():
         names.add(sanitize(name))
-        if isinstance(child, _CONTAINERS) and child is not None:
+        if isinstance(child, _CONTAINERS):
             names.update(f"{sanitize(name)}_{_NON_IDENTIFIER.sub('_', key)}" for key in child._modules)
     return frozenset(names)
 
@@ -447,9 +447,7 @@ def _unwrap_argument(
 def _input_name(local: str, path: Tuple[str, ...], varargs: Optional[str], varkw: Optional[str]) -> str:
     """``x``; ``x|a.sub_0`` inside a structured argument; ``*foos`` → ``foos.sub_0`` and
     ``**bars`` → ``bars.a`` (graphpatch's names for variadic arguments)."""
-    if local == varkw and path:
-        head, rest = f"{sanitize(local)}.{sanitize(path[0])}", path[1:]
-    elif local == varargs and path:
+    if local in (varargs, varkw) and path:
         head, rest = f"{sanitize(local)}.{sanitize(path[0])}", path[1:]
     else:
         head, rest = sanitize(local), path
