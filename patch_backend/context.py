@@ -377,7 +377,7 @@ def unapplied_message(
 _watch_lock = threading.Lock()
 #: id(module) → (hook handles, number of active contexts using them).
 _watched: Dict[int, Tuple[List[Any], int]] = {}
-#: ``depth``: how many calls of watched wrappers this thread is inside.
+#: ``calls``: this thread's watched wrapper calls in progress (``_wrapper_calls``).
 _inside = threading.local()
 
 
@@ -434,23 +434,27 @@ def _nothing() -> None:
     return None
 
 
-def _enter_wrapper(module: nn.Module, args: Any) -> None:
-    _inside.depth = getattr(_inside, "depth", 0) + 1
-    calls = getattr(_inside, "graph_calls", None)
+def _wrapper_calls() -> List[Optional[int]]:
+    """This thread's wrapper calls in progress, innermost last: each holds the model's graph
+    calls in the active context when it started (None: the model is not patched there)."""
+    calls = getattr(_inside, "calls", None)
     if calls is None:
-        calls = _inside.graph_calls = []
-    calls.append(_graph_calls_of(resolve_root(module)))
+        calls = _inside.calls = []
+    return calls
+
+
+def _enter_wrapper(module: nn.Module, args: Any) -> None:
+    _wrapper_calls().append(_graph_calls_of(resolve_root(module)))
 
 
 def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
-    """Also runs when the call raised (``always_call``); never below 0, should a pre-hook
+    """Also runs when the call raised (``always_call``); pops nothing should a pre-hook
     registered before ``_enter_wrapper`` have raised.
 
     A wrapper call in which no graph of the model ran was a forward Dynamo ran eagerly (it gives
     up on a whole forward it cannot trace, e.g. around an ``nn.LSTM``): no patch applied in it,
     so it counts as a call outside the compiled graphs."""
-    _inside.depth = max(0, getattr(_inside, "depth", 0) - 1)
-    calls = getattr(_inside, "graph_calls", None)
+    calls = _wrapper_calls()
     if calls:
         before = calls.pop()
         root = resolve_root(module)
@@ -458,20 +462,26 @@ def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
             _note_eager_call(root)
 
 
+def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
+    """The active context's patches on ``root``, if it is patched."""
+    for entry in state.roots:
+        if entry.index._root() is root:
+            return entry
+    return None
+
+
 def _graph_calls_of(root: nn.Module) -> Optional[int]:
     """Graph calls of ``root`` so far in the active context (None when it is not patched)."""
     state = _active.get()
-    for entry in state.roots:
-        if entry.index._root() is root:
-            return state.log.settle().graph_calls.get(id(entry.index), 0)
-    return None
+    entry = _entry_of(state, root)
+    return None if entry is None else state.log.settle().graph_calls.get(id(entry.index), 0)
 
 
 @torch.compiler.disable
 def _root_called(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on a watched root: a call outside every watched wrapper call ran the
     uncompiled model."""
-    if getattr(_inside, "depth", 0):
+    if _wrapper_calls():
         return None
     _note_eager_call(module)
     return None
@@ -482,18 +492,18 @@ def _note_eager_call(module: nn.Module) -> None:
     graph of the model ran in this context yet (``compiled.generate`` fails at its second step
     rather than after the whole generation)."""
     state = _active.get()
-    for entry in state.roots:
-        if entry.index._root() is not module:
-            continue
-        key = id(entry.index)
-        log = state.log.settle()
-        if log.eager_calls.get(key, 0) and not log.graph_calls.get(key, 0):
-            raise PatchNotAppliedError(
-                f"{type(module).__name__} was called again outside its compiled graphs: its previous "
-                f"forward in this pb.patch context ran none of them, so {_describe(entry.by_name)} did not "
-                "apply there. " + _EAGER_HINT
-            )
-        log.eager_calls[key] = log.eager_calls.get(key, 0) + 1
+    entry = _entry_of(state, module)
+    if entry is None:
+        return
+    key = id(entry.index)
+    log = state.log.settle()
+    if log.eager_calls.get(key, 0) and not log.graph_calls.get(key, 0):
+        raise PatchNotAppliedError(
+            f"{type(module).__name__} was called again outside its compiled graphs: its previous "
+            f"forward in this pb.patch context ran none of them, so {_describe(entry.by_name)} did not "
+            "apply there. " + _EAGER_HINT
+        )
+    log.eager_calls[key] = log.eager_calls.get(key, 0) + 1
 
 
 @contextlib.contextmanager

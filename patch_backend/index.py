@@ -13,7 +13,6 @@ import difflib
 import re
 import threading
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -22,7 +21,7 @@ from torch import nn
 from . import aliases
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
-from .protected import ProtectedNames, protected_name
+from .protected import SCOPE, ProtectedNames, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
 
@@ -95,8 +94,8 @@ class RootIndex:
         # parent renames its children, so nesting can take one more pass per level).
         totals: Dict[str, int] = {}
         for _ in range(8):
-            named, seen = self._name_occurrences(root, pending, totals)
-            counted = {scope: n for scope, n in Counter(seen).items() if n > 1}
+            named, calls = self._name_occurrences(root, pending, totals)
+            counted = {scope: n for scope, n in calls.items() if n > 1}
             if counted == totals:
                 break
             totals = counted
@@ -142,7 +141,7 @@ class RootIndex:
                 group_start[group] = counters.snapshot()
                 sites = name_occurrence(capture, root, prefix, counters)
             named.append((capture, instance, prefix, sites))
-        return named, counters.seen
+        return named, counters.calls
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
         if isinstance(instance, tuple) and instance and instance[0] == "via":
@@ -224,11 +223,11 @@ class RootIndex:
 
 
 def _scopes(names: Iterable[str]) -> Set[str]:
-    """Every proper dotted prefix of a name before its ``|`` part: the scopes of the tree."""
+    """Every module scope of the tree: the dotted prefixes of a name's scope parts."""
     scopes: Set[str] = set()
     for name in names:
-        parts = name.split("|", 1)[0].split(".")
-        scopes.update(".".join(parts[:end]) for end in range(1, len(parts)))
+        parts = [part for part, role in split_name(name) if role == SCOPE]
+        scopes.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
     return scopes
 
 

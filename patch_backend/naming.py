@@ -143,7 +143,7 @@ class ScopeCounters:
     """Per-forward counters, continued across the graphs of one forward.
 
     ``counts`` numbers ops per scope (``mul``, ``mul_1``); ``calls`` numbers the invocations of
-    each module scope in run order, and ``totals`` (how many invocations each scope has in the
+    each module scope in run order (after a pass, the counts that pass found), and ``totals`` (how many invocations each scope has in the
     whole forward, from a counting pass) decides between the plain scope (called once) and
     ``<scope>_<k>``. Both continue across graph breaks, so a module called before and after a
     break is ``lin_0`` and ``lin_1`` exactly as without the break.
@@ -153,8 +153,6 @@ class ScopeCounters:
         self.counts: Dict[str, Counter] = defaultdict(Counter)
         self.calls: Counter = Counter()
         self.totals: Dict[str, int] = dict(totals or {})
-        #: Every invocation scope seen (before the suffix), in order: the counting pass's result.
-        self.seen: List[str] = []
         #: Frame inputs named so far in the forward (a resume frame does not name them again).
         self.inputs: Set[str] = set()
 
@@ -172,7 +170,6 @@ class ScopeCounters:
         """The scope of the next invocation of the module whose plain scope is ``scope``."""
         ordinal = self.calls[scope]
         self.calls[scope] += 1
-        self.seen.append(scope)
         return f"{scope}_{ordinal}" if self.totals.get(scope, 1) > 1 else scope
 
     def snapshot(self) -> "ScopeCounters":
