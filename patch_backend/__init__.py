@@ -23,8 +23,8 @@ from .patches import (
     TensorSliceElement,
     ZeroPatch,
 )
-from . import recipes
-from .prepared import declare as prepare
+from . import config, recipes
+from .prepare import prepare
 from .record import record
 from .stats import set_max_variants, stats
 from .sweep import sweep
@@ -53,6 +53,7 @@ __all__ = [
     "recipes",
     "record",
     "set_max_variants",
+    "config",
     "stats",
     "sweep",
 ]
@@ -65,7 +66,7 @@ def nodes(model: Any, pattern: Optional[str] = None) -> List[str]:
     captured: after its first compiled call, or at PatchableGraph construction.
     """
     from .context import resolve_root
-    from .index import index_for
+    from .capture.index import index_for
 
     root = resolve_root(model)
     index = index_for(root)

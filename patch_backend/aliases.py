@@ -292,7 +292,7 @@ def is_alias_pattern(root: nn.Module, pattern: str) -> bool:
 
 def match(root: nn.Module, pattern: str, native_names: Sequence[str]) -> List[str]:
     """TransformerLens names matching a glob, in TransformerLens order, whose node was captured."""
-    from .index import glob_regex
+    from .capture.index import glob_regex
 
     table = alias_table(root)
     if table is None:

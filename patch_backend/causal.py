@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import torch
 
 from .context import patch
-from .index import index_for
+from .capture.index import index_for
 from .patches import ProbePatch, ReplacePatch
 from .sweep import Inputs, _call, _compiled_model, sweep
 

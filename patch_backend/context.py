@@ -22,10 +22,10 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Opti
 import torch
 from torch import nn
 
-from ._dynamo_internals import dynamo_wraps_top_frame
+from ._torch_compat.frame import dynamo_wraps_top_frame
 from .aliases import resolve_aliases
-from .capture import GraphCapture, registry_version
-from .index import RootIndex, index_for
+from .capture.capture import GraphCapture, registry_version
+from .capture.index import RootIndex, index_for
 from .patches import Patch
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from .index import NamedSite, RootIndex, index_for
-from .protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
-from .naming import sanitize
+from .capture.index import NamedSite, RootIndex, index_for
+from .capture.protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
+from .capture.naming import sanitize
 
 #: Attributes of the explorer a node name must never shadow (graphpatch's reserved names).
 #: How graphpatch labels a module's node (every scope, and the root).

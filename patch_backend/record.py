@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from .context import patch
-from .index import index_for
+from .capture.index import index_for
 from .patches import ProbePatch
 from .sweep import Inputs, _call, _compiled_model
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from .capture import all_captures
+from . import config
+from .capture.capture import all_captures
 
 
 @dataclass
@@ -30,7 +31,7 @@ def stats(model: Optional[Any] = None) -> Stats:
     captures = all_captures()
     if model is not None:
         from .context import resolve_root
-        from .index import index_for
+        from .capture.index import index_for
 
         index = index_for(resolve_root(model))
         uids = {uid for uid, _ in index.by_occurrence}
@@ -47,8 +48,4 @@ def stats(model: Optional[Any] = None) -> Stats:
 
 def set_max_variants(count: int) -> None:
     """Bound on patched variants kept per graph; beyond it the least recently used are dropped."""
-    from .backend import MAX_VARIANTS
-
-    if count < 1:
-        raise ValueError(f"max variants must be at least 1, got {count}")
-    MAX_VARIANTS[0] = count
+    config.set("max_variants", count)

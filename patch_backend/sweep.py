@@ -28,7 +28,7 @@ from .context import (
     raise_if_unapplied,
     resolve_root,
 )
-from .index import RootIndex, index_for
+from .capture.index import RootIndex, index_for
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
 
@@ -308,7 +308,7 @@ def _progress(total: int, enabled: bool):
 
 def slot_inputs(spec: SweepSpec, variant: Any, sites: Dict[str, Any]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
     """(keep, fill) per slot of ``variant``, each row block patched by its own cell."""
-    from .prepared import compose, site_key
+    from .program.prepared import compose, site_key
 
     inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
     for name in spec.names:

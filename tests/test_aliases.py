@@ -341,7 +341,7 @@ def test_prepare_and_causal_trace_take_alias_patterns():
     with torch.no_grad():
         compiled(clean)
     assert pb.prepare(compiled, "blocks.*.attn.hook_z") == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
-    from patch_backend.index import index_for
+    from patch_backend.capture.index import index_for
 
     assert {"transformer.h_0.attn.c_proj.x", "transformer.h_1.attn.c_proj.x"} <= index_for(model).declared
     metric = lambda out: out.logits[:, -1, 3]  # noqa: E731

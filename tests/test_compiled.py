@@ -189,7 +189,7 @@ def test_add_patch_gradient_gpt2():
 
 
 def test_mode_and_options_are_forwarded():
-    from patch_backend.compile import inductor_config
+    from patch_backend._torch_compat.inductor import inductor_config
 
     assert inductor_config({"mode": "reduce-overhead"})["triton.cudagraphs"] is True
     assert inductor_config({"options": {"max_autotune": False}}) == {"max_autotune": False}

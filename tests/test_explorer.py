@@ -15,8 +15,8 @@ import patch_backend as pb
 from fixtures import LinearModel, NestedModel
 from patch_backend import AddPatch, Patch, ZeroPatch
 from patch_backend.graph import ShapeTree, structure_types
-from patch_backend.protected import ProtectedNames, protected_name
-from patch_backend.index import index_for
+from patch_backend.capture.protected import ProtectedNames, protected_name
+from patch_backend.capture.index import index_for
 
 
 def ascii_tree(node: Any) -> str:

@@ -36,7 +36,7 @@ import patch_backend as pb
 from fixtures import BufferModel, CalledTwice, GraphBreakModel, NestedModel, TupleModel, TwoLayerMLP
 from patch_backend import AddPatch, CustomPatch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from patch_backend.context import active_state
-from patch_backend.index import index_for
+from patch_backend.capture.index import index_for
 
 CAMPAIGN = "PATCH_BACKEND_FUZZ_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("PATCH_BACKEND_FUZZ_EXAMPLES", "50"))

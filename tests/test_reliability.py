@@ -22,7 +22,7 @@ from torch import nn
 import patch_backend as pb
 from fixtures import BufferModel, GraphBreakModel, LinearModel, TwoLayerMLP
 from patch_backend import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from patch_backend.capture import all_captures
+from patch_backend.capture.capture import all_captures
 from patch_backend.context import active_state
 
 
@@ -408,7 +408,7 @@ def test_patches_never_mutate_parameters_buffers_or_inputs(backend, kind):
 
 # -- leaks -----------------------------------------------------------------------------------------
 def _dispatchers(model):
-    from patch_backend.index import index_for
+    from patch_backend.capture.index import index_for
 
     uids = {uid for uid, _ in index_for(model).by_occurrence}
     return [c.dispatcher for c in all_captures() if c.uid in uids and c.dispatcher is not None]

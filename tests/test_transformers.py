@@ -405,7 +405,7 @@ class NamesTest(expecttest.TestCase):
         compiled = torch.compile(model, backend="graphpatch_eager")
         with torch.no_grad():
             compiled(torch.randint(1, VOCAB, (1, 8)))
-        from patch_backend.index import index_for
+        from patch_backend.capture.index import index_for
 
         index = index_for(model)
         lines = [

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
-from . import aliases
+from .. import aliases
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
 from .protected import SCOPE, ProtectedNames, protected_name, split_name
@@ -204,7 +204,7 @@ class RootIndex:
     def match_all(self, patterns: Any) -> List[str]:
         """Names matching any of ``patterns`` (a name, NodePath or glob, or a list of them), in
         pattern order; a pattern that matches nothing raises KeyError with close matches."""
-        from .validation import unknown_name_error
+        from ..validation import unknown_name_error
 
         if isinstance(patterns, str) or hasattr(patterns, "_name"):
             patterns = [patterns]

@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .capture import GraphCapture
-from .context import PatchState, validate_pending
-from .naming import Site
-from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
+from ..capture.capture import GraphCapture
+from ..context import PatchState, validate_pending
+from ..capture.naming import Site
+from ..patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def slice_structure(tensor_slice: Any) -> Any:
     """
     if tensor_slice is None:
         return None
-    from .rewrite import masked_form
+    from .insert import masked_form
 
     index = normalize_slice(tensor_slice)
     if not masked_form(index):

@@ -18,13 +18,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .patches import Patch, ProbePatch, RecordPatch
+from ..patches import Patch, ProbePatch, RecordPatch
+from .. import config
 
 _CONSTANT_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 
 
 def patch_function(patch: Patch) -> Callable:
-    from .patches import CustomPatch
+    from ..patches import CustomPatch
 
     return patch.custom_op if isinstance(patch, CustomPatch) else patch.op
 
@@ -245,7 +246,7 @@ def is_traceable(lowering: CustomLowering, value_meta: torch.Tensor, tensors: Li
 
 
 def warn_opaque(site_name: str, reason: str) -> None:
-    if site_name in _WARNED:
+    if not config.warn_opaque_custom or site_name in _WARNED:
         return
     _WARNED.add(site_name)
     warnings.warn(

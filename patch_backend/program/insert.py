@@ -15,10 +15,10 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.fx
 
-from . import patch_ops
-from .capture import GraphCapture
+from . import ops as patch_ops
+from ..capture.capture import GraphCapture
 from .custom import CustomLowering, is_traceable, lower_custom, opaque_callables, warn_opaque, patch_function
-from .patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
+from ..patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 from .plan import Chain, Selection, chains, dangling, probe_positions
 
 

@@ -209,7 +209,7 @@ def check_call_shapes(inputs: Optional[SymbolicInputs], capture: Any, selection:
     """
     import dataclasses
 
-    from .validation import check_patch_for_site
+    from ..validation import check_patch_for_site
 
     shapes: Any = None
     if inputs is not None:

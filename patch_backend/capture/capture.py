@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from ._dynamo_internals import FrameInfo
+from .._torch_compat.frame import FrameInfo
 
 #: Global order of first appearance of (graph, instance): names continue per-scope counters
 #: across graph breaks in the order graphs first ran.

@@ -17,11 +17,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.fx
 
-from . import patch_ops
-from ._dynamo_internals import concrete_shape, symbol_bindings
-from .capture import GraphCapture
-from .naming import Site
-from .patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
+from . import ops as patch_ops
+from .._torch_compat.frame import concrete_shape, symbol_bindings
+from ..capture.capture import GraphCapture
+from ..capture.naming import Site
+from ..patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 from .plan import Selection, chains
 
 _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
@@ -212,25 +212,3 @@ def build_prepared(
     example_extra = [t for position in range(len(slots)) for t in variant.identity(position)]
     variant.fn = compile_fn(gm, list(args) + example_extra)
     return variant
-
-
-def declare(model: Any, sites: Any) -> List[str]:
-    """``pb.prepare``: declares sites (names, NodePaths or glob patterns) of ``model``."""
-    from .context import resolve_root
-    from .index import index_for
-
-    index = index_for(resolve_root(model))
-    if not index.names:
-        raise RuntimeError(
-            f"pb.prepare needs the names of {type(index.root).__name__}: call the compiled model once first"
-        )
-    names = index.match_all(sites)
-    index.declared = index.declared | frozenset(_native(index.root, name) for name in names)
-    return names
-
-
-def _native(root: Any, name: str) -> str:
-    """The node a TransformerLens alias stands for (a per-head view declares its whole node)."""
-    from . import aliases
-
-    return aliases.lookup(root, name).native if aliases.is_alias_pattern(root, name) else name

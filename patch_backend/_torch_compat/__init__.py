@@ -1,0 +1,1 @@
+"""Every private torch symbol the package uses, fenced here (see docs/guide.md)."""

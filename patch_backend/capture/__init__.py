@@ -1,0 +1,1 @@
+"""From Dynamo's graphs to names: captures, the naming rules, the per-model index."""

@@ -1,0 +1,67 @@
+"""Settings of patch_backend, in the style of ``torch._inductor.config``.
+
+Read and set them as attributes (``pb.config.max_variants = 128``) or for a block::
+
+    with pb.config.patch(max_variants=8):
+        ...
+
+Every setting lives here, so a reader finds what can be tuned in one place and a test can
+change one without leaking it into the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Any, Dict, Iterator
+
+#: Patched variants (one per distinct patch structure) kept per captured graph; beyond it the
+#: least recently used are dropped and recompiled on reuse (``pb.set_max_variants``).
+max_variants: int = 64
+
+#: Warn once per site when a custom patch callable does not trace and runs opaquely.
+warn_opaque_custom: bool = True
+
+_lock = threading.Lock()
+_module = sys.modules[__name__]
+
+
+def _settings() -> Dict[str, Any]:
+    return {
+        name: value
+        for name, value in vars(_module).items()
+        if not name.startswith("_") and not callable(value) and not isinstance(value, type(sys))
+        and name not in {"annotations"}
+    }
+
+
+def _check(name: str, value: Any) -> None:
+    settings = _settings()
+    if name not in settings:
+        raise AttributeError(f"patch_backend.config has no setting {name!r}; settings: {sorted(settings)}")
+    if name == "max_variants" and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"config.max_variants must be an int of at least 1, got {value!r}")
+
+
+@contextlib.contextmanager
+def patch(**changes: Any) -> Iterator[None]:
+    """Sets the given settings for the duration of the block, restoring them afterwards."""
+    for name, value in changes.items():
+        _check(name, value)
+    with _lock:
+        saved = {name: getattr(_module, name) for name in changes}
+        for name, value in changes.items():
+            setattr(_module, name, value)
+    try:
+        yield
+    finally:
+        with _lock:
+            for name, value in saved.items():
+                setattr(_module, name, value)
+
+
+def set(name: str, value: Any) -> None:  # noqa: A001 - mirrors config.patch for one setting
+    """Sets one setting after checking its name and value."""
+    _check(name, value)
+    setattr(_module, name, value)

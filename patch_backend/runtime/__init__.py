@@ -1,0 +1,1 @@
+"""What runs each captured graph: the dispatcher and its variant cache."""
