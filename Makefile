@@ -26,8 +26,12 @@ $(VENV)/.installed-test: $(VENV)/.installed-torch setup.cfg setup.py
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py
 
+# `make test` skips the tests marked slow (about a minute of the suite's ten); CI runs everything
+# with `make test PYTEST_SELECT=` (see .ci/run). Select others with e.g. PYTEST_SELECT='-m transformers'.
+PYTEST_SELECT ?= -m "not slow"
+
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_SELECT)
 
 bench: $(VENV)/.installed-test
 	$(PY) scripts/bench_patching.py --json out/bench_patching.json

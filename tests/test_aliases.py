@@ -17,6 +17,8 @@ import patch_backend as pb
 from patch_backend import CustomPatch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from patch_backend.aliases import alias_table
 
+pytestmark = pytest.mark.transformers
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 32, 4, 2, 2
@@ -311,6 +313,7 @@ def test_probe_record_and_custom_patches_on_a_view():
     assert torch.equal(record.activations[0], v)
 
 
+@pytest.mark.slow
 def test_compiled_alias_patch_and_record_match_eager():
     """The Inductor path: one compile, a per-head patch and a recorded view."""
     torch.manual_seed(0)

@@ -169,6 +169,8 @@ def test_add_patch_gradient_matches_eager():
     torch.testing.assert_close(compiled_grad, eager_grad)
 
 
+@pytest.mark.transformers
+@pytest.mark.slow
 def test_add_patch_gradient_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

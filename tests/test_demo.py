@@ -18,7 +18,10 @@ sys.path.insert(0, SCRIPTS)
 
 import induction  # noqa: E402
 
+pytestmark = pytest.mark.transformers
 
+
+@pytest.mark.slow
 def test_demo_finds_the_induction_head(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, "demo.py"), "--out", str(tmp_path), "--steps", "800"],

@@ -344,6 +344,8 @@ def token_bias(token: int) -> torch.Tensor:
     return bias
 
 
+@pytest.mark.transformers
+@pytest.mark.slow
 def test_generate_applies_patches_at_every_step() -> None:
     model = tiny_gpt2()
     ids = torch.randint(1, 50, (1, 5))
@@ -366,6 +368,7 @@ def test_generate_applies_patches_at_every_step() -> None:
         assert pb.stats(pg).graphs == graphs  # the wrapper's own compiled code still serves
 
 
+@pytest.mark.transformers
 def test_generate_restores_forward_when_generate_raises() -> None:
     model = tiny_gpt2()
     ids = torch.randint(1, 50, (1, 5))

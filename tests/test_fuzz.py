@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -472,6 +473,7 @@ def check_scenario(scenario, compare_compiled: bool = True) -> None:
 
 
 # -- tests ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 @FUZZ
 @given(scenario=scenarios())
 def test_fuzz_compiled_matches_eager(scenario):

@@ -27,6 +27,7 @@ def tiny_run(tmp_path_factory):
     return proc, path
 
 
+@pytest.mark.slow
 def test_tiny_run_passes_and_exits_zero(tiny_run):
     proc, path = tiny_run
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -320,6 +320,7 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.mark.transformers
 def test_generate_on_the_compiled_wrapper_raises():
     pytest.importorskip("transformers")
     model = tiny_gpt2()
@@ -348,6 +349,7 @@ def test_generate_on_the_compiled_wrapper_raises():
     assert counter.frame_count == frames
 
 
+@pytest.mark.transformers
 def test_generate_through_patchable_graph_raises_nothing():
     """PatchableGraph.generate compiles the forward generate calls: the watching hook sees the
     model called outside Dynamo, then its graphs run, so nothing is reported."""

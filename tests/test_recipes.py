@@ -9,6 +9,8 @@ import torch
 import patch_backend as pb
 from patch_backend import ReplacePatch, recipes
 
+pytestmark = pytest.mark.transformers
+
 transformers = pytest.importorskip("transformers")
 
 LAYERS, HIDDEN, HEADS, VOCAB, LENGTH = 2, 32, 4, 64, 5
@@ -66,6 +68,7 @@ def hook_loop(reference, clean, corrupted, path, columns):
     return torch.stack(values)
 
 
+@pytest.mark.slow
 def test_resid_pre_equals_a_loop_of_patched_forwards():
     compiled, _, clean, corrupted = setup()
     cache = pb.record(compiled, (clean,), "blocks.*.hook_resid_pre")
@@ -80,6 +83,7 @@ def test_resid_pre_equals_a_loop_of_patched_forwards():
     torch.testing.assert_close(grid.values.flatten(), loop(compiled, corrupted, cells), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attn_head_out_by_pos_equals_hooks_on_the_heads_columns():
     compiled, reference, clean, corrupted = setup()
     cache = pb.record(compiled, (clean,), "blocks.*.attn.hook_z")
@@ -93,6 +97,7 @@ def test_attn_head_out_by_pos_equals_hooks_on_the_heads_columns():
         torch.testing.assert_close(grid.values[layer].flatten(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_block_every_equals_three_loops_and_compiles():
     """Under the Inductor backend: the one compiled check of the recipes."""
     compiled, _, clean, corrupted = setup("graphpatch")

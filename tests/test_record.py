@@ -9,6 +9,8 @@ import patch_backend as pb
 from fixtures import TwoLayerMLP
 from patch_backend import AddPatch, ProbePatch, ZeroPatch
 
+pytestmark = pytest.mark.transformers
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -46,6 +48,7 @@ def test_record_equals_a_loop_of_probes_native_and_aliases():
     assert torch.equal(cache["blocks.1.hook_resid_post"], probe_loop(compiled, ids, ["transformer.h_1.output"])["transformer.h_1.output"])
 
 
+@pytest.mark.slow
 def test_record_sees_the_patches_of_the_run():
     """Inside pb.patch, and with ``patches=`` (a sweep cell's run), the cache is the patched run's."""
     compiled = torch.compile(tiny_gpt2(), backend="graphpatch_eager")

@@ -162,6 +162,7 @@ def test_dtype_conversions_that_keep_numbers(backend):
     torch.testing.assert_close(patched, torch.arange(3.0) + torch.tensor([[2.0], [2.0], [0.0]]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_value_on_another_device_is_converted(backend):
     model, x = LinearModel(), torch.randn(3, 2)
@@ -448,6 +449,7 @@ def _live_tensor_ids():
         return {id(obj) for obj in gc.get_objects() if isinstance(obj, torch.Tensor)}
 
 
+@pytest.mark.slow
 def test_record_patch_grows_memory_only_by_its_records(backend, one_thread):
     model, x = TwoLayerMLP(64).requires_grad_(False), torch.randn(16, 64)
     compiled = torch.compile(model, backend=backend)
@@ -473,6 +475,7 @@ def test_record_patch_grows_memory_only_by_its_records(backend, one_thread):
     assert not (_live_tensor_ids() - tensors_before)
 
 
+@pytest.mark.slow
 def test_fresh_values_keep_one_variant(backend, one_thread):
     model, x = TwoLayerMLP(), torch.randn(4, 8)
     compiled = torch.compile(model, backend=backend)

@@ -32,6 +32,8 @@ def per_cell_reference(model, inputs, cells, metric):
     return torch.stack(results)
 
 
+@pytest.mark.transformers
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sweep_matches_cells_run_alone(batch):
     model = tiny_gpt2()
@@ -98,6 +100,7 @@ class Planted(nn.Module):
         return self.head(x.mean(1))
 
 
+@pytest.mark.slow
 def test_causal_trace_finds_planted_site(tmp_path):
     torch.manual_seed(1)
     model = Planted()

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
 
+pytestmark = pytest.mark.transformers
+
 VOCAB, HIDDEN, HEADS, HEAD_DIM = 128, 64, 4, 16
 
 
@@ -141,6 +143,7 @@ _forward = lambda m, hook: m.register_forward_hook(hook)  # noqa: E731
 _pre = lambda m, hook: m.register_forward_pre_hook(hook)  # noqa: E731
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_patches_match_forward_hooks_and_graphpatch_eager(kind):
     """One compiled model (one plain compile, a variant per patch structure):
@@ -213,6 +216,7 @@ def _token_bias(token):
     return bias
 
 
+@pytest.mark.slow
 def test_generate_with_dynamic_cache():
     """``model.forward`` compiled with the backend; ``generate`` with transformers' default
     DynamicCache: prefill and decode graphs, patches at every step, a variant per graph."""
@@ -256,6 +260,7 @@ def test_generate_with_dynamic_cache():
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
 
 
+@pytest.mark.slow
 def test_generate_with_static_cache_and_transformers_compile():
     """Static cache with transformers' own compile path (``CompileConfig(backend="graphpatch")``)
     for the decode steps; ``forward`` compiled too, so the prefill is patched as well."""
@@ -286,6 +291,7 @@ def test_generate_with_static_cache_and_transformers_compile():
         assert torch.equal(model.generate(ids, **options), expected)
 
 
+@pytest.mark.slow
 def test_variable_lengths_share_one_variant():
     """Lengths 8, 12, 16, 31: Dynamo's second length brings a dynamic-shape graph; its patched
     variant is compiled with symbolic shapes and serves every later length, slices included."""
@@ -349,6 +355,7 @@ class BranchingMLP(GPT2MLP):
         return self.dropout(self.c_proj(hidden_states))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp, backend", [(PrintingMLP, "graphpatch"), (BranchingMLP, "graphpatch_eager")])
 def test_graph_break_in_one_block_keeps_names_and_patches(mlp, backend, capsys):
     model = gpt2()

@@ -114,6 +114,7 @@ def test_exception_in_block_restores_context(backend):
     torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.slow
 def test_entry_point_without_import():
     code = (
         "import torch\n"
