@@ -17,6 +17,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from ._torch_compat.symbolic import size_hint
 from .capture.index import NamedSite, RootIndex, index_for
 from .capture.protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
 from .capture.naming import sanitize
@@ -45,20 +46,10 @@ def example_size(dim: Union[int, torch.SymInt]) -> Union[int, torch.SymInt]:
     """The concrete size behind a (possibly symbolic) dimension, as in the example call.
 
     When Dynamo traces with symbolic sizes (``mark_dynamic``, automatic dynamic shapes) the
-    graph's example values carry SymInts whose *hint* is the size of the call that was traced.
-    ``optimization_hint`` is torch's public accessor (2.13); older releases lack it, so the
-    fallback reads the private ``SymInt.node.hint`` attribute (the same number). A size with no
-    hint (data-dependent) stays symbolic.
+    graph's example values carry SymInts whose *hint* is the size of the call that was traced
+    (read in _torch_compat.symbolic). A size with no hint (data-dependent) stays symbolic.
     """
-    if not isinstance(dim, torch.SymInt):
-        return dim
-    try:
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-        return int(optimization_hint(dim))
-    except Exception:
-        hint = getattr(getattr(dim, "node", None), "hint", None)  # private: SymNode.hint
-        return int(hint) if hint is not None else dim
+    return size_hint(dim)
 
 
 def concrete_shape(shape: Sequence[Union[int, torch.SymInt]]) -> Union[torch.Size, Tuple[Any, ...]]:

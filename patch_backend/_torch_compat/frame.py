@@ -1,4 +1,4 @@
-"""The only module that reads Dynamo internals.
+"""Frame and tracer facts: the Dynamo frame a graph comes from, read off the tracer.
 
 A backend receives a GraphModule and example inputs; two facts the names need are not in them:
 
@@ -9,16 +9,33 @@ A backend receives a GraphModule and example inputs; two facts the names need ar
 
 There is no public API for either, so we read the instruction translator that is calling the
 backend. Every access is guarded: if a torch release changes these internals, naming degrades
-to the documented fallbacks (``input_<k>``, ``output|sub_<k>``) instead of failing.
+(a result named ``output|sub_<k>``; at worst a frame whose graphs are not named at all) and
+says so once with a ``PatchBackendWarning`` (gates.fallback), never failing or renaming silently.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .gates import fallback
+
+logger = logging.getLogger(__name__)
+
+_FRAME_FALLBACK = (
+    "cannot read the frame Dynamo is tracing ({reason}); its graphs are not tied to the module "
+    "they run for, so that module's nodes cannot be named or patched"
+)
+_RETURN_FALLBACK = (
+    "cannot read how the traced frame returns ({reason}); {effect}"
+)
+_NO_RESULT = "the frame's result gets no 'output' names"
+_FLAT_RESULT = "a returned structure is named output|sub_<k> instead of after its keys"
 
 
 @dataclass
@@ -59,53 +76,89 @@ class FrameInfo:
         self.self_module_ref = weakref.ref(module) if module is not None else None
 
 
-def current_frame_info() -> FrameInfo:
-    info = FrameInfo()
+def _probe_current_tx() -> Optional[Callable[[], Any]]:
+    """Dynamo's accessor for the instruction translator calling the backend (None if gone)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
-    except Exception:
+        return InstructionTranslator.current_tx
+    except (ImportError, AttributeError):
+        return None
+
+
+def _probe_return_reason(tx: Any) -> Optional[str]:
+    """Why the graph was cut (``compile_subgraph_reason.reason``: "return_value" when the frame
+    returned; "" when no reason is recorded), or None where the tracer does not say."""
+    output = getattr(tx, "output", None)
+    if output is None or not hasattr(output, "compile_subgraph_reason"):
+        return None
+    reason = output.compile_subgraph_reason
+    if reason is None:
+        return ""
+    text = getattr(reason, "reason", None)
+    return text if isinstance(text, str) else None
+
+
+def current_frame_info() -> FrameInfo:
+    """The facts about the frame Dynamo is compiling; call it from inside the backend."""
+    info = FrameInfo()
+    current_tx = _probe_current_tx()
+    if current_tx is None:
+        fallback("frame", _FRAME_FALLBACK.format(reason="InstructionTranslator.current_tx is missing"))
         return info
+    try:
+        tx = current_tx()
+    except Exception as error:  # current_tx asserts a tracer is active in some releases
+        tx = None
+        logger.debug("no current instruction translator: %r", error)
     if tx is None:
+        fallback("frame", _FRAME_FALLBACK.format(reason="the backend was called outside a Dynamo trace"))
         return info
     try:
-        code = tx.f_code
-        info.code_name = code.co_name
-        info.code_id = id(code)
-        info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
-        info.varargs_local, info.varkw_local = _star_locals(code)
-        # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
-        # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
-        candidates = ["self", "fn"]
-        if code.co_argcount and not info.is_resume:
-            candidates.insert(0, code.co_varnames[0])
-        for local in candidates:
-            value = tx.f_locals.get(local)
-            if isinstance(value, torch.nn.Module):
-                info.self_module, info.self_local = value, local
-                break
-        else:
-            packed = tx.f_locals.get(info.varargs_local) if info.varargs_local and not info.is_resume else None
-            if isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
-                info.self_module, info.self_local, info.self_prefix = packed[0], info.varargs_local, ("0",)
-        if info.is_resume:
-            info.original_code = _original_code(code)
-    except Exception:
-        pass
+        _read_frame(tx, info)
+    except Exception as error:
+        fallback("frame", _FRAME_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
+        return FrameInfo()
+    reason = _probe_return_reason(tx)
+    if reason is None:
+        fallback("frame_return", _RETURN_FALLBACK.format(reason="no compile_subgraph_reason on the tracer", effect=_NO_RESULT))
+        return info
     try:
-        reason = getattr(tx.output, "compile_subgraph_reason", None)
-        info.returns = getattr(reason, "reason", None) == "return_value"
+        info.returns = reason == "return_value"
         if info.returns and tx.stack:
             _walk(tx.stack[-1], (), info.return_leaves, depth=0)
-    except Exception:
+    except Exception as error:
         info.return_leaves = []
+        fallback("frame_return", _RETURN_FALLBACK.format(reason=f"{type(error).__name__}: {error}", effect=_FLAT_RESULT))
+    logger.debug("frame %s (resume=%s, returns=%s, self=%s)", info.code_name, info.is_resume, info.returns, info.self_local)
     return info
 
 
-def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
-    import inspect
+def _read_frame(tx: Any, info: FrameInfo) -> None:
+    code = tx.f_code
+    info.code_name = code.co_name
+    info.code_id = id(code)
+    info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
+    info.varargs_local, info.varkw_local = _star_locals(code)
+    # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
+    # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
+    candidates = ["self", "fn"]
+    if code.co_argcount and not info.is_resume:
+        candidates.insert(0, code.co_varnames[0])
+    for local in candidates:
+        value = tx.f_locals.get(local)
+        if isinstance(value, torch.nn.Module):
+            info.self_module, info.self_local = value, local
+            break
+    else:
+        packed = tx.f_locals.get(info.varargs_local) if info.varargs_local and not info.is_resume else None
+        if isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
+            info.self_module, info.self_local, info.self_prefix = packed[0], info.varargs_local, ("0",)
+    if info.is_resume:
+        info.original_code = _original_code(code)
 
+
+def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
     position = code.co_argcount + code.co_kwonlyargcount
     varargs = varkw = None
     if code.co_flags & inspect.CO_VARARGS:
@@ -116,37 +169,61 @@ def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
     return varargs, varkw
 
 
-def _original_code(code: Any) -> Any:
-    """The user function a resume function continues (resume functions can nest)."""
+def _probe_resume_metadata() -> Optional[Dict[Any, Any]]:
+    """Dynamo's table from a resume function's code to the code it continues (None if gone)."""
     try:
         from torch._dynamo.resume_execution import ContinueExecutionCache
 
-        metadata = ContinueExecutionCache.generated_code_metadata
-        for _ in range(16):
-            entry = metadata.get(code)
-            if entry is None:
-                return code
-            code = entry.code
-    except Exception:
+        return ContinueExecutionCache.generated_code_metadata
+    except (ImportError, AttributeError):
         return None
+
+
+def _original_code(code: Any) -> Any:
+    """The user function a resume function continues (resume functions can nest)."""
+    metadata = _probe_resume_metadata()
+    if metadata is None:
+        fallback(
+            "frame_resume",
+            "cannot tell which function a graph-break resume function continues; a resume graph "
+            "that uses no parameter is named as part of the model whose parameters ran last",
+        )
+        return None
+    for _ in range(16):
+        entry = metadata.get(code)
+        if entry is None:
+            return code
+        code = entry.code
     return code
 
 
+def _probe_variable_types() -> Optional[Tuple[type, Tuple[type, ...]]]:
+    """(tensor tracker type, non-tensor leaf tracker types) of Dynamo, or None if renamed."""
+    try:
+        from torch._dynamo.variables import ConstantVariable, SymNodeVariable, TensorVariable
+    except ImportError:
+        return None
+    return TensorVariable, (ConstantVariable, SymNodeVariable)
+
+
 def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
-    """Collects tensor leaves of a returned VariableTracker with their structural path."""
+    """Collects tensor leaves of a returned VariableTracker with their structural path.
+
+    Raises where the tracker no longer looks as expected; current_frame_info turns that into
+    the ``output|sub_<k>`` fallback with a warning.
+    """
     if depth > 8:
         return
     if hasattr(vt, "realize"):
-        try:
-            vt = vt.realize()
-        except Exception:
-            return
-    from torch._dynamo.variables import ConstantVariable, SymNodeVariable, TensorVariable
-
-    if isinstance(vt, TensorVariable):
+        vt = vt.realize()
+    types = _probe_variable_types()
+    if types is None:
+        raise LookupError("torch._dynamo.variables lacks TensorVariable/ConstantVariable/SymNodeVariable")
+    tensor_type, value_types = types
+    if isinstance(vt, tensor_type):
         out.append((path, vt.as_proxy().node.name))
         return
-    if isinstance(vt, (ConstantVariable, SymNodeVariable)):
+    if isinstance(vt, value_types):
         # A number, None or size in the result: no tensor to patch. Recorded (node None) so a
         # patch aimed at it is refused with that reason rather than as an unknown name.
         out.append((path, None))
@@ -174,42 +251,13 @@ def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: i
         _walk(value, path + (str(key),), out, depth + 1)
 
 
-def symbol_bindings(placeholder_values: Any, args: Any) -> Dict[Any, int]:
-    """Symbol → int for this call, read off the args of a dynamic-shape graph.
-
-    ``placeholder_values`` are the placeholders' ``example_value`` (FakeTensors with SymInt
-    sizes, or SymInts); ``args`` the call's real values in the same order.
-    """
-    bindings: Dict[Any, int] = {}
-
-    def bind(fake: Any, real: Any) -> None:
-        expr = getattr(getattr(fake, "node", None), "expr", None)
-        if expr is not None and getattr(expr, "is_Symbol", False):
-            bindings[expr] = int(real)
-
-    for fake, real in zip(placeholder_values, args):
-        if isinstance(fake, torch.SymInt):
-            bind(fake, real)
-        elif isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor):
-            for fake_size, real_size in zip(fake.shape, real.shape):
-                if isinstance(fake_size, torch.SymInt):
-                    bind(fake_size, real_size)
-    return bindings
-
-
-def concrete_shape(shape: Any, bindings: Dict[Any, int]) -> Tuple[int, ...]:
-    """A (possibly symbolic) shape evaluated for one call."""
-    out = []
-    for size in shape:
-        if isinstance(size, torch.SymInt):
-            out.append(int(size.node.expr.xreplace(bindings)))
-        else:
-            out.append(int(size))
-    return tuple(out)
-
-
 def dynamo_wraps_top_frame() -> bool:
     """Whether Dynamo traces a compiled module's own ``__call__`` (and so its hooks) for every
     module: ``torch._dynamo.config.wrap_top_frame``, read here because it is private. Absent
-    (older releases) means no."""
+    means no without a warning: releases before the flag never wrapped the top frame, which is
+    what the flag's default (False) keeps."""
     return bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
+
+
+# Moved to .symbolic; re-exported only until program/prepared.py imports them from there.
+from .symbolic import concrete_shape, symbol_bindings  # noqa: E402,F401

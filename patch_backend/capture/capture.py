@@ -11,7 +11,7 @@ later resolves both against the root the user names.
 from __future__ import annotations
 
 import itertools
-import re
+import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -21,6 +21,10 @@ import torch
 import torch.fx
 
 from .._torch_compat.frame import FrameInfo
+from .._torch_compat.sources import placeholder_source
+from .._torch_compat.symbolic import is_symbolic
+
+logger = logging.getLogger(__name__)
 
 #: Global order of first appearance of (graph, instance): names continue per-scope counters
 #: across graph breaks in the order graphs first ran.
@@ -29,28 +33,6 @@ _registry_lock = threading.Lock()
 _captures: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
 #: Bumped whenever a capture or a new occurrence appears, so name tables know to refresh.
 _version = [0]
-
-_SOURCE_TOKEN = re.compile(r"\._modules\['([^']*)'\]|\._parameters\['([^']*)'\]|\._buffers\['([^']*)'\]"
-                           r"|\.([A-Za-z_][A-Za-z0-9_]*)|\['([^']*)'\]|\[(\d+)\]")
-_ROOT_LOCAL = re.compile(r"^L\['([^']+)'\]")
-
-
-def parse_source_path(source_name: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
-    """``L['self']._modules['h']._modules['0']._parameters['weight']`` → ('self', ('h','0','weight'))."""
-    match = _ROOT_LOCAL.match(source_name)
-    if match is None:
-        return None
-    rest = source_name[match.end():]
-    segments = []
-    position = 0
-    while position < len(rest):
-        token = _SOURCE_TOKEN.match(rest, position)
-        if token is None:
-            return None
-        segments.append(next(group for group in token.groups() if group is not None))
-        position = token.end()
-    return match.group(1), tuple(segments)
-
 
 @dataclass
 class PlaceholderInfo:
@@ -184,9 +166,7 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
     anchor_index = None
     anchor_path: Tuple[str, ...] = ()
     for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
-        parsed = parse_source_path(source.name) if source is not None else None
+        parsed = placeholder_source(node)
         if parsed is None:
             placeholders.append(PlaceholderInfo(index, node.name, "", (), "input"))
             continue
@@ -213,18 +193,17 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         placeholders=placeholders,
         anchor_index=anchor_index,
         anchor_path=anchor_path,
-        dynamic=any(
-            isinstance(n.meta.get("example_value"), torch.SymInt)
-            or (isinstance(n.meta.get("example_value"), torch.Tensor)
-                and any(isinstance(s, torch.SymInt) for s in n.meta["example_value"].shape))
-            for n in gm.graph.nodes
-            if n.op == "placeholder"
-        ),
+        dynamic=any(is_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
     capture.record_call(example_inputs)
     with _registry_lock:
         _captures.add(capture)
         _version[0] += 1
+    logger.debug(
+        "captured graph %d of %s: %d placeholders (%d parameters), dynamic=%s",
+        capture.uid, frame.code_name or "<unknown frame>", len(placeholders),
+        sum(p.kind == "param" for p in placeholders), capture.dynamic,
+    )
     return capture
 
 

@@ -19,11 +19,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from .capture import GraphCapture, parse_source_path
+from .._torch_compat.sources import module_stack, stack_path
+from .capture import GraphCapture
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
 _NON_IDENTIFIER = re.compile(r"[^0-9A-Za-z_]")
-_STACK_LOCAL = re.compile(r"^L\['[^']+'\]")
 
 
 @dataclass(frozen=True)
@@ -216,11 +216,9 @@ def name_occurrence(
     for node in nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
-        stack = node.meta.get("nn_module_stack") or {}
         entries = []
         keys: Tuple[Any, ...] = ()
-        for key, value in stack.items():
-            path_text = value[0] if isinstance(value, tuple) else str(value)
+        for key, path_text in module_stack(node):
             relative = _stack_segments(path_text, capture.frame.self_prefix)
             if relative is None:
                 continue
@@ -391,16 +389,11 @@ def _child_names(module: Optional[nn.Module]) -> FrozenSet[str]:
 
 
 def _stack_segments(path_text: str, self_prefix: Tuple[str, ...] = ()) -> Optional[Tuple[str, ...]]:
-    match = _STACK_LOCAL.match(path_text)
-    if match is None:
-        return None
-    rest = path_text[match.end():]
-    parsed = parse_source_path("L['x']" + re.sub(r"\.(\d+)(?=\.|\[|$)", r"[\1]", rest))
-    if parsed is None:
-        return None
-    if self_prefix and parsed[1][: len(self_prefix)] == self_prefix:
-        return parsed[1][len(self_prefix):]
-    return parsed[1]
+    """A module-stack path relative to the frame's module (``self_prefix`` stripped)."""
+    path = stack_path(path_text)
+    if path is not None and self_prefix and path[: len(self_prefix)] == self_prefix:
+        return path[len(self_prefix):]
+    return path
 
 
 def _holds_same(module: Optional[nn.Module], owner: Optional[nn.Module], leaf: str) -> bool:

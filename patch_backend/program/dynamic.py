@@ -16,18 +16,20 @@ variable-length graph thus costs one compile for all lengths.
 
 from __future__ import annotations
 
-import re
+import logging
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 
+from .._torch_compat.symbolic import GuardCheck, evaluate_shape, shape_guard, symbol_of, symbolic_example
+
+logger = logging.getLogger(__name__)
+
 #: Per placeholder: None (static: a parameter, a static tensor, any non-tensor), "symint", or a
 #: tuple saying for each dim whether it is symbolic.
 Layout = List[Any]
-
-_GUARD_NAME = re.compile(r"L\['t(\d+)'\]")
 
 
 def symbolic_layout(gm: torch.fx.GraphModule) -> Optional[Layout]:
@@ -47,31 +49,32 @@ def symbolic_layout(gm: torch.fx.GraphModule) -> Optional[Layout]:
 
 
 class ShapeGuard:
-    """The shape guards a variant's compile recorded, evaluated on a call's real values."""
+    """The shape guards a variant's compile recorded, evaluated on a call's real values.
 
-    def __init__(self, code: Optional[str], sizes: Optional[List[Tuple[int, Any]]] = None) -> None:
-        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+    ``check`` is torch's own guard evaluation (see _torch_compat.symbolic.shape_guard); where
+    torch could not produce guards, ``sizes`` holds the exact sizes of the symbolic inputs the
+    variant was compiled for instead. Neither: the compile assumed nothing (always runs).
+    """
 
-        self.source = code
-        self.code = compile(code, "<patch_backend shape guards>", "eval") if code else None
-        self.used = sorted({int(i) for i in _GUARD_NAME.findall(code)}) if code else []
-        self.globals = SYMPY_INTERP
-        #: Fallback when guards could not be produced: the exact sizes of the symbolic inputs.
+    def __init__(self, check: Optional[GuardCheck] = None, sizes: Optional[List[Tuple[int, Any]]] = None) -> None:
+        self.check = check
         self.sizes = sizes
 
     def __call__(self, args: Sequence[Any]) -> bool:
         if self.sizes is not None:
             return all(_size_of(args[i]) == size for i, size in self.sizes)
-        if self.code is None:
-            return True
-        return bool(eval(self.code, self.globals, {"L": {f"t{i}": args[i] for i in self.used}}))
+        return self.check is None or self.check(args)
 
     def __repr__(self) -> str:
-        return f"ShapeGuard({self.source if self.sizes is None else self.sizes!r})"
+        return f"ShapeGuard({self.check if self.sizes is None else self.sizes!r})"
 
 
 def _size_of(value: Any) -> Any:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else value
+
+
+def _exact_sizes(real: Sequence[Any], layout: Layout) -> ShapeGuard:
+    return ShapeGuard(None, [(i, _size_of(real[i])) for i, entry in enumerate(layout) if entry is not None])
 
 
 class SymbolicCompile:
@@ -88,41 +91,18 @@ class SymbolicCompile:
         self.guard: Optional[ShapeGuard] = None
 
     def __call__(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
-        from torch._dynamo.source import LocalSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-        shape_env = ShapeEnv()
-        fake_mode = FakeTensorMode(shape_env=shape_env)
         count = len(self.layout)
-        fakes: List[Any] = []
-        for position, value in enumerate(example):
-            entry = self.layout[position] if position < count else None
-            source = LocalSource(f"t{position}")
-            if isinstance(value, torch.Tensor):
-                if isinstance(entry, tuple) and value.dim() == len(entry):
-                    context = StatelessSymbolicContext(
-                        dynamic_sizes=[DimDynamic.DYNAMIC if symbolic else DimDynamic.STATIC for symbolic in entry],
-                        constraint_sizes=[None] * value.dim(),
-                    )
-                    fakes.append(fake_mode.from_tensor(value, source=source, symbolic_context=context))
-                else:
-                    fakes.append(fake_mode.from_tensor(value, static_shapes=True))
-            elif entry == "symint" and isinstance(value, int) and not isinstance(value, bool):
-                symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-                fakes.append(shape_env.create_symintnode(symbol, hint=value, source=source))
-            else:
-                fakes.append(value)
-        fn = self.compile_fn(gm, fakes)
-        self.guard = _guard(shape_env, fakes[:count], example[:count], self.layout)
+        symbolic = symbolic_example(example, self.layout)
+        if symbolic is None:
+            # This torch cannot build symbolic fakes (warned): compile for the call's sizes.
+            fn = self.compile_fn(gm, list(example))
+            self.guard = _exact_sizes(example[:count], self.layout)
+            return fn
+        fn = self.compile_fn(gm, symbolic.values)
+        check = shape_guard(symbolic)
+        self.guard = ShapeGuard(check) if check is not None else _exact_sizes(example[:count], self.layout)
+        logger.debug("symbolic compile of a patched variant: %r", self.guard)
         return fn
-
-
-def _guard(shape_env: Any, fakes: Sequence[Any], real: Sequence[Any], layout: Layout) -> ShapeGuard:
-    try:
-        return ShapeGuard(shape_env.produce_guards_expression(list(fakes)))
-    except Exception:  # a torch release without this API: fall back to the exact sizes
-        return ShapeGuard(None, [(i, _size_of(real[i])) for i, entry in enumerate(layout) if entry is not None])
 
 
 class Specializations:
@@ -173,9 +153,9 @@ class SymbolicInputs:
                         self._add(position, dim, value.shape[dim])
 
     def _add(self, position: int, dim: Optional[int], size: Any) -> None:
-        expr = getattr(getattr(size, "node", None), "expr", None)
-        if expr is not None and getattr(expr, "is_Symbol", False):
-            self.slots.append((position, dim, expr))
+        symbol = symbol_of(size)
+        if symbol is not None:
+            self.slots.append((position, dim, symbol))
 
     def bindings(self, args: Sequence[Any]) -> dict:
         """Symbol → this call's int."""
@@ -183,22 +163,6 @@ class SymbolicInputs:
             symbol: int(args[position] if dim is None else args[position].shape[dim])
             for position, dim, symbol in self.slots
         }
-
-
-def concrete(shape: Any, bindings: dict) -> Any:
-    """A site's (possibly symbolic) shape for one call; None where a size is not bound."""
-    out = []
-    for size in shape:
-        if isinstance(size, torch.SymInt):
-            expr = size.node.expr
-            value = bindings.get(expr) if expr.is_Symbol else expr.xreplace(bindings)
-            try:
-                out.append(int(value))
-            except (TypeError, ValueError):
-                return None
-        else:
-            out.append(int(size))
-    return tuple(out)
 
 
 def check_call_shapes(inputs: Optional[SymbolicInputs], capture: Any, selection: Any, args: Sequence[Any], memo: dict) -> None:
@@ -215,7 +179,7 @@ def check_call_shapes(inputs: Optional[SymbolicInputs], capture: Any, selection:
     if inputs is not None:
         bindings = inputs.bindings(args)
         shapes = tuple(
-            concrete(entry.site.shape, bindings) if entry.site.shape is not None else None for entry in selection
+            evaluate_shape(entry.site.shape, bindings) if entry.site.shape is not None else None for entry in selection
         )
     key = ("shapes", capture.uid, id(selection), shapes)
     if key in memo:
