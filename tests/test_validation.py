@@ -88,6 +88,7 @@ def test_patch_before_first_call_validated_at_first_call(backend):
     with pytest.raises(KeyError, match="no node named 'nope'"):
         with pb.patch(compiled, {"nope": ZeroPatch()}):
             compiled(torch.randn(3, 2))
+    assert calls == [], "the model ran before the unknown name was reported"
     assert active_state().roots == ()
 
 
