@@ -350,8 +350,26 @@ def structure_types(value: Any, name: str = "output") -> Dict[str, str]:
 class PatchableGraph(nn.Module):
     """Compiles ``module`` with the graphpatch backend and captures it on the example inputs.
 
-    ``PatchableGraph(model, *example_args, **example_kwargs)``; ``_backend`` picks
-    ``"graphpatch"`` (default) or ``"graphpatch_eager"``. Calling it runs the compiled model.
+    graphpatch's entry point, kept so its users can port unchanged: capture happens here, so
+    ``pg.graph`` (the node tree) and ``pg.patch(map)`` work before any other call.
+
+    Args:
+        module: the model to capture; its parameters are shared, not copied.
+        *example_args, **example_kwargs: one call's inputs, run once under ``torch.no_grad``.
+        _backend: ``"graphpatch"`` (default, Inductor) or ``"graphpatch_eager"`` (reference).
+
+    Raises:
+        ValueError: the model rejected the example inputs (chained to its own error;
+            docs/errors.md row 13).
+        RuntimeError: Dynamo compiled no part of the forward, so nothing can be named
+            (e.g. a forward calling ``nn.LSTM``; docs/errors.md row 18).
+
+    Example::
+
+        pg = pb.PatchableGraph(model, input_ids)
+        print(pg.graph)                      # the node tree
+        with pg.patch({"transformer.h_0.mlp.act.output": pb.ZeroPatch()}):
+            logits = pg(input_ids)
     """
 
     def __init__(
