@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from typing import Set
+from typing import Any, Set
 
 import torch
 from torch.torch_version import TorchVersion
@@ -21,8 +21,9 @@ from ..errors import PatchBackendWarning
 
 logger = logging.getLogger(__name__)
 
-#: The running torch, comparable with strings and tuples (``TORCH_VERSION >= (2, 13)``).
-TORCH_VERSION = TorchVersion(torch.__version__)
+#: The running torch, comparable with strings and tuples (``TORCH_VERSION >= (2, 13)``). Typed Any:
+#: TorchVersion compares with tuples at runtime, but its annotations declare str comparisons only.
+TORCH_VERSION: Any = TorchVersion(torch.__version__)
 #: Releases the test suite runs against: [first, last) (setup.cfg bounds install_requires to it).
 TESTED_FROM, TESTED_BEFORE = (2, 10), (2, 14)
 

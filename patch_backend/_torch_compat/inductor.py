@@ -22,4 +22,5 @@ def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     from torch._inductor.compile_fx import compile_fx
 
     # Called with positional arguments, as Dynamo calls a backend's result.
-    return compile_fx(gm, list(example_inputs), config_patches=inductor_config(options))
+    compiled: Callable = compile_fx(gm, list(example_inputs), config_patches=inductor_config(options))  # type: ignore[assignment]
+    return compiled

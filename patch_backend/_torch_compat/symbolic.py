@@ -132,6 +132,8 @@ def evaluate_shape(shape: Sequence[Size], bindings: Dict[Any, int]) -> Optional[
         if isinstance(size, torch.SymInt):
             expr = size.node.expr  # SymNode.expr: not public API
             value = bindings.get(expr) if expr.is_Symbol else expr.xreplace(bindings)
+            if value is None:
+                return None
             try:
                 out.append(int(value))
             except (TypeError, ValueError):

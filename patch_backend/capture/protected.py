@@ -63,7 +63,8 @@ class ProtectedNames:
 
 def protected_name(name: str, protected: ProtectedNames) -> str:
     """``name`` as the tree spells it (the flat name with protected parts renamed)."""
-    out, raw = "", ()
+    out = ""
+    raw: Tuple[str, ...] = ()
     for part, role in split_name(name):
         new = protected.rename(raw, part, role)
         out = new if not out else out + ("|" if role == KEY and "|" not in out else ".") + new
