@@ -20,7 +20,7 @@ import difflib
 import threading
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ __all__ = ["Alias", "AliasTable", "HeadView", "alias_table", "is_alias_pattern",
 #: TransformerLens's top-level name parts; a name starting with one of them is an alias pattern
 #: (only for a model of a supported family, whose native names never start so).
 _TL_HEADS = ("blocks", "hook_", "ln_final")
+
+#: The built-in patches that index the view with ``slice`` (translated to a native slice).
+_SlicedPatch = Union[ZeroPatch, AddPatch, ReplacePatch]
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,9 @@ def _missing_requirement(rule: Rule, config: Any) -> str:
 
 
 def _build_table(root: nn.Module, family: Family) -> AliasTable:
-    config = root.config
+    # A transformers PretrainedConfig (family_of found model_type on it); untyped here, so that
+    # transformers stays an optional dependency.
+    config: Any = root.config
     prefix = _base_prefix(root)
     aliases: Dict[str, Alias] = {}
     unavailable: Dict[str, str] = {}
@@ -374,7 +379,7 @@ def _on_view(op: Callable[[torch.Tensor], torch.Tensor], view: HeadView) -> Call
     return on_view
 
 
-def _refuse(alias: Alias, patch: Patch, why: str) -> ValueError:
+def _refuse(alias: Alias, patch: _SlicedPatch, why: str) -> ValueError:
     return ValueError(
         f"{type(patch).__name__}(slice={patch.slice!r}) at {alias.name!r} (a [batch, pos, head, d_head] view of "
         f"{alias.native!r}): {why}. Supported exactly: any batch and position index, then one head (int, "
@@ -384,7 +389,7 @@ def _refuse(alias: Alias, patch: Patch, why: str) -> ValueError:
     )
 
 
-def _translate_sliced(alias: Alias, view: HeadView, patch: Patch) -> Patch:
+def _translate_sliced(alias: Alias, view: HeadView, patch: _SlicedPatch) -> Patch:
     elements = () if patch.slice is None else normalize_slice(patch.slice)
     if len(elements) > 4:
         raise _refuse(alias, patch, f"{len(elements)} indices for a 4-d view")
@@ -412,7 +417,7 @@ def _translate_sliced(alias: Alias, view: HeadView, patch: Patch) -> Patch:
     return translated
 
 
-def _single_head_columns(alias: Alias, view: HeadView, patch: Patch, head: int, within: Any) -> Any:
+def _single_head_columns(alias: Alias, view: HeadView, patch: _SlicedPatch, head: int, within: Any) -> Any:
     if not -view.heads <= head < view.heads:
         raise IndexError(
             f"{type(patch).__name__} at {alias.name!r}: head {head} is out of range for {view.heads} heads"
@@ -434,7 +439,7 @@ def _single_head_columns(alias: Alias, view: HeadView, patch: Patch, head: int, 
     raise _refuse(alias, patch, f"d_head index {within!r} is not an int or a slice")
 
 
-def _merged_value(alias: Alias, patch: Patch, heads: int, d_head: int) -> Any:
+def _merged_value(alias: Alias, patch: Union[AddPatch, ReplacePatch], heads: int, d_head: int) -> Any:
     """A value for ``[..., heads, d_head]`` reshaped to the native ``[..., heads * d_head]``."""
     value = patch.value
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -454,12 +459,17 @@ class _ViewProbe(ProbePatch):
     """The ProbePatch placed at the native node for a probe on a view: every activation it is
     handed is stored, as the view, in the user's probe."""
 
+    # Set with object.__setattr__ in __init__ (before the dataclass __init__ runs, which sets
+    # ``activation`` through the property below); annotated only, so they are not fields.
+    _target: ProbePatch
+    _view: HeadView
+
     def __init__(self, target: ProbePatch, view: HeadView) -> None:
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "_view", view)
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def activation(self) -> Any:
         return self._target.activation
 

@@ -47,7 +47,7 @@ def normalize_slice(tensor_slice: TensorSlice) -> Tuple[Any, ...]:
         elements = tensor_slice
     else:
         elements = (tensor_slice,)
-    normalized = []
+    normalized: List[Any] = []
     for element in elements:
         if isinstance(element, (list, tuple)):
             normalized.append(list(element))
@@ -80,14 +80,27 @@ class _SlicedPatch(Patch[PatchableValue]):
     def _index(self) -> Any:
         return Ellipsis if self.slice is None else normalize_slice(self.slice)
 
+    def _tensor(self, original_output: PatchableValue) -> torch.Tensor:
+        """The target as a tensor, which indexing (``target[slice] = ...``) needs.
+
+        Validation refuses these patches at nodes that hold no tensor, before the model runs;
+        this is the same TypeError indexing a number would raise, with the patch named.
+        """
+        if not isinstance(original_output, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__} needs a tensor target, got {type(original_output).__name__}"
+            )
+        return original_output
+
 
 @dataclass(kw_only=True)
 class ZeroPatch(_SlicedPatch):
     """Zeroes (a slice of) the target."""
 
     def op(self, original_output: PatchableValue) -> PatchableValue:
-        original_output[self._index()] = 0
-        return original_output
+        target = self._tensor(original_output)
+        target[self._index()] = 0
+        return target
 
 
 @dataclass(kw_only=True)
@@ -97,8 +110,9 @@ class AddPatch(_SlicedPatch):
     value: PatchableValue
 
     def op(self, original_output: PatchableValue) -> PatchableValue:
-        original_output[self._index()] += _as_target(self.value, original_output)
-        return original_output
+        target = self._tensor(original_output)
+        target[self._index()] += _as_target(self.value, target)
+        return target
 
 
 @dataclass(kw_only=True)

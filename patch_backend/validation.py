@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch, normalize_slice
+
+#: The built-in patches that index their target with ``slice`` (the shape checks apply to them).
+SlicedPatch = Union[ZeroPatch, AddPatch, ReplacePatch]
+#: The built-in patches that also carry a ``value`` (the value checks apply to them).
+ValuePatch = Union[AddPatch, ReplacePatch]
 
 
 def check_name_syntax(name: str) -> None:
@@ -25,12 +30,12 @@ def unknown_name_error(name: str, index: Any) -> KeyError:
     return KeyError(f"no node named {name!r} in {model} ({len(index.names)} nodes; pb.nodes(model) lists them){hint}")
 
 
-def sliced_shape(name: str, patch: Patch, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+def sliced_shape(name: str, patch: SlicedPatch, shape: Tuple[int, ...]) -> Tuple[int, ...]:
     """The shape of ``target[patch.slice]``; raises IndexError naming the node if out of range."""
-    if getattr(patch, "slice", None) is None:
+    if patch.slice is None:
         return tuple(shape)
     index = normalize_slice(patch.slice)
-    meta_index = []
+    meta_index: List[Any] = []
     # Meta tensors do not bounds-check index *values*, so tensor/list indices are checked here,
     # against the dim each one indexes: Ellipsis spans the dims no element names, None and bool
     # elements add a dim, a bool mask consumes as many dims as it has.
@@ -75,7 +80,7 @@ def sliced_shape(name: str, patch: Patch, shape: Tuple[int, ...]) -> Tuple[int, 
         ) from None
 
 
-def _value_meta(name: str, patch: Patch) -> Tuple[Tuple[int, ...], torch.dtype]:
+def _value_meta(name: str, patch: ValuePatch) -> Tuple[Tuple[int, ...], torch.dtype]:
     value = patch.value
     if isinstance(value, torch.Tensor):
         return tuple(value.shape), value.dtype
@@ -84,7 +89,7 @@ def _value_meta(name: str, patch: Patch) -> Tuple[Tuple[int, ...], torch.dtype]:
     raise ValueError(f"{type(patch).__name__} at {name!r}: value must be a tensor or a number, got {type(value).__name__}")
 
 
-def check_value_kind(name: str, patch: Patch, dtype: Optional[torch.dtype]) -> None:
+def check_value_kind(name: str, patch: ValuePatch, dtype: Optional[torch.dtype]) -> None:
     """The value checks that do not depend on shapes: type, data, dtype."""
     kind = type(patch).__name__
     _, value_dtype = _value_meta(name, patch)
@@ -102,7 +107,7 @@ def check_value_kind(name: str, patch: Patch, dtype: Optional[torch.dtype]) -> N
         )
 
 
-def check_value(name: str, patch: Patch, target_shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+def check_value(name: str, patch: ValuePatch, target_shape: Tuple[int, ...], dtype: torch.dtype) -> None:
     value_shape, _ = _value_meta(name, patch)
     try:
         broadcast = torch.broadcast_shapes(value_shape, target_shape)
