@@ -55,8 +55,9 @@ def example_size(dim: Union[int, torch.SymInt]) -> Union[int, torch.SymInt]:
 def concrete_shape(shape: Sequence[Union[int, torch.SymInt]]) -> Union[torch.Size, Tuple[Any, ...]]:
     """A site's shape with example sizes; a tuple only if some size has no hint."""
     sizes = [example_size(dim) for dim in shape]
-    if all(isinstance(size, int) for size in sizes):
-        return torch.Size(sizes)
+    ints = [size for size in sizes if isinstance(size, int)]
+    if len(ints) == len(sizes):
+        return torch.Size(ints)
     return tuple(sizes)
 
 
@@ -221,7 +222,7 @@ def _item_order(name: str, key: str, item_positions: Dict[str, int]) -> Tuple[fl
 
 def _children(node: NodePath) -> Dict[str, NodePath]:
     # NodePath keeps its state in name-mangled slots so that no attribute shadows a child.
-    return node._NodePath__children  # type: ignore[attr-defined]
+    return node._NodePath__children
 
 
 class ShapeTree(Mapping):
@@ -315,18 +316,19 @@ def build_tree(index: RootIndex, types: Optional[Dict[str, str]] = None) -> Node
     for position, name in enumerate(names):
         node = _insert(root, name, protected)
         named = index.by_name[name][0] if name in index.by_name else None
-        node._NodePath__set_leaf(named, types.get(name))  # type: ignore[attr-defined]
+        node._NodePath__set_leaf(named, types.get(name))
         order[str(node)] = position
     renamed_types = {protected_name(name, protected): type_name for name, type_name in types.items()}
     positions = {name: position for position, name in enumerate(renamed_types)}
-    root._NodePath__arrange(order, positions, renamed_types)  # type: ignore[attr-defined]
+    root._NodePath__arrange(order, positions, renamed_types)
     return root
 
 
 def _insert(root: NodePath, name: str, protected: ProtectedNames) -> NodePath:
-    node, raw = root, ()
+    node = root
+    raw: Tuple[str, ...] = ()
     for part, role in split_name(name):
-        node = node._NodePath__child(protected.rename(raw, part, role), role)  # type: ignore[attr-defined]
+        node = node._NodePath__child(protected.rename(raw, part, role), role)
         raw = raw + (part,)
     return node
 
@@ -442,7 +444,8 @@ class PatchableGraph(nn.Module):
     def _compiled_forward_installed(self) -> Iterator[None]:
         module = self._module
         had_own = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
+        # Whatever the instance itself holds as ``forward`` (only restored when it had one).
+        previous: Any = module.__dict__.get("forward")
         if self._generate_forward is None:
             self._generate_forward = torch.compile(module.forward, backend=self._backend)
         module.forward = self._generate_forward

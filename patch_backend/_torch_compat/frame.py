@@ -19,11 +19,14 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
 
 import torch
 
 from .gates import fallback
+
+if TYPE_CHECKING:
+    from torch._dynamo.variables import TensorVariable
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +154,10 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
             info.self_module, info.self_local = value, local
             break
     else:
-        packed = tx.f_locals.get(info.varargs_local) if info.varargs_local and not info.is_resume else None
-        if isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
-            info.self_module, info.self_local, info.self_prefix = packed[0], info.varargs_local, ("0",)
+        varargs = info.varargs_local
+        packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
+        if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
+            info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
     if info.is_resume:
         info.original_code = _original_code(code)
 
@@ -169,7 +173,13 @@ def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
     return varargs, varkw
 
 
-def _probe_resume_metadata() -> Optional[Dict[Any, Any]]:
+class _CodeTable(Protocol):
+    """What is used of Dynamo's resume-code table (an ExactWeakKeyDictionary today)."""
+
+    def get(self, code: Any, /) -> Any: ...
+
+
+def _probe_resume_metadata() -> Optional[_CodeTable]:
     """Dynamo's table from a resume function's code to the code it continues (None if gone)."""
     try:
         from torch._dynamo.resume_execution import ContinueExecutionCache
@@ -197,7 +207,7 @@ def _original_code(code: Any) -> Any:
     return code
 
 
-def _probe_variable_types() -> Optional[Tuple[type, Tuple[type, ...]]]:
+def _probe_variable_types() -> Optional[Tuple[Type["TensorVariable"], Tuple[type, ...]]]:
     """(tensor tracker type, non-tensor leaf tracker types) of Dynamo, or None if renamed."""
     try:
         from torch._dynamo.variables import ConstantVariable, SymNodeVariable, TensorVariable

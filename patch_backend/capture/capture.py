@@ -79,6 +79,13 @@ class GraphCapture:
         frame = self.frame
         if self.anchor_index is not None:
             anchor = args[self.anchor_index]
+            if not isinstance(anchor, torch.Tensor):
+                # capture_graph picks as anchor a parameter whose example input is a tensor, and
+                # Dynamo's guards keep it one; anything else means the call does not match.
+                raise TypeError(
+                    f"graph argument {self.anchor_index} (parameter {'.'.join(self.anchor_path)!r}) should be "
+                    f"a tensor, got {type(anchor).__name__}"
+                )
             key: Any = id(anchor)
             if key not in self.anchors or self.anchors[key]() is not anchor:
                 # ids are reused once a tensor dies: the weak reference tells a live anchor

@@ -362,14 +362,14 @@ def name_occurrence(
         returned = capture.frame.return_leaves
         leaves = returned if any(n is not None for _, n in returned) else _flat_output_leaves(output_node)
         by_name = {n.name: n for n in nodes}
-        for path, node_name in leaves:
+        for path, leaf_node in leaves:
             leaf = "output" + ("|" + ".".join(sanitize(p) for p in path) if path else "")
-            if node_name is None:
+            if leaf_node is None:
                 # A non-tensor leaf (kind "value", no node): not listed or patchable, only known
                 # so that a patch naming it is refused with the reason (index.non_tensor).
                 sites.append(Site(join(frame_scope, leaf), "", None, (1, 0), "value", float(len(nodes)), None, None, ""))
                 continue
-            node = by_name.get(node_name)
+            node = by_name.get(leaf_node)
             if node is None:
                 continue
             add(join(frame_scope, leaf), node, frozenset({output_node.name}), (1, 0), "output")
