@@ -381,8 +381,20 @@ class _Slot:
     index: int
 
 
+class WholeProgram:
+    """The graph compiled whole (``compile_fn(gm, example)``), with the same ``report`` as a
+    ``RegionalProgram`` says why it was not split."""
+
+    def __init__(self, fn: Callable, report: ProgramReport) -> None:
+        self.fn = fn
+        self.report = report
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
 def _whole(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable, reason: str,
-           container: Optional[str] = None) -> Callable:
+           container: Optional[str] = None) -> WholeProgram:
     start = time.perf_counter()
     fn = compile_fn(gm, example_inputs)
     seconds = time.perf_counter() - start
@@ -391,11 +403,7 @@ def _whole(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: 
         _cache.seconds += seconds
         _cache.history.append(RegionCompile("whole graph", len(gm.graph.nodes), seconds))
         del _cache.history[: -_cache.bound]
-    try:
-        fn.region_report = ProgramReport(1, 1, 0, seconds, reason, container)  # type: ignore[attr-defined]
-    except AttributeError:
-        pass  # a callable that takes no attributes (a bound method): the report is optional
-    return fn
+    return WholeProgram(fn, ProgramReport(1, 1, 0, seconds, reason, container))
 
 
 def _symbolic(value: Any) -> bool:
@@ -434,7 +442,8 @@ def compile_regional(
     parameters stay static inputs because each region keeps Dynamo's markers (placeholder
     sources and ``tensor_dict``), the same way Dynamo's DDP optimizer splits graphs.
 
-    The result has a ``region_report`` attribute (``ProgramReport``) saying what was compiled.
+    The result (a ``RegionalProgram`` or ``WholeProgram``) has a ``report`` attribute
+    (``ProgramReport``) saying what was compiled and why a graph was not split.
     """
     if not config.regional_compile:
         return _whole(gm, example_inputs, compile_fn, "config.regional_compile is False")
