@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
@@ -21,8 +22,62 @@ def inductor_config(options: Dict[str, Any]) -> Dict[str, Any]:
 def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Dict[str, Any]) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
-    # Called with positional arguments, as Dynamo calls a backend's result.
-    return compile_fx(gm, list(example_inputs), config_patches=inductor_config(options))
+    patches = inductor_config(options)
+    marked = dict(patch_op_cache_keys())
+    marked.update(patches.get("unsafe_marked_cacheable_functions") or {})
+    patches["unsafe_marked_cacheable_functions"] = marked
+    with cacheable_context(example_inputs):
+        # Called with positional arguments, as Dynamo calls a backend's result.
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+@contextlib.contextmanager
+def cacheable_context(example_inputs: Sequence[Any]) -> Iterator[None]:
+    """A tracing context whose fake mode has a ShapeEnv, unless one is active already.
+
+    Inductor's FX graph cache and AOTAutograd's cache look up the ShapeEnv of the active tracing
+    context and bypass themselves without one ("No shape env"). Dynamo provides it while it
+    calls a backend; the dispatcher compiles later (at a graph's first plain or patched call),
+    outside Dynamo, so without this every compile of this package missed torch's on-disk caches
+    and a second process recompiled everything. Shapes stay static: real inputs are fakified
+    with their concrete sizes.
+    """
+    from torch._guards import TracingContext, detect_fake_mode, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if TracingContext.try_get() is not None:
+        yield
+        return
+    mode = detect_fake_mode(list(example_inputs))
+    if mode is None or mode.shape_env is None:
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with tracing(TracingContext(mode)):
+        yield
+
+
+def patch_op_cache_keys() -> Dict[str, str]:
+    """The patch ops (program/ops.py) that variant graphs call, as cacheable functions.
+
+    AOTAutograd's cache refuses graphs calling Python functions it does not know (it cannot
+    tell whether their code changed), so every patched variant bypassed it. Inductor's
+    ``unsafe_marked_cacheable_functions`` admits named functions with a key that must change
+    when their code does: the hash of ops.py's source and the torch version.
+    """
+    if not _op_keys:
+        import hashlib
+        import inspect
+
+        from ..program import ops
+
+        digest = hashlib.sha256(inspect.getsource(ops).encode()).hexdigest()[:16]
+        for name in ("zero", "replace", "add", "probe", "slot"):
+            function = getattr(ops, name)
+            _op_keys[f"{function.__module__}.{function.__name__}"] = f"{digest}-{torch.__version__}"
+    return _op_keys
+
+
+_op_keys: Dict[str, str] = {}
 
 
 # -- regional compile (program/regions.py) ------------------------------------------------------
@@ -37,11 +92,16 @@ def fake_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Dict
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
     mode = detect_fake_mode(list(example_inputs))
     if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # With a ShapeEnv, so compiling a region on these fakes can use torch's on-disk caches
+        # (``cacheable_context``); sizes stay static.
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     fakes = [
-        mode.from_tensor(value) if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else value
+        mode.from_tensor(value, static_shapes=True)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else value
         for value in example_inputs
     ]
     values: Dict[torch.fx.Node, Any] = {}
