@@ -168,12 +168,17 @@ def spawn(kind: str, layers: int, cache_dir: str, argv: List[str]) -> Dict[str, 
 
 
 def targets(layers: int, measured: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The T1-T7 ratios from the children's figures (also usable on a saved --json's "measured")."""
     ind, gp, warm, sw = measured["inductor"], measured["graphpatch"], measured["graphpatch warm"], measured["sweep"]
     inductor_compile = ind["inductor first call"] - ind["inductor forward"]
     ratios = {
         "T1 new-structure first call / eager forward (target <= 3)":
             gp["new structure first call"] / gp["eager forward"],
-        "T2 new-structure compile s / full inductor compile s (target <= 0.1)":
+        # Everything the new structure's first call spends beyond a patched forward (capture of
+        # nothing new, fake propagation, region keys, the patched block's compile).
+        "T2 new-structure first-call overhead s / full inductor compile s (target <= 0.1)":
+            (gp["new structure first call"] - gp["graphpatch patched forward"]) / inductor_compile,
+        "T2' new-structure region compile s / full inductor compile s":
             gp["new structure compile seconds"] / inductor_compile,
         "T3 plain first call / inductor first call (target <= 0.4)":
             gp["plain first call"] / ind["inductor first call"],

@@ -109,6 +109,38 @@ def test_no_repeats_compiles_whole():
         assert compile_regional(gm2, example2, compile_fn).report.whole_reason.startswith("config")
 
 
+class Stack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_blocks_without_prefix_and_symbolic_shapes_fall_back():
+    model, x = Stack(), torch.randn(2, 4)
+    gm, example = captured(model, x)
+    compile_fn = Counting(inductor=False)
+    with torch.no_grad():  # with grad on, the first block (reading x, no grad) differs from the rest
+        program = compile_regional(gm, example, compile_fn, options={})
+    # Blocks and the root's relu between them: one artifact for the blocks, one for the relus.
+    assert (program.report.regions, program.report.compiled, program.report.container) == (6, 2, "layers")
+    torch.testing.assert_close(program(*example)[0], model(x))
+    graphs = []
+
+    def backend(gm, example):
+        graphs.append((gm, list(example)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, dynamic=True)(torch.randn(3, 4))
+    dynamic = compile_regional(*graphs[0], compile_fn, options={})
+    assert dynamic.report.whole_reason == "symbolic shapes"
+
+
 def test_inductor_regions_equal_whole_graph_and_eager():
     model, ids = tiny_gpt2(2), torch.randint(0, VOCAB, (2, TOKENS))
     gm, example = captured(model, ids)

@@ -213,7 +213,8 @@ def find_blocks(gm: torch.fx.GraphModule) -> Tuple[Optional[Tuple[str, ...]], Di
 
     A container is a module path followed by an integer segment (``transformer.h.3``). The one
     with the most distinct indices wins (ties: the outermost), and needs at least two. Nodes with
-    no module stack (patch ops, some Dynamo helpers) are placed later (``_assign``).
+    no metadata at all (patch ops inserted after capture) are placed later (``_assign``); Dynamo's
+    nodes outside every module (the root's own ops) are outside the blocks.
     """
     indices: Dict[Tuple[str, ...], set] = {}
     for node in gm.graph.nodes:
@@ -233,8 +234,8 @@ def find_blocks(gm: torch.fx.GraphModule) -> Tuple[Optional[Tuple[str, ...]], Di
         if node.op in ("placeholder", "output"):
             continue
         paths = _module_paths(node)
-        if not paths:
-            continue  # no stack: decided by its neighbours
+        if not node.meta:
+            continue  # inserted after capture (a patch op): decided by its neighbours
         block = None
         for path in paths:
             if len(path) > depth and path[:depth] == container and path[depth].isdigit():
@@ -250,7 +251,7 @@ _UNSET = object()
 def _assign(gm: torch.fx.GraphModule, blocks: Dict[torch.fx.Node, Optional[int]]) -> Dict[torch.fx.Node, int]:
     """Node → region number: maximal runs of graph-ordered nodes in the same block (or in none).
 
-    A node without a module stack joins the next node that has one (patch ops are inserted just
+    A node inserted after capture joins the next captured node (patch ops are inserted just
     before the node that consumes the patched value), or the previous one at the end of the graph.
     """
     body = [node for node in gm.graph.nodes if node.op not in ("placeholder", "output")]
@@ -450,7 +451,10 @@ def compile_regional(
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     if len(example_inputs) != len(placeholders):
         return _whole(gm, example_inputs, compile_fn, "example inputs do not match the placeholders")
-    if any(_symbolic(value) for value in example_inputs):
+    if any(_symbolic(value) for value in example_inputs) or any(
+        _symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders
+    ):
+        # Dynamo hands a backend ints for symbolic sizes: the graph's metadata tells.
         return _whole(gm, example_inputs, compile_fn, "symbolic shapes")
     container_path, blocks = find_blocks(gm)
     if container_path is None:
@@ -494,7 +498,11 @@ def _compile_split(
     blocks: Dict[torch.fx.Node, Optional[int]],
     container: str,
 ) -> RegionalProgram:
-    options_key = _options_key(options) if options is not None else ("compile_fn", id(compile_fn))
+    options_key = (
+        _options_key(options) if options is not None else ("compile_fn", id(compile_fn)),
+        # An artifact compiled under no_grad is an inference graph: never reuse it with grad on.
+        torch.is_grad_enabled(),
+    )
     members: List[List[torch.fx.Node]] = [[] for _ in range(count)]
     for node in gm.graph.nodes:
         if node in regions:
