@@ -46,11 +46,13 @@ def cacheable_context(example_inputs: Sequence[Any]) -> Iterator[None]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    if TracingContext.try_get() is not None:
+    mode = detect_fake_mode(list(example_inputs))
+    if TracingContext.try_get() is not None or (mode is not None and mode.shape_env is None):
+        # Inside Dynamo already, or fake inputs of a mode that cannot take a ShapeEnv (a second
+        # mode would mix fake modes): compile as torch would without us.
         yield
         return
-    mode = detect_fake_mode(list(example_inputs))
-    if mode is None or mode.shape_env is None:
+    if mode is None:
         mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with tracing(TracingContext(mode)):
         yield
