@@ -12,11 +12,12 @@ Every figure comes from a fresh child process with its own empty ``TORCHINDUCTOR
 * ``graphpatch warm``: the same in a second process whose on-disk caches are warm (T7).
 * ``sweep``: a one-off pb.sweep over every layer x position and the forward-hook loop it
   replaces, everything included (T5, T6).
+* ``steady``: ``backend="inductor"`` and graphpatch (unpatched, patched at one site) at batch
+  8 x 128 tokens in one process, timed in turns (T4).
 
 Until the dispatcher calls ``compile_regional`` itself (the integration step of issue 10), the
 graphpatch children route ``Dispatcher._compile`` through it; the output says so. Targets are
-ratios of figures measured in this run on this machine; T4 is measured at the bench shape
-(1 x seq tokens), not at 8 x 128.
+ratios of figures measured in this run on this machine.
 """
 
 from __future__ import annotations
@@ -128,6 +129,33 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["compile seconds per region"] = report.seconds_by_label()
         result["cache counters"] = fx_graph_cache_counters()
         return result
+    if kind == "steady":
+        # T4 at batch 8 x 128 tokens: Inductor and graphpatch in one process, timed in turns.
+        import copy
+
+        big = gpt2(layers, args.width, args.heads, 1024, max(args.steady_seq, args.seq), device)
+        tokens = torch.randint(0, 1024, (args.steady_batch, args.steady_seq),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        inductor = torch.compile(copy.deepcopy(big), backend="inductor", dynamic=False)
+        patched_model = torch.compile(copy.deepcopy(big), backend="graphpatch", dynamic=False)
+        patches = {f"transformer.h_{layers // 2}.mlp.act.mul_1": AddPatch(value=0.5)}
+
+        def patched():
+            with pb.patch(patched_model, patches):
+                return patched_model(tokens)
+
+        calls = {"inductor": lambda: inductor(tokens), "graphpatch": lambda: patched_model(tokens),
+                 "graphpatch patched": patched}
+        for fn in calls.values():
+            fn()
+            fn()
+        samples: Dict[str, List[float]] = {name: [] for name in calls}
+        for _ in range(args.repeats):
+            for name, fn in calls.items():
+                samples[name].append(timed(fn, device))
+        for name, values in samples.items():
+            result[f"{name} forward {args.steady_batch}x{args.steady_seq}"] = statistics.median(values)
+        return result
     if kind == "sweep":
         clean, corrupt = clean_and_corrupt(1024, args.seq, device=device)
         answer = int(model(clean).logits[0, -1].argmax())
@@ -171,6 +199,9 @@ def targets(layers: int, measured: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """The T1-T7 ratios from the children's figures (also usable on a saved --json's "measured")."""
     ind, gp, warm, sw = measured["inductor"], measured["graphpatch"], measured["graphpatch warm"], measured["sweep"]
     inductor_compile = ind["inductor first call"] - ind["inductor forward"]
+    st = measured["steady"]
+    shape = next(key for key in st if key.startswith("inductor forward ")).split()[-1]
+    base = st[f"inductor forward {shape}"]
     ratios = {
         "T1 new-structure first call / eager forward (target <= 3)":
             gp["new structure first call"] / gp["eager forward"],
@@ -182,9 +213,8 @@ def targets(layers: int, measured: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             gp["new structure compile seconds"] / inductor_compile,
         "T3 plain first call / inductor first call (target <= 0.4)":
             gp["plain first call"] / ind["inductor first call"],
-        "T4 unpatched forward / inductor forward (target <= 1.05)": gp["graphpatch forward"] / ind["inductor forward"],
-        "T4 patched forward / inductor forward (target <= 1.05)":
-            gp["graphpatch patched forward"] / ind["inductor forward"],
+        "T4 unpatched forward / inductor forward (target <= 1.05)": st[f"graphpatch forward {shape}"] / base,
+        "T4 patched forward / inductor forward (target <= 1.05)": st[f"graphpatch patched forward {shape}"] / base,
         "T5 block variants compiled by the sweep (target <= 2)": sw["sweep block variants compiled"],
         "T6 one-off sweep / forward-hook loop (target < 1)": sw["one-off sweep"] / sw["forward-hook loop"],
         "T7 warm-process compile s / first-process compile s (target <= 0.2)":
@@ -201,6 +231,8 @@ def main() -> Any:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sweep-batch", type=int, default=64)
+    parser.add_argument("--steady-batch", type=int, default=8)
+    parser.add_argument("--steady-seq", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -213,13 +245,14 @@ def main() -> Any:
     from bench_util import device_name, write_json
 
     argv = ["--width", str(args.width), "--heads", str(args.heads), "--seq", str(args.seq), "--repeats",
-            str(args.repeats), "--sweep-batch", str(args.sweep_batch), "--device", args.device]
+            str(args.repeats), "--sweep-batch", str(args.sweep_batch), "--steady-batch", str(args.steady_batch),
+            "--steady-seq", str(args.steady_seq), "--device", args.device]
     runs = []
     for layers in args.layers:
         measured: Dict[str, Dict[str, Any]] = {}
         with tempfile.TemporaryDirectory() as scratch:
             for kind, folder in (("inductor", "inductor"), ("graphpatch", "graphpatch"),
-                                 ("graphpatch warm", "graphpatch"), ("sweep", "sweep")):
+                                 ("graphpatch warm", "graphpatch"), ("sweep", "sweep"), ("steady", "steady")):
                 measured[kind] = spawn(kind, layers, os.path.join(scratch, folder), argv)
                 print(f"[{layers} layers] {kind}: {measured[kind]['process seconds']:.1f} s", file=sys.stderr)
         run = targets(layers, measured)
