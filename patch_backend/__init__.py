@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
+from .cache import load_cache, save_cache
 from .causal import CausalTrace, causal_trace, plot_grid
 from .context import PatchNotAppliedError, patch
 from .graph import NodePath, PatchableGraph
@@ -47,11 +48,13 @@ __all__ = [
     "ZeroPatch",
     "graphpatch",
     "graphpatch_eager",
+    "load_cache",
     "nodes",
     "patch",
     "prepare",
     "recipes",
     "record",
+    "save_cache",
     "set_max_variants",
     "config",
     "stats",

@@ -23,6 +23,12 @@ max_variants: int = 64
 #: Warn once per site when a custom patch callable does not trace and runs opaquely.
 warn_opaque_custom: bool = True
 
+#: Compile each captured graph region by region, split at the blocks of its most repeated
+#: ``ModuleList`` (program/regions.py), so structurally identical blocks share one compiled
+#: artifact and a new patch structure recompiles only the block it touches. False: compile
+#: every graph whole, as before.
+regional_compile: bool = True
+
 _lock = threading.Lock()
 _module = sys.modules[__name__]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
@@ -21,6 +22,123 @@ def inductor_config(options: Dict[str, Any]) -> Dict[str, Any]:
 def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Dict[str, Any]) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
-    # Called with positional arguments, as Dynamo calls a backend's result.
-    compiled: Callable = compile_fx(gm, list(example_inputs), config_patches=inductor_config(options))  # type: ignore[assignment]
+    patches = inductor_config(options)
+    marked = dict(patch_op_cache_keys())
+    marked.update(patches.get("unsafe_marked_cacheable_functions") or {})
+    patches["unsafe_marked_cacheable_functions"] = marked
+    with cacheable_context(example_inputs):
+        # Called with positional arguments, as Dynamo calls a backend's result.
+        compiled: Callable = compile_fx(gm, list(example_inputs), config_patches=patches)  # type: ignore[assignment]
     return compiled
+
+
+@contextlib.contextmanager
+def cacheable_context(example_inputs: Sequence[Any]) -> Iterator[None]:
+    """A tracing context whose fake mode has a ShapeEnv, unless one is active already.
+
+    Inductor's FX graph cache and AOTAutograd's cache look up the ShapeEnv of the active tracing
+    context and bypass themselves without one ("No shape env"). Dynamo provides it while it
+    calls a backend; the dispatcher compiles later (at a graph's first plain or patched call),
+    outside Dynamo, so without this every compile of this package missed torch's on-disk caches
+    and a second process recompiled everything. Shapes stay static: real inputs are fakified
+    with their concrete sizes.
+    """
+    from torch._guards import TracingContext, detect_fake_mode, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = detect_fake_mode(list(example_inputs))
+    if TracingContext.try_get() is not None or (mode is not None and mode.shape_env is None):
+        # Inside Dynamo already, or fake inputs of a mode that cannot take a ShapeEnv (a second
+        # mode would mix fake modes): compile as torch would without us.
+        yield
+        return
+    if mode is None:
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with tracing(TracingContext(mode)):
+        yield
+
+
+def patch_op_cache_keys() -> Dict[str, str]:
+    """The patch ops (program/ops.py) that variant graphs call, as cacheable functions.
+
+    AOTAutograd's cache refuses graphs calling Python functions it does not know (it cannot
+    tell whether their code changed), so every patched variant bypassed it. Inductor's
+    ``unsafe_marked_cacheable_functions`` admits named functions with a key that must change
+    when their code does: the hash of ops.py's source and the torch version.
+    """
+    if not _op_keys:
+        import hashlib
+        import inspect
+
+        from ..program import ops
+
+        digest = hashlib.sha256(inspect.getsource(ops).encode()).hexdigest()[:16]
+        for name in ("zero", "replace", "add", "probe", "slot"):
+            function = getattr(ops, name)
+            _op_keys[f"{function.__module__}.{function.__name__}"] = f"{digest}-{torch.__version__}"
+    return _op_keys
+
+
+_op_keys: Dict[str, str] = {}
+
+
+# -- regional compile (program/regions.py) ------------------------------------------------------
+def fake_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[torch.fx.Node, Any]:
+    """Every node's value on fake copies of ``example_inputs`` (shapes, strides, dtypes, aliasing).
+
+    Region boundaries need the metadata of intermediate values (a region's inputs are another
+    region's outputs). Running the graph on fake tensors gets it without running the model and,
+    unlike a real run, without applying any in-place update of an input twice. Inputs that are
+    already fake keep their mode (Dynamo's); real ones are converted in a fresh static mode.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = detect_fake_mode(list(example_inputs))
+    if mode is None:
+        # With a ShapeEnv, so compiling a region on these fakes can use torch's on-disk caches
+        # (``cacheable_context``); sizes stay static.
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = [
+        mode.from_tensor(value, static_shapes=True)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else value
+        for value in example_inputs
+    ]
+    values: Dict[torch.fx.Node, Any] = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            result = super().run_node(node)
+            values[node] = result
+            return result
+
+    with mode:
+        _Recorder(gm).run(*fakes)
+    return values
+
+
+def dynamo_static_input(meta: Dict[str, Any]) -> bool:
+    """Whether Dynamo marked the placeholder with this meta as a static input (a parameter or
+    buffer under ``inline_inbuilt_nn_modules``), which CUDA graphs keep at a fixed address."""
+    tensor_dict = meta.get("tensor_dict") or {}
+    return bool(tensor_dict.get("_dynamo_static_input_type"))
+
+
+def fx_graph_cache_counters() -> Dict[str, int]:
+    """Inductor's FX-graph-cache and AOTAutograd-cache counters of this process (hits, misses,
+    bypasses), as torch counts them: the measure of whether a compile was served from disk."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    aot = counters["aot_autograd"]
+    return {
+        "fxgraph_cache_hit": int(inductor["fxgraph_cache_hit"]),
+        "fxgraph_cache_miss": int(inductor["fxgraph_cache_miss"]),
+        "fxgraph_cache_bypass": int(inductor["fxgraph_cache_bypass"]),
+        "autograd_cache_hit": int(aot["autograd_cache_hit"]),
+        "autograd_cache_miss": int(aot["autograd_cache_miss"]),
+        "autograd_cache_bypass": int(aot["autograd_cache_bypass"]),
+    }

@@ -1,0 +1,620 @@
+"""Regional compile: one compiled artifact per *distinct* repeated block, not one per model.
+
+A transformer is a prefix (embeddings), N structurally identical blocks and a suffix. With
+parameters as graph inputs (Dynamo lifts them), block 3 and block 7 differ only in the names of
+their placeholders, so compiling the whole graph lowers and schedules the same block N times, and
+a patched variant that touches one block recompiles all of them. ``compile_regional`` instead
+splits the captured graph at the boundaries of the blocks of the most repeated ``ModuleList``
+(found from ``node.meta["nn_module_stack"]``), renames each region's placeholders and nodes
+positionally, and looks each one up by structure in a bounded, process-wide cache:
+
+* a 12-layer model compiles three artifacts (prefix, one block, suffix);
+* a patched variant hits the plain artifacts for every unpatched block and compiles only the
+  block that holds the patch ops; the same relative site in another layer reuses that artifact,
+  because the patch's runtime inputs (``_patch_ints``, ``_patch_scalars``, ``_patch_tensor_<k>``,
+  ``_slot_keep_<k>``, ``_slot_fill_<k>``) are ordinary region inputs.
+
+Where nothing repeats, or where the graph's shapes are symbolic, the graph is compiled whole,
+exactly as before (see ``compile_regional``).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from .. import config
+
+#: Compiled region artifacts kept in the process-wide cache; the least recently used beyond it
+#: are dropped (a dropped artifact stays alive in the programs that use it).
+MAX_REGION_ARTIFACTS = 512
+
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]|\.(\d+)")
+_ROOT = re.compile(r"^L\['[^']+'\]|^[A-Za-z_][A-Za-z0-9_]*")
+
+
+# -- reports ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegionCompile:
+    """One compile of one region structure."""
+
+    #: What the region is: ``"transformer.h[*]"`` for a block, ``"before transformer.h"``,
+    #: ``"between transformer.h"``, ``"after transformer.h"`` for the rest.
+    label: str
+    #: Number of graph nodes (patch ops included) in the region.
+    nodes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RegionReport:
+    """Process-wide counters of the region cache (``region_report()``)."""
+
+    compiles: int
+    hits: int
+    compile_seconds: float
+    #: Every compile, oldest first (the last ``MAX_REGION_ARTIFACTS``).
+    history: Tuple[RegionCompile, ...]
+
+    def seconds_by_label(self) -> Dict[str, float]:
+        """Compile seconds per region label, for ``pb.stats``' "compile seconds per region"."""
+        totals: Dict[str, float] = {}
+        for entry in self.history:
+            totals[entry.label] = totals.get(entry.label, 0.0) + entry.seconds
+        return totals
+
+
+@dataclass(frozen=True)
+class ProgramReport:
+    """What one ``compile_regional`` call did."""
+
+    #: Regions the graph was split into (1: compiled whole).
+    regions: int
+    #: Regions compiled by this call (cache misses).
+    compiled: int
+    #: Regions served by an artifact compiled earlier (in this call or before).
+    reused: int
+    compile_seconds: float
+    #: Why the graph was compiled whole, or None when it was split.
+    whole_reason: Optional[str]
+    #: The container whose blocks delimit the regions (``"transformer.h"``), if any.
+    container: Optional[str]
+
+
+# -- the process-wide artifact cache ------------------------------------------------------------
+@dataclass
+class _Artifact:
+    fn: Callable
+    label: str
+    #: Objects whose id() is part of the key, kept alive so the ids are not reused.
+    pins: Tuple[Any, ...]
+    ready: threading.Event
+    error: Optional[BaseException] = None
+
+
+class _RegionCache:
+    """Structure key → compiled region, bounded (LRU) and safe to use from several threads.
+
+    Two threads asking for the same missing key compile it once: the second waits for the
+    first's result instead of compiling it again (the tiered runtime compiles in background
+    threads while the caller's thread may ask for the same region).
+    """
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.entries: "OrderedDict[Hashable, _Artifact]" = OrderedDict()
+        self.lock = threading.Lock()
+        self.compiles = 0
+        self.hits = 0
+        self.seconds = 0.0
+        self.history: List[RegionCompile] = []
+
+    def get_or_compile(
+        self, key: Hashable, label: str, nodes: int, pins: Tuple[Any, ...], compile: Callable[[], Callable]
+    ) -> Tuple[Callable, bool, float]:
+        """(artifact, compiled here, compile seconds) for ``key``."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+                owner = False
+            else:
+                entry = _Artifact(fn=None, label=label, pins=pins, ready=threading.Event())  # type: ignore[arg-type]
+                self.entries[key] = entry
+                owner = True
+                while len(self.entries) > self.bound:
+                    self.entries.popitem(last=False)
+        if not owner:
+            entry.ready.wait()
+            if entry.error is not None:
+                raise entry.error
+            with self.lock:
+                self.hits += 1
+            return entry.fn, False, 0.0
+        start = time.perf_counter()
+        try:
+            entry.fn = compile()
+        except BaseException as error:
+            entry.error = error
+            with self.lock:
+                if self.entries.get(key) is entry:
+                    del self.entries[key]
+            entry.ready.set()
+            raise
+        seconds = time.perf_counter() - start
+        entry.ready.set()
+        with self.lock:
+            self.compiles += 1
+            self.seconds += seconds
+            self.history.append(RegionCompile(label, nodes, seconds))
+            del self.history[: -self.bound]
+        return entry.fn, True, seconds
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.compiles = self.hits = 0
+            self.seconds = 0.0
+            self.history.clear()
+
+
+_cache = _RegionCache(MAX_REGION_ARTIFACTS)
+
+
+def region_report() -> RegionReport:
+    """Counters of every regional compile in this process."""
+    with _cache.lock:
+        return RegionReport(_cache.compiles, _cache.hits, _cache.seconds, tuple(_cache.history))
+
+
+def clear_region_cache() -> None:
+    """Drops every cached region artifact and zeroes the counters (tests, benchmarks)."""
+    _cache.clear()
+
+
+# -- finding the repeated blocks ----------------------------------------------------------------
+def parse_module_path(path: str) -> Tuple[str, ...]:
+    """``L['self'].transformer.h[3].mlp`` or ``L['self'].transformer.h.3.mlp`` →
+    ``('transformer', 'h', '3', 'mlp')`` (the frame's root local dropped)."""
+    root = _ROOT.match(path)
+    rest = path[root.end():] if root else path
+    segments: List[str] = []
+    position = 0
+    while position < len(rest):
+        token = _PATH_TOKEN.match(rest, position)
+        if token is None:
+            return tuple(segments)  # an unusual path: what was read so far is still a prefix
+        segments.append(next(group for group in token.groups() if group is not None))
+        position = token.end()
+    return tuple(segments)
+
+
+def _module_paths(node: torch.fx.Node) -> List[Tuple[str, ...]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else value
+        if isinstance(path, str):
+            paths.append(parse_module_path(path))
+    return paths
+
+
+def find_blocks(gm: torch.fx.GraphModule) -> Tuple[Optional[Tuple[str, ...]], Dict[torch.fx.Node, Optional[int]]]:
+    """The container whose numbered children repeat most often, and each node's block index in it.
+
+    A container is a module path followed by an integer segment (``transformer.h.3``). The one
+    with the most distinct indices wins (ties: the outermost), and needs at least two. Nodes with
+    no metadata at all (patch ops inserted after capture) are placed later (``_assign``); Dynamo's
+    nodes outside every module (the root's own ops) are outside the blocks.
+    """
+    indices: Dict[Tuple[str, ...], set] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        for path in _module_paths(node):
+            for position, segment in enumerate(path):
+                if segment.isdigit() and position > 0:
+                    indices.setdefault(path[:position], set()).add(int(segment))
+    candidates = [(len(found), -len(prefix), prefix) for prefix, found in indices.items() if len(found) >= 2]
+    if not candidates:
+        return None, {}
+    _, _, container = max(candidates)
+    depth = len(container)
+    blocks: Dict[torch.fx.Node, Optional[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        paths = _module_paths(node)
+        if not node.meta:
+            continue  # inserted after capture (a patch op): decided by its neighbours
+        block = None
+        for path in paths:
+            if len(path) > depth and path[:depth] == container and path[depth].isdigit():
+                block = int(path[depth])
+                break
+        blocks[node] = block
+    return container, blocks
+
+
+_UNSET = object()
+
+
+def _assign(gm: torch.fx.GraphModule, blocks: Dict[torch.fx.Node, Optional[int]]) -> Dict[torch.fx.Node, int]:
+    """Node → region number: maximal runs of graph-ordered nodes in the same block (or in none).
+
+    A node inserted after capture joins the next captured node (patch ops are inserted just
+    before the node that consumes the patched value), or the previous one at the end of the graph.
+    """
+    body = [node for node in gm.graph.nodes if node.op not in ("placeholder", "output")]
+    resolved: List[Any] = [blocks.get(node, _UNSET) for node in body]
+    following: Any = _UNSET
+    for position in range(len(body) - 1, -1, -1):
+        if resolved[position] is _UNSET:
+            resolved[position] = following
+        else:
+            following = resolved[position]
+    previous: Any = None
+    for position in range(len(body)):
+        if resolved[position] is _UNSET:
+            resolved[position] = previous
+        previous = resolved[position]
+    regions: Dict[torch.fx.Node, int] = {}
+    region = -1
+    current: Any = _UNSET
+    for node, block in zip(body, resolved):
+        if block != current or region < 0:
+            region += 1
+            current = block
+        regions[node] = region
+    return regions
+
+
+# -- structure keys -----------------------------------------------------------------------------
+_PLAIN = (int, float, bool, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout,
+          torch.memory_format)
+
+
+class _Canon:
+    """Turns a region's nodes and constants into a hashable key in which Node references are
+    positions, so regions that differ only by names (and by which tensors they read) are equal."""
+
+    def __init__(self, positions: Dict[torch.fx.Node, Tuple[str, int]]) -> None:
+        self.positions = positions
+        self.pins: List[Any] = []
+
+    def value(self, value: Any) -> Hashable:
+        if isinstance(value, torch.fx.Node):
+            return ("node",) + self.positions[value]
+        if isinstance(value, _PLAIN):
+            return (type(value).__name__, value)
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__, tuple(self.value(item) for item in value))
+        if isinstance(value, dict):
+            return ("dict", tuple((str(key), self.value(item)) for key, item in value.items()))
+        if isinstance(value, slice):
+            return ("slice", self.value(value.start), self.value(value.stop), self.value(value.step))
+        try:
+            hash(value)
+            return ("obj", type(value), value)
+        except TypeError:
+            self.pins.append(value)
+            return ("id", id(value))
+
+    def target(self, node: torch.fx.Node, root: torch.nn.Module) -> Hashable:
+        if node.op in ("get_attr", "call_module"):
+            attribute = root
+            for part in str(node.target).split("."):
+                attribute = getattr(attribute, part)
+            self.pins.append(attribute)
+            return (node.op, id(attribute))
+        return (node.op, self.value(node.target) if isinstance(node.target, str) else ("fn", node.target))
+
+
+def _input_spec(value: Any, meta: Dict[str, Any], storages: Dict[Any, int], position: int) -> Hashable:
+    from .._torch_compat.inductor import dynamo_static_input
+
+    if isinstance(value, torch.Tensor):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = StorageWeakRef(value.untyped_storage())
+        alias = storages.setdefault(storage, position)
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.storage_offset(), value.dtype,
+                value.device, value.requires_grad, alias, dynamo_static_input(meta))
+    return ("value", type(value).__name__, value)
+
+
+# -- building the program -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Step:
+    fn: Callable
+    inputs: Tuple[int, ...]
+    outputs: Tuple[int, ...]
+    #: Slots whose last use is this step: freed after it, as the whole-graph code frees them.
+    release: Tuple[int, ...]
+
+
+class RegionalProgram:
+    """Runs the compiled regions in order, feeding each the values it reads.
+
+    Called with the graph's positional inputs, as Dynamo calls a backend's result; returns the
+    graph's outputs in the container type the graph returns.
+    """
+
+    def __init__(self, steps: Sequence[_Step], slots: int, inputs: int, output: Any, report: ProgramReport) -> None:
+        self.steps = tuple(steps)
+        self.slots = slots
+        self.inputs = inputs
+        self.output = output
+        self.report = report
+
+    def __call__(self, *args: Any) -> Any:
+        env: List[Any] = list(args[: self.inputs]) + [None] * (self.slots - self.inputs)
+        for step in self.steps:
+            results = step.fn(*[env[slot] for slot in step.inputs])
+            for slot, value in zip(step.outputs, results):
+                env[slot] = value
+            for slot in step.release:
+                env[slot] = None
+        return _build_output(self.output, env)
+
+
+def _build_output(template: Any, env: List[Any]) -> Any:
+    if isinstance(template, _Slot):
+        return env[template.index]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_build_output(item, env) for item in template)
+    if isinstance(template, dict):
+        return {key: _build_output(item, env) for key, item in template.items()}
+    return template
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+class WholeProgram:
+    """The graph compiled whole (``compile_fn(gm, example)``), with the same ``report`` as a
+    ``RegionalProgram`` says why it was not split."""
+
+    def __init__(self, fn: Callable, report: ProgramReport) -> None:
+        self.fn = fn
+        self.report = report
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _whole(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable, reason: str,
+           container: Optional[str] = None) -> WholeProgram:
+    start = time.perf_counter()
+    fn = compile_fn(gm, example_inputs)
+    seconds = time.perf_counter() - start
+    with _cache.lock:
+        _cache.compiles += 1
+        _cache.seconds += seconds
+        _cache.history.append(RegionCompile("whole graph", len(gm.graph.nodes), seconds))
+        del _cache.history[: -_cache.bound]
+    return WholeProgram(fn, ProgramReport(1, 1, 0, seconds, reason, container))
+
+
+def _symbolic(value: Any) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(not isinstance(size, int) for size in value.shape)
+
+
+def compile_regional(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    compile_fn: Callable[[torch.fx.GraphModule, Sequence[Any]], Callable],
+    options: Optional[Dict[str, Any]] = None,
+) -> Callable:
+    """Compiles ``gm`` region by region with ``compile_fn(region_gm, example) -> callable``.
+
+    The result is called like ``compile_fn(gm, example_inputs)``'s result (positional inputs, the
+    graph's outputs) and computes the same values. Regions whose structure (canonical nodes,
+    input shapes/strides/dtypes/devices/aliasing and ``options``) was compiled before, in this call
+    or an earlier one, reuse that artifact. ``options`` are the compile options ``compile_fn``
+    applies (``mode``, Inductor ``options``): they are part of the key, so pass them whenever
+    ``compile_fn`` is not the same object for every call (a bound method is a new object each
+    time); without them artifacts are shared only among calls with the same ``compile_fn``.
+
+    Compiled whole (``compile_fn(gm, example_inputs)``, exactly as without regions) when:
+
+    * ``config.regional_compile`` is False;
+    * nothing repeats (no ``ModuleList``-style container with two or more blocks in the graph);
+    * the graph's inputs have symbolic shapes: compiling a region needs the symbols of every
+      input it reads bound in Dynamo's tracing context, which only exists while Dynamo calls
+      the backend; splitting there is left for later;
+    * the graph cannot be run on fake tensors (a data-dependent op) or a multi-output node's
+      tuple crosses a region boundary.
+
+    With ``mode="reduce-overhead"`` each region is a separate CUDA graph, as after a graph break:
+    parameters stay static inputs because each region keeps Dynamo's markers (placeholder
+    sources and ``tensor_dict``), the same way Dynamo's DDP optimizer splits graphs.
+
+    The result (a ``RegionalProgram`` or ``WholeProgram``) has a ``report`` attribute
+    (``ProgramReport``) saying what was compiled and why a graph was not split.
+    """
+    if not config.regional_compile:
+        return _whole(gm, example_inputs, compile_fn, "config.regional_compile is False")
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        return _whole(gm, example_inputs, compile_fn, "example inputs do not match the placeholders")
+    if any(_symbolic(value) for value in example_inputs) or any(
+        _symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders
+    ):
+        # Dynamo hands a backend ints for symbolic sizes: the graph's metadata tells.
+        return _whole(gm, example_inputs, compile_fn, "symbolic shapes")
+    container_path, blocks = find_blocks(gm)
+    if container_path is None:
+        return _whole(gm, example_inputs, compile_fn, "no repeated blocks")
+    container = ".".join(container_path)
+    try:
+        from .._torch_compat.inductor import fake_values
+
+        values = fake_values(gm, example_inputs)
+    except Exception as error:  # noqa: BLE001 - any failure here means: compile as before
+        return _whole(gm, example_inputs, compile_fn, f"fake propagation failed: {type(error).__name__}: {error}",
+                      container)
+    regions = _assign(gm, blocks)
+    # A multi-output node's elements travel as tensors: its getitems join its region.
+    for node in gm.graph.nodes:
+        if node in regions and isinstance(values.get(node), (tuple, list)):
+            for user in node.users:
+                if user.op == "call_function" and user.target is operator.getitem:
+                    regions[user] = regions[node]
+                elif user.op != "output" and regions.get(user) != regions[node]:
+                    return _whole(gm, example_inputs, compile_fn, f"tuple {node.name} crosses a region boundary",
+                                  container)
+                elif user.op == "output":
+                    return _whole(gm, example_inputs, compile_fn, f"tuple {node.name} is a graph output", container)
+    count = max(regions.values()) + 1 if regions else 0
+    if count < 2:
+        return _whole(gm, example_inputs, compile_fn, "one region", container)
+    return _compile_split(gm, placeholders, example_inputs, compile_fn, options, values, regions, count, blocks,
+                          container)
+
+
+def _compile_split(
+    gm: torch.fx.GraphModule,
+    placeholders: List[torch.fx.Node],
+    example_inputs: Sequence[Any],
+    compile_fn: Callable,
+    options: Optional[Dict[str, Any]],
+    values: Dict[torch.fx.Node, Any],
+    regions: Dict[torch.fx.Node, int],
+    count: int,
+    blocks: Dict[torch.fx.Node, Optional[int]],
+    container: str,
+) -> RegionalProgram:
+    options_key = (
+        _options_key(options) if options is not None else ("compile_fn", id(compile_fn)),
+        # An artifact compiled under no_grad is an inference graph: never reuse it with grad on.
+        torch.is_grad_enabled(),
+    )
+    members: List[List[torch.fx.Node]] = [[] for _ in range(count)]
+    for node in gm.graph.nodes:
+        if node in regions:
+            members[regions[node]].append(node)
+    slot = {node: position for position, node in enumerate(placeholders)}
+    for node in gm.graph.nodes:
+        if node in regions:
+            slot[node] = len(slot)
+    output_node = next(node for node in gm.graph.nodes if node.op == "output")
+    # Last step that reads each slot (the graph output keeps its slots to the end).
+    last_use: Dict[int, int] = {}
+    in_output = {slot[node] for node in output_node.all_input_nodes}
+    block_of: Dict[int, Optional[int]] = {region: None for region in range(count)}
+    for node, region in regions.items():
+        if blocks.get(node) is not None:
+            block_of[region] = blocks[node]
+    block_regions = [region for region, index in block_of.items() if index is not None]
+
+    steps: List[_Step] = []
+    compiled = reused = 0
+    seconds = 0.0
+    sources = {node: getattr(node, "_dynamo_source", None) for node in placeholders}
+    for region, nodes in enumerate(members):
+        inside = set(nodes)
+        inputs: List[torch.fx.Node] = []
+        for node in nodes:
+            for used in node.all_input_nodes:
+                if used not in inside and used not in inputs:
+                    inputs.append(used)
+        outputs = [node for node in nodes if any(user not in inside for user in node.users)]
+        for used in inputs:
+            last_use[slot[used]] = region
+        if block_of[region] is not None:
+            label = f"{container}[*]"
+        elif not block_regions or region < block_regions[0]:
+            label = f"before {container}"
+        elif region > block_regions[-1]:
+            label = f"after {container}"
+        else:
+            label = f"between {container}"
+        region_gm, key, pins = _canonical(gm, nodes, inputs, outputs, values, sources)
+        example = [values[node] if node in values else example_inputs[slot[node]] for node in inputs]
+        fn, fresh, spent = _cache.get_or_compile(
+            (options_key, key), label, len(nodes), pins, lambda: compile_fn(region_gm, example)
+        )
+        compiled += fresh
+        reused += not fresh
+        seconds += spent
+        steps.append(_Step(fn, tuple(slot[node] for node in inputs), tuple(slot[node] for node in outputs), ()))
+    final = []
+    for region, step in enumerate(steps):
+        release = tuple(
+            index for index in sorted(set(step.inputs)) if last_use.get(index) == region and index not in in_output
+        )
+        final.append(_Step(step.fn, step.inputs, step.outputs, release))
+    template = torch.fx.node.map_aggregate(
+        output_node.args[0], lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value
+    )
+    report = ProgramReport(count, compiled, reused, seconds, None, container)
+    return RegionalProgram(final, len(slot), len(placeholders), template, report)
+
+
+def _options_key(options: Dict[str, Any]) -> Hashable:
+    return repr(sorted((str(key), repr(value)) for key, value in options.items()))
+
+
+def _canonical(
+    gm: torch.fx.GraphModule,
+    nodes: List[torch.fx.Node],
+    inputs: List[torch.fx.Node],
+    outputs: List[torch.fx.Node],
+    values: Dict[torch.fx.Node, Any],
+    sources: Dict[torch.fx.Node, Any],
+) -> Tuple[torch.fx.GraphModule, Hashable, Tuple[Any, ...]]:
+    """The region as a GraphModule with positional names (``in_<k>``, ``n_<k>``) and its key."""
+    positions: Dict[torch.fx.Node, Tuple[str, int]] = {node: ("in", k) for k, node in enumerate(inputs)}
+    positions.update({node: ("n", k) for k, node in enumerate(nodes)})
+    canon = _Canon(positions)
+    structure = []
+    for node in nodes:
+        structure.append((canon.target(node, gm), canon.value(node.args), canon.value(node.kwargs)))
+    storages: Dict[Any, int] = {}
+    specs = tuple(
+        _input_spec(values.get(node), node.meta if node.op == "placeholder" else {}, storages, k)
+        for k, node in enumerate(inputs)
+    )
+    key = (tuple(structure), specs, tuple(positions[node][1] for node in outputs))
+
+    graph = torch.fx.Graph()
+    env: Dict[torch.fx.Node, torch.fx.Node] = {}
+    for k, node in enumerate(inputs):
+        placeholder = graph.placeholder(f"in_{k}")
+        if node.op == "placeholder":
+            placeholder.meta = copy.copy(node.meta)
+        else:
+            placeholder.meta = {key: node.meta[key] for key in ("example_value", "val") if key in node.meta}
+        # Dynamo's markers, which AOTAutograd reads to keep parameters static under CUDA graphs.
+        placeholder._dynamo_source = sources.get(node)  # type: ignore[attr-defined]
+        env[node] = placeholder
+    for k, node in enumerate(nodes):
+        copied = graph.create_node(
+            node.op, node.target, torch.fx.node.map_arg(node.args, env.__getitem__),
+            torch.fx.node.map_arg(node.kwargs, env.__getitem__), name=f"n_{k}",
+        )
+        copied.meta = copy.copy(node.meta)
+        env[node] = copied
+    graph.output(tuple(env[node] for node in outputs))
+    region = torch.fx.GraphModule(gm, graph)
+    if "dynamo_compile_id" in gm.meta:
+        # Marks the region as Dynamo's, as Dynamo's DDP optimizer marks its partitions, so that
+        # AOTAutograd reads the placeholders' static-input markers (inputs that are not the
+        # graph's own placeholders have no source, as there).
+        region.meta.update(gm.meta)
+        region._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # type: ignore[attr-defined]
+    return region, key, tuple(canon.pins)
