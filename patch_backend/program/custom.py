@@ -13,24 +13,23 @@ import contextlib
 import contextvars
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..patches import Patch, ProbePatch, RecordPatch
+from ..patches import CustomPatch, Patch, ProbePatch, RecordPatch
 from .. import config
 
 _CONSTANT_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 
 
 def patch_function(patch: Patch) -> Callable:
-    from ..patches import CustomPatch
-
+    """The callable a custom patch applies: ``custom_op``, or a Patch subclass's own ``op``."""
     return patch.custom_op if isinstance(patch, CustomPatch) else patch.op
 
 
-def _cell_structure(value: Any, probe_positions: Dict[int, Tuple[int, int]]) -> Any:
+def _cell_structure(value: Any, probe_positions: Dict[int, Any]) -> Any:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
     if isinstance(value, ProbePatch):
@@ -62,7 +61,7 @@ def _parts(fn: Callable) -> Tuple[Optional[types.FunctionType], Optional[Any], T
     return fn, bound_self, captured
 
 
-def callable_structure(fn: Callable, probe_positions: Optional[Dict[int, Tuple[int, int]]] = None) -> Any:
+def callable_structure(fn: Callable, probe_positions: Optional[Dict[int, Any]] = None) -> Any:
     function, bound_self, captured = _parts(fn)
     if function is None:
         return ("opaque-object", id(fn))
@@ -86,13 +85,14 @@ class _RecordStandIn:
         self.activations = activations
 
 
-@dataclass
+@dataclass(frozen=True)
 class CustomLowering:
-    traced_call: Callable
-    probe_keys: Tuple[Tuple[int, int], ...]
-    tensor_positions: Tuple[int, ...]
-    opaque_slot: Optional[int] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    """How a custom callable enters the graph: ``call(value, probes, lifted)`` rebuilds it from
+    the lifted tensors (``tensors``: runtime tensor slots) and the probes it reads."""
+
+    call: Callable
+    probes: Tuple[Any, ...]
+    tensors: Tuple[int, ...]
 
 
 def _lift(value: Any, tensors: List[torch.Tensor], probe_positions, probe_keys: List, layout: List) -> None:
@@ -131,15 +131,11 @@ def _rebuild(layout_entry, lifted, probes) -> Any:
     return payload
 
 
-def lower_custom(
-    patch: Patch,
-    tensors: List[torch.Tensor],
-    probe_positions: Dict[int, Tuple[int, int]],
-) -> CustomLowering:
-    fn = patch_function(patch)
+def lower_custom(fn: Callable, tensors: List[torch.Tensor], probe_positions: Dict[int, Any]) -> CustomLowering:
+    """Lifts the tensors ``fn`` captures onto ``tensors`` (the runtime tensor list being built)."""
     function, bound_self, captured = _parts(fn)
     start = len(tensors)
-    probe_keys: List[Tuple[int, int]] = []
+    probe_keys: List[Any] = []
     layout: List[Any] = []
     for value in captured:
         _lift(value, tensors, probe_positions, probe_keys, layout)
@@ -228,15 +224,14 @@ def _no_gradient(ctx, grad_output):
 opaque_patch.register_autograd(_no_gradient)
 
 
-def is_traceable(lowering: CustomLowering, value_meta: torch.Tensor, tensors: List[torch.Tensor]) -> Optional[str]:
-    """None if the callable traces with fake tensors; else the reason it does not."""
+def is_traceable(call: Callable, probes: int, lifted: Tuple[torch.Tensor, ...], value_meta: torch.Tensor) -> Optional[str]:
+    """None if ``call(value, probes, lifted)`` traces with fake tensors; else the reason it does not."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    lifted = tuple(tensors[p] for p in lowering.tensor_positions)
-    probes = tuple(torch.zeros(()) for _ in lowering.probe_keys)
+    stand_ins = tuple(torch.zeros(()) for _ in range(probes))
 
     def run(value, lifted_values):
-        return lowering.traced_call(value, probes, lifted_values)
+        return call(value, stand_ins, lifted_values)
 
     try:
         make_fx(run, tracing_mode="fake")(value_meta, lifted)
