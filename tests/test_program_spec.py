@@ -1,6 +1,8 @@
 """The program spec (keys, typed slice forms) and the one insertion pass that builds from it."""
 
 import copy
+import gc
+import weakref
 
 import expecttest
 import pytest
@@ -211,3 +213,23 @@ def test_slot_variant_matches_eager():
             want = eager(x)
         torch.testing.assert_close(got, want)
     assert pb.stats(compiled).variants_compiled == 1
+
+
+def _scaled_by(captured):
+    return lambda t: t * captured
+
+
+def test_variant_keeps_no_custom_capture_alive():
+    # Neither the cache key (the spec) nor the compiled graph holds the first patch's callable:
+    # its captured tensors are inputs, and the traced stand-in keeps only the code.
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    compiled(x)
+    captured = torch.full((8,), 2.0)
+    with pb.patch(compiled, {"layers_0.output": CustomPatch(custom_op=_scaled_by(captured))}):
+        compiled(x)
+    assert pb.stats(compiled).variants_compiled == 1
+    ref = weakref.ref(captured)
+    del captured
+    gc.collect()
+    assert ref() is None

@@ -14,7 +14,7 @@ import contextvars
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -95,88 +95,112 @@ class CustomLowering:
     tensors: Tuple[int, ...]
 
 
-def _lift(value: Any, tensors: List[torch.Tensor], probe_positions, probe_keys: List, layout: List) -> None:
+@dataclass(frozen=True)
+class _Lifted:
+    """A captured tensor: ``lifted[position]`` of this callable (a graph input)."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class _ProbeRead:
+    """A captured ProbePatch of the same patch map: reads ``probes[position]`` of this forward."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class _HostProbe:
+    """A captured ProbePatch of another map: its activation as it was when captured."""
+
+    activation: "_Captured"
+
+
+@dataclass(frozen=True)
+class _Record:
+    activations: Tuple["_Captured", ...]
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Any other captured value, used as it is (a constant of the variant)."""
+
+    value: Any
+
+
+_Captured = Union[_Lifted, _ProbeRead, _HostProbe, _Record, _Kept]
+
+
+class _Lifter:
     """Flattens captured values into lifted tensors and referenced probes (same order always)."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        layout.append(("tensor", len(tensors) - 1))
-    elif isinstance(value, ProbePatch):
-        position = probe_positions.get(id(value))
-        if position is not None:
-            probe_keys.append(position)
-            layout.append(("probe", len(probe_keys) - 1))
-        else:
-            inner: List = []
-            _lift(value.activation, tensors, probe_positions, probe_keys, inner)
-            layout.append(("host-probe", inner))
-    elif isinstance(value, RecordPatch):
-        inner = []
-        for item in value.activations:
-            _lift(item, tensors, probe_positions, probe_keys, inner)
-        layout.append(("record", inner))
-    else:
-        layout.append(("keep", value))
+
+    def __init__(self, tensors: List[torch.Tensor], probe_positions: Dict[int, Any]) -> None:
+        self.tensors = tensors
+        self.start = len(tensors)
+        self.probe_positions = probe_positions
+        self.probes: List[Any] = []
+
+    def lift(self, value: Any) -> _Captured:
+        if isinstance(value, torch.Tensor):
+            self.tensors.append(value)
+            return _Lifted(len(self.tensors) - 1 - self.start)
+        if isinstance(value, ProbePatch):
+            position = self.probe_positions.get(id(value))
+            if position is None:
+                return _HostProbe(self.lift(value.activation))
+            self.probes.append(position)
+            return _ProbeRead(len(self.probes) - 1)
+        if isinstance(value, RecordPatch):
+            return _Record(tuple(self.lift(item) for item in value.activations))
+        return _Kept(value)
 
 
-def _rebuild(layout_entry, lifted, probes) -> Any:
-    kind, payload = layout_entry
-    if kind == "tensor":
-        return lifted[payload]
-    if kind == "probe":
-        return _ProbeStandIn(probes[payload])
-    if kind == "host-probe":
-        return _ProbeStandIn(_rebuild(payload[0], lifted, probes))
-    if kind == "record":
-        return _RecordStandIn([_rebuild(entry, lifted, probes) for entry in payload])
-    return payload
+def _rebuild(captured: _Captured, lifted: Sequence[Any], probes: Sequence[Any]) -> Any:
+    if isinstance(captured, _Lifted):
+        return lifted[captured.position]
+    if isinstance(captured, _ProbeRead):
+        return _ProbeStandIn(probes[captured.position])
+    if isinstance(captured, _HostProbe):
+        return _ProbeStandIn(_rebuild(captured.activation, lifted, probes))
+    if isinstance(captured, _Record):
+        return _RecordStandIn([_rebuild(item, lifted, probes) for item in captured.activations])
+    return captured.value
 
 
 def lower_custom(fn: Callable, tensors: List[torch.Tensor], probe_positions: Dict[int, Any]) -> CustomLowering:
     """Lifts the tensors ``fn`` captures onto ``tensors`` (the runtime tensor list being built)."""
     function, bound_self, captured = _parts(fn)
-    start = len(tensors)
-    probe_keys: List[Any] = []
-    layout: List[Any] = []
-    for value in captured:
-        _lift(value, tensors, probe_positions, probe_keys, layout)
-    tensor_positions = tuple(range(start, len(tensors)))
+    lifter = _Lifter(tensors, probe_positions)
+    layout = [lifter.lift(value) for value in captured]
+    tensor_positions = tuple(range(lifter.start, len(tensors)))
 
     if function is None:
         def traced_call(value, probes, lifted):
             return fn(value)
 
-        return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
+        return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
 
     closure_count = len(function.__closure__ or ())
     default_count = len(function.__defaults__ or ())
     attribute_names = list(vars(bound_self).keys()) if bound_self is not None else []
-    # Offsets into ``lifted`` are relative to this callable's first lifted tensor.
-    relative_layout = [_shift(entry, -start) for entry in layout]
+    # Only what rebuilding needs: holding ``function`` or ``bound_self`` would keep the patch's
+    # captured tensors alive for as long as the compiled variant.
+    code, globals_, name, kwdefaults = function.__code__, function.__globals__, function.__name__, function.__kwdefaults__
+    self_type = type(bound_self)
 
     def traced_call(value, probes, lifted):
-        rebuilt = [_rebuild(entry, lifted, probes) for entry in relative_layout]
+        rebuilt = [_rebuild(entry, lifted, probes) for entry in layout]
         cells = tuple(types.CellType(v) for v in rebuilt[:closure_count])
         defaults = tuple(rebuilt[closure_count : closure_count + default_count]) or None
-        clone = types.FunctionType(function.__code__, function.__globals__, function.__name__, defaults, cells or None)
-        clone.__kwdefaults__ = function.__kwdefaults__
-        if bound_self is None:
+        clone = types.FunctionType(code, globals_, name, defaults, cells or None)
+        clone.__kwdefaults__ = kwdefaults
+        if self_type is type(None):
             return clone(value)
-        stand_in = object.__new__(type(bound_self))
+        stand_in = object.__new__(self_type)
         stand_in.__dict__.update(zip(attribute_names, rebuilt[closure_count + default_count :]))
         return clone(stand_in, value)
 
-    return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
-
-
-def _shift(entry, offset: int):
-    kind, payload = entry
-    if kind == "tensor":
-        return (kind, payload + offset)
-    if kind == "host-probe":
-        return (kind, [_shift(e, offset) for e in payload])
-    if kind == "record":
-        return (kind, [_shift(e, offset) for e in payload])
-    return entry
+    return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
 
 
 # -- opaque fallback ---------------------------------------------------------------------------

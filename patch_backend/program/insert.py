@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -26,6 +26,7 @@ from .spec import (
     CustomOp,
     Entry,
     EntryRef,
+    Lowered,
     OpaqueOp,
     PatchOp,
     ProbeOutput,
@@ -60,12 +61,13 @@ class Inserted:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The placeholders of the spec's runtime inputs."""
+    """The placeholders of the spec's runtime inputs, and the custom ops' traced calls."""
 
     ints: Optional[torch.fx.Node]
     scalars: Optional[torch.fx.Node]
     tensors: Tuple[torch.fx.Node, ...]
     slots: Tuple[Tuple[torch.fx.Node, torch.fx.Node], ...]
+    calls: Mapping[EntryRef, Callable]
 
 
 @dataclass
@@ -81,13 +83,16 @@ class _Outputs:
         self.refs.append(ref)
 
 
-def insert(gm: torch.fx.GraphModule, spec: ProgramSpec) -> Inserted:
+def insert(
+    gm: torch.fx.GraphModule, spec: ProgramSpec, calls: Optional[Mapping[EntryRef, Callable]] = None
+) -> Inserted:
     """Every use of a patched value passes through its chain of sites (``spec.uses``), each
     chain prefix emitted once, before the first user; a site no use passes through is emitted
-    before the output so that its probes still report."""
+    before the output so that its probes still report. ``calls`` are the traced stand-ins of
+    the spec's custom ops (``Lowered.calls``)."""
     graph = copy.deepcopy(gm.graph)
     nodes = {node.name: node for node in graph.nodes}
-    inputs = _add_placeholders(graph, spec)
+    inputs = _add_placeholders(graph, spec, calls or {})
     outputs = _Outputs()
     uses = spec.uses(graph)
     prefixes = Prefixes(nodes.__getitem__, lambda value, site: _emit_site(graph, spec, site, value, inputs, outputs))
@@ -108,7 +113,7 @@ def insert(gm: torch.fx.GraphModule, spec: ProgramSpec) -> Inserted:
     return Inserted(torch.fx.GraphModule(gm, graph), len(flat), tuple(outputs.refs))
 
 
-def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec) -> _Inputs:
+def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[EntryRef, Callable]) -> _Inputs:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last = placeholders[-1] if placeholders else None
 
@@ -122,7 +127,7 @@ def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec) -> _Inputs:
     scalars = placeholder("_patch_scalars") if spec.scalars else None
     tensors = tuple(placeholder(f"_patch_tensor_{i}") for i in range(spec.tensors))
     slots = tuple((placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots))
-    return _Inputs(ints, scalars, tensors, slots)
+    return _Inputs(ints, scalars, tensors, slots, calls)
 
 
 def _emit_site(
@@ -155,7 +160,7 @@ def _emit(
             value = graph.call_function(torch.clone, (value,))
         probes = tuple(outputs.probes.get(p) for p in entry.probes)
         lifted = tuple(inputs.tensors[slot] for slot in entry.tensors)
-        return graph.call_function(entry.call, (value, probes, lifted))
+        return graph.call_function(inputs.calls[ref], (value, probes, lifted))
     if isinstance(entry, OpaqueOp):
         return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, entry.slot))
     assert isinstance(entry, SlotOp), entry
@@ -214,23 +219,25 @@ def graph_device(gm: torch.fx.GraphModule) -> torch.device:
 _opaque_slots = itertools.count()
 
 
-def _resolve_opaque(gm: torch.fx.GraphModule, spec: ProgramSpec, tensors: Sequence[torch.Tensor]) -> ProgramSpec:
+def _resolve_opaque(gm: torch.fx.GraphModule, lowered: Lowered) -> ProgramSpec:
     """The spec with every custom op that does not trace replaced by an opaque op (warns once
     per site)."""
     nodes = {node.name: node for node in gm.graph.nodes}
+    tensors = lowered.values.tensors
     sites = []
-    for site in spec.sites:
+    for site_index, site in enumerate(lowered.spec.sites):
         entries: List[Entry] = []
-        for entry in site.entries:
+        for position, entry in enumerate(site.entries):
             if isinstance(entry, CustomOp):
                 meta = nodes[site.node].meta.get("example_value")
-                reason = is_traceable(entry.call, len(entry.probes), tuple(tensors[s] for s in entry.tensors), _example(meta))
+                call = lowered.calls[EntryRef(site_index, position)]
+                reason = is_traceable(call, len(entry.probes), tuple(tensors[s] for s in entry.tensors), _example(meta))
                 if reason is not None:
                     warn_opaque(site.name, reason)
                     entry = OpaqueOp(next(_opaque_slots))
             entries.append(entry)
         sites.append(replace(site, entries=tuple(entries)))
-    return replace(spec, sites=tuple(sites))
+    return replace(lowered.spec, sites=tuple(sites))
 
 
 def _example(meta: Any) -> torch.Tensor:
@@ -244,8 +251,8 @@ def _example(meta: Any) -> torch.Tensor:
 
 def build_variant(capture: GraphCapture, selection: Selection, args: Sequence[Any], compile_fn: Callable) -> CompiledVariant:
     lowered = lower(selection)
-    spec = _resolve_opaque(capture.gm, lowered.spec, lowered.values.tensors)
-    inserted = insert(capture.gm, spec)
+    spec = _resolve_opaque(capture.gm, lowered)
+    inserted = insert(capture.gm, spec, lowered.calls)
     device = graph_device(capture.gm)
     fn = compile_fn(inserted.gm, list(args) + lowered.values.inputs(device))
     return CompiledVariant(fn, spec, inserted, device)

@@ -163,9 +163,11 @@ class EntryRef:
 class CustomOp:
     """A CustomPatch or user Patch subclass, traced into the graph.
 
-    Keyed by the callable's code and captured-value structure (custom.py); ``call`` rebuilds the
-    callable from lifted tensors (``tensors``: runtime tensor slots) and the probes it reads
-    (``probes``: earlier probe entries of the same spec).
+    Keyed by the callable's code and captured-value structure (custom.py). The traced stand-in
+    of the callable is not part of the spec (it would keep the patch's captured values alive in
+    the variant cache's keys): ``Lowered.calls`` has it, taking the lifted tensors
+    (``tensors``: runtime tensor slots) and the probes it reads (``probes``: earlier probe
+    entries of the same spec).
     """
 
     patch_type: type
@@ -173,7 +175,6 @@ class CustomOp:
     probes: Tuple[EntryRef, ...]
     tensors: Tuple[int, ...]
     clone: bool
-    call: Callable = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ class RuntimeValues:
 class Lowered:
     spec: ProgramSpec
     values: RuntimeValues
+    #: Per custom op entry, ``call(value, probes, lifted)``: its callable rebuilt from inputs.
+    calls: Dict[EntryRef, Callable]
 
 
 # -- lowering a selection ----------------------------------------------------------------------
@@ -327,7 +330,7 @@ def _slice_form(tensor_slice: Any, values: _Values) -> SliceForm:
     return MaskedSlice(tuple(elements))
 
 
-def _entry(patch: Patch, values: _Values, probes: Dict[int, EntryRef]) -> Entry:
+def _entry(patch: Patch, ref: EntryRef, values: _Values, probes: Dict[int, EntryRef], calls: Dict[EntryRef, Callable]) -> Entry:
     if isinstance(patch, PROBE_PATCHES):
         return ProbeOutput()
     if isinstance(patch, VALUE_PATCHES):
@@ -340,10 +343,8 @@ def _entry(patch: Patch, values: _Values, probes: Dict[int, EntryRef]) -> Entry:
         return PatchOp(kind, form, None if kind is PatchKind.ZERO else values.value(patch.value))
     fn = patch_function(patch)
     lowering = lower_custom(fn, values.tensors, probes)
-    return CustomOp(
-        type(patch), callable_structure(fn, probes), lowering.probes, lowering.tensors, patch.requires_clone,
-        lowering.call,
-    )
+    calls[ref] = lowering.call
+    return CustomOp(type(patch), callable_structure(fn, probes), lowering.probes, lowering.tensors, patch.requires_clone)
 
 
 def probe_refs(selection: "Selection") -> Dict[int, EntryRef]:
@@ -364,16 +365,17 @@ def lower(selection: "Selection") -> Lowered:
     """The spec of a selection and the runtime values that feed it (one walk for both)."""
     values = _Values()
     probes = probe_refs(selection)
+    calls: Dict[EntryRef, Callable] = {}
     sites = tuple(
         _site(
             entry.site,
-            tuple(_entry(patch, values, probes) for patch in entry.patches),
+            tuple(_entry(patch, EntryRef(s, e), values, probes, calls) for e, patch in enumerate(entry.patches)),
             any(patch.requires_clone for patch in entry.patches),
         )
-        for entry in selection
+        for s, entry in enumerate(selection)
     )
     spec = ProgramSpec(sites, len(values.ints), len(values.scalars), len(values.tensors))
-    return Lowered(spec, RuntimeValues(tuple(values.ints), tuple(values.scalars), tuple(values.tensors)))
+    return Lowered(spec, RuntimeValues(tuple(values.ints), tuple(values.scalars), tuple(values.tensors)), calls)
 
 
 def slot_spec(sites: Sequence[Site]) -> ProgramSpec:
