@@ -60,13 +60,19 @@ class Inserted:
 
 
 @dataclass(frozen=True)
+class _SlotInputs:
+    keep: torch.fx.Node
+    fill: torch.fx.Node
+
+
+@dataclass(frozen=True)
 class _Inputs:
     """The placeholders of the spec's runtime inputs, and the custom ops' traced calls."""
 
     ints: Optional[torch.fx.Node]
     scalars: Optional[torch.fx.Node]
     tensors: Tuple[torch.fx.Node, ...]
-    slots: Tuple[Tuple[torch.fx.Node, torch.fx.Node], ...]
+    slots: Tuple[_SlotInputs, ...]
     calls: Mapping[EntryRef, Callable]
 
 
@@ -126,7 +132,7 @@ def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[E
     ints = placeholder("_patch_ints") if spec.ints else None
     scalars = placeholder("_patch_scalars") if spec.scalars else None
     tensors = tuple(placeholder(f"_patch_tensor_{i}") for i in range(spec.tensors))
-    slots = tuple((placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots))
+    slots = tuple(_SlotInputs(placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots))
     return _Inputs(ints, scalars, tensors, slots, calls)
 
 
@@ -164,8 +170,8 @@ def _emit(
     if isinstance(entry, OpaqueOp):
         return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, entry.slot))
     assert isinstance(entry, SlotOp), entry
-    keep, fill = inputs.slots[entry.slot]
-    result = graph.call_function(patch_ops.slot, (value, keep, fill))
+    slot = inputs.slots[entry.slot]
+    result = graph.call_function(patch_ops.slot, (value, slot.keep, slot.fill))
     before = SlotValue(entry.slot, False)
     if before not in outputs.refs:
         # A slot's input is an output too (probes before the value patches); a graph input
