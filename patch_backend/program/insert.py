@@ -32,6 +32,7 @@ from .spec import (
     ProbeOutput,
     ProgramSpec,
     Prefixes,
+    RuntimeValues,
     ScalarValue,
     SlotOp,
     TensorValue,
@@ -199,7 +200,11 @@ class CompiledVariant:
         }
 
     def run(self, selection: Selection, args: Sequence[Any]) -> Any:
-        values = lower(selection).values
+        return self.run_lowered(selection, lower(selection).values, args)
+
+    def run_lowered(self, selection: Selection, values: RuntimeValues, args: Sequence[Any]) -> Any:
+        """``run`` for a caller that already lowered the selection (to get its key): the walk
+        is then done once per call instead of twice."""
         callables = {
             slot: patch_function(selection[ref.site].patches[ref.entry]) for slot, ref in self.opaque.items()
         }
