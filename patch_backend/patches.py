@@ -2,8 +2,9 @@
 
 Each class's ``op`` is the *reference* semantics: ``graphpatch_eager`` calls it directly on the
 (cloned) activation. The compiled backend does not call ``op`` for the built-in kinds; it lowers
-them to functional graph ops (see ``rewrite.py``) that must agree with ``op`` exactly, which is
-what the tests check. User-defined subclasses that override ``op`` are traced like CustomPatch.
+them to functional graph ops (``program/spec.py`` says how, ``program/ops.py`` does it) that must
+agree with ``op`` exactly, which is what the tests check. User-defined subclasses that override
+``op`` are traced like CustomPatch.
 """
 
 from __future__ import annotations
@@ -181,3 +182,9 @@ def _as_target(value: PatchableValue, target: PatchableValue) -> PatchableValue:
         if value.device != target.device or value.dtype != target.dtype:
             return value.to(device=target.device, dtype=target.dtype)
     return value
+
+
+#: The value patches: lowered to masked graph ops, and composable into a declared site's slot.
+VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
+#: The patches that only read the value: extra graph outputs in a compiled variant.
+PROBE_PATCHES = (ProbePatch, RecordPatch)

@@ -13,24 +13,23 @@ import contextlib
 import contextvars
 import types
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..patches import Patch, ProbePatch, RecordPatch
+from ..patches import CustomPatch, Patch, ProbePatch, RecordPatch
 from .. import config
 
 _CONSTANT_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 
 
 def patch_function(patch: Patch) -> Callable:
-    from ..patches import CustomPatch
-
+    """The callable a custom patch applies: ``custom_op``, or a Patch subclass's own ``op``."""
     return patch.custom_op if isinstance(patch, CustomPatch) else patch.op
 
 
-def _cell_structure(value: Any, probe_positions: Dict[int, Tuple[int, int]]) -> Any:
+def _cell_structure(value: Any, probe_positions: Dict[int, Any]) -> Any:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
     if isinstance(value, ProbePatch):
@@ -62,7 +61,7 @@ def _parts(fn: Callable) -> Tuple[Optional[types.FunctionType], Optional[Any], T
     return fn, bound_self, captured
 
 
-def callable_structure(fn: Callable, probe_positions: Optional[Dict[int, Tuple[int, int]]] = None) -> Any:
+def callable_structure(fn: Callable, probe_positions: Optional[Dict[int, Any]] = None) -> Any:
     function, bound_self, captured = _parts(fn)
     if function is None:
         return ("opaque-object", id(fn))
@@ -86,101 +85,122 @@ class _RecordStandIn:
         self.activations = activations
 
 
-@dataclass
+@dataclass(frozen=True)
 class CustomLowering:
-    traced_call: Callable
-    probe_keys: Tuple[Tuple[int, int], ...]
-    tensor_positions: Tuple[int, ...]
-    opaque_slot: Optional[int] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    """How a custom callable enters the graph: ``call(value, probes, lifted)`` rebuilds it from
+    the lifted tensors (``tensors``: runtime tensor slots) and the probes it reads."""
+
+    call: Callable
+    probes: Tuple[Any, ...]
+    tensors: Tuple[int, ...]
 
 
-def _lift(value: Any, tensors: List[torch.Tensor], probe_positions, probe_keys: List, layout: List) -> None:
+@dataclass(frozen=True)
+class _Lifted:
+    """A captured tensor: ``lifted[position]`` of this callable (a graph input)."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class _ProbeRead:
+    """A captured ProbePatch of the same patch map: reads ``probes[position]`` of this forward."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class _HostProbe:
+    """A captured ProbePatch of another map: its activation as it was when captured."""
+
+    activation: "_Captured"
+
+
+@dataclass(frozen=True)
+class _Record:
+    activations: Tuple["_Captured", ...]
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Any other captured value, used as it is (a constant of the variant)."""
+
+    value: Any
+
+
+_Captured = Union[_Lifted, _ProbeRead, _HostProbe, _Record, _Kept]
+
+
+class _Lifter:
     """Flattens captured values into lifted tensors and referenced probes (same order always)."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        layout.append(("tensor", len(tensors) - 1))
-    elif isinstance(value, ProbePatch):
-        position = probe_positions.get(id(value))
-        if position is not None:
-            probe_keys.append(position)
-            layout.append(("probe", len(probe_keys) - 1))
-        else:
-            inner: List = []
-            _lift(value.activation, tensors, probe_positions, probe_keys, inner)
-            layout.append(("host-probe", inner))
-    elif isinstance(value, RecordPatch):
-        inner = []
-        for item in value.activations:
-            _lift(item, tensors, probe_positions, probe_keys, inner)
-        layout.append(("record", inner))
-    else:
-        layout.append(("keep", value))
+
+    def __init__(self, tensors: List[torch.Tensor], probe_positions: Dict[int, Any]) -> None:
+        self.tensors = tensors
+        self.start = len(tensors)
+        self.probe_positions = probe_positions
+        self.probes: List[Any] = []
+
+    def lift(self, value: Any) -> _Captured:
+        if isinstance(value, torch.Tensor):
+            self.tensors.append(value)
+            return _Lifted(len(self.tensors) - 1 - self.start)
+        if isinstance(value, ProbePatch):
+            position = self.probe_positions.get(id(value))
+            if position is None:
+                return _HostProbe(self.lift(value.activation))
+            self.probes.append(position)
+            return _ProbeRead(len(self.probes) - 1)
+        if isinstance(value, RecordPatch):
+            return _Record(tuple(self.lift(item) for item in value.activations))
+        return _Kept(value)
 
 
-def _rebuild(layout_entry, lifted, probes) -> Any:
-    kind, payload = layout_entry
-    if kind == "tensor":
-        return lifted[payload]
-    if kind == "probe":
-        return _ProbeStandIn(probes[payload])
-    if kind == "host-probe":
-        return _ProbeStandIn(_rebuild(payload[0], lifted, probes))
-    if kind == "record":
-        return _RecordStandIn([_rebuild(entry, lifted, probes) for entry in payload])
-    return payload
+def _rebuild(captured: _Captured, lifted: Sequence[Any], probes: Sequence[Any]) -> Any:
+    if isinstance(captured, _Lifted):
+        return lifted[captured.position]
+    if isinstance(captured, _ProbeRead):
+        return _ProbeStandIn(probes[captured.position])
+    if isinstance(captured, _HostProbe):
+        return _ProbeStandIn(_rebuild(captured.activation, lifted, probes))
+    if isinstance(captured, _Record):
+        return _RecordStandIn([_rebuild(item, lifted, probes) for item in captured.activations])
+    return captured.value
 
 
-def lower_custom(
-    patch: Patch,
-    tensors: List[torch.Tensor],
-    probe_positions: Dict[int, Tuple[int, int]],
-) -> CustomLowering:
-    fn = patch_function(patch)
+def lower_custom(fn: Callable, tensors: List[torch.Tensor], probe_positions: Dict[int, Any]) -> CustomLowering:
+    """Lifts the tensors ``fn`` captures onto ``tensors`` (the runtime tensor list being built)."""
     function, bound_self, captured = _parts(fn)
-    start = len(tensors)
-    probe_keys: List[Tuple[int, int]] = []
-    layout: List[Any] = []
-    for value in captured:
-        _lift(value, tensors, probe_positions, probe_keys, layout)
-    tensor_positions = tuple(range(start, len(tensors)))
+    lifter = _Lifter(tensors, probe_positions)
+    layout = [lifter.lift(value) for value in captured]
+    tensor_positions = tuple(range(lifter.start, len(tensors)))
 
     if function is None:
         def traced_call(value, probes, lifted):
             return fn(value)
 
-        return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
+        return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
 
     closure_count = len(function.__closure__ or ())
     default_count = len(function.__defaults__ or ())
     attribute_names = list(vars(bound_self).keys()) if bound_self is not None else []
-    # Offsets into ``lifted`` are relative to this callable's first lifted tensor.
-    relative_layout = [_shift(entry, -start) for entry in layout]
+    # Only what rebuilding needs: holding ``function`` or ``bound_self`` would keep the patch's
+    # captured tensors alive for as long as the compiled variant.
+    code, globals_, name, kwdefaults = function.__code__, function.__globals__, function.__name__, function.__kwdefaults__
+    self_type = type(bound_self)
 
     def traced_call(value, probes, lifted):
-        rebuilt = [_rebuild(entry, lifted, probes) for entry in relative_layout]
+        rebuilt = [_rebuild(entry, lifted, probes) for entry in layout]
         cells = tuple(types.CellType(v) for v in rebuilt[:closure_count])
         defaults = tuple(rebuilt[closure_count : closure_count + default_count]) or None
-        clone = types.FunctionType(function.__code__, function.__globals__, function.__name__, defaults, cells or None)
-        clone.__kwdefaults__ = function.__kwdefaults__
-        if bound_self is None:
+        clone = types.FunctionType(code, globals_, name, defaults, cells or None)
+        clone.__kwdefaults__ = kwdefaults
+        if self_type is type(None):
             return clone(value)
-        stand_in = object.__new__(type(bound_self))
+        stand_in = object.__new__(self_type)
         stand_in.__dict__.update(zip(attribute_names, rebuilt[closure_count + default_count :]))
         return clone(stand_in, value)
 
-    return CustomLowering(traced_call, tuple(probe_keys), tensor_positions)
-
-
-def _shift(entry, offset: int):
-    kind, payload = entry
-    if kind == "tensor":
-        return (kind, payload + offset)
-    if kind == "host-probe":
-        return (kind, [_shift(e, offset) for e in payload])
-    if kind == "record":
-        return (kind, [_shift(e, offset) for e in payload])
-    return entry
+    return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
 
 
 # -- opaque fallback ---------------------------------------------------------------------------
@@ -228,15 +248,14 @@ def _no_gradient(ctx, grad_output):
 opaque_patch.register_autograd(_no_gradient)
 
 
-def is_traceable(lowering: CustomLowering, value_meta: torch.Tensor, tensors: List[torch.Tensor]) -> Optional[str]:
-    """None if the callable traces with fake tensors; else the reason it does not."""
+def is_traceable(call: Callable, probes: int, lifted: Tuple[torch.Tensor, ...], value_meta: torch.Tensor) -> Optional[str]:
+    """None if ``call(value, probes, lifted)`` traces with fake tensors; else the reason it does not."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    lifted = tuple(tensors[p] for p in lowering.tensor_positions)
-    probes = tuple(torch.zeros(()) for _ in lowering.probe_keys)
+    stand_ins = tuple(torch.zeros(()) for _ in range(probes))
 
     def run(value, lifted_values):
-        return lowering.traced_call(value, probes, lifted_values)
+        return call(value, stand_ins, lifted_values)
 
     try:
         make_fx(run, tracing_mode="fake")(value_meta, lifted)

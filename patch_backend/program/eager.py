@@ -2,60 +2,59 @@
 
 This is the reference the compiled backend is tested against, so it follows graphpatch 0.2.3's
 documented Patch API literally: at each site the value is cloned once if any patch there requires
-it, then every patch's ``op`` runs in list order.
+it, then every patch's ``op`` runs in list order. *Where* and in which order sites apply comes
+from the same program spec the insertion pass builds from (spec.py: ``uses``, ``Prefixes``), so
+the reference and the compiled variants cannot disagree about the walk.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List
 
 import torch
 import torch.fx
 
-from .plan import Chain, Selection, chains, dangling, needs_clone
-
-
-def apply_site(value: Any, patches) -> Any:
-    if needs_clone(patches) and isinstance(value, torch.Tensor):
-        value = value.clone()
-    for patch in patches:
-        value = patch.op(value)
-    return value
+from .plan import Selection
+from .spec import Prefixes, Use, lower
 
 
 class PatchingInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, selection: Selection) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.selection = selection
-        self.use_chains: Dict[Tuple[str, str], Chain] = chains(gm.graph, selection)
-        self.unused = dangling(gm.graph, selection, self.use_chains)
-        self.patched: Dict[Tuple[str, Chain], Any] = {}
+        self.spec = lower(selection).spec
+        uses = self.spec.uses(gm.graph)
+        self.chains = uses.chains
+        #: node name → the sites there that no use passes through.
+        self.dangling: Dict[str, List[int]] = {}
+        for site in uses.dangling:
+            self.dangling.setdefault(self.spec.sites[site].node, []).append(site)
 
-    def _through(self, producer: str, chain: Chain) -> Any:
-        """Value of ``producer`` after the sites in ``chain``; each prefix computed once."""
-        key = (producer, chain)
-        if key not in self.patched:
-            before = self._through(producer, chain[:-1]) if len(chain) > 1 else self.env_by_name[producer]
-            self.patched[key] = apply_site(before, self.selection[chain[-1]].patches)
-        return self.patched[key]
+    def apply_site(self, value: Any, site: int) -> Any:
+        """One site's patches: a clone if any requires it, then each ``op`` in entry order."""
+        if self.spec.sites[site].clone and isinstance(value, torch.Tensor):
+            value = value.clone()
+        patches = self.selection[site].patches
+        for entry in range(len(self.spec.sites[site].entries)):
+            value = patches[entry].op(value)
+        return value
 
     def run(self, *args: Any) -> Any:
         self.env_by_name: Dict[str, Any] = {}
-        self.patched = {}
+        self.prefixes = Prefixes(self.env_by_name.__getitem__, self.apply_site)
         return super().run(*args)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         result = super().run_node(node)
         self.env_by_name[node.name] = result
-        for position in self.unused:
-            if self.selection[position].site.node == node.name:
-                apply_site(result, self.selection[position].patches)
+        for site in self.dangling.get(node.name, ()):
+            self.apply_site(result, site)
         return result
 
     def fetch_args_kwargs_from_env(self, node: torch.fx.Node):
         def load(arg: torch.fx.Node) -> Any:
-            chain = self.use_chains.get((arg.name, node.name))
-            return self._through(arg.name, chain) if chain else self.env[arg]
+            chain = self.chains.get(Use(arg.name, node.name))
+            return self.prefixes.through(arg.name, chain) if chain else self.env[arg]
 
         args = torch.fx.node.map_arg(node.args, load)
         kwargs = torch.fx.node.map_arg(node.kwargs, load)

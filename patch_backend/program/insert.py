@@ -1,249 +1,222 @@
-"""FX pass: insert patch ops into a copy of the graph and compile it as a variant.
+"""The FX insertion pass: a captured graph plus a program spec → the patched graph.
 
-Patch values, slice integers and index tensors become extra graph inputs; probe and record
-values become extra graph outputs. ``lower`` turns the selection into those inputs in a fixed
-order, so the variant built for one selection runs any selection of the same structure.
+``insert`` is the one pass behind every compiled program: the patched variant of a selection
+(``build_variant`` here) and the slot variant of a declared site set (prepared.py). It is a pure
+function over graphs: the captured graph is copied, never changed. The spec's runtime inputs
+become extra placeholders after the graph's own (ints, scalars, tensors, then each slot's keep
+and fill); probes and slots add extra outputs after the graph's own, listed in ``Inserted.extra``.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
 
 from . import ops as patch_ops
 from ..capture.capture import GraphCapture
-from .custom import CustomLowering, is_traceable, lower_custom, opaque_callables, warn_opaque, patch_function
-from ..patches import AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
-from .plan import Chain, Selection, chains, dangling, probe_positions
+from ..patches import ProbePatch
+from .custom import is_traceable, opaque_callables, patch_function, warn_opaque
+from .plan import Selection
+from .spec import (
+    CustomOp,
+    Entry,
+    EntryRef,
+    Lowered,
+    OpaqueOp,
+    PatchOp,
+    ProbeOutput,
+    ProgramSpec,
+    Prefixes,
+    RuntimeValues,
+    ScalarValue,
+    SlotOp,
+    TensorValue,
+    lower,
+)
 
 
-def masked_form(index: Tuple[Any, ...]) -> bool:
-    advanced = 0
-    for element in index:
-        if isinstance(element, bool) or element is None:
-            return False
-        if isinstance(element, (list, torch.Tensor)):
-            values = torch.as_tensor(element)
-            if values.dim() != 1 or values.dtype == torch.bool or values.is_floating_point():
-                return False
-            advanced += 1
-        elif isinstance(element, slice):
-            if element.step == 0:
-                return False
-        elif not (isinstance(element, int) or element is Ellipsis):
-            return False
-    return advanced <= 1
+@dataclass(frozen=True)
+class SlotValue:
+    """An extra output of a slot: its input (``after`` False) or its result."""
+
+    slot: int
+    after: bool
+
+
+#: What an extra output holds: a probe entry's value, or a slot's input or result.
+OutputRef = Union[EntryRef, SlotValue]
+
+
+@dataclass(frozen=True)
+class Inserted:
+    gm: torch.fx.GraphModule
+    #: How many outputs the captured graph had; the extra outputs follow them.
+    original_outputs: int
+    extra: Tuple[OutputRef, ...]
+
+
+@dataclass(frozen=True)
+class _SlotInputs:
+    keep: torch.fx.Node
+    fill: torch.fx.Node
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The placeholders of the spec's runtime inputs, and the custom ops' traced calls."""
+
+    ints: Optional[torch.fx.Node]
+    scalars: Optional[torch.fx.Node]
+    tensors: Tuple[torch.fx.Node, ...]
+    slots: Tuple[_SlotInputs, ...]
+    calls: Mapping[EntryRef, Callable]
 
 
 @dataclass
-class Lowered:
-    """The runtime inputs of one call, in the order the variant's extra placeholders expect."""
+class _Outputs:
+    """Extra outputs in the order they are emitted, and the probe nodes custom ops may read."""
 
-    ints: List[int] = field(default_factory=list)
-    scalars: List[float] = field(default_factory=list)
-    tensors: List[torch.Tensor] = field(default_factory=list)
-    #: Per (selection entry, patch): the op spec the graph was built with.
-    specs: Dict[Tuple[int, int], Any] = field(default_factory=dict)
-    customs: Dict[Tuple[int, int], CustomLowering] = field(default_factory=dict)
+    nodes: List[torch.fx.Node] = field(default_factory=list)
+    refs: List[OutputRef] = field(default_factory=list)
+    probes: Dict[EntryRef, torch.fx.Node] = field(default_factory=dict)
 
-
-def _lower_slice(tensor_slice: Any, lowered: Lowered) -> Any:
-    if tensor_slice is None:
-        return None
-    index = normalize_slice(tensor_slice)
-    if not masked_form(index):
-        elements = []
-        for element in index:
-            if isinstance(element, (list, torch.Tensor)):
-                lowered.tensors.append(torch.as_tensor(element))
-                elements.append(("tensor", len(lowered.tensors) - 1))
-            else:
-                elements.append(element)
-        return ("fallback", tuple(elements))
-    spec = []
-    for element in index:
-        if element is Ellipsis:
-            spec.append(("ellipsis",))
-        elif isinstance(element, int):
-            lowered.ints.append(element)
-            spec.append(("int", len(lowered.ints) - 1))
-        elif isinstance(element, slice):
-            keys = []
-            for bound in (element.start, element.stop, element.step):
-                if bound is None:
-                    keys.append(None)
-                else:
-                    lowered.ints.append(int(bound))
-                    keys.append(len(lowered.ints) - 1)
-            spec.append(("slice", *keys, element.step is None or element.step > 0))
-        else:
-            lowered.tensors.append(torch.as_tensor(element))
-            spec.append(("index", len(lowered.tensors) - 1))
-    return tuple(spec)
+    def add(self, ref: OutputRef, node: torch.fx.Node) -> None:
+        self.nodes.append(node)
+        self.refs.append(ref)
 
 
-def _lower_value(value: Any, lowered: Lowered) -> Tuple[str, int]:
-    if isinstance(value, torch.Tensor):
-        lowered.tensors.append(value)
-        return ("tensor", len(lowered.tensors) - 1)
-    lowered.scalars.append(float(value))
-    return ("scalar", len(lowered.scalars) - 1)
+def insert(
+    gm: torch.fx.GraphModule, spec: ProgramSpec, calls: Optional[Mapping[EntryRef, Callable]] = None
+) -> Inserted:
+    """Every use of a patched value passes through its chain of sites (``spec.uses``), each
+    chain prefix emitted once, before the first user; a site no use passes through is emitted
+    before the output so that its probes still report. ``calls`` are the traced stand-ins of
+    the spec's custom ops (``Lowered.calls``)."""
+    graph = copy.deepcopy(gm.graph)
+    nodes = {node.name: node for node in graph.nodes}
+    inputs = _add_placeholders(graph, spec, calls or {})
+    outputs = _Outputs()
+    uses = spec.uses(graph)
+    prefixes = Prefixes(nodes.__getitem__, lambda value, site: _emit_site(graph, spec, site, value, inputs, outputs))
+    order = {name: position for position, name in enumerate(nodes)}
+    for use, chain in sorted(uses.chains.items(), key=lambda item: order[item[0].consumer]):
+        user = nodes[use.consumer]
+        with graph.inserting_before(user):
+            patched = prefixes.through(use.producer, chain)
+        user.replace_input_with(nodes[use.producer], patched)
+    output = graph.output_node()
+    with graph.inserting_before(output):
+        for site in uses.dangling:
+            prefixes.through(spec.sites[site].node, (site,))
+    results = output.args[0]
+    flat = tuple(results) if isinstance(results, (list, tuple)) else (results,)
+    output.args = (flat + tuple(outputs.nodes),)
+    graph.lint()
+    return Inserted(torch.fx.GraphModule(gm, graph), len(flat), tuple(outputs.refs))
 
 
-def lower(selection: Selection) -> Lowered:
-    lowered = Lowered()
-    probe_values = probe_positions(selection)
-    for entry_index, entry in enumerate(selection):
-        for patch_index, patch in enumerate(entry.patches):
-            key = (entry_index, patch_index)
-            if isinstance(patch, (ProbePatch, RecordPatch)):
-                continue
-            if isinstance(patch, (ZeroPatch, AddPatch, ReplacePatch)):
-                spec = _lower_slice(patch.slice, lowered)
-                value = None if isinstance(patch, ZeroPatch) else _lower_value(patch.value, lowered)
-                lowered.specs[key] = (type(patch).__name__, spec, value)
-            else:
-                lowered.customs[key] = lower_custom(patch, lowered.tensors, probe_values)
-    return lowered
+def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[EntryRef, Callable]) -> _Inputs:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    last = placeholders[-1] if placeholders else None
+
+    def placeholder(name: str) -> torch.fx.Node:
+        nonlocal last
+        with graph.inserting_after(last):
+            last = graph.placeholder(name)
+        return last
+
+    ints = placeholder("_patch_ints") if spec.ints else None
+    scalars = placeholder("_patch_scalars") if spec.scalars else None
+    tensors = tuple(placeholder(f"_patch_tensor_{i}") for i in range(spec.tensors))
+    slots = tuple(_SlotInputs(placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots))
+    return _Inputs(ints, scalars, tensors, slots, calls)
 
 
-class _Builder:
-    """Emits the patched graph for one selection."""
+def _emit_site(
+    graph: torch.fx.Graph, spec: ProgramSpec, site: int, value: torch.fx.Node, inputs: _Inputs, outputs: _Outputs
+) -> torch.fx.Node:
+    for position, entry in enumerate(spec.sites[site].entries):
+        value = _emit(graph, entry, EntryRef(site, position), value, inputs, outputs)
+    return value
 
-    def __init__(
-        self, gm: torch.fx.GraphModule, selection: Selection, lowered: Lowered, opaque: Dict[Tuple[int, int], int]
-    ) -> None:
-        self.opaque = opaque
-        self.gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        self.graph = self.gm.graph
-        self.selection = selection
-        self.lowered = lowered
-        self.nodes = {node.name: node for node in self.graph.nodes}
-        self.probe_outputs: List[Tuple[Tuple[int, int], torch.fx.Node]] = []
-        self.probe_nodes: Dict[Tuple[int, int], torch.fx.Node] = {}
-        self.memo: Dict[Tuple[str, Chain], torch.fx.Node] = {}
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        self.original_inputs = len(placeholders)
-        with self.graph.inserting_after(placeholders[-1] if placeholders else None):
-            self.ints = self.graph.placeholder("_patch_ints")
-        with self.graph.inserting_after(self.ints):
-            self.scalars = self.graph.placeholder("_patch_scalars")
-        previous = self.scalars
-        self.tensors: List[torch.fx.Node] = []
-        for position in range(len(lowered.tensors)):
-            with self.graph.inserting_after(previous):
-                previous = self.graph.placeholder(f"_patch_tensor_{position}")
-            self.tensors.append(previous)
 
-    def build(self) -> torch.fx.GraphModule:
-        use_chains = chains(self.graph, self.selection)
-        for (producer, consumer), chain in sorted(use_chains.items(), key=lambda item: self._order(item[0][1])):
-            user = self.nodes[consumer]
-            with self.graph.inserting_before(user):
-                patched = self._through(producer, chain)
-            user.replace_input_with(self.nodes[producer], patched)
-        output = next(n for n in self.graph.nodes if n.op == "output")
-        for position in dangling(self.graph, self.selection, use_chains):
-            with self.graph.inserting_before(output):
-                self._through(self.selection[position].site.node, (position,))
-        results = output.args[0]
-        flat = tuple(results) if isinstance(results, (list, tuple)) else (results,)
-        self.original_outputs = len(flat)
-        output.args = (flat + tuple(node for _, node in self.probe_outputs),)
-        self.graph.lint()
-        self.gm.recompile()
-        return self.gm
-
-    def _order(self, name: str) -> int:
-        for position, node in enumerate(self.graph.nodes):
-            if node.name == name:
-                return position
-        return -1
-
-    def _through(self, producer: str, chain: Chain) -> torch.fx.Node:
-        key = (producer, chain)
-        if key in self.memo:
-            return self.memo[key]
-        value = self._through(producer, chain[:-1]) if len(chain) > 1 else self.nodes[producer]
-        entry_index = chain[-1]
-        for patch_index, patch in enumerate(self.selection[entry_index].patches):
-            value = self._apply(value, (entry_index, patch_index), patch)
-        self.memo[key] = value
+def _emit(
+    graph: torch.fx.Graph, entry: Entry, ref: EntryRef, value: torch.fx.Node, inputs: _Inputs, outputs: _Outputs
+) -> torch.fx.Node:
+    if isinstance(entry, PatchOp):
+        args: Tuple[Any, ...] = (value, inputs.ints, inputs.tensors)
+        if isinstance(entry.value, TensorValue):
+            args += (inputs.tensors[entry.value.slot],)
+        elif isinstance(entry.value, ScalarValue):
+            args += (graph.call_function(torch.ops.aten.select.int, (inputs.scalars, 0, entry.value.slot)),)
+        return graph.call_function(patch_ops.PatchFunction(entry), args)
+    if isinstance(entry, ProbeOutput):
+        copied = graph.call_function(patch_ops.probe, (value,))
+        outputs.add(ref, copied)
+        outputs.probes[ref] = copied
         return value
-
-    def _apply(self, value: torch.fx.Node, key: Tuple[int, int], patch: Patch) -> torch.fx.Node:
-        graph = self.graph
-        if isinstance(patch, (ProbePatch, RecordPatch)):
-            copy_node = graph.call_function(patch_ops.probe, (value,))
-            self.probe_outputs.append((key, copy_node))
-            self.probe_nodes[key] = copy_node
-            return value
-        if key in self.lowered.specs:
-            kind, spec, value_ref = self.lowered.specs[key]
-            tensors = tuple(self.tensors)
-            if kind == "ZeroPatch":
-                return graph.call_function(patch_ops.zero, (value, spec, self.ints, tensors))
-            source, position = value_ref
-            if source == "tensor":
-                patch_value = self.tensors[position]
-            else:
-                patch_value = graph.call_function(torch.ops.aten.select.int, (self.scalars, 0, position))
-            op = patch_ops.replace if kind == "ReplacePatch" else patch_ops.add
-            return graph.call_function(op, (value, spec, self.ints, tensors, patch_value))
-        if key in self.opaque:
-            return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, self.opaque[key]))
-        if patch.requires_clone:
+    if isinstance(entry, CustomOp):
+        if entry.clone:
             # The callable may write in place; under functionalization that would write back
             # into a parameter or input, which patches must never modify.
             value = graph.call_function(torch.clone, (value,))
-        custom = self.lowered.customs[key]
-        probes = tuple(self.probe_nodes.get(position) for position in custom.probe_keys)
-        lifted = tuple(self.tensors[position] for position in custom.tensor_positions)
-        return graph.call_function(custom.traced_call, (value, probes, lifted))
+        probes = tuple(outputs.probes.get(p) for p in entry.probes)
+        lifted = tuple(inputs.tensors[slot] for slot in entry.tensors)
+        return graph.call_function(inputs.calls[ref], (value, probes, lifted))
+    if isinstance(entry, OpaqueOp):
+        return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, entry.slot))
+    assert isinstance(entry, SlotOp), entry
+    slot = inputs.slots[entry.slot]
+    result = graph.call_function(patch_ops.slot, (value, slot.keep, slot.fill))
+    before = SlotValue(entry.slot, False)
+    if before not in outputs.refs:
+        # A slot's input is an output too (probes before the value patches); a graph input
+        # is copied so that no output aliases it.
+        outputs.add(before, graph.call_function(patch_ops.probe, (value,)) if value.op == "placeholder" else value)
+        outputs.add(SlotValue(entry.slot, True), result)
+    return result
 
 
+# -- the patched variant of a selection --------------------------------------------------------
 class CompiledVariant:
-    def __init__(
-        self,
-        fn: Callable,
-        probe_keys: List[Tuple[int, int]],
-        original_outputs: int,
-        device: torch.device,
-        opaque: Dict[Tuple[int, int], int],
-    ) -> None:
+    """The compiled program of one spec; runs any selection whose spec equals it."""
+
+    def __init__(self, fn: Callable, spec: ProgramSpec, inserted: Inserted, device: torch.device) -> None:
         self.fn = fn
-        self.probe_keys = probe_keys
-        self.original_outputs = original_outputs
+        self.extra = inserted.extra
+        self.original_outputs = inserted.original_outputs
         self.device = device
-        self.opaque = opaque
+        #: slot → (site, entry) of the custom ops that run opaque.
+        self.opaque = {
+            entry.slot: EntryRef(site_index, position)
+            for site_index, site in enumerate(spec.sites)
+            for position, entry in enumerate(site.entries)
+            if isinstance(entry, OpaqueOp)
+        }
 
     def run(self, selection: Selection, args: Sequence[Any]) -> Any:
-        lowered = lower(selection)
+        return self.run_lowered(selection, lower(selection).values, args)
+
+    def run_lowered(self, selection: Selection, values: RuntimeValues, args: Sequence[Any]) -> Any:
+        """``run`` for a caller that already lowered the selection (to get its key): the walk
+        is then done once per call instead of twice."""
         callables = {
-            slot: patch_function(selection[entry_index].patches[patch_index])
-            for (entry_index, patch_index), slot in self.opaque.items()
+            slot: patch_function(selection[ref.site].patches[ref.entry]) for slot, ref in self.opaque.items()
         }
         with opaque_callables(callables):
-            outputs = self.fn(*args, *runtime_inputs(lowered, self.device))
-        for (entry_index, patch_index), value in zip(self.probe_keys, outputs[self.original_outputs:]):
-            patch = selection[entry_index].patches[patch_index]
+            outputs = self.fn(*args, *values.inputs(self.device))
+        for ref, value in zip(self.extra, outputs[self.original_outputs :]):
+            patch = selection[ref.site].patches[ref.entry]
             if isinstance(patch, ProbePatch):
                 patch.activation = value.detach()
             else:
                 patch.activations.append(value.detach())
         return list(outputs[: self.original_outputs])
-
-
-def runtime_inputs(lowered: Lowered, device: torch.device) -> List[torch.Tensor]:
-    ints = torch.tensor(lowered.ints or [0], dtype=torch.int64, device=device)
-    scalars = torch.tensor(lowered.scalars or [0.0], dtype=torch.float64, device=device)
-    tensors = [t if t.device == device else t.to(device) for t in lowered.tensors]
-    return [ints, scalars, *tensors]
 
 
 def graph_device(gm: torch.fx.GraphModule) -> torch.device:
@@ -257,30 +230,40 @@ def graph_device(gm: torch.fx.GraphModule) -> torch.device:
 _opaque_slots = itertools.count()
 
 
-def _opaque_customs(capture: GraphCapture, selection: Selection, lowered: Lowered) -> Dict[Tuple[int, int], int]:
-    """Custom patches that do not trace, each given an opaque-op slot (warns once per node)."""
-    nodes = {node.name: node for node in capture.gm.graph.nodes}
-    opaque = {}
-    for key, lowering in lowered.customs.items():
-        site = selection[key[0]].site
-        meta = nodes[site.node].meta.get("example_value")
-        # A dynamic graph's sizes are symbolic: try the callable at the sizes Dynamo traced with.
-        shape = [int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.has_hint() else s for s in meta.shape] \
-            if isinstance(meta, torch.Tensor) else []
-        example = torch.zeros(shape, dtype=meta.dtype) if isinstance(meta, torch.Tensor) else torch.zeros(())
-        reason = is_traceable(lowering, example, lowered.tensors)
-        if reason is not None:
-            warn_opaque(site.name, reason)
-            opaque[key] = next(_opaque_slots)
-    return opaque
+def _resolve_opaque(gm: torch.fx.GraphModule, lowered: Lowered) -> ProgramSpec:
+    """The spec with every custom op that does not trace replaced by an opaque op (warns once
+    per site)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    tensors = lowered.values.tensors
+    sites = []
+    for site_index, site in enumerate(lowered.spec.sites):
+        entries: List[Entry] = []
+        for position, entry in enumerate(site.entries):
+            if isinstance(entry, CustomOp):
+                meta = nodes[site.node].meta.get("example_value")
+                call = lowered.calls[EntryRef(site_index, position)]
+                reason = is_traceable(call, len(entry.probes), tuple(tensors[s] for s in entry.tensors), _example(meta))
+                if reason is not None:
+                    warn_opaque(site.name, reason)
+                    entry = OpaqueOp(next(_opaque_slots))
+            entries.append(entry)
+        sites.append(replace(site, entries=tuple(entries)))
+    return replace(lowered.spec, sites=tuple(sites))
 
 
-def build_variant(capture: GraphCapture, selection: Selection, args: Sequence[Any], compile_fn: Callable):
+def _example(meta: Any) -> torch.Tensor:
+    """A real tensor like a node's example value, to try a callable on."""
+    if not isinstance(meta, torch.Tensor):
+        return torch.zeros(())
+    # A dynamic graph's sizes are symbolic: try the callable at the sizes Dynamo traced with.
+    shape = [int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.has_hint() else s for s in meta.shape]
+    return torch.zeros(shape, dtype=meta.dtype)
+
+
+def build_variant(capture: GraphCapture, selection: Selection, args: Sequence[Any], compile_fn: Callable) -> CompiledVariant:
     lowered = lower(selection)
-    opaque = _opaque_customs(capture, selection, lowered)
-    builder = _Builder(capture.gm, selection, lowered, opaque)
-    gm = builder.build()
+    spec = _resolve_opaque(capture.gm, lowered)
+    inserted = insert(capture.gm, spec, lowered.calls)
     device = graph_device(capture.gm)
-    example = list(args) + runtime_inputs(lowered, device)
-    fn = compile_fn(gm, example)
-    return CompiledVariant(fn, [key for key, _ in builder.probe_outputs], builder.original_outputs, device, opaque)
+    fn = compile_fn(inserted.gm, list(args) + lowered.values.inputs(device))
+    return CompiledVariant(fn, spec, inserted, device)

@@ -1,90 +1,109 @@
-"""Functional patch ops that the rewrite inserts and Inductor traces into the compiled variant.
+"""Functional patch ops that the insertion pass puts in the graph and Inductor traces.
 
 A slice becomes a mask built from runtime integers (``arange(n) == pos``, bounds compared
 in-graph), so every position of a sweep runs the same compiled code. The ops agree with the
-in-place reference semantics of patches.py: ``x[s] = v``, ``x[s] += v``, ``x[s] = 0``.
-
-A *spec* is the slice as the compiled code sees it, one entry per index element:
-``("int", k)``, ``("slice", start_k, stop_k, step_k, positive)`` (``k`` index into the runtime
-int vector, or None), ``("index", t)`` (t: position in the runtime index tensors),
-``("ellipsis",)`` — or ``("fallback", index)`` for forms masks cannot express (kept constant).
+in-place reference semantics of patches.py: ``x[s] = v``, ``x[s] += v``, ``x[s] = 0``. The slice
+forms and value references they read are spec.py's; ``PatchFunction`` binds one ``PatchOp`` so
+that the graph node's arguments are only tensors.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-Spec = Optional[Tuple[Any, ...]]
+from .spec import (
+    AllDims,
+    ConstantSlice,
+    IndexTensor,
+    IntIndex,
+    MaskedElement,
+    MaskedSlice,
+    PatchKind,
+    PatchOp,
+    SliceForm,
+    SliceRange,
+    WholeTensor,
+)
 
 
 def _normalize(value: torch.Tensor, n: int, low: int, high: int) -> torch.Tensor:
     return torch.clamp(torch.where(value < 0, value + n, value), low, high)
 
 
-def _dim_selection(n, element, ints, index_tensors, device):
-    """(selected mask over the dim, position inside the value along the dim, dim dropped?)."""
+@dataclass(frozen=True)
+class _DimSelection:
+    """What one slice element selects along its dim."""
+
+    selected: torch.Tensor
+    #: Per position of the dim, the position inside the patch value along it.
+    where_in_value: Optional[torch.Tensor]
+    #: An int index drops the dim: the value has no axis for it.
+    dropped: bool
+
+
+def _dim_selection(n, element: MaskedElement, ints, index_tensors, device) -> _DimSelection:
     positions = torch.arange(n, device=device)
-    kind = element[0]
-    if kind == "int":
-        target = ints[element[1]]
+    if isinstance(element, IntIndex):
+        target = ints[element.slot]
         target = torch.where(target < 0, target + n, target)
-        return positions == target, None, True
-    if kind == "slice":
-        _, start_k, stop_k, step_k, positive = element
-        step = ints[step_k] if step_k is not None else 1
-        if positive:
-            start = _normalize(ints[start_k], n, 0, n) if start_k is not None else 0
-            stop = _normalize(ints[stop_k], n, 0, n) if stop_k is not None else n
+        return _DimSelection(positions == target, None, True)
+    if isinstance(element, SliceRange):
+        step = ints[element.step] if element.step is not None else 1
+        if element.positive:
+            start = _normalize(ints[element.start], n, 0, n) if element.start is not None else 0
+            stop = _normalize(ints[element.stop], n, 0, n) if element.stop is not None else n
             offset = positions - start
+            length = stop - start
         else:
-            start = _normalize(ints[start_k], n, -1, n - 1) if start_k is not None else n - 1
-            stop = _normalize(ints[stop_k], n, -1, n - 1) if stop_k is not None else -1
+            start = _normalize(ints[element.start], n, -1, n - 1) if element.start is not None else n - 1
+            stop = _normalize(ints[element.stop], n, -1, n - 1) if element.stop is not None else -1
             offset = start - positions
+            length = start - stop
             step = -step
-        inside = (offset >= 0) & (offset < (stop - start if positive else start - stop)) & (offset % step == 0)
-        return inside, offset // step, False
-    if kind == "index":
-        rows = index_tensors[element[1]].to(device=device, dtype=torch.int64)
-        rows = torch.where(rows < 0, rows + n, rows)
-        where_in_value = torch.full((n,), -1, dtype=torch.int64, device=device)
-        where_in_value = where_in_value.index_put((rows,), torch.arange(rows.numel(), device=device))
-        return where_in_value >= 0, where_in_value, False
-    raise ValueError(f"unknown slice element {element!r}")
+        inside = (offset >= 0) & (offset < length) & (offset % step == 0)
+        return _DimSelection(inside, offset // step, False)
+    assert isinstance(element, IndexTensor), element
+    rows = index_tensors[element.slot].to(device=device, dtype=torch.int64)
+    rows = torch.where(rows < 0, rows + n, rows)
+    where_in_value = torch.full((n,), -1, dtype=torch.int64, device=device)
+    where_in_value = where_in_value.index_put((rows,), torch.arange(rows.numel(), device=device))
+    return _DimSelection(where_in_value >= 0, where_in_value, False)
 
 
-def _expand_spec(spec: Tuple[Any, ...], rank: int) -> List[Any]:
-    expanded: List[Any] = []
-    explicit = sum(1 for e in spec if e[0] != "ellipsis")
-    for element in spec:
-        if element[0] == "ellipsis":
-            expanded.extend([("full",)] * (rank - explicit))
+def _expand(form: MaskedSlice, rank: int) -> List[Optional[MaskedElement]]:
+    """One element per dim, None for a full dim (``...`` and the trailing dims)."""
+    expanded: List[Optional[MaskedElement]] = []
+    explicit = sum(1 for e in form.elements if not isinstance(e, AllDims))
+    for element in form.elements:
+        if isinstance(element, AllDims):
+            expanded.extend([None] * (rank - explicit))
         else:
             expanded.append(element)
-    expanded.extend([("full",)] * (rank - len(expanded)))
+    expanded.extend([None] * (rank - len(expanded)))
     return expanded
 
 
-def _mask_and_value(x, spec, ints, index_tensors, value):
+def _mask_and_value(x, form: MaskedSlice, ints, index_tensors, value):
     rank = x.dim()
-    dims = _expand_spec(spec, rank)
     mask = None
     kept = []  # (x dim, position-in-value index or None)
     dropped = []
-    for dim, element in enumerate(dims):
-        if element[0] == "full":
+    for dim, element in enumerate(_expand(form, rank)):
+        if element is None:
             kept.append((dim, None))
             continue
-        selected, where_in_value, is_dropped = _dim_selection(x.shape[dim], element, ints, index_tensors, x.device)
+        selection = _dim_selection(x.shape[dim], element, ints, index_tensors, x.device)
         shape = [1] * rank
         shape[dim] = x.shape[dim]
-        selected = selected.reshape(shape)
+        selected = selection.selected.reshape(shape)
         mask = selected if mask is None else mask & selected
-        if is_dropped:
+        if selection.dropped:
             dropped.append(dim)
         else:
-            kept.append((dim, where_in_value))
+            kept.append((dim, selection.where_in_value))
     if value is None:
         return mask, None
     value = value.to(x.dtype)
@@ -104,46 +123,71 @@ def _mask_and_value(x, spec, ints, index_tensors, value):
     return mask, value
 
 
-def _fallback_index(index: Tuple[Any, ...], index_tensors: Sequence[torch.Tensor]) -> Tuple[Any, ...]:
-    return tuple(index_tensors[e[1]] if isinstance(e, tuple) and e and e[0] == "tensor" else e for e in index)
+def _constant_index(form: ConstantSlice, index_tensors: Sequence[torch.Tensor]) -> Tuple[object, ...]:
+    return tuple(index_tensors[e.slot] if isinstance(e, IndexTensor) else e.value for e in form.elements)
 
 
-def zero(x: torch.Tensor, spec: Spec, ints: torch.Tensor, index_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if spec is None:
+def zero(x: torch.Tensor, form: SliceForm, ints: Optional[torch.Tensor], index_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(form, WholeTensor):
         return torch.zeros_like(x)
-    if spec[0] == "fallback":
+    if isinstance(form, ConstantSlice):
         out = x.clone()
-        out[_fallback_index(spec[1], index_tensors)] = 0
+        out[_constant_index(form, index_tensors)] = 0
         return out
-    mask, _ = _mask_and_value(x, spec, ints, index_tensors, None)
+    mask, _ = _mask_and_value(x, form, ints, index_tensors, None)
     return x.clone() if mask is None else x.masked_fill(mask, 0)
 
 
-def replace(x, spec: Spec, ints, index_tensors, value: torch.Tensor) -> torch.Tensor:
-    if spec is None:
+def replace(
+    x: torch.Tensor, form: SliceForm, ints: Optional[torch.Tensor], index_tensors: Sequence[torch.Tensor], value: torch.Tensor
+) -> torch.Tensor:
+    if isinstance(form, WholeTensor):
         return value.to(x.dtype).expand(x.shape).clone()
-    if spec[0] == "fallback":
+    if isinstance(form, ConstantSlice):
         out = x.clone()
-        out[_fallback_index(spec[1], index_tensors)] = value.to(x.dtype)
+        out[_constant_index(form, index_tensors)] = value.to(x.dtype)
         return out
-    mask, value = _mask_and_value(x, spec, ints, index_tensors, value)
+    mask, value = _mask_and_value(x, form, ints, index_tensors, value)
     if mask is None:
         return value.expand(x.shape).clone()
     return torch.where(mask, value, x)
 
 
-def add(x, spec: Spec, ints, index_tensors, value: torch.Tensor) -> torch.Tensor:
-    if spec is None:
+def add(
+    x: torch.Tensor, form: SliceForm, ints: Optional[torch.Tensor], index_tensors: Sequence[torch.Tensor], value: torch.Tensor
+) -> torch.Tensor:
+    if isinstance(form, WholeTensor):
         return x + value.to(x.dtype)
-    if spec[0] == "fallback":
+    if isinstance(form, ConstantSlice):
         out = x.clone()
-        index = _fallback_index(spec[1], index_tensors)
+        index = _constant_index(form, index_tensors)
         out[index] = out[index] + value.to(x.dtype)
         return out
-    mask, value = _mask_and_value(x, spec, ints, index_tensors, value)
+    mask, value = _mask_and_value(x, form, ints, index_tensors, value)
     if mask is None:
         return x + value
     return x + torch.where(mask, value, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+_BY_KIND = {PatchKind.ZERO: zero, PatchKind.ADD: add, PatchKind.REPLACE: replace}
+
+
+@dataclass(frozen=True)
+class PatchFunction:
+    """The graph target of one ``PatchOp``: ``(x, ints, index_tensors[, value]) -> patched x``.
+
+    The op's form is bound here rather than passed as a node argument, since FX codegen can
+    only spell plain Python values as arguments; FX names the target after ``__name__``.
+    """
+
+    op: PatchOp
+
+    @property
+    def __name__(self) -> str:
+        return self.op.kind.value
+
+    def __call__(self, x: torch.Tensor, ints: Optional[torch.Tensor], index_tensors, *value: torch.Tensor):
+        return _BY_KIND[self.op.kind](x, self.op.form, ints, index_tensors, *value)
 
 
 def probe(x: torch.Tensor) -> torch.Tensor:
