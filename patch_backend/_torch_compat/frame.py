@@ -268,6 +268,3 @@ def dynamo_wraps_top_frame() -> bool:
     what the flag's default (False) keeps."""
     return bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
 
-
-# Moved to .symbolic; re-exported only until program/prepared.py imports them from there.
-from .symbolic import concrete_shape, symbol_bindings  # noqa: E402,F401

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from . import ops as patch_ops
+from .._torch_compat.symbolic import size_hint
 from ..capture.capture import GraphCapture
 from ..patches import ProbePatch
 from .custom import is_traceable, opaque_callables, patch_function, warn_opaque
@@ -256,7 +257,7 @@ def _example(meta: Any) -> torch.Tensor:
     if not isinstance(meta, torch.Tensor):
         return torch.zeros(())
     # A dynamic graph's sizes are symbolic: try the callable at the sizes Dynamo traced with.
-    shape = [int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.has_hint() else s for s in meta.shape]
+    shape = [size_hint(s) for s in meta.shape]
     return torch.zeros(shape, dtype=meta.dtype)
 
 

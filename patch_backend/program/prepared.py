@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from .._torch_compat.frame import concrete_shape, symbol_bindings
+from .._torch_compat.symbolic import concrete_shape, symbol_bindings
 from ..capture.capture import GraphCapture
 from ..capture.naming import Site
 from ..patches import PROBE_PATCHES, VALUE_PATCHES, AddPatch, Patch, ProbePatch, ZeroPatch
