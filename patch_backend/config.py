@@ -23,6 +23,20 @@ max_variants: int = 64
 #: Warn once per site when a custom patch callable does not trace and runs opaquely.
 warn_opaque_custom: bool = True
 
+#: When a patched call's program has not been compiled yet:
+#:
+#: - ``"background"``: run this call at once on the eager interpreter with the same patches
+#:   while Inductor compiles the program in a worker thread; later calls use it once it is
+#:   ready (``pb.wait_for_compiles()`` waits for the compiles in flight).
+#: - ``"sync"``: compile it now, in the call, and run it (the first call pays the compile).
+#: - ``"never"``: never compile patched programs; patched calls always run on the eager
+#:   interpreter (unpatched calls still run Inductor's code).
+#:
+#: Results agree whichever tier ran; ``pb.stats`` counts calls per tier.
+compile_policy: str = "background"
+
+COMPILE_POLICIES = ("background", "sync", "never")
+
 _lock = threading.Lock()
 _module = sys.modules[__name__]
 
@@ -32,7 +46,7 @@ def _settings() -> Dict[str, Any]:
         name: value
         for name, value in vars(_module).items()
         if not name.startswith("_") and not callable(value) and not isinstance(value, type(sys))
-        and name not in {"annotations"}
+        and name not in {"annotations", "COMPILE_POLICIES"}
     }
 
 
@@ -42,6 +56,8 @@ def _check(name: str, value: Any) -> None:
         raise AttributeError(f"patch_backend.config has no setting {name!r}; settings: {sorted(settings)}")
     if name == "max_variants" and (not isinstance(value, int) or value < 1):
         raise ValueError(f"config.max_variants must be an int of at least 1, got {value!r}")
+    if name == "compile_policy" and value not in COMPILE_POLICIES:
+        raise ValueError(f"config.compile_policy must be one of {COMPILE_POLICIES}, got {value!r}")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,17 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _compile_in_the_call():
+    """Tests compile patched programs in the call that first needs them (compile_policy "sync"),
+    so counts of compiled variants and tiers are deterministic; the library's default,
+    "background", is tested on its own in test_tiers.py, which sets it explicitly."""
+    import patch_backend as pb
+
+    with pb.config.patch(compile_policy="sync"):
+        yield
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
