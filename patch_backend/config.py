@@ -12,6 +12,7 @@ change one without leaking it into the next.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from typing import Any, Dict, Iterator
@@ -32,10 +33,13 @@ warn_opaque_custom: bool = True
 #: - ``"never"``: never compile patched programs; patched calls always run on the eager
 #:   interpreter (unpatched calls still run Inductor's code).
 #:
-#: Results agree whichever tier ran; ``pb.stats`` counts calls per tier.
-compile_policy: str = "background"
-
+#: Results agree whichever tier ran; ``pb.stats`` counts calls per tier. The environment
+#: variable ``PATCH_BACKEND_COMPILE_POLICY`` sets it for a process (a benchmark, a subprocess
+#: started by a test).
 COMPILE_POLICIES = ("background", "sync", "never")
+compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "background")
+if compile_policy not in COMPILE_POLICIES:
+    raise ValueError(f"PATCH_BACKEND_COMPILE_POLICY must be one of {COMPILE_POLICIES}, got {compile_policy!r}")
 
 _lock = threading.Lock()
 _module = sys.modules[__name__]

@@ -26,7 +26,7 @@ from ._torch_compat.frame import dynamo_wraps_top_frame
 from .aliases import resolve_aliases
 from .capture.capture import GraphCapture, registry_version
 from .capture.index import RootIndex, index_for
-from .patches import Patch
+from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 
@@ -550,7 +550,11 @@ class Patches:
         note_graph_run(state, capture, instance)  # for pb.patch's check at exit
         if not selection:
             return None
-        check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
+        signature = None if capture.dynamic else check_signature(selection)
+        if signature is None or signature not in graph.checked:
+            check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
+            if signature is not None:
+                graph.remember_checked(signature)
         owners = tuple(entry.index for entry in state.roots)
         if graph.compiled:
             from .prepare import prepared_request
@@ -559,6 +563,64 @@ class Patches:
             if request is not None:
                 return request
         return variant_request(graph, selection, owners)
+
+
+_VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
+_SCALARS = (bool, int, float)
+
+
+def check_signature(selection: Any) -> Optional[Tuple[Any, ...]]:
+    """What ``check_call_shapes`` reads of a selection on a static graph: sites, patch kinds,
+    slice numbers and value shapes, dtypes and kinds (not the values' data). Two selections
+    with one signature pass or fail together, so a loop of new maps checks the first only.
+    None when the selection holds something the signature cannot stand for (index lists and
+    tensors, an unexpected value type): those are checked at every call."""
+    parts = []
+    for entry in selection:
+        site = entry.site
+        patches = []
+        for patch in entry.patches:
+            if isinstance(patch, _VALUE_PATCHES):
+                index = _slice_signature(patch.slice)
+                value = getattr(patch, "value", None)
+                if isinstance(value, torch.Tensor):
+                    value_part: Any = (tuple(value.shape), value.dtype, value.is_meta)
+                elif type(value) in _SCALARS:
+                    value_part = (type(value), value if type(value) is int else None)
+                elif value is None and isinstance(patch, ZeroPatch):
+                    value_part = None
+                else:
+                    return None
+                if index is _UNSIGNED:
+                    return None
+                patches.append((type(patch), index, value_part))
+            elif isinstance(patch, CustomPatch) and not callable(patch.custom_op):
+                return None
+            else:
+                patches.append(type(patch))
+        parts.append((site.name, site.node, site.rank, site.shape, site.dtype, tuple(patches)))
+    return tuple(parts)
+
+
+_UNSIGNED = object()
+
+
+def _slice_signature(tensor_slice: Any) -> Any:
+    if tensor_slice is None:
+        return None
+    elements = tensor_slice if isinstance(tensor_slice, (list, tuple)) else (tensor_slice,)
+    out = []
+    for element in elements:
+        if element is None or element is Ellipsis or type(element) in (int, bool):
+            out.append((type(element), element))
+        elif type(element) is slice:
+            bounds = (element.start, element.stop, element.step)
+            if not all(bound is None or type(bound) is int for bound in bounds):
+                return _UNSIGNED
+            out.append(bounds)
+        else:
+            return _UNSIGNED  # index lists and tensors: their numbers are data
+    return tuple(out)
 
 
 def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Scripts the tests run in a subprocess (demo.py, gpu_check.py) count compiled variants too.
+os.environ["PATCH_BACKEND_COMPILE_POLICY"] = "sync"
 
 BACKENDS = ["graphpatch_eager", "graphpatch"]
 

@@ -11,7 +11,7 @@ front-end is a new producer of requests rather than another branch in the dispat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -68,13 +68,24 @@ class GraphFacts:
     """What front-ends may ask about the graph a call runs: its capture, whether the backend
     compiles, and its symbolic sizes (computed once per graph, not per call)."""
 
-    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs")
+    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs", "checked")
+
+    #: Bound on ``checked``: emptied when it fills (a check is cheap to redo).
+    MAX_CHECKED = 4096
 
     def __init__(self, capture: GraphCapture, compiled: bool) -> None:
         self.capture = capture
         self.compiled = compiled
         self._layout: Any = ...
         self._symbolic_inputs: Any = ...
+        #: Patch signatures a front-end has already checked against this graph's shapes (a
+        #: patch loop checks the first map, not each new map of the same shapes).
+        self.checked: Set[Hashable] = set()
+
+    def remember_checked(self, signature: Hashable) -> None:
+        if len(self.checked) >= self.MAX_CHECKED:
+            self.checked.clear()
+        self.checked.add(signature)
 
     @property
     def layout(self) -> Optional[Layout]:

@@ -96,7 +96,10 @@ class Tiers:
             if request.patched:
                 stats.eager_calls += 1
             return request.run(request.interpret(args), args)
-        key, guarded = self._key(request, args)
+        if self.graph.capture.dynamic:
+            key, guarded = self._key(request, args)
+        else:
+            key, guarded = request.key, False
         program = self.programs.get(key, args if guarded else None)
         if program is None:
             return self._miss(request, key, guarded, args)
