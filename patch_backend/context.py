@@ -550,11 +550,15 @@ class Patches:
         note_graph_run(state, capture, instance)  # for pb.patch's check at exit
         if not selection:
             return None
-        signature = None if capture.dynamic else check_signature(selection)
-        if signature is None or signature not in graph.checked:
+        if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
             check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
-            if signature is not None:
-                graph.remember_checked(signature)
+        elif ("checked", id(selection)) not in state.memo:
+            signature = check_signature(selection)
+            if signature is None or signature not in graph.checked:
+                check_call_shapes(None, capture, selection, args, state.memo)
+                if signature is not None:
+                    graph.remember_checked(signature)
+            state.memo[("checked", id(selection))] = selection  # holds it: the id stays its own
         owners = tuple(entry.index for entry in state.roots)
         if graph.compiled:
             from .prepare import prepared_request

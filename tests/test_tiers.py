@@ -1,6 +1,8 @@
 """Execution tiers (config.compile_policy): eager while a patched program compiles, then compiled.
 
-The suite's conftest sets compile_policy="sync"; these tests set the policy they test.
+The suite's conftest sets compile_policy="sync"; these tests set the policy they test. No test
+calls a compiled model while a background compile may be tracing (torch's FX tracing state is
+process-wide, config.py): compiles wait at a gate, or the test waits for them.
 """
 
 import copy
@@ -29,12 +31,15 @@ def model_and_input():
 
 @pytest.fixture
 def gated_compiler(monkeypatch):
-    """Inductor, held at a gate until the test opens it (a compile that takes a while)."""
+    """Inductor, held at a gate until the test opens it (a compile that takes a while), for the
+    compiles of the background worker (a new graph's plain compile, in the call, passes)."""
     real = dispatcher_module.compile_graph
     gate = threading.Event()
     started = []
 
     def compile_at_gate(gm, example, options):
+        if threading.current_thread() is threading.main_thread():
+            return real(gm, example, options)
         started.append(gm)
         assert gate.wait(timeout=300), "the test never opened the gate"
         return real(gm, example, options)
@@ -186,8 +191,9 @@ def test_background_compile_keeps_the_callers_grad_mode(model_and_input):
     torch.testing.assert_close(delta.grad, 2 * expected.grad)
 
 
-def test_sweep_under_background_and_never_matches_cells_alone(model_and_input):
+def test_sweep_under_never_and_background_matches_cells_alone(model_and_input, gated_compiler):
     model, x, compiled, _ = model_and_input
+    gate, started = gated_compiler
     cells = [{"layers_0.up.output": ZeroPatch(slice=(slice(None), p))} for p in range(6)]
     metric = lambda out: out.sum(-1)  # noqa: E731
     reference = []
@@ -196,10 +202,56 @@ def test_sweep_under_background_and_never_matches_cells_alone(model_and_input):
         for cell in cells:
             with pb.patch(eager, cell):
                 reference.append(metric(eager(x)))
-    for policy in ("never", "background"):
-        with pb.config.patch(compile_policy=policy):
-            swept = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
-            pb.wait_for_compiles(timeout=300)
-        torch.testing.assert_close(swept, torch.stack(reference))
+    reference = torch.stack(reference)
+    with pb.config.patch(compile_policy="never"):
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
+    assert not started
+    with pb.config.patch(compile_policy="background"):
+        # Three chunks on the eager form while the program waits at the gate, then compiled.
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
+        assert len(started) == 1
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        before = pb.stats(compiled).compiled_calls
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
     stats = pb.stats(compiled)
-    assert stats.variants_compiled == 1 and stats.eager_calls >= 3
+    assert stats.variants_compiled == 1 and stats.compiled_calls == before + 3
+
+
+def _long_inputs_only(t):
+    return t * 2 if t.shape[0] > 4 else t
+
+
+def _guarded_run(compiled, model, rows):
+    """A traced CustomPatch that branches on the length: the symbolic compile assumes a range."""
+    from patch_backend import CustomPatch
+
+    x = torch.randn(rows, 8)
+    with torch.no_grad():
+        with pb.patch(compiled, {"layers_0.output": CustomPatch(custom_op=_long_inputs_only)}):
+            patched = compiled(x)
+        h = x + _long_inputs_only(model.layers[0](x))
+        torch.testing.assert_close(patched, h + model.layers[1](h))
+
+
+def test_background_compiles_each_shape_specialization_once():
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch", dynamic=True)
+    with pb.config.patch(compile_policy="background"):
+        for rows in (3, 6, 2, 9):  # rows <= 4 and rows > 4 each compile one specialization
+            _guarded_run(compiled, model, rows)
+            pb.wait_for_compiles(timeout=300)
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (2, 2, 2)
+
+
+def test_shape_specializations_are_bounded():
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch", dynamic=True)
+    with pb.config.patch(max_variants=1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (3, 6, 2):  # the third call's specialization was dropped for the second's
+            _guarded_run(compiled, model, rows)
+    stats = pb.stats(compiled)
+    assert (stats.variants_compiled, stats.evictions) == (3, 2)
+    assert len([w for w in caught if "compiled more than 1 patched variants" in str(w.message)]) == 1

@@ -2,10 +2,14 @@
 
 ``config.compile_policy`` says what a call does when its program has no compiled form yet:
 
-- ``"sync"``: compile it in the call (the first call of each patch structure pays Inductor);
+- ``"sync"`` (the default): compile it in the call (the first call of each structure pays);
 - ``"background"``: run the request's eager form now (the eager interpreter with the same
   patches, so the result is the same) and compile in a worker thread; later calls run the
-  compiled program once it is in the cache;
+  compiled program once it is in the cache. torch 2.13's AOTAutograd traces with ``make_fx``,
+  whose patching of ``nn.Module.__call__`` and tracing flag are process-wide: a compiled call
+  in another thread during that trace raises in Dynamo, before any of our code runs, so the
+  caller must not call compiled code while a compile runs (``wait_for_compiles``). That is
+  why it is not the default;
 - ``"never"``: always the eager form.
 
 Every compile of a patched program, in the call or in the worker, holds ``COMPILE_LOCK``:
@@ -123,8 +127,10 @@ class Tiers:
         if not self.graph.compiled:
             # graphpatch_eager: the eager form is the program, built once and counted like one.
             start = time.perf_counter()
-            program = self.programs.put(key, request.interpret(args))
-            self._account(time.perf_counter() - start)
+            built = request.interpret(args)
+            program = self.programs.put(key, built)
+            if program is built:  # not a duplicate of another thread's
+                self._account(time.perf_counter() - start)
             self.stats.eager_calls += 1
             return request.run(program, args)
         policy = config.compile_policy
