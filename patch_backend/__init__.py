@@ -29,6 +29,7 @@ from .prepare import prepare
 from .record import record
 from .stats import set_max_variants, stats
 from .sweep import sweep
+from .runtime.tiers import wait_for_compiles
 
 __all__ = [
     "CausalTrace",
@@ -59,6 +60,7 @@ __all__ = [
     "config",
     "stats",
     "sweep",
+    "wait_for_compiles",
 ]
 
 

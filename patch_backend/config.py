@@ -12,6 +12,7 @@ change one without leaking it into the next.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from typing import Any, Dict, Iterator
@@ -29,6 +30,30 @@ warn_opaque_custom: bool = True
 #: every graph whole, as before.
 regional_compile: bool = True
 
+#: When a patched call's program has not been compiled yet:
+#:
+#: - ``"sync"`` (the default): compile it now, in the call, and run it (the first call of each
+#:   patch structure pays Inductor's compile).
+#: - ``"background"``: run this call at once on the eager interpreter with the same patches
+#:   while Inductor compiles the program in a worker thread; later calls use it once it is
+#:   ready (``pb.wait_for_compiles()`` waits for the compiles in flight). Only safe while no
+#:   thread calls a torch.compile'd function during a compile: AOTAutograd traces with
+#:   ``make_fx``, which patches ``torch.nn.Module.__call__`` and sets torch.fx's tracing flag
+#:   for the whole process, so such a call raises "Detected that you are using FX to
+#:   symbolically trace a dynamo-optimized function" (torch 2.13). Call
+#:   ``pb.wait_for_compiles()`` before the next compiled call, or use it where calls are
+#:   spaced out (an interactive session).
+#: - ``"never"``: never compile patched programs; patched calls always run on the eager
+#:   interpreter (unpatched calls still run Inductor's code).
+#:
+#: Results agree whichever tier ran; ``pb.stats`` counts calls per tier. The environment
+#: variable ``PATCH_BACKEND_COMPILE_POLICY`` sets it for a process (a benchmark, a subprocess
+#: started by a test).
+COMPILE_POLICIES = ("background", "sync", "never")
+compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "sync")
+if compile_policy not in COMPILE_POLICIES:
+    raise ValueError(f"PATCH_BACKEND_COMPILE_POLICY must be one of {COMPILE_POLICIES}, got {compile_policy!r}")
+
 _lock = threading.Lock()
 _module = sys.modules[__name__]
 
@@ -38,7 +63,7 @@ def _settings() -> Dict[str, Any]:
         name: value
         for name, value in vars(_module).items()
         if not name.startswith("_") and not callable(value) and not isinstance(value, type(sys))
-        and name not in {"annotations"}
+        and name not in {"annotations", "COMPILE_POLICIES"}
     }
 
 
@@ -48,6 +73,8 @@ def _check(name: str, value: Any) -> None:
         raise AttributeError(f"patch_backend.config has no setting {name!r}; settings: {sorted(settings)}")
     if name == "max_variants" and (not isinstance(value, int) or value < 1):
         raise ValueError(f"config.max_variants must be an int of at least 1, got {value!r}")
+    if name == "compile_policy" and value not in COMPILE_POLICIES:
+        raise ValueError(f"config.compile_policy must be one of {COMPILE_POLICIES}, got {value!r}")
 
 
 @contextlib.contextmanager

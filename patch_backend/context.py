@@ -26,7 +26,8 @@ from ._torch_compat.frame import dynamo_wraps_top_frame
 from .aliases import resolve_aliases
 from .capture.capture import GraphCapture, registry_version
 from .capture.index import RootIndex, index_for
-from .patches import Patch
+from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
+from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 
 PatchMap = Mapping[Any, Any]
@@ -115,15 +116,25 @@ class RootPatches:
 @dataclass(frozen=True, eq=False)
 class PatchState:
     roots: Tuple[RootPatches, ...] = ()
-    #: Row-block patches of a running pb.sweep chunk (sweep.SweepSpec), else None.
-    sweep: Any = None
-    #: Per-state memo for the dispatcher: (capture uid, instance, index version) → selection.
+    #: Answers the dispatcher for each graph call under this state (runtime/requests.py):
+    #: ``PATCHES`` for pb.patch, a sweep chunk's spec, ``EagerTier``; None runs graphs plain.
+    frontend: Optional[FrontEnd] = None
+    #: Per-state memo for program.plan and validation: (capture uid, instance, index version)
+    #: → selection, call-shape checks, the graph marks of the never-ran check.
     memo: Dict[Any, Any] = field(default_factory=dict)
     #: What ran under this state (mutable: the state is shared by the calls it patches).
     log: RunLog = field(default_factory=RunLog)
-    #: Run the patched graphs on the eager interpreter (graphpatch_eager semantics), compiling
-    #: nothing: a one-off reference run (``eager_tier``).
-    eager: bool = False
+    #: Validation of maps entered before the model ran (``validate_pending``).
+    pending: "PendingValidation" = field(default_factory=lambda: PendingValidation())
+
+
+@dataclass(eq=False)
+class PendingValidation:
+    """Where ``validate_pending`` stands for one state: the graph occurrence the state ran
+    first and how often it ran (a second run means the forward started over)."""
+
+    first_occurrence: Any = None
+    first_runs: int = 0
 
 
 _EMPTY = PatchState()
@@ -239,7 +250,7 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     if index.names:
         validate_names(index, new_names)
         roots = [RootPatches(r.index, r.by_name, True) if r.index is index else r for r in roots]
-    state = PatchState(tuple(roots))
+    state = PatchState(tuple(roots), PATCHES)
     release = _watch_eager_calls(model, root)
     token = _active.set(state)
     try:
@@ -511,11 +522,156 @@ def eager_tier() -> Iterator[None]:
     """The active patches run on the eager interpreter in this block, the plain graphs as
     captured: no Inductor compile. pb.sweep uses it to check a cell against its unbatched run
     without compiling a variant for the check."""
-    token = _active.set(dataclasses.replace(_active.get(), eager=True))
+    state = _active.get()
+    token = _active.set(dataclasses.replace(state, frontend=EagerTier(state.frontend)))
     try:
         yield
     finally:
         _active.reset(token)
+
+
+# -- the front-ends' requests --------------------------------------------------------------
+
+
+class Patches:
+    """pb.patch's front-end: the active maps' sites in the graph occurrence that runs.
+
+    A selection that fits the sites a model declared with ``pb.prepare`` runs its one
+    prepared program (prepare.py); any other runs the variant of its patch structure, fed the
+    patch values as inputs (program/insert.py).
+    """
+
+    def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
+        from .program.dynamic import check_call_shapes
+        from .program.plan import select
+
+        capture = graph.capture
+        selection = select(state, capture, instance)
+        note_graph_run(state, capture, instance)  # for pb.patch's check at exit
+        if not selection:
+            return None
+        if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
+            check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
+        elif ("checked", id(selection)) not in state.memo:
+            signature = check_signature(selection)
+            if signature is None or signature not in graph.checked:
+                check_call_shapes(None, capture, selection, args, state.memo)
+                if signature is not None:
+                    graph.remember_checked(signature)
+            state.memo[("checked", id(selection))] = selection  # holds it: the id stays its own
+        owners = tuple(entry.index for entry in state.roots)
+        if graph.compiled:
+            from .prepare import prepared_request
+
+            request = prepared_request(state, graph, instance, selection, owners)
+            if request is not None:
+                return request
+        return variant_request(graph, selection, owners)
+
+
+_VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
+_SCALARS = (bool, int, float)
+
+
+def check_signature(selection: Any) -> Optional[Tuple[Any, ...]]:
+    """What ``check_call_shapes`` reads of a selection on a static graph: sites, patch kinds,
+    slice numbers and value shapes, dtypes and kinds (not the values' data). Two selections
+    with one signature pass or fail together, so a loop of new maps checks the first only.
+    None when the selection holds something the signature cannot stand for (index lists and
+    tensors, an unexpected value type): those are checked at every call."""
+    parts = []
+    for entry in selection:
+        site = entry.site
+        patches = []
+        for patch in entry.patches:
+            if isinstance(patch, _VALUE_PATCHES):
+                index = _slice_signature(patch.slice)
+                value = getattr(patch, "value", None)
+                if isinstance(value, torch.Tensor):
+                    value_part: Any = (tuple(value.shape), value.dtype, value.is_meta)
+                elif type(value) in _SCALARS:
+                    value_part = (type(value), value if type(value) is int else None)
+                elif value is None and isinstance(patch, ZeroPatch):
+                    value_part = None
+                else:
+                    return None
+                if index is _UNSIGNED:
+                    return None
+                patches.append((type(patch), index, value_part))
+            elif isinstance(patch, CustomPatch) and not callable(patch.custom_op):
+                return None
+            else:
+                patches.append(type(patch))
+        parts.append((site.name, site.node, site.rank, site.shape, site.dtype, tuple(patches)))
+    return tuple(parts)
+
+
+_UNSIGNED = object()
+
+
+def _slice_signature(tensor_slice: Any) -> Any:
+    if tensor_slice is None:
+        return None
+    elements = tensor_slice if isinstance(tensor_slice, (list, tuple)) else (tensor_slice,)
+    out = []
+    for element in elements:
+        if element is None or element is Ellipsis or type(element) in (int, bool):
+            out.append((type(element), element))
+        elif type(element) is slice:
+            bounds = (element.start, element.stop, element.step)
+            if not all(bound is None or type(bound) is int for bound in bounds):
+                return _UNSIGNED
+            out.append(bounds)
+        else:
+            return _UNSIGNED  # index lists and tensors: their numbers are data
+    return tuple(out)
+
+
+def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:
+    """The variant of ``selection``'s structure: one program per structure, every size."""
+    from .program.insert import build_variant
+    from .program.plan import structure_key
+
+    capture = graph.capture
+    return Request(
+        key=structure_key(selection),
+        build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
+        interpret=lambda args: Interpreted(capture.gm),
+        run=lambda program, args: program.run(selection, args),
+        owners=owners,
+        symbolic=True,
+    )
+
+
+class Interpreted:
+    """A selection's eager form: the captured graph run by the eager interpreter, which applies
+    each patch's ``op`` (the ``graphpatch_eager`` semantics, the tests' oracle)."""
+
+    def __init__(self, gm: Any) -> None:
+        self.gm = gm
+
+    def run(self, selection: Any, args: Sequence[Any]) -> Any:
+        from .program.eager import PatchingInterpreter
+
+        return PatchingInterpreter(self.gm, selection).run(*args)
+
+
+#: The front-end of every pb.patch state (it holds no state of its own).
+PATCHES = Patches()
+
+
+@dataclass(frozen=True)
+class EagerTier:
+    """``eager_tier``'s front-end: the requests of the front-end it wraps, run on their eager
+    forms, and unpatched graphs as captured: nothing is compiled for a one-off reference run."""
+
+    inner: Optional[FrontEnd]
+
+    def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
+        request = None if self.inner is None else self.inner.request(state, graph, instance, args)
+        if request is None:
+            return uncompiled(graph)
+        return dataclasses.replace(request, compile=False)
 
 
 def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
@@ -529,10 +685,12 @@ def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
     so the next graph call checks again. (Only the graph about to run counts: a graph captured
     earlier for another instance of the class may not belong to this forward at all.)
     """
-    first = state.memo.setdefault("first_occurrence", occurrence)
-    if occurrence is not None and occurrence == first:
-        state.memo["first_runs"] = state.memo.get("first_runs", 0) + 1
-    restarted = state.memo.get("first_runs", 0) > 1
+    pending = state.pending
+    if pending.first_occurrence is None:
+        pending.first_occurrence = occurrence
+    if occurrence is not None and occurrence == pending.first_occurrence:
+        pending.first_runs += 1
+    restarted = pending.first_runs > 1
     done = True
     for entry in state.roots:
         if not entry.validated:

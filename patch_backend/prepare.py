@@ -3,11 +3,15 @@ every patch map within them (program/prepared.py builds it)."""
 
 from __future__ import annotations
 
-from typing import Any, List
+from dataclasses import dataclass
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from . import aliases
 from .capture.index import index_for
-from .context import resolve_root
+from .capture.naming import Site
+from .context import Interpreted, resolve_root
+from .program.prepared import build_prepared, fits, site_key
+from .runtime.requests import GraphFacts, Request
 
 
 def prepare(model: Any, sites: Any) -> List[str]:
@@ -25,3 +29,55 @@ def prepare(model: Any, sites: Any) -> List[str]:
 def _native(root: Any, name: str) -> str:
     """The node a TransformerLens alias stands for (a per-head view declares its whole node)."""
     return aliases.lookup(root, name).native if aliases.is_alias_pattern(root, name) else name
+
+
+# -- the front-end: a selection within the declared sites runs their one prepared program ------
+
+
+def prepared_key(sites: Sequence[Site]) -> Hashable:
+    """The prepared program of a site set (a sweep over the same sites shares it)."""
+    return ("prepared", frozenset(site_key(site) for site in sites))
+
+
+def prepared_request(
+    state: Any, graph: GraphFacts, instance: Any, selection: Any, owners: Tuple[Any, ...]
+) -> Optional[Request]:
+    """pb.patch's request when ``selection`` fits the sites the patched models declared here;
+    None when nothing is declared or a patch does not fit a slot (a variant serves it)."""
+    declared = _declared(state, graph.capture, instance)
+    if not declared or not fits(selection, declared.keys):
+        return None
+    capture, sites = graph.capture, declared.sites
+    return Request(
+        key=declared.key,
+        build=lambda compile_fn, args: build_prepared(capture, sites, args, compile_fn),
+        interpret=lambda args: Interpreted(capture.gm),
+        run=lambda program, args: program.run(selection, args),
+        owners=owners,
+    )
+
+
+@dataclass(frozen=True)
+class Declared:
+    """The declared sites of one graph occurrence under one patch state."""
+
+    sites: List[Site]
+    #: site key → 0, the form ``program.prepared.fits`` takes.
+    keys: Dict[Any, int]
+    key: Hashable
+
+
+def _declared(state: Any, capture: Any, instance: Any) -> Optional[Declared]:
+    """Computed once per state and occurrence (the memo holds it for the state's lifetime)."""
+    memo_key = ("declared", capture.uid, instance)
+    if memo_key in state.memo:
+        return state.memo[memo_key]
+    sites: List[Site] = []
+    for entry in state.roots:
+        if entry.index.declared:
+            sites.extend(entry.index.declared_sites(capture, instance))
+    declared = None
+    if sites:
+        declared = Declared(sites, {site_key(site): 0 for site in sites}, prepared_key(sites))
+    state.memo[memo_key] = declared
+    return declared

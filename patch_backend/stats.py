@@ -14,11 +14,21 @@ class Stats:
     """Counters of one graph's dispatcher, or totals over a model's graphs."""
 
     graphs: int = 0
+    #: Patched programs built (compiled, or interpreted forms for ``graphpatch_eager``).
     variants_compiled: int = 0
+    #: Patched calls whose program was in the cache, and those whose program was not.
     variant_hits: int = 0
+    variant_misses: int = 0
+    #: Seconds spent compiling, in calls and in background compiles (runtime/tiers.py).
     compile_seconds: float = 0.0
     calls: int = 0
     patched_calls: int = 0
+    #: Patched calls per tier: the eager interpreter (while a compile is pending, under
+    #: ``compile_policy="never"``, ``graphpatch_eager``) or a compiled program.
+    eager_calls: int = 0
+    compiled_calls: int = 0
+    #: Background compiles that raised (their programs run eagerly; a warning says so).
+    compile_failures: int = 0
     evictions: int = 0
 
 

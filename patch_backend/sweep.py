@@ -29,6 +29,9 @@ from .context import (
     resolve_root,
 )
 from .capture.index import RootIndex, index_for
+from .prepare import prepared_key
+from .program.prepared import build_prepared, compose, site_key
+from .runtime.requests import GraphFacts, Request, uncompiled
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
 
@@ -40,7 +43,7 @@ CPU_BUDGET_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What the dispatcher needs to patch row blocks: set by ``row_patches``."""
+    """pb.sweep's front-end for one chunk: set as the active state's by ``row_patches``."""
 
     index: RootIndex
     rows_per_cell: int
@@ -48,6 +51,41 @@ class SweepSpec:
     cells: Tuple[Dict[str, Tuple[Patch, ...]], ...]
     #: Which names ran in this chunk's forward (checked on leaving ``row_patches``).
     log: RunLog = field(default_factory=RunLog, compare=False)
+    #: The prepared programs' eager forms, built once per sweep (shared by its chunks).
+    eager_programs: Dict[Any, Any] = field(default_factory=dict, compare=False)
+
+    def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
+        """This graph's sites that cells patch, as slots of one prepared program; each call
+        feeds every slot a (keep, fill) pair whose row blocks hold their cells' patches."""
+        capture = graph.capture
+        found = self.index.sites_for(capture, instance)
+        note_sweep_graph(self, found)
+        sites = found or {}
+        here = [sites[name] for name in self.names if name in sites]
+        if not here:
+            # The name-discovery call captures; it need not compile the plain variant, which
+            # the sweep itself (at another batch size) never runs.
+            return uncompiled(graph) if not self.names else None
+        key = prepared_key(here)
+        return Request(
+            key=key,
+            build=lambda compile_fn, args: build_prepared(capture, here, args, compile_fn),
+            interpret=lambda args: self._eager_program(graph, here, key, args),
+            run=lambda program, args: program.call(args, slot_inputs(self, program, sites))[0],
+            owners=(self.index,),
+        )
+
+    def _eager_program(self, graph: GraphFacts, here: List[Any], key: Any, args: Sequence[Any]) -> Any:
+        """The prepared program run as the FX graph's Python code (nothing compiled)."""
+        memo_key = (graph.capture.uid, key, graph.shape_key(args))
+        program = self.eager_programs.get(memo_key)
+        if program is None:
+            program = self.eager_programs[memo_key] = build_prepared(graph.capture, here, args, _uncompiled)
+        return program
+
+
+def _uncompiled(gm: Any, example: Sequence[Any]) -> Callable:
+    return gm.forward
 
 
 class row_patches:
@@ -57,11 +95,15 @@ class row_patches:
     not run in the chunk's forward raises PatchNotAppliedError.
     """
 
-    def __init__(self, index: RootIndex, rows_per_cell: int, names: Sequence[str], cells: Sequence[Dict]) -> None:
-        self.spec = SweepSpec(index, rows_per_cell, tuple(names), tuple(cells))
+    def __init__(
+        self, index: RootIndex, rows_per_cell: int, names: Sequence[str], cells: Sequence[Dict],
+        eager_programs: Optional[Dict[Any, Any]] = None,
+    ) -> None:
+        self.spec = SweepSpec(index, rows_per_cell, tuple(names), tuple(cells), eager_programs=(
+            {} if eager_programs is None else eager_programs))
 
     def __enter__(self) -> None:
-        self._token = _active.set(PatchState(roots=(), sweep=self.spec))
+        self._token = _active.set(PatchState(roots=(), frontend=self.spec))
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         _active.reset(self._token)
@@ -211,7 +253,7 @@ def sweep(
         raise ValueError("sweep needs at least one cell (patch map)")
     compiled, root = _compiled_model(model)
     state = active_state()
-    if state.sweep is not None or any(entry.index.root is root for entry in state.roots):
+    if isinstance(state.frontend, SweepSpec) or any(entry.index.root is root for entry in state.roots):
         raise RuntimeError("pb.sweep cannot run inside an active pb.patch or sweep on the same model")
     batch = _batch_size(inputs)
     index = index_for(root)
@@ -225,12 +267,13 @@ def sweep(
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
     batched = _repeat(inputs, chunk)
     results: List[torch.Tensor] = []
+    eager_programs: Dict[Any, Any] = {}
     bar = _progress(len(cells), progress)
     try:
         for start in range(0, len(cells), chunk):
             block = normalized[start : start + chunk]
             padded = block + [{}] * (chunk - len(block))
-            with row_patches(index, batch, names, padded):
+            with row_patches(index, batch, names, padded, eager_programs):
                 output = _call(compiled, batched)
             values = metric(output)
             if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != chunk * batch:
@@ -308,8 +351,6 @@ def _progress(total: int, enabled: bool):
 
 def slot_inputs(spec: SweepSpec, variant: Any, sites: Dict[str, Any]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
     """(keep, fill) per slot of ``variant``, each row block patched by its own cell."""
-    from .program.prepared import compose, site_key
-
     inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
     for name in spec.names:
         site = sites.get(name)

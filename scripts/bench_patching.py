@@ -2,10 +2,17 @@
 
     python scripts/bench_patching.py [--layers 4 --width 256 --batch 8 --seq 128 --device cpu]
                                      [--json out/bench_patching.json]
+    python scripts/bench_patching.py --router [--profile out/router.prof]
 
 Rows: eager, eager + forward hook, graphpatch_eager patched, Inductor, graphpatch unpatched,
 graphpatch patched at an MLP output and at an op inside the MLP activation; plus compile
 seconds. Ratios are what to compare: they are measured in this process on this machine.
+
+``--router`` measures the router's cost alone: a loop of ``pb.patch``'d forwards with a new
+value every call against the unpatched compiled loop of the same model, at a size where host
+work shows (GPT-2 shape, 4 layers, width 256, batch 1, 16 tokens); ``--profile`` writes a
+cProfile of the patched loop.
+
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ def gpt2(layers: int, width: int, heads: int, seq: int, device: str):
 
 def interleaved(calls: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, float]:
     """Median seconds per call, timing the contenders in turns so machine drift hits all alike."""
+    samples = interleaved_samples(calls, device, repeats)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(calls: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, list]:
+    """Seconds of each call, ``repeats`` times, the contenders timed in turns."""
     for fn in calls.values():
         for _ in range(2):
             fn()
@@ -52,7 +65,7 @@ def interleaved(calls: Dict[str, Callable[[], object]], device: str, repeats: in
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def _patched(compiled, patch_map, ids) -> Callable[[], object]:
@@ -70,6 +83,75 @@ def first_call_seconds(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
+def router_cost(options: argparse.Namespace) -> Dict[str, object]:
+    """Patched forwards with a new value each call vs unpatched compiled forwards, same model.
+
+    At 16 tokens and batch 1 the kernels take about a millisecond on CPU, so the ratio is the
+    host work of ``pb.patch`` plus the dispatcher's routing per call. Each sample times a loop
+    of ``--loop`` calls, the two loops alternating so drift hits both alike.
+    """
+    torch._inductor.config.fx_graph_cache = False
+    pb.config.set("compile_policy", "sync")  # routing is measured, not compiling
+    device = options.device
+    torch.set_grad_enabled(False)
+    model = gpt2(options.layers, options.width, options.heads, options.seq, device)
+    ids = torch.randint(0, 1024, (options.batch, options.seq), device=device)
+    site = f"transformer.h_{options.layers // 2}.mlp.output"
+    compiled = torch.compile(model, backend="graphpatch")
+    compiled(ids)
+    values = [torch.randn(options.width, device=device) for _ in range(8)]
+    with pb.patch(compiled, {site: AddPatch(value=values[0])}):
+        compiled(ids)  # compiles the variant: the loop measures routing, not compiling
+    loop = options.loop
+
+    def unpatched():
+        for _ in range(loop):
+            compiled(ids)
+
+    def patched():
+        for step in range(loop):
+            with pb.patch(compiled, {site: AddPatch(value=values[step % 8])}):
+                compiled(ids)
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    samples = interleaved_samples(
+        {"unpatched": unpatched, "patched, new value each call": patched}, device, options.repeats
+    )
+    # The median, and the minimum: on a shared machine the fastest sample is the one least
+    # disturbed by other processes, so it is the steadier estimate of the work itself.
+    rows = {name: statistics.median(values) for name, values in samples.items()}
+    fastest = {name: min(values) for name, values in samples.items()}
+    per_call = {name: seconds / loop * 1e3 for name, seconds in rows.items()}
+    ratio = rows["patched, new value each call"] / rows["unpatched"]
+    ratio_fastest = fastest["patched, new value each call"] / fastest["unpatched"]
+    if options.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.runcall(patched)
+        os.makedirs(os.path.dirname(options.profile) or ".", exist_ok=True)
+        profiler.dump_stats(options.profile)
+    stats = pb.stats(compiled)
+    result = {
+        "config": vars(options) | {"torch": torch.__version__, "device_name": device_name(device)},
+        "milliseconds_per_forward": per_call,
+        "ratio patched / unpatched": ratio,
+        "ratio patched / unpatched, fastest samples": ratio_fastest,
+        "host milliseconds per patched call": per_call["patched, new value each call"] - per_call["unpatched"],
+        "variants_compiled": stats.variants_compiled,
+    }
+    print(f"config: {result['config']}")
+    for name, ms in per_call.items():
+        print(f"{name:48s} {ms:10.3f} ms")
+    print(f"{'ratio patched / unpatched (medians)':48s} {ratio:10.3f}")
+    print(f"{'ratio patched / unpatched (fastest samples)':48s} {ratio_fastest:10.3f}")
+    print(f"patched variants compiled: {stats.variants_compiled}")
+    if options.json:
+        write_json(options.json, result)
+    return result
+
+
 def main() -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -80,8 +162,21 @@ def main() -> Dict[str, object]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--router", action="store_true", help="the router-cost case (defaults: batch 1, 16 tokens)")
+    parser.add_argument("--loop", type=int, default=50, help="--router: calls per timed sample")
+    parser.add_argument("--profile", default=None, help="--router: write a cProfile of the patched loop here")
+    parser.add_argument("--threads", type=int, default=0, help="--router: torch threads (0: torch's default)")
     options = parser.parse_args()
+    if options.router:
+        if "--batch" not in sys.argv:
+            options.batch = 1
+        if "--seq" not in sys.argv:
+            options.seq = 16
+        return router_cost(options)
 
+    # The rows time compiled programs, and "compile seconds" the first call's compile: patched
+    # programs compile in the call that first needs them, not in the background (config.py).
+    pb.config.set("compile_policy", "sync")
     # Compile times must not come from Inductor's on-disk cache of an earlier run, and the
     # first compile in a process pays one-time imports/warm-up that belong to neither side.
     torch._inductor.config.fx_graph_cache = False

@@ -1,0 +1,151 @@
+"""The program cache of one dispatcher: a bounded, thread-safe LRU.
+
+Threads patching the same compiled model share its dispatchers, and background compiles
+(tiers.py) insert programs from a worker thread, so every read that reorders and every write
+takes the cache's lock: an ``OrderedDict.move_to_end`` racing an eviction in another thread
+raises ``KeyError`` (or corrupts the order) without it.
+
+The bound is ``config.max_variants``, read at each insertion so that ``pb.config.patch``
+applies to graphs captured before it. Beyond it the least recently used program is dropped
+(and rebuilt if its key comes back); the first eviction of each dispatcher warns, because a
+sweep of structures that thrashes the cache recompiles without anything else saying so.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
+
+from .. import config
+from ..stats import Stats
+
+
+class Guarded:
+    """The programs of one key on a graph with symbolic shapes, each compiled with symbolic
+    sizes and valid where its shape guard holds (a patch that ties a size to a value's length
+    makes the compile assume it; program.dynamic). Bounded like the cache itself."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: List[Tuple[Callable[[Sequence[Any]], bool], Any]] = []
+
+    def find(self, args: Sequence[Any]) -> Any:
+        for guard, program in self.entries:
+            if guard(args):
+                return program
+        return None
+
+
+class ProgramCache:
+    """Key → program, at most ``config.max_variants`` of them, least recently used dropped first.
+
+    A key's entry may be a ``Guarded`` set, of which ``get(key, args)`` returns the program
+    whose guard holds for ``args``. ``graph_uid`` names the graph in the eviction warning.
+    """
+
+    def __init__(self, stats: Stats, graph_uid: int, warn: bool = True) -> None:
+        self._entries: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._stats = stats
+        self._graph_uid = graph_uid
+        self._warned = not warn
+
+    def get(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
+        """The program for ``key`` (now the most recently used), or None; counts a hit or a miss."""
+        with self._lock:
+            program = self._entries.get(key)
+            if program is not None:
+                self._entries.move_to_end(key)
+                if type(program) is Guarded:
+                    program = program.find(args)
+            if program is None:
+                self._stats.variant_misses += 1
+                return None
+            self._stats.variant_hits += 1
+            return program
+
+    def peek(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
+        """Like ``get``, without counting or reordering (a build checking it lost no race)."""
+        with self._lock:
+            program = self._entries.get(key)
+            if type(program) is Guarded:
+                program = program.find(args)
+            return program
+
+    def put(self, key: Hashable, program: Any) -> Any:
+        """Inserts ``program`` unless another thread inserted one for ``key`` first; returns the
+        one kept. Evicts beyond the bound, warning on the first eviction."""
+        with self._lock:
+            kept = self._entries.setdefault(key, program)
+            self._entries.move_to_end(key)
+            warn = self._evict()
+        if warn:
+            self._warn()
+        return kept
+
+    def put_guarded(self, key: Hashable, guard: Callable[[Sequence[Any]], bool], program: Any) -> Any:
+        """Adds a symbolic compile valid where ``guard`` holds to ``key``'s Guarded set."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if type(entry) is not Guarded:
+                entry = self._entries[key] = Guarded()
+            self._entries.move_to_end(key)
+            entry.entries.append((guard, program))
+            evicted = False
+            while len(entry.entries) > config.max_variants:
+                entry.entries.pop(0)
+                self._stats.evictions += 1
+                evicted = True
+            warn = self._evict() or (evicted and self._first_warning())
+        if warn:
+            self._warn()
+        return program
+
+    def _evict(self) -> bool:
+        """Drops the least recently used beyond the bound (lock held); whether to warn now."""
+        evicted = False
+        while len(self._entries) > config.max_variants:
+            self._entries.popitem(last=False)
+            self._stats.evictions += 1
+            evicted = True
+        return evicted and self._first_warning()
+
+    def _first_warning(self) -> bool:
+        warn = not self._warned
+        self._warned = True
+        return warn
+
+    def _warn(self) -> None:
+        warnings.warn(
+            f"patch_backend: graph {self._graph_uid} compiled more than {config.max_variants} patched "
+            "variants (one per distinct patch structure); the least recently used are dropped and "
+            "recompiled on reuse. Declare the sites with pb.prepare(model, sites) or raise the bound "
+            "with pb.set_max_variants(n).",
+            stacklevel=5,
+        )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def keys(self) -> List[Hashable]:
+        with self._lock:
+            return list(self._entries)
+
+    def values(self) -> List[Any]:
+        """The programs (a Guarded set's programs one by one)."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return [p for entry in entries for p in (
+            [program for _, program in entry.entries] if type(entry) is Guarded else [entry])]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries

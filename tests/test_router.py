@@ -1,0 +1,174 @@
+"""The dispatcher as a router: front-ends produce requests, a bounded thread-safe cache holds
+programs, and the core imports no front-end."""
+
+import ast
+import pathlib
+import threading
+import warnings
+
+import torch
+
+import patch_backend as pb
+from fixtures import TwoLayerMLP
+from patch_backend import AddPatch, ZeroPatch
+from patch_backend.runtime.cache import ProgramCache
+from patch_backend.stats import Stats
+
+PACKAGE = pathlib.Path(pb.__file__).parent
+
+
+def _imports(path):
+    """Every module a file imports, as written (relative imports keep their dots)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            found.extend(f"{module}.{alias.name}" if not node.module else module for alias in node.names)
+    return found
+
+
+def test_the_core_imports_no_front_end():
+    core = sorted((PACKAGE / "runtime").glob("*.py")) + [PACKAGE / "backend.py"]
+    assert len(core) >= 5
+    for path in core:
+        for module in _imports(path):
+            parts = module.lstrip(".").split(".")
+            assert "sweep" not in parts and "prepare" not in parts, f"{path.name} imports {module}"
+
+
+def test_the_router_has_no_front_end_branches():
+    from patch_backend.runtime.dispatcher import Dispatcher
+
+    source = ast.get_source_segment(
+        (PACKAGE / "runtime" / "dispatcher.py").read_text(),
+        next(
+            node
+            for node in ast.walk(ast.parse((PACKAGE / "runtime" / "dispatcher.py").read_text()))
+            if isinstance(node, ast.FunctionDef) and node.name == "__call__"
+        ),
+    )
+    assert Dispatcher.__call__.__name__ == "__call__"
+    for word in ("sweep", "prepared", "eager", "declared", "selection"):
+        assert word not in source
+
+
+def test_cache_evicts_least_recently_used_and_warns_once():
+    stats = Stats()
+    cache = ProgramCache(stats, graph_uid=7)
+    with pb.config.patch(max_variants=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache.put("a", 1)
+        cache.put("b", 2)
+        assert cache.get("a") == 1  # "a" is now the most recently used: "b" goes first
+        cache.put("c", 3)
+        assert cache.keys() == ["a", "c"]
+        cache.put("d", 4)
+        assert cache.keys() == ["c", "d"]
+        assert cache.get("b") is None
+    assert (stats.evictions, stats.variant_hits, stats.variant_misses) == (2, 1, 1)
+    bound = [w for w in caught if "graph 7 compiled more than 2 patched variants" in str(w.message)]
+    assert len(bound) == 1
+
+
+def test_cache_keeps_the_first_program_put_for_a_key():
+    cache = ProgramCache(Stats(), graph_uid=0)
+    assert cache.put("a", 1) == 1
+    assert cache.put("a", 2) == 1  # another thread built it too: everyone runs the same one
+    assert cache.values() == [1]
+
+
+def test_cache_survives_threads_racing_on_a_small_bound():
+    stats = Stats()
+    cache = ProgramCache(stats, graph_uid=0)
+    errors = []
+
+    def hammer(offset):
+        try:
+            for step in range(2000):
+                key = (offset + step) % 7
+                if cache.get(key) is None:
+                    cache.put(key, key)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    with pb.config.patch(max_variants=3), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=hammer, args=(offset,)) for offset in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    assert len(cache) <= 3
+    assert stats.evictions > 0
+
+
+def _zero_row_0(model, x, site):
+    """The model's output with row 0 of ``site`` zeroed, by hand (not through a dispatcher)."""
+
+    def zero(t):
+        t = t.clone()
+        t[0] = 0
+        return t
+
+    def layer(position, h):
+        mlp = model.layers[position]
+        up = mlp.up(h)
+        if site == f"layers_{position}.up.output":
+            up = zero(up)
+        out = mlp.down(mlp.act(up))
+        return zero(out) if site == f"layers_{position}.output" else out
+
+    with torch.no_grad():
+        h = x + layer(0, x)
+        return h + layer(1, h)
+
+
+def test_threads_patching_one_model_beyond_the_bound():
+    """Threads patch one graph with more structures than the cache keeps: every result right."""
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch_eager")  # the same cache, no compiles
+    compiled(x)
+    sites = ["layers_0.output", "layers_1.output", "layers_0.up.output", "layers_1.up.output"]
+    expected = {site: _zero_row_0(model, x, site) for site in sites}
+    errors = []
+
+    def patch_in_turn(offset):
+        try:
+            for step in range(30):
+                site = sites[(offset + step) % len(sites)]
+                with pb.patch(compiled, {site: ZeroPatch(slice=(0,))}):
+                    torch.testing.assert_close(compiled(x), expected[site])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    before = pb.stats(compiled).evictions
+    with pb.config.patch(max_variants=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=patch_in_turn, args=(offset,)) for offset in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    assert pb.stats(compiled).evictions > before
+
+
+def test_dispatcher_keeps_its_programs_on_itself():
+    """Per-graph state lives on the graph's dispatcher, and programs go with the model."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    compiled(x)
+    with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+        compiled(x)
+    from patch_backend.capture.capture import all_captures
+
+    (dispatcher,) = [c.dispatcher for c in all_captures() if c.dispatcher is not None and c.dispatcher.variants]
+    assert len(dispatcher.variants) == 1
+    del compiled, model
+    import gc
+
+    gc.collect()
+    assert len(dispatcher.variants) == 0

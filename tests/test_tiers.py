@@ -1,0 +1,257 @@
+"""Execution tiers (config.compile_policy): eager while a patched program compiles, then compiled.
+
+The suite's conftest sets compile_policy="sync"; these tests set the policy they test. No test
+calls a compiled model while a background compile may be tracing (torch's FX tracing state is
+process-wide, config.py): compiles wait at a gate, or the test waits for them.
+"""
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+
+import patch_backend as pb
+from fixtures import TwoLayerMLP
+from patch_backend import AddPatch, ProbePatch, ReplacePatch, ZeroPatch
+from patch_backend.capture.index import index_for
+from patch_backend.runtime import dispatcher as dispatcher_module
+
+
+@pytest.fixture
+def model_and_input():
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    compiled(x)  # captures and compiles the plain graph before any test replaces the compiler
+    eager = torch.compile(copy.deepcopy(model), backend="graphpatch_eager")
+    eager(x)
+    return model, x, compiled, eager
+
+
+@pytest.fixture
+def gated_compiler(monkeypatch):
+    """Inductor, held at a gate until the test opens it (a compile that takes a while), for the
+    compiles of the background worker (a new graph's plain compile, in the call, passes)."""
+    real = dispatcher_module.compile_graph
+    gate = threading.Event()
+    started = []
+
+    def compile_at_gate(gm, example, options):
+        if threading.current_thread() is threading.main_thread():
+            return real(gm, example, options)
+        started.append(gm)
+        assert gate.wait(timeout=300), "the test never opened the gate"
+        return real(gm, example, options)
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", compile_at_gate)
+    yield gate, started
+    gate.set()
+    pb.wait_for_compiles(timeout=300)
+
+
+def _patches():
+    """A map with a slice, a tensor value, a scalar value and a probe: every kind of input."""
+    return {
+        "layers_0.up.output": ZeroPatch(slice=(slice(None), 3)),
+        "layers_0.output": AddPatch(value=torch.linspace(0, 1, 8)),
+        "layers_1.act.gelu": ReplacePatch(value=0.5, slice=(1,)),
+        "layers_1.down.output": ProbePatch(),
+    }
+
+
+def _run(compiled, x, patches):
+    with pb.patch(compiled, patches):
+        out = compiled(x)
+    return out, patches["layers_1.down.output"].activation
+
+
+def test_background_runs_eager_until_compiled_and_both_tiers_agree(model_and_input, gated_compiler):
+    _, x, compiled, eager = model_and_input
+    gate, started = gated_compiler
+    expected, expected_probe = _run(eager, x, _patches())
+    with pb.config.patch(compile_policy="background"):
+        first, first_probe = _run(compiled, x, _patches())  # the compile waits at the gate
+        stats = pb.stats(compiled)
+        assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (1, 0, 0)
+        second, _ = _run(compiled, x, _patches())  # still compiling: eager again, no second compile
+        assert pb.stats(compiled).eager_calls == 2
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        third, third_probe = _run(compiled, x, _patches())
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (2, 1, 1)
+    assert len(started) == 1
+    assert stats.compile_seconds > 0
+    for result, probe in ((first, first_probe), (third, third_probe)):
+        torch.testing.assert_close(result, expected)
+        torch.testing.assert_close(probe, expected_probe)
+    torch.testing.assert_close(second, expected)
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        # (eager calls, compiled calls, variants compiled) after three patched calls
+        ("sync", (0, 3, 1)),
+        ("background", (1, 2, 1)),
+        ("never", (3, 0, 0)),
+    ],
+)
+def test_compile_policy(model_and_input, policy, expected):
+    model, x, compiled, _ = model_and_input
+    results = []
+    with pb.config.patch(compile_policy=policy):
+        for step in range(3):
+            delta = torch.full((8,), float(step))
+            with pb.patch(compiled, {"layers_0.output": AddPatch(value=delta)}):
+                results.append(compiled(x))
+            pb.wait_for_compiles(timeout=300)
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == expected
+    assert stats.patched_calls == 3
+    for step, result in enumerate(results):
+        h = x + model.layers[0](x) + step
+        torch.testing.assert_close(result, h + model.layers[1](h))
+
+
+def test_compile_policy_is_checked():
+    with pytest.raises(ValueError, match="compile_policy must be one of"):
+        pb.config.set("compile_policy", "later")
+
+
+def test_a_failing_background_compile_warns_once_and_runs_eagerly(model_and_input, monkeypatch):
+    _, x, compiled, eager = model_and_input
+    attempts = []
+
+    def failing_compile(gm, example, options):
+        attempts.append(gm)
+        raise RuntimeError("inductor fell over")
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", failing_compile)
+    expected, expected_probe = _run(eager, x, _patches())
+    (uid,) = {uid for uid, _ in index_for(compiled._orig_mod).by_occurrence}
+    with pb.config.patch(compile_policy="background"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, first_probe = _run(compiled, x, _patches())
+        assert pb.wait_for_compiles(timeout=300)
+        results = [_run(compiled, x, _patches()) for _ in range(2)]
+    failures = [w for w in caught if "failed" in str(w.message) and "background" in str(w.message)]
+    assert len(failures) == 1
+    assert f"graph {uid}" in str(failures[0].message) and "inductor fell over" in str(failures[0].message)
+    assert len(attempts) == 1  # the program is not compiled again at every call
+    stats = pb.stats(compiled)
+    assert (stats.compile_failures, stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (1, 3, 0, 0)
+    for result, probe in [(first, first_probe)] + results:
+        torch.testing.assert_close(result, expected)
+        torch.testing.assert_close(probe, expected_probe)
+
+
+def test_a_new_patch_while_a_background_compile_runs(model_and_input, gated_compiler):
+    model, x, compiled, eager = model_and_input
+    gate, started = gated_compiler
+    first_map = lambda: {"layers_0.output": AddPatch(value=torch.ones(8))}  # noqa: E731
+    second_map = lambda: {"layers_1.up.output": ZeroPatch(slice=(slice(None), slice(0, 4)))}  # noqa: E731
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, first_map()):
+            first = compiled(x)  # its compile now holds the worker, at the gate
+        with pb.patch(compiled, second_map()):
+            second = compiled(x)  # another structure: queued behind it, runs eagerly meanwhile
+        assert len(started) == 1 and pb.stats(compiled).eager_calls == 2
+        assert not pb.wait_for_compiles(timeout=0.05)
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        assert len(started) == 2
+        with pb.patch(compiled, first_map()):
+            first_compiled = compiled(x)
+        with pb.patch(compiled, second_map()):
+            second_compiled = compiled(x)
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (2, 2, 2)
+    for patch_map, results in ((first_map, (first, first_compiled)), (second_map, (second, second_compiled))):
+        with pb.patch(eager, patch_map()):
+            expected = eager(x)
+        for result in results:
+            torch.testing.assert_close(result, expected)
+
+
+def test_background_compile_keeps_the_callers_grad_mode(model_and_input):
+    model, x, compiled, _ = model_and_input
+    delta = torch.zeros(8, requires_grad=True)
+    with pb.config.patch(compile_policy="background"):
+        for _ in range(2):  # eager tier, then the compiled program
+            with pb.patch(compiled, {"layers_0.output": AddPatch(value=delta)}):
+                out = compiled(x)
+            out.sum().backward()
+            pb.wait_for_compiles(timeout=300)
+    assert pb.stats(compiled).compiled_calls == 1
+    expected = torch.zeros(8, requires_grad=True)
+    h = x + model.layers[0](x) + expected
+    (h + model.layers[1](h)).sum().backward()
+    torch.testing.assert_close(delta.grad, 2 * expected.grad)
+
+
+def test_sweep_under_never_and_background_matches_cells_alone(model_and_input, gated_compiler):
+    model, x, compiled, _ = model_and_input
+    gate, started = gated_compiler
+    cells = [{"layers_0.up.output": ZeroPatch(slice=(slice(None), p))} for p in range(6)]
+    metric = lambda out: out.sum(-1)  # noqa: E731
+    reference = []
+    eager = torch.compile(copy.deepcopy(model), backend="graphpatch_eager")
+    with torch.no_grad():
+        for cell in cells:
+            with pb.patch(eager, cell):
+                reference.append(metric(eager(x)))
+    reference = torch.stack(reference)
+    with pb.config.patch(compile_policy="never"):
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
+    assert not started
+    with pb.config.patch(compile_policy="background"):
+        # Three chunks on the eager form while the program waits at the gate, then compiled.
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
+        assert len(started) == 1
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        before = pb.stats(compiled).compiled_calls
+        torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
+    stats = pb.stats(compiled)
+    assert stats.variants_compiled == 1 and stats.compiled_calls == before + 3
+
+
+def _long_inputs_only(t):
+    return t * 2 if t.shape[0] > 4 else t
+
+
+def _guarded_run(compiled, model, rows):
+    """A traced CustomPatch that branches on the length: the symbolic compile assumes a range."""
+    from patch_backend import CustomPatch
+
+    x = torch.randn(rows, 8)
+    with torch.no_grad():
+        with pb.patch(compiled, {"layers_0.output": CustomPatch(custom_op=_long_inputs_only)}):
+            patched = compiled(x)
+        h = x + _long_inputs_only(model.layers[0](x))
+        torch.testing.assert_close(patched, h + model.layers[1](h))
+
+
+def test_background_compiles_each_shape_specialization_once():
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch", dynamic=True)
+    with pb.config.patch(compile_policy="background"):
+        for rows in (3, 6, 2, 9):  # rows <= 4 and rows > 4 each compile one specialization
+            _guarded_run(compiled, model, rows)
+            pb.wait_for_compiles(timeout=300)
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (2, 2, 2)
+
+
+def test_shape_specializations_are_bounded():
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch", dynamic=True)
+    with pb.config.patch(max_variants=1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (3, 6, 2):  # the third call's specialization was dropped for the second's
+            _guarded_run(compiled, model, rows)
+    stats = pb.stats(compiled)
+    assert (stats.variants_compiled, stats.evictions) == (3, 2)
+    assert len([w for w in caught if "compiled more than 1 patched variants" in str(w.message)]) == 1
