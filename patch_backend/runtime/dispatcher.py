@@ -18,7 +18,9 @@ import torch
 import torch.fx
 
 from ..capture.capture import GraphCapture, forget
+from .._torch_compat.inductor import compile_inductor
 from ..context import active_state
+from ..program.regions import compile_regional
 from ..stats import Stats
 from .requests import GraphFacts
 from .tiers import COMPILE_LOCK, Tiers
@@ -103,10 +105,13 @@ class Dispatcher:
 
 
 def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dict[str, Any]) -> Callable:
-    """Inductor, as torch.compile's ``mode``/``options`` ask (a test replaces it to fail)."""
-    from .._torch_compat.inductor import compile_inductor
+    """Inductor, as torch.compile's ``mode``/``options`` ask, region by region where the graph
+    repeats a block (program/regions.py; ``config.regional_compile``). A test replaces it to fail."""
 
-    return compile_inductor(gm, example, options)
+    def inductor(region: torch.fx.GraphModule, region_example: Sequence[Any]) -> Callable:
+        return compile_inductor(region, region_example, options)
+
+    return compile_regional(gm, example, inductor, options=options)
 
 
 def _drop_programs(dispatcher_ref: "weakref.ref[Dispatcher]") -> None:
