@@ -63,7 +63,9 @@ def causal_trace(
             value = activation[:, position]
             cells.append({name: ReplacePatch(value=value, slice=(slice(None), position))})
     with torch.no_grad():
-        values = sweep(compiled, corrupt, cells, metric, batch_size=batch_size, progress=progress, distributed=distributed)
+        values = sweep(
+            compiled, corrupt, cells, metric, batch_size=batch_size, progress=progress, distributed=distributed
+        )
     grid = values.float().mean(dim=1).reshape(len(names), len(position_list), *values.shape[2:])
     return CausalTrace(grid, names, position_list, clean_metric, corrupt_metric)
 

@@ -240,7 +240,12 @@ _CELL_IN_MESSAGE = re.compile(r"sweep cell (\d+)")
 
 
 def _failure(
-    rank: int, shard: Shard, stage: str, error: BaseException, cell: Optional[int], chunk: Optional[Tuple[int, int]] = None
+    rank: int,
+    shard: Shard,
+    stage: str,
+    error: BaseException,
+    cell: Optional[int],
+    chunk: Optional[Tuple[int, int]] = None,
 ) -> RankFailure:
     message = str(error.args[0]) if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
     found = _CELL_IN_MESSAGE.search(message)
@@ -253,7 +258,9 @@ def _failure(
     return RankFailure(rank, cell, shard.start, shard.stop, stage, type(error).__name__, message, text, chunk)
 
 
-def _invalid_cell(check: Optional[Callable], index: Any, cells: Sequence[Mapping], batch: int, start: int) -> Optional[int]:
+def _invalid_cell(
+    check: Optional[Callable], index: Any, cells: Sequence[Mapping], batch: int, start: int
+) -> Optional[int]:
     """The first cell of a failed shard that fails the sweep's own checks alone, if any: a bad
     cell is named even when the error's message does not say which cell it came from."""
     if check is None:
@@ -447,7 +454,8 @@ def sharded_sweep(
     except Exception as error:
         cell = None
         if not _CELL_IN_MESSAGE.search(str(error)):
-            cell = _invalid_cell(getattr(single, "_check_cells", None), index, cells[shard.start : shard.stop], batch, shard.start)
+            check = getattr(single, "_check_cells", None)
+            cell = _invalid_cell(check, index, cells[shard.start : shard.stop], batch, shard.start)
         first = shard.start + counted.done
         failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)))
         values = None
