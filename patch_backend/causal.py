@@ -34,12 +34,14 @@ def causal_trace(
     metric: Callable[[Any], torch.Tensor],
     batch_size: Optional[int] = None,
     progress: bool = True,
+    distributed: bool = True,
 ) -> CausalTrace:
     """Restores each site × position of the corrupted run to its clean value, one cell each.
 
     Clean activations are recorded with probes in one compiled forward; the cells then run as a
     batched ``pb.sweep``. Sites (names or globs) must be ``[batch, position, ...]`` activations.
     ``metric(output)`` returns one value per row (e.g. the probability of the answer token).
+    Under a torch.distributed process group the sweep is sharded over the ranks (``pb.sweep``).
     """
     compiled, root = _compiled_model(model)
     if not index_for(root).names:
@@ -61,7 +63,9 @@ def causal_trace(
             value = activation[:, position]
             cells.append({name: ReplacePatch(value=value, slice=(slice(None), position))})
     with torch.no_grad():
-        values = sweep(compiled, corrupt, cells, metric, batch_size=batch_size, progress=progress)
+        values = sweep(
+            compiled, corrupt, cells, metric, batch_size=batch_size, progress=progress, distributed=distributed
+        )
     grid = values.float().mean(dim=1).reshape(len(names), len(position_list), *values.shape[2:])
     return CausalTrace(grid, names, position_list, clean_metric, corrupt_metric)
 

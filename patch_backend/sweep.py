@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from .aliases import resolve_aliases
 from .context import (
     PatchState,
@@ -235,6 +236,7 @@ def sweep(
     batch_size: Optional[int] = None,
     progress: bool = True,
     verify: bool = True,
+    distributed: bool = True,
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -248,7 +250,14 @@ def sweep(
     first chunk is also run alone, on the eager interpreter (nothing compiled for it); if it
     differs from its rows, the sweep warns (``SweepBatchingWarning``) and runs one forward per
     cell instead (docs/errors.md).
+
+    Under an initialized torch.distributed process group of several ranks (``torchrun``), the
+    cells are sharded over the ranks and every rank returns all rows, in cell order
+    (docs/scaling.md); ``distributed=False`` runs them all in this process.
     """
+    if _distributed.active(distributed):
+        local = _distributed.LocalSweep(sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells)
+        return _distributed.sharded_sweep(local, model, inputs, cells, metric, batch_size, progress, verify)
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
     compiled, root = _compiled_model(model)

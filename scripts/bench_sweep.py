@@ -1,20 +1,36 @@
 """Activation-patching sweeps (every layer x every position), pb.sweep against its peers.
 
     python scripts/bench_sweep.py [--device cpu] [--json out/bench_sweep.json] [--quick]
+    python scripts/bench_sweep.py --ranks 2 [--layers 6 --positions 64] [--json out/bench_ranks.json]
 
 For each sweep (4 layers x 16 positions, 6 layers x 64 positions) one table, one process:
 eager forward-hook loop; hand-batched eager hooks (one forward per chunk); graphpatch_eager
 loop; graphpatch loop (one compiled forward per cell); pb.sweep. Compiled peers are timed
 twice: from a fresh compile (total) and again once compiled (steady state).
+
+With ``--ranks N``: one layer x position sweep as a sharded pb.sweep on N gloo ranks (spawned
+here, 1 thread each, one shared fresh Inductor cache directory) against the same sweep on 1 rank
+with 1 thread (a fresh process and cache directory of its own): throughput excluding compile
+(target D1 >= 1.7x at 2 ranks), coordination overhead = the part of the sharded sweep's wall time
+that is not the slowest rank's shard (D2 <= 5%), and compile seconds summed over ranks against
+one rank's (D3 <= 1.3x). A rank's compile seconds are its first shard's time minus its
+steady-state shard time, in wall-clock and in CPU seconds (the process's and its C++ compiler
+children's; Inductor compiles in-process here). CPU seconds also give what the throughput ratio is with a free core
+per rank, when other jobs share the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
+import socket
 import sys
-from typing import Dict, List, Tuple
+import tempfile
+import time
+from datetime import timedelta
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -130,6 +146,124 @@ def print_table(result: Dict[str, object]) -> None:
     print(f"pb.sweep compiled variants: {result['sweep_variants_compiled']}")
 
 
+def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, width: int, chunk: int, out: str) -> None:
+    """One rank of ``--ranks`` (world 1: the single-process baseline, no process group)."""
+    import torch.distributed as dist
+    from patch_backend.distributed import last_timings
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
+    vocab = 256
+    model = gpt2(layers, width, 4, vocab, positions)
+    clean, corrupt = clean_and_corrupt(vocab, positions)
+    with torch.no_grad():
+        metric = answer_metric(int(model(clean).logits[0, -1].argmax()))
+    states = clean_block_outputs(model, clean)
+    cells = sweep_cells(states, [(layer, position) for layer in range(layers) for position in range(positions)])
+    compiled = torch.compile(model, backend="graphpatch")
+    with torch.no_grad():
+        compiled(corrupt)  # capture (Dynamo + the unpatched graph) is not part of the sweep's compile
+
+    def timed() -> Tuple[float, float, float, object, torch.Tensor]:
+        if world > 1:
+            dist.barrier()
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        with torch.no_grad():
+            values = pb.sweep(compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False)
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        timings = last_timings() if world > 1 else None
+        return wall, (timings.shard_seconds if timings else wall), cpu, timings, values
+
+    cold_wall, cold_shard, cold_cpu, _, values = timed()
+    steady = [timed() for _ in range(2)]
+    wall, shard, cpu, timings, _ = min(steady, key=lambda item: item[0])
+    mine = {
+        "rank": rank,
+        "cold_wall": cold_wall,
+        "compile_seconds": cold_shard - shard,
+        "compile_cpu_seconds": cold_cpu - cpu,
+        "steady_wall": wall,
+        "steady_shard": shard,
+        "steady_cpu": cpu,
+        "timings": None if timings is None else dataclasses.asdict(timings),
+    }
+    if world > 1:
+        everyone: List[Optional[Dict[str, object]]] = [None] * world
+        dist.all_gather_object(everyone, mine)
+        dist.destroy_process_group()
+    else:
+        everyone = [mine]
+    if rank == 0:
+        torch.save({"ranks": everyone, "values": values, "cells": len(cells)}, out)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the C++ compiler Inductor runs)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -> Dict[str, object]:
+    """1 rank, then ``ranks`` ranks, each in fresh processes with a fresh Inductor cache directory."""
+    import torch.multiprocessing as mp
+
+    runs = {}
+    # Inductor compiles in this process, not in a pool of workers: one core per rank, and
+    # time.process_time() sees all of the compile's CPU seconds.
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    for world in (1, ranks):
+        with tempfile.TemporaryDirectory(prefix="bench_ranks_") as scratch:
+            # Every rank of this configuration shares one cache directory (docs/scaling.md).
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
+            out = os.path.join(scratch, "result.pt")
+            args = (world, _free_port(), layers, positions, width, chunk, out)
+            mp.spawn(_rank_sweep, args=args, nprocs=world, join=True)
+            runs[world] = torch.load(out)
+    one, many = runs[1], runs[ranks]
+    single = one["ranks"][0]
+    cells = one["cells"]
+    wall = max(rank["steady_wall"] for rank in many["ranks"])
+    slowest_shard = max(rank["steady_shard"] for rank in many["ranks"])
+    fastest_shard = min(rank["steady_shard"] for rank in many["ranks"])
+    compile_summed = sum(rank["compile_seconds"] for rank in many["ranks"])
+    compile_cpu_summed = sum(rank["compile_cpu_seconds"] for rank in many["ranks"])
+    busiest_cpu = max(rank["steady_cpu"] for rank in many["ranks"])
+    return {
+        "sweep": f"{layers} layers x {positions} positions, width {width}",
+        "cells": cells,
+        "chunk": chunk,
+        "ranks": ranks,
+        "threads_per_rank": 1,
+        "cells_per_second_1_rank": cells / single["steady_wall"],
+        f"cells_per_second_{ranks}_ranks": cells / wall,
+        "D1 throughput ratio (excluding compile)": single["steady_wall"] / wall,
+        # What D1 would be with a core per rank: the busiest rank's CPU seconds against the
+        # single rank's. Other processes on the machine lower the wall-clock ratio, not this one.
+        "CPU-seconds ratio (1 rank / busiest rank)": single["steady_cpu"] / busiest_cpu,
+        "D2 coordination overhead % of sweep time": 100 * (wall - slowest_shard) / wall,
+        "shard imbalance % (slowest vs fastest shard)": 100 * (slowest_shard - fastest_shard) / slowest_shard,
+        "compile_seconds_1_rank": single["compile_seconds"],
+        f"compile_seconds_summed_{ranks}_ranks": compile_summed,
+        "D3 compile seconds ratio (summed over ranks / 1 rank)": compile_summed / single["compile_seconds"],
+        "compile_cpu_seconds_1_rank": single["compile_cpu_seconds"],
+        f"compile_cpu_seconds_summed_{ranks}_ranks": compile_cpu_summed,
+        "D3 compile CPU-seconds ratio (summed over ranks / 1 rank)": compile_cpu_summed / single["compile_cpu_seconds"],
+        "agrees_with_1_rank": bool(torch.allclose(many["values"], one["values"], atol=1e-4)),
+        "per_rank": many["ranks"],
+        "baseline": single,
+    }
+
+
 def main() -> List[Dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -137,7 +271,19 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--chunk", type=int, default=64, help="cells per batched forward")
     parser.add_argument("--quick", action="store_true", help="only the 4 x 16 sweep")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ranks", type=int, default=None, help="sharded sweep on N gloo ranks vs 1 rank")
+    parser.add_argument("--layers", type=int, default=6, help="with --ranks")
+    parser.add_argument("--positions", type=int, default=64, help="with --ranks")
     options = parser.parse_args()
+    if options.ranks:
+        result = run_ranks(options.ranks, options.layers, options.positions, options.width, options.chunk)
+        result["device"] = "cpu (gloo)"
+        for name, value in result.items():
+            if name not in ("per_rank", "baseline"):
+                print(f"{name:55s} {value:.3f}" if isinstance(value, float) else f"{name:55s} {value}")
+        if options.json:
+            write_json(options.json, [result])
+        return [result]
     torch._inductor.config.fx_graph_cache = False
     sweeps: List[Tuple[int, int]] = [(4, 16)] if options.quick else [(4, 16), (6, 64)]
     results = []

@@ -1,0 +1,534 @@
+"""Sharded sweeps: ``pb.sweep`` and ``pb.causal_trace`` split their cells over torch.distributed ranks.
+
+When a process group is initialized (``torchrun``, or ``init_process_group`` by hand) and has more
+than one rank, every rank calls ``pb.sweep`` with the same arguments, as it would in one process.
+Each rank then
+
+1. captures the model (one unpatched forward if it has not run yet), estimates a cost per cell
+   from the model's node order and plans the same contiguous, cost-balanced shards
+   (``plan_shards``: a pure function, so every rank computes the same plan without talking);
+2. checks with the others that they all hold the same cells (a fingerprint of names, patch types,
+   slices and value shapes) and agrees on one chunk size, so every rank compiles one shape;
+3. runs its shard as an ordinary single-process ``sweep(..., distributed=False)``, inside
+   try/except: a failure becomes a status, never an exception that would leave the other ranks
+   waiting in a collective;
+4. exchanges statuses with ``all_gather_object``. If any rank failed, every rank raises
+   ``DistributedSweepError`` naming the rank and the cell; nothing is returned half-written;
+5. only then gathers the results (``all_gather`` of padded tensors) and returns them, in cell
+   order, on every rank.
+
+Steps 2, 4 and 5 are the only collectives; each is bounded by the process group's timeout
+(``init_process_group(..., timeout=...)``), which is what bounds a rank that hangs rather than
+raises. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import os
+import re
+import threading
+import time
+import traceback
+from datetime import timedelta
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .capture.index import index_for
+
+#: Whether ``pb.sweep`` runs the unpatched prefix of the forward once per chunk (prefix reuse).
+#: While it does not, every row computes the whole forward and every cell costs the same; once it
+#: does, a cell patching a late node costs only the rest of the forward from that node on, and
+#: ``cell_costs`` says so. Set it where prefix reuse lands.
+SWEEP_SHARES_PREFIX = False
+
+#: One number per sweep, identical on every rank because sweeps are collective: it keys the
+#: progress counters in the process group's store.
+_SWEEPS = itertools.count()
+_STORE_LOCK = threading.Lock()
+_STORES: Dict[Tuple[str, int], Any] = {}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Cells ``start:stop`` (in cell order) of one rank, and their estimated cost."""
+
+    rank: int
+    start: int
+    stop: int
+    cost: float
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Contiguous shards in rank order: concatenating their results gives cell order."""
+
+    shards: Tuple[Shard, ...]
+    cells: int
+
+    @property
+    def longest(self) -> int:
+        return max(len(shard) for shard in self.shards)
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What one rank reported instead of results."""
+
+    rank: int
+    #: The cell (global index) the error is about, when it could be named.
+    cell: Optional[int]
+    #: The rank's shard, ``start:stop``.
+    start: int
+    stop: int
+    #: ``planning`` (capture, cost estimate) or ``shard`` (running its cells).
+    stage: str
+    error_type: str
+    message: str
+    traceback: str
+    #: When no single cell could be named: the cells ``start:stop`` of the chunk that was running.
+    chunk: Optional[Tuple[int, int]] = None
+
+    def describe(self) -> str:
+        if self.cell is not None:
+            where = f"at cell {self.cell}"
+        elif self.stage == "planning":
+            where = "while planning (capturing the model, estimating costs)"
+        elif self.chunk is not None:
+            where = f"in the chunk of cells {self.chunk[0]}..{self.chunk[1] - 1}"
+        else:
+            where = "in its shard"
+        shard = f"its cells {self.start}..{self.stop - 1}" if self.stop > self.start else "no cells"
+        return f"rank {self.rank} failed {where} ({shard}): {self.error_type}: {self.message}"
+
+
+class DistributedSweepError(RuntimeError):
+    """A sharded ``pb.sweep`` where some rank failed. Raised on every rank, so none waits for
+    results that will not come; ``failures`` holds each failing rank's report."""
+
+    def __init__(self, failures: Sequence[RankFailure], world_size: int) -> None:
+        self.failures = tuple(failures)
+        first = self.failures[0]
+        others = "".join(f"; {failure.describe()}" for failure in self.failures[1:])
+        super().__init__(
+            f"pb.sweep on {world_size} ranks: {first.describe()}{others}. Every rank raises this error and no "
+            "results are returned; the failing rank's traceback is in .failures (docs/errors.md)"
+        )
+
+
+@dataclass(frozen=True)
+class _Agreement:
+    """Step 2's message: what a rank is about to run (or why it cannot)."""
+
+    fingerprint: str
+    cells: int
+    chunk: int
+    failure: Optional[RankFailure]
+
+
+@dataclass(frozen=True)
+class _Status:
+    """Step 4's message: a rank's shard finished (shape and dtype of its rows), or failed."""
+
+    rows: int
+    shape: Optional[Tuple[int, ...]]
+    dtype: Optional[torch.dtype]
+    seconds: float
+    failure: Optional[RankFailure]
+
+
+def active(distributed: bool = True) -> bool:
+    """Whether a sweep should be sharded: asked for, and a process group of several ranks exists."""
+    return bool(distributed) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_device() -> torch.device:
+    """The device a rank should put its model and inputs on: ``cuda:LOCAL_RANK`` with CUDA, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def plan_shards(costs: Sequence[float], world_size: int) -> ShardPlan:
+    """Contiguous shards, one per rank, whose costs are as equal as cell boundaries allow.
+
+    Boundary k is the cell boundary nearest to where the running cost reaches k/world of the
+    total, so no shard is off by more than about one cell's cost. Contiguous (not greedy) keeps
+    neighbouring cells, which patch nearby sites, on one rank (they share chunks and fan-out
+    points) and makes the gathered result a plain concatenation in rank order. Ranks beyond the
+    number of cells get empty shards.
+    """
+    if world_size < 1:
+        raise ValueError(f"plan_shards needs at least one rank, got world_size={world_size}")
+    if any(not cost > 0 for cost in costs):
+        raise ValueError(f"cell costs must be positive numbers, got {[c for c in costs if not c > 0][:3]}")
+    prefix = [0.0, *itertools.accumulate(float(cost) for cost in costs)]
+    total = prefix[-1]
+    bounds = [0]
+    for k in range(1, world_size):
+        target = total * k / world_size
+        right = bisect.bisect_left(prefix, target, lo=bounds[-1])
+        right = min(right, len(costs))
+        left = max(bounds[-1], right - 1)
+        bounds.append(left if target - prefix[left] < prefix[right] - target else right)
+    bounds.append(len(costs))
+    shards = tuple(
+        Shard(rank, bounds[rank], bounds[rank + 1], prefix[bounds[rank + 1]] - prefix[bounds[rank]])
+        for rank in range(world_size)
+    )
+    return ShardPlan(shards, len(costs))
+
+
+def cell_costs(names: Sequence[str], cells: Sequence[Mapping[str, Any]], shares_prefix: bool) -> Tuple[float, ...]:
+    """An estimated cost per cell, as a fraction of one row's whole forward.
+
+    ``names`` is the model's node order (first-run order, ``pb.nodes``). With prefix reuse, a
+    cell's rows compute only from its earliest patched node on: cost ``(n - first) / n``. Without
+    it every row computes everything: cost 1. Names that are not node names (aliases, typos)
+    count from the start; the shard that holds a typo raises the usual error when it runs.
+    """
+    if not shares_prefix or not names:
+        return tuple(1.0 for _ in cells)
+    order = {name: position for position, name in enumerate(names)}
+    total = len(names)
+    costs = []
+    for cell in cells:
+        keys = [str(key) for key in cell] if isinstance(cell, Mapping) else []
+        first = min((order.get(key, 0) for key in keys), default=total - 1)
+        costs.append(max(total - first, 1) / total)
+    return tuple(costs)
+
+
+def _fingerprint(cells: Sequence[Mapping[str, Any]], batch_size: Optional[int]) -> str:
+    """What every rank must agree on for the gathered rows to line up: the cells' names, patch
+    types, slices and value shapes (not values: ranks may compute them with GPU rounding)."""
+
+    def describe(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"tensor{tuple(value.shape)}{value.dtype}"
+        return repr(value)
+
+    digest = hashlib.sha1(repr(batch_size).encode())
+    for cell in cells:
+        if not isinstance(cell, Mapping):
+            digest.update(type(cell).__name__.encode())
+            continue
+        for key, patches in cell.items():
+            patches = patches if isinstance(patches, (list, tuple)) else [patches]
+            parts = [str(key)]
+            for patch in patches:
+                parts.append(type(patch).__name__)
+                for attribute in ("slice", "value"):
+                    if hasattr(patch, attribute):
+                        item = getattr(patch, attribute)
+                        if isinstance(item, (tuple, list)):
+                            parts.append(",".join(describe(element) for element in item))
+                        else:
+                            parts.append(describe(item))
+            digest.update("|".join(parts).encode())
+        digest.update(b";")
+    return digest.hexdigest()
+
+
+_CELL_IN_MESSAGE = re.compile(r"sweep cell (\d+)")
+
+
+def _failure(
+    rank: int,
+    shard: Shard,
+    stage: str,
+    error: BaseException,
+    cell: Optional[int],
+    chunk: Optional[Tuple[int, int]] = None,
+) -> RankFailure:
+    message = str(error.args[0]) if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    found = _CELL_IN_MESSAGE.search(message)
+    if found and stage == "shard":
+        # The shard's sweep counts from its own first cell: say the global index.
+        local = int(found.group(1))
+        cell = shard.start + local
+        message = _CELL_IN_MESSAGE.sub(lambda match: f"sweep cell {shard.start + int(match.group(1))}", message)
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return RankFailure(rank, cell, shard.start, shard.stop, stage, type(error).__name__, message, text, chunk)
+
+
+def _invalid_cell(
+    check: Optional[Callable], index: Any, cells: Sequence[Mapping], batch: int, start: int
+) -> Optional[int]:
+    """The first cell of a failed shard that fails the sweep's own checks alone, if any: a bad
+    cell is named even when the error's message does not say which cell it came from."""
+    if check is None:
+        return None
+    for offset, cell in enumerate(cells):
+        try:
+            check(index, [cell], batch)
+        except Exception:
+            return start + offset
+    return None
+
+
+class _Progress:
+    """Cells done across ranks, shown on rank 0.
+
+    Ranks other than 0 add their finished cells to a counter in the process group's store after
+    every chunk; rank 0 reads it after each of its own chunks. Without a reachable store (a
+    process group not initialized from MASTER_ADDR/MASTER_PORT), rank 0 still shows its own
+    chunks and every other rank's shard when the statuses arrive.
+    """
+
+    def __init__(self, enabled: bool, rank: int, total: int, serial: int) -> None:
+        self.rank, self.total, self.own, self.others_seen = rank, total, 0, 0
+        self.key = f"patch_backend/sweep/{serial}/done"
+        self.bar = None
+        self.store = _store() if enabled else None
+        if enabled and rank == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="cell", desc=f"sweep ({dist.get_world_size()} ranks)")
+
+    def add(self, cells: int) -> None:
+        if cells <= 0:
+            return
+        self.own += cells
+        if self.rank != 0:
+            if self.store is not None:
+                try:
+                    self.store.add(self.key, cells)
+                except Exception:
+                    self.store = None  # progress is best effort; the sweep goes on
+            return
+        others = self.others_seen
+        if self.store is not None:
+            try:
+                others = int(self.store.add(self.key, 0))
+            except Exception:
+                self.store = None
+        self._show(self.own + others)
+        self.others_seen = others
+
+    def finish(self, done: int) -> None:
+        self._show(done)
+        if self.bar is not None:
+            self.bar.close()
+
+    def _show(self, done: int) -> None:
+        if self.bar is not None:
+            done = min(done, self.total)
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
+
+
+def _store() -> Optional[Any]:
+    """A client of the process group's TCPStore (torchrun and env:// set MASTER_ADDR/PORT)."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address or not port:
+        return None
+    key = (address, int(port))
+    with _STORE_LOCK:
+        if key not in _STORES:
+            try:
+                _STORES[key] = dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=10))
+            except Exception:
+                _STORES[key] = None
+        return _STORES[key]
+
+
+def _communication_device() -> torch.device:
+    """Tensors of a collective live where the backend wants them: CUDA for NCCL-only groups."""
+    backend = str(dist.get_backend())
+    if "gloo" not in backend and "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _input_device(inputs: Any) -> torch.device:
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a sharded sweep's time went on this rank (``last_timings()``), for benchmarks."""
+
+    plan_seconds: float
+    agree_seconds: float
+    shard_seconds: float
+    status_seconds: float
+    gather_seconds: float
+
+
+_LAST: Dict[str, Timings] = {}
+
+
+def last_timings() -> Optional[Timings]:
+    """Timings of this process's last sharded sweep (None before the first)."""
+    return _LAST.get("last")
+
+
+@dataclass(frozen=True)
+class LocalSweep:
+    """The single-process sweep's pieces that a sharded sweep runs on each rank.
+
+    sweep.py passes them in: it imports this module to hand ``pb.sweep`` over to the ranks, so
+    this module must not import it back.
+    """
+
+    sweep: Callable[..., torch.Tensor]
+    compiled_model: Callable[[Any], Tuple[Callable[..., Any], torch.nn.Module]]
+    batch_size: Callable[[Any], int]
+    call: Callable[[Callable[..., Any], Any], Any]
+    chunk_size: Callable[[Any, int, int], int]
+    check_cells: Callable[..., Any]
+
+
+def sharded_sweep(
+    local: LocalSweep,
+    model: Any,
+    inputs: Any,
+    cells: Sequence[Mapping[str, Any]],
+    metric: Callable[[Any], torch.Tensor],
+    batch_size: Optional[int],
+    progress: bool,
+    verify: bool,
+) -> torch.Tensor:
+    """``pb.sweep`` over the ranks of the default process group (module docstring)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    serial = next(_SWEEPS)
+    clock = time.perf_counter()
+    if not cells:
+        raise ValueError("sweep needs at least one cell (patch map)")
+    cells = list(cells)
+    plan = plan_shards([1.0] * len(cells), world)
+    compiled, index, batch, chunk = model, None, 0, batch_size or 1
+    planning: Optional[RankFailure] = None
+    try:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+        compiled, root = local.compiled_model(model)
+        batch = local.batch_size(inputs)
+        index = index_for(root)
+        if not index.names:
+            with torch.no_grad():
+                local.call(compiled, inputs)
+            index.refresh()
+        plan = plan_shards(cell_costs(index.names, cells, SWEEP_SHARES_PREFIX), world)
+        chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
+    except Exception as error:
+        planning = _failure(rank, plan.shards[rank], "planning", error, None)
+    planned = time.perf_counter()
+
+    agreements: List[Optional[_Agreement]] = [None] * world
+    dist.all_gather_object(agreements, _Agreement(_fingerprint(cells, batch_size), len(cells), chunk, planning))
+    agreed = time.perf_counter()
+    failures = [a.failure for a in agreements if a is not None and a.failure is not None]
+    if failures:
+        raise DistributedSweepError(failures, world)
+    fingerprints = {a.fingerprint for a in agreements if a is not None}
+    if len(fingerprints) != 1:
+        counts = ", ".join(f"rank {r}: {a.cells} cells" for r, a in enumerate(agreements) if a is not None)
+        raise ValueError(
+            f"pb.sweep on {world} ranks: the ranks passed different cells or batch_size ({counts}; fingerprints "
+            "differ), so gathered rows would not line up; build the cells identically on every rank (same "
+            "order, seeds, names)"
+        )
+    # Every rank compiles one chunk shape: the smallest any rank's memory budget allows.
+    chunk = min(a.chunk for a in agreements if a is not None)
+
+    shard = plan.shards[rank]
+    bar = _Progress(progress, rank, len(cells), serial)
+    counted = _CountingMetric(metric, chunk * batch, chunk, len(shard), bar)
+    values: Optional[torch.Tensor] = None
+    failure: Optional[RankFailure] = None
+    try:
+        if len(shard):
+            values = local.sweep(
+                compiled,
+                inputs,
+                cells[shard.start : shard.stop],
+                counted,
+                batch_size=chunk,
+                progress=False,
+                verify=verify,
+                distributed=False,
+            )
+            bar.add(len(shard) - counted.done)
+    except Exception as error:
+        cell = None
+        if not _CELL_IN_MESSAGE.search(str(error)):
+            cell = _invalid_cell(local.check_cells, index, cells[shard.start : shard.stop], batch, shard.start)
+        first = shard.start + counted.done
+        failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)))
+        values = None
+    ran = time.perf_counter()
+
+    status = _Status(
+        rows=len(shard),
+        shape=None if values is None else tuple(values.shape[1:]),
+        dtype=None if values is None else values.dtype,
+        seconds=ran - agreed,
+        failure=failure,
+    )
+    statuses: List[Optional[_Status]] = [None] * world
+    dist.all_gather_object(statuses, status)
+    reported = time.perf_counter()
+    bar.finish(sum(s.rows for s in statuses if s is not None and s.failure is None))
+    failures = [s.failure for s in statuses if s is not None and s.failure is not None]
+    if failures:
+        raise DistributedSweepError(failures, world)
+    shapes = {(s.shape, s.dtype) for s in statuses if s is not None and s.rows}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"pb.sweep on {world} ranks: ranks' metrics returned different shapes or dtypes per cell "
+            f"({sorted(str(shape) for shape in shapes)}); the metric must give every cell the same shape"
+        )
+    (shape, dtype), = shapes
+    result = _gather(values, plan, shape, dtype, _input_device(inputs) if values is None else values.device)
+    gathered = time.perf_counter()
+    _LAST["last"] = Timings(planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported)
+    return result
+
+
+class _CountingMetric:
+    """The user's metric, counting the cells of each batched chunk it scores (for progress).
+
+    A call on a whole chunk (``chunk * batch`` rows) counts its cells; the sweep's one-cell
+    verification call (``batch`` rows) does not.
+    """
+
+    def __init__(self, metric: Callable, rows: int, chunk: int, cells: int, progress: _Progress) -> None:
+        self.metric, self.rows, self.chunk, self.cells, self.progress = metric, rows, chunk, cells, progress
+        self.done = 0
+
+    def __call__(self, output: Any) -> Any:
+        values = self.metric(output)
+        if isinstance(values, torch.Tensor) and values.dim() and values.shape[0] == self.rows and self.chunk > 1:
+            step = min(self.chunk, self.cells - self.done)
+            self.done += step
+            self.progress.add(step)
+        return values
+
+
+def _gather(
+    values: Optional[torch.Tensor], plan: ShardPlan, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Every rank's rows, in cell order: ``all_gather`` of shards padded to the longest one."""
+    comm = _communication_device()
+    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool reductions/gathers
+    padded = torch.zeros((plan.longest, *shape), dtype=wire, device=comm)
+    if values is not None and len(values):
+        padded[: len(values)] = values.detach().to(device=comm, dtype=wire)
+    received = [torch.empty_like(padded) for _ in plan.shards]
+    dist.all_gather(received, padded)
+    rows = [tensor[: len(shard)] for tensor, shard in zip(received, plan.shards)]
+    return torch.cat(rows).to(device=device, dtype=dtype)

@@ -1,0 +1,250 @@
+"""Sharded sweeps over torch.distributed ranks (gloo, CPU): plans, gathers, failures on one rank.
+
+The multi-process tests spawn 2 or 3 ranks with torch.multiprocessing, one thread each, on a
+process group with a 60 s timeout; each rank runs several scenarios in one process (a spawn and
+an import of torch cost seconds) and asserts on its own results; a failed assertion on any rank
+fails the test. The model runs on the ``graphpatch_eager`` backend, which patches the same
+way as the compiled one without paying Inductor's compile per process; one slow test uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import patch_backend as pb
+from fixtures import TwoLayerMLP
+from patch_backend import ZeroPatch
+from patch_backend.distributed import (
+    DistributedSweepError,
+    RankFailure,
+    Shard,
+    ShardPlan,
+    cell_costs,
+    plan_shards,
+)
+
+
+# ---------------------------------------------------------------- planning (pure, one process)
+
+
+def test_plan_splits_equal_costs_by_count_in_cell_order():
+    plan = plan_shards([1.0] * 11, 3)
+    assert plan == ShardPlan((Shard(0, 0, 4, 4.0), Shard(1, 4, 7, 3.0), Shard(2, 7, 11, 4.0)), 11)
+    assert plan.longest == 4
+
+
+def test_plan_balances_cost_not_count():
+    # Early-layer cells cost 3x late ones: rank 0 gets fewer, costlier cells.
+    costs = [3.0] * 8 + [1.0] * 8
+    plan = plan_shards(costs, 2)
+    assert [(shard.start, shard.stop) for shard in plan.shards] == [(0, 5), (5, 16)]
+    assert [shard.cost for shard in plan.shards] == [15.0, 17.0]
+
+
+def test_plan_with_fewer_cells_than_ranks_leaves_empty_shards():
+    plan = plan_shards([1.0, 1.0], 3)
+    assert [len(shard) for shard in plan.shards] == [1, 0, 1]
+    assert sum(len(shard) for shard in plan.shards) == 2
+
+
+@pytest.mark.parametrize("cells", [1, 2, 7, 64, 383])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_plan_covers_every_cell_once_and_within_one_cell_of_the_ideal(cells, world):
+    costs = [1.0 + (index % 5) / 4 for index in range(cells)]
+    plan = plan_shards(costs, world)
+    assert plan.shards[0].start == 0 and plan.shards[-1].stop == cells
+    assert all(a.stop == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+    ideal = sum(costs) / world
+    assert max(shard.cost for shard in plan.shards) <= ideal + max(costs) + 1e-9
+
+
+def test_plan_rejects_bad_costs():
+    with pytest.raises(ValueError, match="cell costs must be positive"):
+        plan_shards([1.0, 0.0], 2)
+    with pytest.raises(ValueError, match="at least one rank"):
+        plan_shards([1.0], 0)
+
+
+def test_cell_costs_from_node_order():
+    names = ["a.output", "b.output", "c.output", "d.output"]
+    cells = [{"a.output": ZeroPatch()}, {"c.output": ZeroPatch(), "d.output": ZeroPatch()}, {}, {"typo": ZeroPatch()}]
+    assert cell_costs(names, cells, shares_prefix=False) == (1.0, 1.0, 1.0, 1.0)
+    # With prefix reuse a cell costs the rest of the forward from its earliest patched node.
+    assert cell_costs(names, cells, shares_prefix=True) == (1.0, 0.5, 0.25, 1.0)
+
+
+def test_error_names_rank_and_cell():
+    failure = RankFailure(1, 8, 6, 11, "shard", "ValueError", "sweep cell 8: bad slice", "trace")
+    error = DistributedSweepError([failure], 2)
+    assert str(error).startswith(
+        "pb.sweep on 2 ranks: rank 1 failed at cell 8 (its cells 6..10): ValueError: sweep cell 8: bad slice. "
+        "Every rank raises this error"
+    )
+    chunk = RankFailure(0, None, 0, 6, "shard", "RuntimeError", "boom", "trace", (4, 6))
+    assert "rank 0 failed in the chunk of cells 4..5 (its cells 0..5): RuntimeError: boom" in str(
+        DistributedSweepError([chunk], 2)
+    )
+
+
+def test_without_a_process_group_nothing_changes():
+    assert not dist.is_initialized()
+    model, x, cells, metric = _problem()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    with torch.no_grad():
+        default = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
+        alone = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False, distributed=False)
+    torch.testing.assert_close(default, alone, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- ranks (gloo, spawned)
+
+
+def _problem(count: int = 11, width: int = 16):
+    torch.manual_seed(0)
+    model = TwoLayerMLP(width).eval()
+    x = torch.randn(2, 5, width)
+    sites = [f"layers_{layer}.up.output" for layer in range(2)]
+    cells = [{sites[index % 2]: ZeroPatch(slice=(slice(None), index % 5))} for index in range(count)]
+    return model, x, cells, lambda output: output.sum(-1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, scenario: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        SCENARIOS[scenario](rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, scenario: str) -> None:
+    mp.spawn(_rank_main, args=(world, _free_port(), scenario), nprocs=world, join=True)
+
+
+def _matches_single_process(rank: int, world: int) -> None:
+    model, x, cells, metric = _problem()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    with torch.no_grad():
+        alone = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False, distributed=False)
+        # 11 cells: uneven shards (6/5, 4/3/4), batch_size 2 or 4 smaller than a shard, padded last chunks.
+        for batch_size in (2, 4, None):
+            sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=batch_size, progress=rank == 0)
+            assert sharded.shape == alone.shape == (11, 2, 5)
+            torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+        # One cell on several ranks: the others have empty shards.
+        one = pb.sweep(compiled, (x,), cells[3:4], metric, batch_size=4, progress=False)
+        torch.testing.assert_close(one, alone[3:4], rtol=1e-5, atol=1e-5)
+
+
+def _causal_trace(rank: int, world: int) -> None:
+    model, x, _, _ = _problem()
+    corrupt = x.flip(1)
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    sites = ["layers_0.up.output", "layers_1.up.output"]
+    metric = lambda output: output[:, -1].sum(-1)  # noqa: E731
+    alone = pb.causal_trace(compiled, (x,), (corrupt,), sites, 5, metric, batch_size=3, progress=False, distributed=False)
+    sharded = pb.causal_trace(compiled, (x,), (corrupt,), sites, 5, metric, batch_size=3, progress=False)
+    torch.testing.assert_close(sharded.grid, alone.grid, rtol=1e-5, atol=1e-5)
+
+
+def _expect_rank_error(match: str, run) -> None:
+    with pytest.raises(DistributedSweepError, match=match) as caught:
+        run()
+    assert caught.value.failures and caught.value.failures[0].traceback
+
+
+def _failures(rank: int, world: int) -> None:
+    model, x, cells, metric = _problem()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    last = world - 1
+    last_start = plan_shards([1.0] * len(cells), world).shards[last].start
+
+    # A bad cell (a slice beyond the 5 positions) on the last rank: refused there before its
+    # shard runs, every rank raises naming that rank and the cell's index in the whole sweep.
+    bad = list(cells)
+    bad[last_start + 1] = {"layers_0.up.output": ZeroPatch(slice=(slice(None), 9))}
+    _expect_rank_error(
+        rf"rank {last} failed at cell {last_start + 1} \(its cells {last_start}\.\.10\)",
+        lambda: pb.sweep(compiled, (x,), bad, metric, batch_size=2, progress=False),
+    )
+
+    # An unknown node name: the error does not say which cell; the rank finds it.
+    typo = list(cells)
+    typo[last_start] = {"layers_0.up.outptu": ZeroPatch()}
+    _expect_rank_error(
+        rf"rank {last} failed at cell {last_start} .*KeyError",
+        lambda: pb.sweep(compiled, (x,), typo, metric, batch_size=2, progress=False),
+    )
+
+    # An exception while the last rank's second chunk runs (here, in the metric).
+    calls = []
+
+    def flaky(output):
+        calls.append(1)
+        if rank == last and len(calls) == 2:
+            raise RuntimeError("metric failed on this rank")
+        return metric(output)
+
+    _expect_rank_error(
+        rf"rank {last} failed in the chunk of cells {last_start + 2}\.\.{last_start + 3} .*metric failed",
+        lambda: pb.sweep(compiled, (x,), cells, flaky, batch_size=2, progress=False, verify=False),
+    )
+
+    # Ranks that built different cells would gather misaligned rows: refused before running.
+    with pytest.raises(ValueError, match="ranks passed different cells"):
+        pb.sweep(compiled, (x,), cells[: 11 - rank], metric, batch_size=2, progress=False)
+
+    # The process group is still usable after every failure above: the ranks stayed in step.
+    with torch.no_grad():
+        fine = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        alone = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
+    torch.testing.assert_close(fine, alone, rtol=1e-5, atol=1e-5)
+
+
+def _inductor(rank: int, world: int) -> None:
+    model, x, cells, metric = _problem(count=7)
+    with torch.no_grad():
+        alone = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
+        sharded = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False)
+    torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+
+
+def _two_rank_scenarios(rank: int, world: int) -> None:
+    _matches_single_process(rank, world)
+    _causal_trace(rank, world)
+    _failures(rank, world)
+
+
+def _three_rank_scenarios(rank: int, world: int) -> None:
+    _matches_single_process(rank, world)
+    _failures(rank, world)
+
+
+SCENARIOS = {"two": _two_rank_scenarios, "three": _three_rank_scenarios, "inductor": _inductor}
+
+
+def test_two_ranks_match_one_process_and_fail_together():
+    _spawn(2, "two")
+
+
+def test_three_ranks_match_one_process_and_fail_together():
+    _spawn(3, "three")
+
+
+@pytest.mark.slow
+def test_two_ranks_compiled_with_inductor():
+    _spawn(2, "inductor")
