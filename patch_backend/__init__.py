@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
+from .capture.index import index_for
+from .context import resolve_root
 from .cache import load_cache, save_cache
 from .causal import CausalTrace, causal_trace, plot_grid
 from .context import PatchNotAppliedError, patch
+from .distributed import DistributedSweepError
+from .errors import PatchBackendWarning
 from .graph import NodePath, PatchableGraph
 from .patches import (
     AddPatch,
@@ -28,7 +32,7 @@ from . import config, recipes
 from .prepare import prepare
 from .record import record
 from .stats import set_max_variants, stats
-from .sweep import sweep
+from .sweep import SweepBatchingWarning, sweep
 from .runtime.tiers import wait_for_compiles
 
 __all__ = [
@@ -37,8 +41,10 @@ __all__ = [
     "plot_grid",
     "AddPatch",
     "CustomPatch",
+    "DistributedSweepError",
     "NodePath",
     "Patch",
+    "PatchBackendWarning",
     "PatchNotAppliedError",
     "PatchableGraph",
     "ProbePatch",
@@ -59,6 +65,7 @@ __all__ = [
     "set_max_variants",
     "config",
     "stats",
+    "SweepBatchingWarning",
     "sweep",
     "wait_for_compiles",
 ]
@@ -70,8 +77,6 @@ def nodes(model: Any, pattern: Optional[str] = None) -> List[str]:
     ``pattern`` is a glob (``"layers_*.mlp.output"``). Names exist once the model has been
     captured: after its first compiled call, or at PatchableGraph construction.
     """
-    from .context import resolve_root
-    from .capture.index import index_for
 
     root = resolve_root(model)
     index = index_for(root)

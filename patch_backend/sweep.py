@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
+from ._torch_compat import symbolic
 from .aliases import resolve_aliases
 from .context import (
     PatchState,
@@ -157,7 +158,7 @@ def _repeat(inputs: Inputs, times: int) -> Inputs:
             repeated = value.repeat(times, *([1] * (value.dim() - 1)))
             # Every chunk has this exact shape (the last is padded): a static graph compiles
             # faster than the dynamic one Dynamo would otherwise make for a second batch size.
-            torch._dynamo.mark_static(repeated)
+            symbolic.mark_static(repeated)
             return repeated
         return value
 
