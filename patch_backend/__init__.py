@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
 from .capture.index import index_for
-from .context import resolve_root
+from .roots import resolve_root
 from .cache import load_cache, save_cache
 from .causal import CausalTrace, causal_trace, plot_grid
 from .context import PatchNotAppliedError, patch

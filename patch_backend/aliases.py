@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
+from .capture.protected import glob_regex
 
 __all__ = ["Alias", "AliasTable", "HeadView", "alias_table", "is_alias_pattern", "resolve_aliases", "translate"]
 
@@ -297,8 +298,6 @@ def is_alias_pattern(root: nn.Module, pattern: str) -> bool:
 
 def match(root: nn.Module, pattern: str, native_names: Sequence[str]) -> List[str]:
     """TransformerLens names matching a glob, in TransformerLens order, whose node was captured."""
-    from .capture.index import glob_regex
-
     table = alias_table(root)
     if table is None:
         return []

@@ -27,6 +27,12 @@ from .aliases import resolve_aliases
 from .capture.capture import GraphCapture, registry_version
 from .capture.index import RootIndex, index_for
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
+from .prepare import prepared_request
+from .program.dynamic import check_call_shapes
+from .program.eager import Interpreted
+from .program.insert import build_variant
+from .program.plan import Selection, SitePatches, structure_key
+from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
 
@@ -143,22 +149,6 @@ _active: contextvars.ContextVar[PatchState] = contextvars.ContextVar("patch_back
 
 def active_state() -> PatchState:
     return _active.get()
-
-
-def resolve_root(model: Any) -> nn.Module:
-    """The module whose names a patch map uses: unwraps torch.compile and PatchableGraph."""
-    from .graph import PatchableGraph
-
-    if isinstance(model, PatchableGraph):
-        return model.module
-    original = getattr(model, "_orig_mod", None)
-    if isinstance(original, nn.Module):
-        return original
-    if isinstance(model, nn.Module):
-        return model
-    raise TypeError(
-        f"expected a torch.nn.Module, its torch.compile result or a PatchableGraph, got {type(model).__name__}"
-    )
 
 
 def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
@@ -542,9 +532,6 @@ class Patches:
     """
 
     def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
-        from .program.dynamic import check_call_shapes
-        from .program.plan import select
-
         capture = graph.capture
         selection = select(state, capture, instance)
         note_graph_run(state, capture, instance)  # for pb.patch's check at exit
@@ -561,8 +548,6 @@ class Patches:
             state.memo[("checked", id(selection))] = selection  # holds it: the id stays its own
         owners = tuple(entry.index for entry in state.roots)
         if graph.compiled:
-            from .prepare import prepared_request
-
             request = prepared_request(state, graph, instance, selection, owners)
             if request is not None:
                 return request
@@ -629,9 +614,6 @@ def _slice_signature(tensor_slice: Any) -> Any:
 
 def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:
     """The variant of ``selection``'s structure: one program per structure, every size."""
-    from .program.insert import build_variant
-    from .program.plan import structure_key
-
     capture = graph.capture
     return Request(
         key=structure_key(selection),
@@ -643,17 +625,28 @@ def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) 
     )
 
 
-class Interpreted:
-    """A selection's eager form: the captured graph run by the eager interpreter, which applies
-    each patch's ``op`` (the ``graphpatch_eager`` semantics, the tests' oracle)."""
+def select(state: PatchState, capture: GraphCapture, instance: Optional[int]) -> Selection:
+    """The active patches that land in this graph occurrence, in graph order of their sites."""
+    if not state.memo.get("validated"):
+        state.memo["validated"] = validate_pending(state, (capture.uid, instance))
+    found: List[SitePatches] = []
+    keys = []
+    for entry in state.roots:
+        index = entry.index.refresh()
+        memo_key = (capture.uid, instance, id(index), index._version)
+        cached = state.memo.get(memo_key)
+        if cached is None:
+            sites = index.sites_for(capture, instance) or {}
+            cached = tuple(
+                SitePatches(sites[name], patches) for name, patches in entry.by_name.items() if name in sites
+            )
+            state.memo[memo_key] = cached
+        found.extend(cached)
+        keys.append(memo_key)
+    # The same tuple on every call of this occurrence under this state, so that per-call memos
+    # keyed by the selection (dynamic.check_call_shapes) hit instead of growing with each call.
+    return state.memo.setdefault(("selection", tuple(keys)), tuple(found))
 
-    def __init__(self, gm: Any) -> None:
-        self.gm = gm
-
-    def run(self, selection: Any, args: Sequence[Any]) -> Any:
-        from .program.eager import PatchingInterpreter
-
-        return PatchingInterpreter(self.gm, selection).run(*args)
 
 
 #: The front-end of every pb.patch state (it holds no state of its own).

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 import torch.distributed as dist
 
 from .capture.index import index_for
@@ -290,8 +291,6 @@ class _Progress:
         self.bar = None
         self.store = _store() if enabled else None
         if enabled and rank == 0:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, unit="cell", desc=f"sweep ({dist.get_world_size()} ranks)")
 
     def add(self, cells: int) -> None:

@@ -21,6 +21,7 @@ from ._torch_compat.symbolic import size_hint
 from .capture.index import NamedSite, RootIndex, index_for
 from .capture.protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
 from .capture.naming import sanitize
+from .context import patch
 
 #: Attributes of the explorer a node name must never shadow (graphpatch's reserved names).
 #: How graphpatch labels a module's node (every scope, and the root).
@@ -403,6 +404,9 @@ class PatchableGraph(nn.Module):
     def module(self) -> nn.Module:
         return self._module
 
+    #: How roots.resolve_root unwraps a PatchableGraph to the module whose names it uses.
+    _patch_backend_root = module
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._compiled(*args, **kwargs)
 
@@ -416,8 +420,6 @@ class PatchableGraph(nn.Module):
         return cached[2]
 
     def patch(self, patch_map: Mapping[Any, Any]) -> ContextManager[None]:
-        from .context import patch
-
         return patch(self, patch_map)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

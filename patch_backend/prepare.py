@@ -9,7 +9,8 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 from . import aliases
 from .capture.index import index_for
 from .capture.naming import Site
-from .context import Interpreted, resolve_root
+from .program.eager import Interpreted
+from .roots import resolve_root
 from .program.prepared import build_prepared, fits, site_key
 from .runtime.requests import GraphFacts, Request
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .aliases import alias_table
-from .context import resolve_root
+from .roots import resolve_root
 from .patches import ReplacePatch
 from .sweep import Inputs, sweep
 

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from . import config
 from .capture.capture import all_captures
+from .capture.index import index_for
+from .roots import resolve_root
 
 
 @dataclass
@@ -40,8 +42,6 @@ def stats(model: Optional[Any] = None) -> Stats:
     """
     captures = all_captures()
     if model is not None:
-        from .context import resolve_root
-        from .capture.index import index_for
 
         index = index_for(resolve_root(model))
         uids = {uid for uid, _ in index.by_occurrence}

@@ -8,12 +8,14 @@ the last one padded with empty cells — run one compiled variant.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from . import distributed as _distributed
@@ -28,7 +30,6 @@ from .context import (
     normalize_map,
     patch as patch_context,
     raise_if_unapplied,
-    resolve_root,
 )
 from .capture.index import RootIndex, index_for
 from .prepare import prepared_key
@@ -36,6 +37,7 @@ from .program.prepared import build_prepared, compose, site_key
 from .runtime.requests import GraphFacts, Request, uncompiled
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
+from .roots import resolve_root
 
 Inputs = Union[Mapping[str, Any], Sequence[Any]]
 _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
@@ -202,9 +204,7 @@ def _check_cells(index: RootIndex, cells: Sequence[Mapping], batch: int) -> Tupl
 
 
 def _per_cell_site(site: Any, batch: int) -> Any:
-    from dataclasses import replace
-
-    return replace(site, shape=(batch,) + tuple(site.shape[1:]))
+    return dataclasses.replace(site, shape=(batch,) + tuple(site.shape[1:]))
 
 
 def _chunk_size(index: RootIndex, batch: int, cells: int) -> int:
@@ -354,8 +354,6 @@ def _cell_by_cell(
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="cell", desc="sweep")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.fx
@@ -19,11 +19,21 @@ def inductor_config(options: Dict[str, Any]) -> Dict[str, Any]:
     return patches
 
 
-def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Dict[str, Any]) -> Callable:
+def compile_inductor(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Dict[str, Any],
+    cacheable: Optional[Mapping[str, str]] = None,
+) -> Callable:
+    """Inductor's ``compile_fx`` on ``gm``; ``cacheable`` maps the qualified names of Python
+    functions the graph calls (the patch ops, program/ops.py ``cache_keys``) to a key that changes
+    with their code. AOTAutograd's cache refuses graphs calling functions it does not know (it
+    cannot tell whether their code changed), so without them every patched variant bypassed it;
+    Inductor's ``unsafe_marked_cacheable_functions`` admits them under that key."""
     from torch._inductor.compile_fx import compile_fx
 
     patches = inductor_config(options)
-    marked = dict(patch_op_cache_keys())
+    marked = dict(cacheable or {})
     marked.update(patches.get("unsafe_marked_cacheable_functions") or {})
     patches["unsafe_marked_cacheable_functions"] = marked
     with cacheable_context(example_inputs):
@@ -57,30 +67,6 @@ def cacheable_context(example_inputs: Sequence[Any]) -> Iterator[None]:
         mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with tracing(TracingContext(mode)):
         yield
-
-
-def patch_op_cache_keys() -> Dict[str, str]:
-    """The patch ops (program/ops.py) that variant graphs call, as cacheable functions.
-
-    AOTAutograd's cache refuses graphs calling Python functions it does not know (it cannot
-    tell whether their code changed), so every patched variant bypassed it. Inductor's
-    ``unsafe_marked_cacheable_functions`` admits named functions with a key that must change
-    when their code does: the hash of ops.py's source and the torch version.
-    """
-    if not _op_keys:
-        import hashlib
-        import inspect
-
-        from ..program import ops
-
-        digest = hashlib.sha256(inspect.getsource(ops).encode()).hexdigest()[:16]
-        for name in ("zero", "replace", "add", "probe", "slot"):
-            function = getattr(ops, name)
-            _op_keys[f"{function.__module__}.{function.__name__}"] = f"{digest}-{torch.__version__}"
-    return _op_keys
-
-
-_op_keys: Dict[str, str] = {}
 
 
 # -- regional compile (program/regions.py) ------------------------------------------------------

@@ -19,9 +19,10 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
+from ..validation import unknown_name_error
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
-from .protected import SCOPE, ProtectedNames, protected_name, split_name
+from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
 
@@ -204,8 +205,6 @@ class RootIndex:
     def match_all(self, patterns: Any) -> List[str]:
         """Names matching any of ``patterns`` (a name, NodePath or glob, or a list of them), in
         pattern order; a pattern that matches nothing raises KeyError with close matches."""
-        from ..validation import unknown_name_error
-
         if isinstance(patterns, str) or hasattr(patterns, "_name"):
             patterns = [patterns]
         names: List[str] = []
@@ -244,28 +243,6 @@ def _unclash(site: Site, scopes: Set[str], taken: Set[str]) -> Site:
     while candidate in scopes or candidate in taken or any(name.startswith(candidate + "|") for name in taken):
         candidate, suffix = f"{head}_{suffix}", suffix + 1
     return dataclasses.replace(site, name=candidate + bar + rest)
-
-
-def glob_regex(pattern: str) -> "re.Pattern[str]":
-    """``*`` matches within one name part (and the ``|`` path after it), ``**`` across parts,
-    ``?`` one character."""
-    parts = []
-    position = 0
-    while position < len(pattern):
-        if pattern.startswith("**", position):
-            parts.append(".*")
-            position += 2
-        elif pattern[position] == "*":
-            # Within one name part, and across a ``|``: ``h_*.output*`` matches ``h_0.output|sub_1.sub_0``.
-            parts.append(r"[^.|]*(?:\|.*)?")
-            position += 1
-        elif pattern[position] == "?":
-            parts.append(r"[^.|]")
-            position += 1
-        else:
-            parts.append(re.escape(pattern[position]))
-            position += 1
-    return re.compile("".join(parts))
 
 
 def module_paths_by_object(root: nn.Module):

@@ -6,6 +6,7 @@ Applied to the flat names (index.py) and to the tree (graph.py), so a name drawn
 
 from __future__ import annotations
 
+import re
 from typing import Dict, FrozenSet, List, Sequence, Set, Tuple
 
 RESERVED_NAMES: FrozenSet[str] = frozenset({"_code", "_shape"})
@@ -70,3 +71,25 @@ def protected_name(name: str, protected: ProtectedNames) -> str:
         out = new if not out else out + ("|" if role == KEY and "|" not in out else ".") + new
         raw = raw + (part,)
     return out
+
+
+def glob_regex(pattern: str) -> "re.Pattern[str]":
+    """``*`` matches within one name part (and the ``|`` path after it), ``**`` across parts,
+    ``?`` one character."""
+    parts = []
+    position = 0
+    while position < len(pattern):
+        if pattern.startswith("**", position):
+            parts.append(".*")
+            position += 2
+        elif pattern[position] == "*":
+            # Within one name part, and across a ``|``: ``h_*.output*`` matches ``h_0.output|sub_1.sub_0``.
+            parts.append(r"[^.|]*(?:\|.*)?")
+            position += 1
+        elif pattern[position] == "?":
+            parts.append(r"[^.|]")
+            position += 1
+        else:
+            parts.append(re.escape(pattern[position]))
+            position += 1
+    return re.compile("".join(parts))

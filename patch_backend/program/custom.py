@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..patches import CustomPatch, Patch, ProbePatch, RecordPatch
 from .. import config
@@ -250,8 +251,6 @@ opaque_patch.register_autograd(_no_gradient)
 
 def is_traceable(call: Callable, probes: int, lifted: Tuple[torch.Tensor, ...], value_meta: torch.Tensor) -> Optional[str]:
     """None if ``call(value, probes, lifted)`` traces with fake tensors; else the reason it does not."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     stand_ins = tuple(torch.zeros(()) for _ in range(probes))
 
     def run(value, lifted_values):

@@ -16,6 +16,7 @@ variable-length graph thus costs one compile for all lengths.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ import torch
 import torch.fx
 
 from .._torch_compat.symbolic import GuardCheck, evaluate_shape, shape_guard, symbol_of, symbolic_example
+from ..validation import check_patch_for_site
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +173,6 @@ def check_call_shapes(inputs: Optional[SymbolicInputs], capture: Any, selection:
     Once per patch context, graph occurrence and set of site shapes (``memo`` is the patch
     state's memo): a decode step whose patched node keeps its shape costs a dict lookup.
     """
-    import dataclasses
-
-    from ..validation import check_patch_for_site
-
     shapes: Any = None
     if inputs is not None:
         bindings = inputs.bindings(args)

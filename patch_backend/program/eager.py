@@ -59,3 +59,14 @@ class PatchingInterpreter(torch.fx.Interpreter):
         args = torch.fx.node.map_arg(node.args, load)
         kwargs = torch.fx.node.map_arg(node.kwargs, load)
         return args, kwargs
+
+
+class Interpreted:
+    """A selection's eager form: the captured graph run by the eager interpreter, which applies
+    each patch's ``op`` (the ``graphpatch_eager`` semantics, the tests' oracle)."""
+
+    def __init__(self, gm: Any) -> None:
+        self.gm = gm
+
+    def run(self, selection: Any, args: Sequence[Any]) -> Any:
+        return PatchingInterpreter(self.gm, selection).run(*args)

@@ -9,8 +9,11 @@ that the graph node's arguments are only tensors.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -198,3 +201,17 @@ def probe(x: torch.Tensor) -> torch.Tensor:
 def slot(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """A declared site (prepared.py): kept positions get ``x + fill``, the others ``fill``."""
     return torch.where(keep, x + fill, fill)
+
+
+def cache_keys() -> Dict[str, str]:
+    """The patch ops a variant graph calls, each with a key that changes when their code does
+    (a hash of this module's source and the torch version), for torch's on-disk compile caches
+    (``_torch_compat.inductor.compile_inductor``'s ``cacheable``)."""
+    if not _cache_keys:
+        digest = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+        for function in (zero, replace, add, probe, slot):
+            _cache_keys[f"{function.__module__}.{function.__name__}"] = f"{digest}-{torch.__version__}"
+    return _cache_keys
+
+
+_cache_keys: Dict[str, str] = {}

@@ -31,8 +31,11 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tupl
 
 import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import config
+from .._torch_compat.inductor import dynamo_static_input, fake_values
+from .._torch_compat.sources import module_stack
 
 #: Compiled region artifacts kept in the process-wide cache; the least recently used beyond it
 #: are dropped (a dropped artifact stays alive in the programs that use it).
@@ -199,13 +202,7 @@ def parse_module_path(path: str) -> Tuple[str, ...]:
 
 
 def _module_paths(node: torch.fx.Node) -> List[Tuple[str, ...]]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for value in stack.values():
-        path = value[0] if isinstance(value, tuple) else value
-        if isinstance(path, str):
-            paths.append(parse_module_path(path))
-    return paths
+    return [parse_module_path(path) for _, path in module_stack(node)]
 
 
 def find_blocks(gm: torch.fx.GraphModule) -> Tuple[Optional[Tuple[str, ...]], Dict[torch.fx.Node, Optional[int]]]:
@@ -320,11 +317,7 @@ class _Canon:
 
 
 def _input_spec(value: Any, meta: Dict[str, Any], storages: Dict[Any, int], position: int) -> Hashable:
-    from .._torch_compat.inductor import dynamo_static_input
-
     if isinstance(value, torch.Tensor):
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         storage = StorageWeakRef(value.untyped_storage())
         alias = storages.setdefault(storage, position)
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.storage_offset(), value.dtype,
@@ -461,8 +454,6 @@ def compile_regional(
         return _whole(gm, example_inputs, compile_fn, "no repeated blocks")
     container = ".".join(container_path)
     try:
-        from .._torch_compat.inductor import fake_values
-
         values = fake_values(gm, example_inputs)
     except Exception as error:  # noqa: BLE001 - any failure here means: compile as before
         return _whole(gm, example_inputs, compile_fn, f"fake propagation failed: {type(error).__name__}: {error}",

@@ -20,6 +20,7 @@ import torch.fx
 from ..capture.capture import GraphCapture, forget
 from .._torch_compat.inductor import compile_inductor
 from ..context import active_state
+from ..program import ops
 from ..program.regions import compile_regional
 from ..stats import Stats
 from .requests import GraphFacts
@@ -109,7 +110,7 @@ def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dic
     repeats a block (program/regions.py; ``config.regional_compile``). A test replaces it to fail."""
 
     def inductor(region: torch.fx.GraphModule, region_example: Sequence[Any]) -> Callable:
-        return compile_inductor(region, region_example, options)
+        return compile_inductor(region, region_example, options, cacheable=ops.cache_keys())
 
     return compile_regional(gm, example, inductor, options=options)
 
