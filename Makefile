@@ -31,6 +31,7 @@ demo: $(VENV)/.installed-demo
 PYTEST_SELECT ?= -m "not slow"
 
 test: $(VENV)/.installed-test
+	$(PY) -m mypy patch_backend
 	$(PY) -m pytest $(PYTEST_SELECT)
 
 bench: $(VENV)/.installed-test

@@ -229,7 +229,28 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     at its first call, still before any computation. On a normal exit, a name of this map whose
     node never ran, although the model did, raises ``PatchNotAppliedError`` (or ``KeyError``
     for a name no graph of the model holds); an exception from the body propagates unchanged.
-    The previous patches are restored either way.
+    The previous patches are restored either way, and contexts nest (inner maps add to outer).
+
+    Args:
+        model: the module, its ``torch.compile(..., backend="graphpatch")`` result or a
+            ``PatchableGraph``; names belong to the module.
+        patch_map: ``{node name: Patch or [Patch, ...]}``. Names are flat names
+            (``pb.nodes(model)``), ``NodePath`` objects, or TransformerLens aliases.
+
+    Raises (each before the model computes; docs/errors.md):
+        KeyError: an unknown or malformed name (rows 1, 4, 19, 20).
+        ValueError: a map, key or value of the wrong type; a patch object used in two places;
+            a value that does not broadcast or whose dtype the node cannot hold (rows 2, 3, 5,
+            6, 7, 9, 10, 11, 14).
+        IndexError: a slice out of range for the node's shape (row 8).
+        PatchNotAppliedError: at exit, a patched node that never ran although the model did, or
+            a model called outside its compiled graphs (rows 15, 16).
+
+    Example::
+
+        compiled = torch.compile(model, backend="graphpatch")
+        with pb.patch(compiled, {"transformer.h_3.mlp.act.output": pb.ZeroPatch(slice=(0, 5))}):
+            logits = compiled(input_ids)
     """
     root = resolve_root(model)
     new_names = resolve_aliases(root, normalize_map(patch_map))  # TransformerLens names (aliases.py)

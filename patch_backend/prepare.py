@@ -16,7 +16,31 @@ from .runtime.requests import GraphFacts, Request
 
 
 def prepare(model: Any, sites: Any) -> List[str]:
-    """``pb.prepare``: declares sites (names, NodePaths or glob patterns) of ``model``."""
+    """Declares sites of ``model`` whose patches share one compiled program.
+
+    Any patch map of Zero/Add/Replace patches (with probes around them) within the declared
+    sites then runs the one prepared program, fed per-site ``(keep, fill)`` inputs, instead of
+    compiling a variant per patch structure: declare before trying many site combinations.
+
+    Args:
+        model: the module, its ``torch.compile`` result or a ``PatchableGraph``, already run once.
+        sites: a name, ``NodePath`` or glob pattern, or a list of them (TransformerLens aliases
+            too).
+
+    Returns:
+        The declared names, in pattern order.
+
+    Raises:
+        RuntimeError: the model has not been run yet, so it has no names.
+        KeyError: a pattern that matches no node, with close matches (docs/errors.md row 1).
+
+    Example::
+
+        pb.prepare(compiled, "transformer.h_*.mlp.output")
+        for layer in range(n_layers):
+            with pb.patch(compiled, {f"transformer.h_{layer}.mlp.output": pb.ZeroPatch()}):
+                compiled(input_ids)   # one compiled program for every layer
+    """
     index = index_for(resolve_root(model))
     if not index.names:
         raise RuntimeError(

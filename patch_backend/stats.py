@@ -38,7 +38,21 @@ def stats(model: Optional[Any] = None) -> Stats:
     """Totals over the graphs captured for ``model`` (all graphs when ``model`` is None).
 
     ``variants_compiled`` counts patched variants only; each graph's plain variant is compiled
-    once when it is captured and its time is included in ``compile_seconds``.
+    once when it is captured and its time is included in ``compile_seconds``. ``eager_calls`` /
+    ``compiled_calls`` count patched calls per tier (``config.compile_policy``).
+
+    Args:
+        model: the module, its ``torch.compile`` result or a ``PatchableGraph``; None for all.
+
+    Raises:
+        TypeError: ``model`` is none of those.
+
+    Example::
+
+        before = pb.stats(compiled).variants_compiled
+        with pb.patch(compiled, {"linear.output": pb.ZeroPatch()}):
+            compiled(x)
+        assert pb.stats(compiled).variants_compiled == before + 1   # one new patch structure
     """
     captures = all_captures()
     if model is not None:

@@ -255,6 +255,22 @@ def sweep(
     Under an initialized torch.distributed process group of several ranks (``torchrun``), the
     cells are sharded over the ranks and every rank returns all rows, in cell order
     (docs/scaling.md); ``distributed=False`` runs them all in this process.
+
+    Raises (before any cell runs unless said otherwise; docs/errors.md):
+        ValueError / KeyError / IndexError: a cell the checks of ``pb.patch`` refuse, named
+            ``sweep cell k`` (rows 1-11); no cells; inputs without one batch dimension; a
+            ``batch_size`` below 1; a metric whose leading dim is not the chunk's rows.
+        RuntimeError: ``pb.sweep`` inside an active ``pb.patch`` or sweep of the same model.
+        PatchNotAppliedError: after a chunk, a cell's node its forward did not run (row 17).
+        DistributedSweepError: on every rank, when a rank's shard failed (row 26).
+    Warns ``SweepBatchingWarning`` when batching would change rows (row 23).
+
+    Example::
+
+        cells = [{f"transformer.h_{layer}.output": pb.ReplacePatch(value=clean[layer][:, pos], slice=(slice(None), pos))}
+                 for layer in range(n_layers) for pos in range(n_positions)]
+        scores = pb.sweep(compiled, (corrupt_ids,), cells, metric=lambda out: out.logits[:, -1, answer])
+        # scores: [len(cells), batch]
     """
     if _distributed.active(distributed):
         local = _distributed.LocalSweep(sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells)
