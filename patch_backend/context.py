@@ -31,7 +31,8 @@ from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
 from .program.eager import Interpreted
 from .program.insert import build_variant
-from .program.plan import Selection, SitePatches, structure_key
+from .program.plan import Selection, SitePatches
+from .program.spec import lower
 from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
@@ -636,11 +637,12 @@ def _slice_signature(tensor_slice: Any) -> Any:
 def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:
     """The variant of ``selection``'s structure: one program per structure, every size."""
     capture = graph.capture
+    lowered = lower(selection)  # the key and this call's runtime values, in one walk
     return Request(
-        key=structure_key(selection),
+        key=lowered.spec,
         build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
         interpret=lambda args: Interpreted(capture.gm),
-        run=lambda program, args: program.run(selection, args),
+        run=lambda program, args: program.run_lowered(selection, lowered.values, args),
         owners=owners,
         symbolic=True,
     )

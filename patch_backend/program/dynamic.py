@@ -9,8 +9,8 @@ So for a dynamic graph the variant is compiled from *fake* inputs whose dims are
 where Dynamo's are, in a fresh ``ShapeEnv`` (Dynamo's own has already produced its guards and
 must not be changed after the fact). Whatever that compile had to assume about the sizes (for
 example that a patch value's length equals the sequence length) is recorded as guards in the
-fresh ShapeEnv; ``Specializations`` runs a variant only for calls where its guards hold and
-compiles another specialization, counted like any variant, where they do not. A patch on a
+fresh ShapeEnv; the program cache (runtime/cache.py) runs a variant only for calls where its
+guards hold and compiles another specialization, counted like any variant, where they do not. A patch on a
 variable-length graph thus costs one compile for all lengths.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -80,7 +79,7 @@ def _exact_sizes(real: Sequence[Any], layout: Layout) -> ShapeGuard:
 
 
 class SymbolicCompile:
-    """A compile function for ``rewrite.build_variant``: compiles with symbolic example inputs.
+    """A compile function for ``insert.build_variant``: compiles with symbolic example inputs.
 
     ``build_variant`` passes the call's real values (the graph's own inputs first, then the
     patch inputs); the first ``len(layout)`` become fakes with Dynamo's symbolic dims, the patch
@@ -105,37 +104,6 @@ class SymbolicCompile:
         self.guard = ShapeGuard(check) if check is not None else _exact_sizes(example[:count], self.layout)
         logger.debug("symbolic compile of a patched variant: %r", self.guard)
         return fn
-
-
-class Specializations:
-    """The variants of one patch structure on a dynamic graph, each with its shape guard.
-
-    ``make(selection, args, compile_fn)`` builds a variant (``rewrite.build_variant``);
-    ``on_compile(seconds)`` accounts every specialization after the first (the dispatcher
-    counts the first, like any variant).
-    """
-
-    def __init__(self, layout: Layout, compile_fn: Callable, make: Callable, on_compile: Callable[[float], None]) -> None:
-        self.layout = layout
-        self.compile_fn = compile_fn
-        self.make = make
-        self.on_compile = on_compile
-        self.entries: List[Tuple[ShapeGuard, Any]] = []
-
-    def add(self, selection: Any, args: Sequence[Any]) -> Any:
-        symbolic = SymbolicCompile(self.layout, self.compile_fn)
-        variant = self.make(selection, args, symbolic)
-        self.entries.append((symbolic.guard or ShapeGuard(None), variant))
-        return variant
-
-    def run(self, selection: Any, args: Sequence[Any]) -> Any:
-        for guard, variant in self.entries:
-            if guard(args):
-                return variant.run(selection, args)
-        start = time.perf_counter()
-        variant = self.add(selection, args)
-        self.on_compile(time.perf_counter() - start)
-        return variant.run(selection, args)
 
 
 class SymbolicInputs:

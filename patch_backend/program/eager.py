@@ -70,3 +70,8 @@ class Interpreted:
 
     def run(self, selection: Any, args: Sequence[Any]) -> Any:
         return PatchingInterpreter(self.gm, selection).run(*args)
+
+    def run_lowered(self, selection: Any, values: Any, args: Sequence[Any]) -> Any:
+        """``run``, for callers holding a lowered selection: the interpreter applies each patch's
+        own ``op``, so it needs the patches, not their lowered runtime values."""
+        return self.run(selection, args)
