@@ -57,7 +57,7 @@ def causal_trace(
     cells = []
     for name in names:
         activation = probes[name].activation
-        if activation is None or activation.dim() < 2:
+        if not isinstance(activation, torch.Tensor) or activation.dim() < 2:
             raise ValueError(f"causal_trace: {name!r} is not a [batch, position, ...] activation")
         for position in position_list:
             value = activation[:, position]
@@ -95,7 +95,8 @@ def plot_grid(
     rows, columns = values.shape
     figure, axes = plt.subplots(figsize=(max(4.0, 0.35 * columns + 3), max(3.0, 0.3 * rows + 1.5)))
     image = axes.imshow(values.numpy(), aspect="auto", cmap="viridis")
-    axes.set_yticks(range(rows), labels=list(row_labels or range(rows)), fontsize=7)
+    row_ticks: List[Any] = list(row_labels) if row_labels else list(range(rows))
+    axes.set_yticks(range(rows), labels=row_ticks, fontsize=7)
     axes.set_xticks(range(columns), labels=[str(c) for c in (column_labels or range(columns))], fontsize=7)
     axes.set_xlabel("position")
     axes.set_title(title)

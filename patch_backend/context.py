@@ -589,7 +589,8 @@ def check_signature(selection: Any) -> Optional[Tuple[Any, ...]]:
     parts = []
     for entry in selection:
         site = entry.site
-        patches = []
+        #: Per patch, its type (kinds whose numbers do not matter) or (type, slice, value part).
+        patches: List[object] = []
         for patch in entry.patches:
             if isinstance(patch, _VALUE_PATCHES):
                 index = _slice_signature(patch.slice)
@@ -620,7 +621,7 @@ def _slice_signature(tensor_slice: Any) -> Any:
     if tensor_slice is None:
         return None
     elements = tensor_slice if isinstance(tensor_slice, (list, tuple)) else (tensor_slice,)
-    out = []
+    out: List[Tuple[Any, ...]] = []
     for element in elements:
         if element is None or element is Ellipsis or type(element) in (int, bool):
             out.append((type(element), element))

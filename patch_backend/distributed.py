@@ -492,6 +492,11 @@ def sharded_sweep(
             f"({sorted(str(shape) for shape in shapes)}); the metric must give every cell the same shape"
         )
     (shape, dtype), = shapes
+    if shape is None or dtype is None:
+        # Only a failed rank (raised above) or an empty shard (rows 0, left out) reports no values.
+        raise RuntimeError(
+            f"pb.sweep on {world} ranks: internal error, the ranks with rows reported no result shape or dtype"
+        )
     result = _gather(values, plan, shape, dtype, _input_device(inputs) if values is None else values.device)
     gathered = time.perf_counter()
     _LAST["last"] = Timings(planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported)

@@ -51,7 +51,17 @@ def record(
         patch_map[name] = (list(existing) if isinstance(existing, (list, tuple)) else [existing]) + [probe]
     with patch(compiled, patch_map):
         _call(compiled, inputs)
-    return {name: probe.activation for name, probe in probes.items()}
+    cache: Dict[str, torch.Tensor] = {}
+    for name, probe in probes.items():
+        # Patchable sites hold tensors, and pb.patch raises PatchNotAppliedError for a node that
+        # never ran, so every probe holds one here.
+        if not isinstance(probe.activation, torch.Tensor):
+            raise RuntimeError(
+                f"pb.record: internal error, the probe at {name!r} recorded "
+                f"{type(probe.activation).__name__}, not a tensor"
+            )
+        cache[name] = probe.activation
+    return cache
 
 
 def _expand(index: Any, patterns: List[str]) -> List[str]:

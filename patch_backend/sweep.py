@@ -52,7 +52,8 @@ class SweepSpec:
     index: RootIndex
     rows_per_cell: int
     names: Tuple[str, ...]
-    cells: Tuple[Dict[str, Tuple[Patch, ...]], ...]
+    #: Zero/Add/Replace patches only: _check_cells refuses the others before any chunk runs.
+    cells: Tuple[Dict[str, Tuple[Union[ZeroPatch, AddPatch, ReplacePatch], ...]], ...]
     #: Which names ran in this chunk's forward (checked on leaving ``row_patches``).
     log: RunLog = field(default_factory=RunLog, compare=False)
     #: The prepared programs' eager forms, built once per sweep (shared by its chunks).
@@ -213,7 +214,7 @@ def _chunk_size(index: RootIndex, batch: int, cells: int) -> int:
     row_bytes = 0
     for named_sites in index.by_name.values():
         site = named_sites[0].site
-        if site.node in seen or site.shape is None or not site.shape:
+        if site.node in seen or site.shape is None or site.dtype is None or not site.shape:
             continue
         seen.add(site.node)
         row_bytes += math.prod(site.shape) * site.dtype.itemsize // max(1, site.shape[0])

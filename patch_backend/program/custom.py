@@ -176,10 +176,7 @@ def lower_custom(fn: Callable, tensors: List[torch.Tensor], probe_positions: Dic
     tensor_positions = tuple(range(lifter.start, len(tensors)))
 
     if function is None:
-        def traced_call(value, probes, lifted):
-            return fn(value)
-
-        return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
+        return CustomLowering(_direct_call(fn), tuple(lifter.probes), tensor_positions)
 
     closure_count = len(function.__closure__ or ())
     default_count = len(function.__defaults__ or ())
@@ -202,6 +199,17 @@ def lower_custom(fn: Callable, tensors: List[torch.Tensor], probe_positions: Dic
         return clone(stand_in, value)
 
     return CustomLowering(traced_call, tuple(lifter.probes), tensor_positions)
+
+
+def _direct_call(fn: Callable) -> Callable:
+    """The graph target of a callable with nothing to lift (not a plain function or method):
+    called as is. Named ``traced_call`` like the rebuilding target, since FX names the node
+    after it."""
+
+    def traced_call(value, probes, lifted):
+        return fn(value)
+
+    return traced_call
 
 
 # -- opaque fallback ---------------------------------------------------------------------------

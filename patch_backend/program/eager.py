@@ -9,7 +9,7 @@ the reference and the compiled variants cannot disagree about the walk.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx
@@ -39,10 +39,15 @@ class PatchingInterpreter(torch.fx.Interpreter):
             value = patches[entry].op(value)
         return value
 
-    def run(self, *args: Any) -> Any:
+    def run(
+        self,
+        *args: Any,
+        initial_env: Optional[Dict[torch.fx.Node, Any]] = None,
+        enable_io_processing: bool = True,
+    ) -> Any:
         self.env_by_name: Dict[str, Any] = {}
         self.prefixes = Prefixes(self.env_by_name.__getitem__, self.apply_site)
-        return super().run(*args)
+        return super().run(*args, initial_env=initial_env, enable_io_processing=enable_io_processing)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         result = super().run_node(node)

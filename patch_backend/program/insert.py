@@ -20,7 +20,7 @@ import torch.fx
 from . import ops as patch_ops
 from .._torch_compat.symbolic import size_hint
 from ..capture.capture import GraphCapture
-from ..patches import ProbePatch
+from ..patches import ProbePatch, RecordPatch
 from .custom import is_traceable, opaque_callables, patch_function, warn_opaque
 from .plan import Selection
 from .spec import (
@@ -212,11 +212,19 @@ class CompiledVariant:
         with opaque_callables(callables):
             outputs = self.fn(*args, *values.inputs(self.device))
         for ref, value in zip(self.extra, outputs[self.original_outputs :]):
+            # A selection's spec has no slots (prepared.py's have), so every extra output is a probe's.
+            if not isinstance(ref, EntryRef):
+                raise RuntimeError(f"patch_backend internal error: a patched variant has a slot output {ref}")
             patch = selection[ref.site].patches[ref.entry]
             if isinstance(patch, ProbePatch):
                 patch.activation = value.detach()
-            else:
+            elif isinstance(patch, RecordPatch):
                 patch.activations.append(value.detach())
+            else:
+                raise RuntimeError(
+                    f"patch_backend internal error: extra output {ref} belongs to {type(patch).__name__}, "
+                    "not a ProbePatch or RecordPatch"
+                )
         return list(outputs[: self.original_outputs])
 
 

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,7 +92,7 @@ def _expand(form: MaskedSlice, rank: int) -> List[Optional[MaskedElement]]:
 def _mask_and_value(x, form: MaskedSlice, ints, index_tensors, value):
     rank = x.dim()
     mask = None
-    kept = []  # (x dim, position-in-value index or None)
+    kept: List[Tuple[int, Optional[torch.Tensor]]] = []  # (x dim, position-in-value index or None)
     dropped = []
     for dim, element in enumerate(_expand(form, rank)):
         if element is None:
@@ -126,7 +126,8 @@ def _mask_and_value(x, form: MaskedSlice, ints, index_tensors, value):
     return mask, value
 
 
-def _constant_index(form: ConstantSlice, index_tensors: Sequence[torch.Tensor]) -> Tuple[object, ...]:
+def _constant_index(form: ConstantSlice, index_tensors: Sequence[torch.Tensor]) -> Tuple[Any, ...]:
+    # Any: a ConstantIndex holds whatever Python indexing takes (None, bool, int, slice, ...).
     return tuple(index_tensors[e.slot] if isinstance(e, IndexTensor) else e.value for e in form.elements)
 
 
@@ -172,7 +173,12 @@ def add(
     return x + torch.where(mask, value, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-_BY_KIND = {PatchKind.ZERO: zero, PatchKind.ADD: add, PatchKind.REPLACE: replace}
+#: ``(x, form, ints, index_tensors[, value]) -> patched x``: only zero takes no value.
+_BY_KIND: Dict[PatchKind, Callable[..., torch.Tensor]] = {
+    PatchKind.ZERO: zero,
+    PatchKind.ADD: add,
+    PatchKind.REPLACE: replace,
+}
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,22 @@ The program is a slot spec (``spec.slot_spec``) built by the same insertion pass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._torch_compat.symbolic import concrete_shape, symbol_bindings
 from ..capture.capture import GraphCapture
 from ..capture.naming import Site
-from ..patches import PROBE_PATCHES, VALUE_PATCHES, AddPatch, Patch, ProbePatch, ZeroPatch
-from .insert import SlotValue, insert
+from ..patches import PROBE_PATCHES, VALUE_PATCHES, AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
+from .insert import OutputRef, SlotValue, insert
 from .plan import Selection
 from .spec import slot_spec
+
+
+#: What ``isinstance(patch, VALUE_PATCHES)`` / ``PROBE_PATCHES`` narrow a patch to.
+ValuePatch = Union[ZeroPatch, AddPatch, ReplacePatch]
+ProbingPatch = Union[ProbePatch, RecordPatch]
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,13 @@ def site_key(site: Site) -> SiteKey:
     return SiteKey(site.node, site.consumers, site.rank)
 
 
-def split_probes(patches: Sequence[Patch]) -> Optional[Tuple[List[Patch], List[Patch], List[Patch]]]:
+def split_probes(
+    patches: Sequence[Patch],
+) -> Optional[Tuple[List[ProbingPatch], List[ValuePatch], List[ProbingPatch]]]:
     """(probes before, value patches, probes after), or None if the list does not fit a slot."""
-    before: List[Patch] = []
-    values: List[Patch] = []
-    after: List[Patch] = []
+    before: List[ProbingPatch] = []
+    values: List[ValuePatch] = []
+    after: List[ProbingPatch] = []
     for patch in patches:
         if isinstance(patch, PROBE_PATCHES):
             (after if values else before).append(patch)
@@ -58,7 +65,7 @@ def fits(selection: Selection, declared: Dict[SiteKey, int]) -> bool:
 
 
 def compose(
-    patches: Iterable[Patch], keep: torch.Tensor, fill: torch.Tensor, rows: Optional[slice] = None
+    patches: Iterable[ValuePatch], keep: torch.Tensor, fill: torch.Tensor, rows: Optional[slice] = None
 ) -> None:
     """Writes Zero/Add/Replace patches (in order) into ``keep``/``fill`` (restricted to ``rows``).
 
@@ -84,7 +91,10 @@ class SlotInfo:
 class PreparedVariant:
     """Compiled once per graph and declared site set; fed (keep, fill) per slot per call."""
 
-    def __init__(self, fn: Optional[Callable], slots: List[SlotInfo], original_outputs: int, extra: Sequence[SlotValue]) -> None:
+    def __init__(
+        self, fn: Optional[Callable], slots: List[SlotInfo], original_outputs: int, extra: Sequence[OutputRef]
+    ) -> None:
+        #: None until ``build_prepared`` compiles the graph (which needs ``identity``'s inputs).
         self.fn = fn
         self.slots = slots
         self.slot_index = {slot.key: position for position, slot in enumerate(slots)}
@@ -112,6 +122,8 @@ class PreparedVariant:
         extra: List[torch.Tensor] = []
         for position in range(len(self.slots)):
             extra.extend(slot_inputs.get(position) or self.identity(position))
+        if self.fn is None:
+            raise RuntimeError("patch_backend internal error: a PreparedVariant was called before it was compiled")
         outputs = self.fn(*args, *extra)
         probes = outputs[self.original_outputs :]
         pairs = [
@@ -121,10 +133,17 @@ class PreparedVariant:
 
     def run(self, selection: Selection, args: Sequence[Any]) -> Any:
         inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        probes_at: List[Tuple[int, List[Patch], List[Patch]]] = []
+        probes_at: List[Tuple[int, List[ProbingPatch], List[ProbingPatch]]] = []
         for entry in selection:
             position = self.slot_index[site_key(entry.site)]
-            before, values, after = split_probes(entry.patches)
+            split = split_probes(entry.patches)
+            if split is None:
+                # prepare.py runs a selection here only if it ``fits`` the declared sites.
+                raise RuntimeError(
+                    f"patch_backend internal error: the patches at {entry.site.name!r} do not fit a declared "
+                    "site's slot (probes, then Zero/Add/Replace patches, then probes)"
+                )
+            before, values, after = split
             if values:
                 keep, fill = self.fresh(position)
                 compose(values, keep, fill)
@@ -140,7 +159,7 @@ class PreparedVariant:
         return outputs
 
 
-def record(patch: Patch, value: torch.Tensor) -> None:
+def record(patch: ProbingPatch, value: torch.Tensor) -> None:
     if isinstance(patch, ProbePatch):
         patch.activation = value.detach().clone()
     else:

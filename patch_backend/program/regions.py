@@ -549,8 +549,11 @@ def _compile_split(
             index for index in sorted(set(step.inputs)) if last_use.get(index) == region and index not in in_output
         )
         final.append(_Step(step.fn, step.inputs, step.outputs, release))
+    # map_aggregate's stubs say the function returns an fx Argument; it maps to any value, and
+    # the template holds _Slot markers in place of the output's nodes (read by _build_output).
     template = torch.fx.node.map_aggregate(
-        output_node.args[0], lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value
+        output_node.args[0],
+        lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value,  # type: ignore[arg-type, return-value]
     )
     report = ProgramReport(count, compiled, reused, seconds, None, container)
     return RegionalProgram(final, len(slot), len(placeholders), template, report)
@@ -591,7 +594,7 @@ def _canonical(
         else:
             placeholder.meta = {key: node.meta[key] for key in ("example_value", "val") if key in node.meta}
         # Dynamo's markers, which AOTAutograd reads to keep parameters static under CUDA graphs.
-        placeholder._dynamo_source = sources.get(node)  # type: ignore[attr-defined]
+        placeholder._dynamo_source = sources.get(node)
         env[node] = placeholder
     for k, node in enumerate(nodes):
         copied = graph.create_node(
@@ -607,5 +610,7 @@ def _canonical(
         # AOTAutograd reads the placeholders' static-input markers (inputs that are not the
         # graph's own placeholders have no source, as there).
         region.meta.update(gm.meta)
-        region._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # type: ignore[attr-defined]
+        # nn.Module's stubs type every attribute as Tensor | Module (from __getattr__); this is
+        # Dynamo's plain dict attribute, which Module.__setattr__ stores as is.
+        region._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # type: ignore[assignment]
     return region, key, tuple(canon.pins)

@@ -205,6 +205,10 @@ class SiteSpec:
     clone: bool
     entries: Tuple[Entry, ...]
 
+    def reaches(self, user: str) -> bool:
+        """Whether the fx node ``user`` sees the value patched here (None: every use does)."""
+        return self.consumers is None or user in self.consumers
+
 
 @dataclass(frozen=True)
 class ProgramSpec:
@@ -227,7 +231,7 @@ class ProgramSpec:
         for producer, positions in by_node.items():
             ordered = sorted(positions, key=lambda p: (sites[p].rank, sites[p].name))
             for user in nodes[producer].users:
-                chain = tuple(p for p in ordered if sites[p].consumers is None or user.name in sites[p].consumers)
+                chain = tuple(p for p in ordered if sites[p].reaches(user.name))
                 if chain:
                     chains[Use(producer, user.name)] = chain
         used = {p for chain in chains.values() for p in chain}
@@ -334,13 +338,11 @@ def _entry(patch: Patch, ref: EntryRef, values: _Values, probes: Dict[int, Entry
     if isinstance(patch, PROBE_PATCHES):
         return ProbeOutput()
     if isinstance(patch, VALUE_PATCHES):
-        kind = (
-            PatchKind.ADD if isinstance(patch, AddPatch)
-            else PatchKind.REPLACE if isinstance(patch, ReplacePatch)
-            else PatchKind.ZERO
-        )
         form = _slice_form(patch.slice, values)
-        return PatchOp(kind, form, None if kind is PatchKind.ZERO else values.value(patch.value))
+        if isinstance(patch, (AddPatch, ReplacePatch)):
+            kind = PatchKind.ADD if isinstance(patch, AddPatch) else PatchKind.REPLACE
+            return PatchOp(kind, form, values.value(patch.value))
+        return PatchOp(PatchKind.ZERO, form, None)
     fn = patch_function(patch)
     lowering = lower_custom(fn, values.tensors, probes)
     calls[ref] = lowering.call

@@ -39,6 +39,17 @@ class Guarded:
         return None
 
 
+def _guard_args(key: Hashable, args: Optional[Sequence[Any]]) -> Sequence[Any]:
+    """The call's args, which a Guarded entry's shape guards read; a lookup without them can
+    only be a caller that keyed a symbolic compile as a plain one."""
+    if args is None:
+        raise RuntimeError(
+            f"patch_backend internal error: the program cache entry for {key!r} holds symbolic "
+            "compiles guarded by shape, but the lookup passed no args to check the guards against"
+        )
+    return args
+
+
 class ProgramCache:
     """Key → program, at most ``config.max_variants`` of them, least recently used dropped first.
 
@@ -60,7 +71,7 @@ class ProgramCache:
             if program is not None:
                 self._entries.move_to_end(key)
                 if type(program) is Guarded:
-                    program = program.find(args)
+                    program = program.find(_guard_args(key, args))
             if program is None:
                 self._stats.variant_misses += 1
                 return None
@@ -72,7 +83,7 @@ class ProgramCache:
         with self._lock:
             program = self._entries.get(key)
             if type(program) is Guarded:
-                program = program.find(args)
+                program = program.find(_guard_args(key, args))
             return program
 
     def put(self, key: Hashable, program: Any) -> Any:

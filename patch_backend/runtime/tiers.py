@@ -155,7 +155,14 @@ class Tiers:
                 return program  # another thread built it while this one waited for the lock
             start = time.perf_counter()
             if guarded:
-                symbolic = SymbolicCompile(self.graph.layout, self.compile_fn)
+                layout = self.graph.layout
+                if layout is None:
+                    # _key guards only compiled graphs with a layout (symbolic capture).
+                    raise RuntimeError(
+                        f"patch_backend internal error: graph {self.graph.capture.uid} has no symbolic "
+                        "layout, so its programs cannot be compiled with shape guards"
+                    )
+                symbolic = SymbolicCompile(layout, self.compile_fn)
                 program = request.build(symbolic, args)
                 self.programs.put_guarded(key, symbolic.guard or ShapeGuard(None), program)
             else:
