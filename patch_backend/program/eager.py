@@ -9,7 +9,7 @@ the reference and the compiled variants cannot disagree about the walk.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx
