@@ -15,8 +15,7 @@ Every figure comes from a fresh child process with its own empty ``TORCHINDUCTOR
 * ``steady``: ``backend="inductor"`` and graphpatch (unpatched, patched at one site) at batch
   8 x 128 tokens in one process, timed in turns (T4).
 
-Until the dispatcher calls ``compile_regional`` itself (the integration step of issue 10), the
-graphpatch children route ``Dispatcher._compile`` through it; the output says so. Targets are
+The dispatcher compiles through ``compile_regional`` (``config.regional_compile``). Targets are
 ratios of figures measured in this run on this machine.
 """
 
@@ -34,7 +33,7 @@ from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ROUTING = "Dispatcher._compile routed through program.regions.compile_regional by this benchmark"
+ROUTING = "the dispatcher compiles through program.regions.compile_regional"
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -61,19 +60,6 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-def route_through_regions() -> None:
-    from patch_backend._torch_compat.inductor import compile_inductor
-    from patch_backend.program.regions import compile_regional
-    from patch_backend.runtime.dispatcher import Dispatcher
-
-    def _compile(self, gm, example):
-        return compile_regional(
-            gm, example, lambda g, e: compile_inductor(g, e, self.compile_options), options=self.compile_options
-        )
-
-    Dispatcher._compile = _compile
-
-
 # -- children ---------------------------------------------------------------------------------------
 def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     import torch
@@ -96,7 +82,6 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["inductor first call"] = timed(lambda: compiled(ids), device)
         result["inductor forward"] = median_seconds(lambda: compiled(ids), args.repeats, device)
         return result
-    route_through_regions()
     if kind in ("graphpatch", "graphpatch warm"):
         compiled = torch.compile(model, backend="graphpatch")
         result["plain first call"] = timed(lambda: compiled(ids), device)
@@ -261,7 +246,7 @@ def main() -> Any:
         for name, value in run["targets"].items():
             print(f"  {name}: {value:.3f}" if isinstance(value, float) else f"  {name}: {value}")
     result = {"device": device_name(args.device), "note": ROUTING, "runs": runs}
-    print(f"\n({ROUTING}; T1 has no eager tier yet: the first patched call waits for its compile)")
+    print(f"\n({ROUTING}; compile_policy {os.environ.get('PATCH_BACKEND_COMPILE_POLICY', 'sync')})")
     if args.json:
         write_json(args.json, result)
     return result

@@ -25,13 +25,9 @@ SCRIPT = textwrap.dedent(
     import torch
     import patch_backend as pb
     from patch_backend import AddPatch
-    from patch_backend._torch_compat.inductor import compile_inductor, fx_graph_cache_counters
-    from patch_backend.program.regions import compile_regional
-    from patch_backend.runtime.dispatcher import Dispatcher
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    Dispatcher._compile = lambda self, gm, example: compile_regional(
-        gm, example, lambda g, e: compile_inductor(g, e, self.compile_options), options=self.compile_options)
     action, path = sys.argv[1], sys.argv[2]
     if action == "load":
         pb.load_cache(path)

@@ -14,7 +14,7 @@ from patch_backend import AddPatch, ZeroPatch
 from patch_backend._torch_compat.inductor import compile_inductor
 from patch_backend.program import regions
 from patch_backend.program.regions import compile_regional, parse_module_path
-from patch_backend.runtime.dispatcher import Dispatcher
+from patch_backend.runtime import dispatcher as dispatcher_module
 
 WIDTH, HEADS, VOCAB, TOKENS = 32, 4, 64, 8
 
@@ -161,10 +161,10 @@ def test_patched_block_compiles_once_and_is_reused_across_layers(monkeypatch):
     site in another layer reuses the patched block's artifact."""
     compile_fn = Counting(inductor=True)
 
-    def regional(self, gm, example):
-        return compile_regional(gm, example, compile_fn, options=self.compile_options)
+    def regional(gm, example, options):
+        return compile_regional(gm, example, compile_fn, options=options)
 
-    monkeypatch.setattr(Dispatcher, "_compile", regional)
+    monkeypatch.setattr(dispatcher_module, "compile_graph", regional)
     model, ids = tiny_gpt2(4), torch.randint(0, VOCAB, (1, TOKENS))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="graphpatch")

@@ -29,18 +29,38 @@ def model_and_input():
     return model, x, compiled, eager
 
 
+class _Arrivals(list):
+    """The graphs whose background compile reached the gate. The worker takes a queued compile
+    when it gets to it, so a test that counts arrivals waits for them rather than racing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+
+    def arrive(self, gm: object) -> None:
+        with self._changed:
+            self.append(gm)
+            self._changed.notify_all()
+
+    def reach(self, count: int, timeout: float = 120) -> int:
+        """Waits until ``count`` compiles arrived (or the timeout passed); returns how many did."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self) >= count, timeout=timeout)
+            return len(self)
+
+
 @pytest.fixture
 def gated_compiler(monkeypatch):
     """Inductor, held at a gate until the test opens it (a compile that takes a while), for the
     compiles of the background worker (a new graph's plain compile, in the call, passes)."""
     real = dispatcher_module.compile_graph
     gate = threading.Event()
-    started = []
+    started = _Arrivals()
 
     def compile_at_gate(gm, example, options):
         if threading.current_thread() is threading.main_thread():
             return real(gm, example, options)
-        started.append(gm)
+        started.arrive(gm)
         assert gate.wait(timeout=300), "the test never opened the gate"
         return real(gm, example, options)
 
@@ -157,7 +177,7 @@ def test_a_new_patch_while_a_background_compile_runs(model_and_input, gated_comp
             first = compiled(x)  # its compile now holds the worker, at the gate
         with pb.patch(compiled, second_map()):
             second = compiled(x)  # another structure: queued behind it, runs eagerly meanwhile
-        assert len(started) == 1 and pb.stats(compiled).eager_calls == 2
+        assert started.reach(1) == 1 and pb.stats(compiled).eager_calls == 2
         assert not pb.wait_for_compiles(timeout=0.05)
         gate.set()
         assert pb.wait_for_compiles(timeout=300)
@@ -209,7 +229,7 @@ def test_sweep_under_never_and_background_matches_cells_alone(model_and_input, g
     with pb.config.patch(compile_policy="background"):
         # Three chunks on the eager form while the program waits at the gate, then compiled.
         torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
-        assert len(started) == 1
+        assert started.reach(1) == 1
         gate.set()
         assert pb.wait_for_compiles(timeout=300)
         before = pb.stats(compiled).compiled_calls

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Sequence
 
 import torch
@@ -38,7 +39,10 @@ class Dispatcher:
         self.compile_options = compile_options
         self.stats = Stats(graphs=1)
         self.graph = GraphFacts(capture, compiled)
-        self.tiers = Tiers(self.graph, self.stats, self._compile)
+        # Holds no reference back to the dispatcher: Dynamo's reset must free it (and so forget
+        # its capture) at once, not at the next cyclic garbage collection.
+        self.compile = GraphCompiler(compiled, compile_options)
+        self.tiers = Tiers(self.graph, self.stats, self.compile)
         self._lock = threading.Lock()
         if compiled and not capture.dynamic:
             # Static shapes: compile the plain variant at its first unpatched call, so a graph
@@ -88,7 +92,7 @@ class Dispatcher:
         if not self.compiled:
             return self.capture.gm.forward
         start = time.perf_counter()
-        plain = self._compile(self.capture.gm, example_inputs)
+        plain = self.compile(self.capture.gm, example_inputs)
         self.stats.compile_seconds += time.perf_counter() - start
         return plain
 
@@ -98,11 +102,21 @@ class Dispatcher:
                 self.plain = self._compile_plain(args)
         return self.plain(*args)
 
-    def _compile(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
+
+
+@dataclass(frozen=True, eq=False)
+class GraphCompiler:
+    """``compile(gm, example)`` for one graph's plain and patched programs: Inductor with
+    torch.compile's ``mode``/``options`` (``graphpatch``), or the graph itself (``graphpatch_eager``)."""
+
+    compiled: bool
+    options: Dict[str, Any]
+
+    def __call__(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
         if not self.compiled:
             return gm.forward
         with COMPILE_LOCK:
-            return compile_graph(gm, example, self.compile_options)
+            return compile_graph(gm, example, self.options)
 
 
 def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dict[str, Any]) -> Callable:
