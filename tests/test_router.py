@@ -164,8 +164,13 @@ def test_dispatcher_keeps_its_programs_on_itself():
     with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
         compiled(x)
     from patch_backend.capture.capture import all_captures
+    from patch_backend.capture.index import index_for
 
-    (dispatcher,) = [c.dispatcher for c in all_captures() if c.dispatcher is not None and c.dispatcher.variants]
+    # This model's graphs only: another test's model may still be alive (a module-level cache).
+    uids = {uid for uid, _ in index_for(model).by_occurrence}
+    (dispatcher,) = [
+        c.dispatcher for c in all_captures() if c.uid in uids and c.dispatcher is not None and c.dispatcher.variants
+    ]
     assert len(dispatcher.variants) == 1
     del compiled, model
     import gc
