@@ -61,6 +61,7 @@ def run(action: str, path: str, cache_dir: Optional[str]) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_saved_cache_serves_a_fresh_process(tmp_path):
     path = str(tmp_path / "compiled.pbcache")
     # The first process may use the usual (warm) cache directory: artifacts served from it are
