@@ -26,9 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed-torch setup.cfg setup.py
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py
 
-# `make test` skips the tests marked slow (about a minute of the suite's ten); CI runs everything
-# with `make test PYTEST_SELECT=` (see .ci/run). Select others with e.g. PYTEST_SELECT='-m transformers'.
-PYTEST_SELECT ?= -m "not slow"
+# `make test` skips the tests marked slow and runs the rest on two worker processes (pytest-xdist);
+# CI runs everything, in one process, with `make test PYTEST_SELECT=` (see .ci/run). Select others
+# with e.g. PYTEST_SELECT='-m transformers'.
+PYTEST_SELECT ?= -m "not slow" -n 2
 
 test: $(VENV)/.installed-test
 	$(PY) -m mypy patch_backend
