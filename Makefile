@@ -26,10 +26,11 @@ $(VENV)/.installed-test: $(VENV)/.installed-torch setup.cfg setup.py
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py
 
-# `make test` skips the tests marked slow and runs the rest on two worker processes (pytest-xdist);
+# `make test` skips the tests marked slow and runs the rest on two worker processes (pytest-xdist,
+# one test file per worker at a time);
 # CI runs everything, in one process, with `make test PYTEST_SELECT=` (see .ci/run). Select others
 # with e.g. PYTEST_SELECT='-m transformers'.
-PYTEST_SELECT ?= -m "not slow" -n 2
+PYTEST_SELECT ?= -m "not slow" -n 2 --dist loadfile
 
 test: $(VENV)/.installed-test
 	$(PY) -m mypy patch_backend
