@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -35,14 +34,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import config
 from .._torch_compat.inductor import dynamo_static_input, fake_values
-from .._torch_compat.sources import module_stack
+from .._torch_compat.sources import module_stack, stack_path
 
 #: Compiled region artifacts kept in the process-wide cache; the least recently used beyond it
 #: are dropped (a dropped artifact stays alive in the programs that use it).
 MAX_REGION_ARTIFACTS = 512
-
-_PATH_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]|\.(\d+)")
-_ROOT = re.compile(r"^L\['[^']+'\]|^[A-Za-z_][A-Za-z0-9_]*")
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -187,18 +183,9 @@ def clear_region_cache() -> None:
 # -- finding the repeated blocks ----------------------------------------------------------------
 def parse_module_path(path: str) -> Tuple[str, ...]:
     """``L['self'].transformer.h[3].mlp`` or ``L['self'].transformer.h.3.mlp`` →
-    ``('transformer', 'h', '3', 'mlp')`` (the frame's root local dropped)."""
-    root = _ROOT.match(path)
-    rest = path[root.end():] if root else path
-    segments: List[str] = []
-    position = 0
-    while position < len(rest):
-        token = _PATH_TOKEN.match(rest, position)
-        if token is None:
-            return tuple(segments)  # an unusual path: what was read so far is still a prefix
-        segments.append(next(group for group in token.groups() if group is not None))
-        position = token.end()
-    return tuple(segments)
+    ``('transformer', 'h', '3', 'mlp')`` (the frame's root local dropped); the naming code's
+    parser (``_torch_compat.sources.stack_path``), so regions and names read paths alike."""
+    return stack_path(path) or ()
 
 
 def _module_paths(node: torch.fx.Node) -> List[Tuple[str, ...]]:
