@@ -339,7 +339,9 @@ def resolve_aliases(root: nn.Module, by_name: Mapping[str, Tuple[Patch, ...]]) -
     Maps of models without aliases come back unchanged. Native names and aliases of one node
     merge in map order.
     """
-    if family_of(root) is None or not any(is_alias_pattern(root, name) for name in by_name):
+    # Every pb.patch entry comes here: the cheap prefix test first, the model's family (which
+    # reads its config) only for a map that may hold an alias.
+    if not any(name.startswith(_TL_HEADS) for name in by_name) or family_of(root) is None:
         return dict(by_name)
     resolved: Dict[str, Tuple[Patch, ...]] = {}
     for name, patches in by_name.items():

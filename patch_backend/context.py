@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
@@ -415,18 +416,21 @@ def _watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
     function, whose trace would meet the hook (a graph break and a recompile per context), as
     would torch's own module classes compiled directly.
     """
-    if model is root or not isinstance(model, nn.Module) or not _hooks_run_outside_dynamo(root):
+    if model is root or not isinstance(model, nn.Module):
         return _nothing
     with _watch_lock:
+        # Already watched by an enclosing or concurrent context: the check was made then.
+        if id(model) not in _watched and not _hooks_run_outside_dynamo(root):
+            return _nothing
         _acquire(root, lambda: [root.register_forward_pre_hook(_root_called)])
         _acquire(
             model,
             lambda: [
-                model.register_forward_pre_hook(_enter_wrapper),
-                model.register_forward_hook(_leave_wrapper, always_call=True),
+                model.register_forward_pre_hook(functools.partial(_enter_wrapper, root)),
+                model.register_forward_hook(functools.partial(_leave_wrapper, root), always_call=True),
             ],
         )
-    return lambda: _release(root, model)
+    return functools.partial(_release, root, model)
 
 
 def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
@@ -466,11 +470,11 @@ def _wrapper_calls() -> List[Optional[int]]:
     return calls
 
 
-def _enter_wrapper(module: nn.Module, args: Any) -> None:
-    _wrapper_calls().append(_graph_calls_of(resolve_root(module)))
+def _enter_wrapper(root: nn.Module, wrapper: nn.Module, args: Any) -> None:
+    _wrapper_calls().append(_graph_calls_of(root))
 
 
-def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
+def _leave_wrapper(root: nn.Module, wrapper: nn.Module, args: Any, output: Any) -> None:
     """Also runs when the call raised (``always_call``); pops nothing should a pre-hook
     registered before ``_enter_wrapper`` have raised.
 
@@ -480,7 +484,6 @@ def _leave_wrapper(module: nn.Module, args: Any, output: Any) -> None:
     calls = _wrapper_calls()
     if calls:
         before = calls.pop()
-        root = resolve_root(module)
         if before is not None and _graph_calls_of(root) == before:
             _note_eager_call(root)
 

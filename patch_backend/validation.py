@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+import functools
+from typing import Any, List, Optional, Set, Tuple, Union
 
 import torch
 
@@ -15,12 +16,20 @@ ValuePatch = Union[AddPatch, ReplacePatch]
 
 
 def check_name_syntax(name: str) -> None:
+    if name in _WELL_FORMED:
+        return
     parts = name.split("|")
     if not name or len(parts) > 2 or any(not part for part in parts):
         raise KeyError(
             f"malformed node name {name!r}: expected 'scope.node' or one '|' before a path inside a "
             "nested result (e.g. 'output|sub_0' or 'output|sub_1.sub_0')"
         )
+    if len(_WELL_FORMED) < 65536:
+        _WELL_FORMED.add(name)
+
+
+#: Names that passed ``check_name_syntax``: every pb.patch entry checks its names, mostly the same.
+_WELL_FORMED: Set[str] = set()
 
 
 def unknown_name_error(name: str, index: Any) -> KeyError:
@@ -100,11 +109,17 @@ def check_value_kind(name: str, patch: ValuePatch, dtype: Optional[torch.dtype])
         raise ValueError(f"{kind} at {name!r}: integer value {patch.value} is too large to pass exactly; use a tensor")
     # Values are converted to the target's dtype (and device) before they apply; a conversion
     # to a lower kind (complex -> float -> int -> bool) would change the numbers, so it is refused.
-    if dtype is not None and not torch.can_cast(value_dtype, dtype):
+    if dtype is not None and not _can_cast(value_dtype, dtype):
         raise ValueError(
             f"{kind} at {name!r}: value dtype {value_dtype} cannot be stored in the target's dtype {dtype} "
             "without losing information; convert it explicitly"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _can_cast(source: torch.dtype, target: torch.dtype) -> bool:
+    """``torch.can_cast``, memoised: a few dtype pairs, checked at every pb.patch entry."""
+    return torch.can_cast(source, target)
 
 
 def check_value(name: str, patch: ValuePatch, target_shape: Tuple[int, ...], dtype: torch.dtype) -> None:

@@ -206,11 +206,17 @@ class CompiledVariant:
     def run_lowered(self, selection: Selection, values: RuntimeValues, args: Sequence[Any]) -> Any:
         """``run`` for a caller that already lowered the selection (to get its key): the walk
         is then done once per call instead of twice."""
-        callables = {
-            slot: patch_function(selection[ref.site].patches[ref.entry]) for slot, ref in self.opaque.items()
-        }
-        with opaque_callables(callables):
-            outputs = self.fn(*args, *values.inputs(self.device))
+        inputs = values.inputs(self.device)
+        if self.opaque:
+            callables = {
+                slot: patch_function(selection[ref.site].patches[ref.entry]) for slot, ref in self.opaque.items()
+            }
+            with opaque_callables(callables):
+                outputs = self.fn(*args, *inputs)
+        else:
+            outputs = self.fn(*args, *inputs)
+        if len(outputs) == self.original_outputs:
+            return list(outputs)
         for ref, value in zip(self.extra, outputs[self.original_outputs :]):
             # A selection's spec has no slots (prepared.py's have), so every extra output is a probe's.
             if not isinstance(ref, EntryRef):

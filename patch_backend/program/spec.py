@@ -219,6 +219,15 @@ class ProgramSpec:
     tensors: int = 0
     slots: int = 0
 
+    def __hash__(self) -> int:
+        # The spec is the program cache's key, looked up on every patched call: its hash walks
+        # every site and entry, so it is computed once per spec (the dataclass is frozen).
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.sites, self.ints, self.scalars, self.tensors, self.slots))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def uses(self, graph: torch.fx.Graph) -> "Uses":
         """Per use of a patched value, the sites it passes through: those at the producer whose
         consumers include the user, in (rank, name) order."""
