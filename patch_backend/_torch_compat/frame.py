@@ -15,11 +15,13 @@ says so once with a ``PatchBackendWarning`` (gates.fallback), never failing or r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type
 
 import torch
 
@@ -39,6 +41,30 @@ _RETURN_FALLBACK = (
 )
 _NO_RESULT = "the frame's result gets no 'output' names"
 _FLAT_RESULT = "a returned structure is named output|sub_<k> instead of after its keys"
+
+
+#: A leaf of a returned structure: its path (``("sub_1", "sub_0")``, ``("logits",)``) and the fx
+#: node holding it, or None for a non-tensor leaf (a number, None, a size).
+ReturnLeaf = Tuple[Tuple[str, ...], Optional[str]]
+
+
+@dataclass(frozen=True)
+class ModuleReturn:
+    """What one module call inlined into the traced frame returned, in return order.
+
+    Dynamo inlines a module's call into its caller's graph and keeps only the ops, so which
+    values the module *returned*, in which order, and which of them it passed through unchanged
+    (an input, or a value computed before the call) is lost by the time the graph reaches the
+    backend. The tracer knows it when the inlined call returns; this is read there.
+    """
+
+    #: The call's module stack, outermost first, as ``nn_module_stack`` spells it on the ops
+    #: inside the call: (key, path text) pairs, the last being the called module.
+    stack: Tuple[Tuple[str, str], ...]
+    leaves: Tuple[ReturnLeaf, ...]
+    #: Name of the graph's last node when the call returned ("" if the graph was empty): uses
+    #: after it see the returned values, uses before it cannot.
+    last_node: str
 
 
 @dataclass
@@ -69,6 +95,9 @@ class FrameInfo:
     #: Where the module sits inside ``self_local``: ``("0",)`` when a ``wrapper(*args, **kwargs)``
     #: decorator (transformers' ``deprecate_kwarg``) receives it as ``args[0]``.
     self_prefix: Tuple[str, ...] = ()
+    #: The module calls Dynamo inlined into this graph, in the order they returned (empty when the
+    #: tracer could not be read: module results are then named in graph order).
+    module_returns: List[ModuleReturn] = field(default_factory=list)
 
     @property
     def self_module(self) -> Optional[torch.nn.Module]:
@@ -122,6 +151,10 @@ def current_frame_info() -> FrameInfo:
     except Exception as error:
         fallback("frame", _FRAME_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
         return FrameInfo()
+    info.module_returns = [
+        ModuleReturn(stack, tuple(_named(leaves)), getattr(last, "name", ""))
+        for stack, leaves, last in getattr(tx.output, _RETURNS_ATTRIBUTE, ())
+    ]
     reason = _probe_return_reason(tx)
     if reason is None:
         fallback("frame_return", _RETURN_FALLBACK.format(reason="no compile_subgraph_reason on the tracer", effect=_NO_RESULT))
@@ -130,6 +163,7 @@ def current_frame_info() -> FrameInfo:
         info.returns = reason == "return_value"
         if info.returns and tx.stack:
             _walk(tx.stack[-1], (), info.return_leaves, depth=0)
+            info.return_leaves = _named(info.return_leaves)
     except Exception as error:
         info.return_leaves = []
         fallback("frame_return", _RETURN_FALLBACK.format(reason=f"{type(error).__name__}: {error}", effect=_FLAT_RESULT))
@@ -216,8 +250,15 @@ def _probe_variable_types() -> Optional[Tuple[Type["TensorVariable"], Tuple[type
     return TensorVariable, (ConstantVariable, SymNodeVariable)
 
 
+def _named(leaves: List[Tuple[Tuple[str, ...], Any]]) -> List[ReturnLeaf]:
+    """_walk's leaves with fx node names. Names are read at backend time, not while tracing:
+    Dynamo renames a node after the local it is stored to (``logits = self.gate(x)``)."""
+    return [(path, node.name if node is not None else None) for path, node in leaves]
+
+
 def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
-    """Collects tensor leaves of a returned VariableTracker with their structural path.
+    """Collects tensor leaves of a returned VariableTracker with their structural path (the fx
+    node, or None for a non-tensor leaf).
 
     Raises where the tracker no longer looks as expected; current_frame_info turns that into
     the ``output|sub_<k>`` fallback with a warning.
@@ -231,7 +272,7 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
         raise LookupError("torch._dynamo.variables lacks TensorVariable/ConstantVariable/SymNodeVariable")
     tensor_type, value_types = types
     if isinstance(vt, tensor_type):
-        out.append((path, vt.as_proxy().node.name))
+        out.append((path, vt.as_proxy().node))
         return
     if isinstance(vt, value_types):
         # A number, None or size in the result: no tensor to patch. Recorded (node None) so a
@@ -261,6 +302,119 @@ def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: i
         _walk(value, path + (str(key),), out, depth + 1)
 
 
+# -- module results, read as inlined module calls return -------------------------------------
+
+#: Attribute set on Dynamo's OutputGraph (one per tracing attempt, shared by the frame's inlining
+#: tracers) holding its ModuleReturn records: a restarted trace starts from a fresh OutputGraph,
+#: so records of an abandoned attempt never reach the backend.
+_RETURNS_ATTRIBUTE = "_patch_backend_module_returns"
+_RETURNS_FALLBACK = (
+    "cannot read what inlined module calls return ({reason}); a module's several results are "
+    "named output|sub_<k> in graph order, and a result it passes through unchanged has no name"
+)
+#: Per thread: one slot per module call being traced, innermost last; the slot receives the
+#: call's module stack when Dynamo pushes it (record_nn_module_stack).
+_calls = threading.local()
+
+
+def _call_slots() -> List[List[Any]]:
+    slots = getattr(_calls, "slots", None)
+    if slots is None:
+        slots = _calls.slots = []
+    return slots
+
+
+def _probe_module_call_sites() -> Optional[Tuple[Any, List[type]]]:
+    """(Dynamo's nn_module variables module, the tracker classes whose ``call_function`` calls a
+    module), or None where either is gone."""
+    try:
+        from torch._dynamo.variables import nn_module
+    except ImportError:
+        return None
+    classes = [getattr(nn_module, name, None) for name in ("NNModuleVariable", "UnspecializedNNModuleVariable")]
+    if not callable(getattr(nn_module, "record_nn_module_stack", None)) or not all(classes):
+        return None
+    return nn_module, [cls for cls in classes if cls is not None]
+
+
+def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def record_nn_module_stack(module_key: str, source: Any, tx: Any, mod: Any) -> Iterator[None]:
+        with original(module_key, source, tx, mod):
+            slots = _call_slots()
+            if slots and slots[-1][0] is None:
+                try:
+                    slots[-1][0] = tuple(
+                        (key, value[0] if isinstance(value, tuple) else str(value))
+                        for key, value in tx.nn_module_stack.items()
+                    )
+                except Exception as error:  # never break a trace for a name
+                    fallback("module_returns", _RETURNS_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
+            yield
+
+    record_nn_module_stack.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    return record_nn_module_stack
+
+
+def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_function(self: Any, tx: Any, args: Any, kwargs: Any) -> Any:
+        slots = _call_slots()
+        slots.append([None])
+        try:
+            result = original(self, tx, args, kwargs)
+        finally:
+            stack = slots.pop()[0]
+        if stack is not None:
+            try:
+                _record_return(tx, stack, result)
+            except Exception as error:  # never break a trace for a name
+                # Reading the result's structure is the frame result's reader too (_walk): one
+                # cause, one warning (gate "frame_return").
+                fallback("frame_return", _RETURN_FALLBACK.format(
+                    reason=f"{type(error).__name__}: {error}",
+                    effect=_FLAT_RESULT + "; a module's several results in graph order, a passed-through one unnamed",
+                ))
+        return result
+
+    call_function.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    return call_function
+
+
+def _record_return(tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any) -> None:
+    """Keeps (stack, leaves with fx nodes, the graph's last node) on the OutputGraph; nodes, not
+    names, because Dynamo renames nodes later (current_frame_info reads the final names)."""
+    leaves: List[Tuple[Tuple[str, ...], Any]] = []
+    _walk(result, (), leaves, depth=0)
+    output = tx.output
+    last = None
+    for node in reversed(output.graph.nodes):
+        last = node
+        break
+    records = getattr(output, _RETURNS_ATTRIBUTE, None)
+    if records is None:
+        records = []
+        setattr(output, _RETURNS_ATTRIBUTE, records)
+    records.append((stack, leaves, last))
+
+
+def install_return_recorder() -> bool:
+    """Wraps Dynamo's module-call tracing so each inlined module call's result is recorded
+    (ModuleReturn). Idempotent; the wrappers only read and never change what Dynamo traces.
+    Returns False (after warning once) where this torch lacks the hooks."""
+    probed = _probe_module_call_sites()
+    if probed is None:
+        fallback("module_returns", _RETURNS_FALLBACK.format(reason="torch._dynamo.variables.nn_module changed"))
+        return False
+    module, classes = probed
+    if not getattr(module.record_nn_module_stack, "__wrapped_by_patch_backend__", False):
+        module.record_nn_module_stack = _recording_stack(module.record_nn_module_stack)
+    for cls in classes:
+        original = cls.__dict__.get("call_function")
+        if original is not None and not getattr(original, "__wrapped_by_patch_backend__", False):
+            setattr(cls, "call_function", _recording_call(original))
+    return True
+
+
 def dynamo_wraps_top_frame() -> bool:
     """Whether Dynamo traces a compiled module's own ``__call__`` (and so its hooks) for every
     module: ``torch._dynamo.config.wrap_top_frame``, read here because it is private. Absent
@@ -268,3 +422,5 @@ def dynamo_wraps_top_frame() -> bool:
     what the flag's default (False) keeps."""
     return bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
 
+
+install_return_recorder()
