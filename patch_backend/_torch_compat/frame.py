@@ -16,8 +16,11 @@ says so once with a ``PatchBackendWarning`` (gates.fallback), never failing or r
 from __future__ import annotations
 
 import contextlib
+import dis
 import inspect
 import logging
+import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -98,6 +101,15 @@ class FrameInfo:
     #: The module calls Dynamo inlined into this graph, in the order they returned (empty when the
     #: tracer could not be read: module results are then named in graph order).
     module_returns: List[ModuleReturn] = field(default_factory=list)
+    #: For a module's forward compiled as its own frame (its caller's graph broke at the call):
+    #: the calling module's forward, and which of the frame's inputs are that forward's own
+    #: arguments, unchanged (frame local → caller's parameter name). Set by capture_graph.
+    caller_module_ref: Optional["weakref.ref[torch.nn.Module]"] = field(default=None, repr=False)
+    caller_arguments: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def caller_module(self) -> Optional[torch.nn.Module]:
+        return self.caller_module_ref() if self.caller_module_ref is not None else None
 
     @property
     def self_module(self) -> Optional[torch.nn.Module]:
@@ -415,6 +427,229 @@ def install_return_recorder() -> bool:
     return True
 
 
+# -- recurrent modules under this package's backends ------------------------------------------
+
+_RNN_FALLBACK = (
+    "cannot let Dynamo trace nn.RNN/GRU/LSTM for this package's backends ({reason}); Dynamo runs "
+    "a forward calling one eagerly, so its modules have no names (a patch there raises "
+    "PatchNotAppliedError when its context exits)"
+)
+#: Module prefix of the functions this package registers as Dynamo backends.
+_BACKEND_MODULE = __name__.split(".")[0] + "."
+
+
+def _probe_wrap_module() -> Optional[Tuple[type, Any]]:
+    """(Dynamo's VariableBuilder, its config module) where ``wrap_module`` and ``allow_rnn`` exist."""
+    try:
+        from torch._dynamo import config
+        from torch._dynamo.variables.builder import VariableBuilder
+    except ImportError:
+        return None
+    if not callable(getattr(VariableBuilder, "wrap_module", None)) or not hasattr(config, "allow_rnn"):
+        return None
+    return VariableBuilder, config
+
+
+def _compiling_for_this_package(tx: Any) -> bool:
+    """Whether the frame being traced is compiled for ``graphpatch``/``graphpatch_eager`` (the
+    backend Dynamo calls is a wrapper chain around ours)."""
+    backend = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    for _ in range(8):
+        if backend is None:
+            return False
+        if str(getattr(backend, "__module__", "") or "").startswith(_BACKEND_MODULE):
+            return True
+        backend = (
+            getattr(backend, "compiler_fn", None)
+            or getattr(backend, "func", None)
+            or getattr(backend, "_torchdynamo_orig_backend", None)
+            or getattr(backend, "__wrapped__", None)
+        )
+    return False
+
+
+def install_rnn_tracing() -> bool:
+    """Lets Dynamo trace ``nn.RNN``/``GRU``/``LSTM`` (``torch._dynamo.config.allow_rnn``) in frames
+    compiled for this package's backends only. Without it Dynamo gives up on the whole forward
+    that calls one and runs it eagerly, so no module of the model is named or patchable; traced,
+    the recurrent module is one op (``lstm.output|sub_0``) and everything around it keeps its
+    names. Other backends and other compiles see Dynamo's own setting."""
+    probed = _probe_wrap_module()
+    if probed is None:
+        fallback("rnn", _RNN_FALLBACK.format(reason="VariableBuilder.wrap_module or config.allow_rnn is gone"))
+        return False
+    builder, config = probed
+    original = builder.__dict__.get("wrap_module")
+    if original is None or getattr(original, "__wrapped_by_patch_backend__", False):
+        return original is not None
+
+    def wrap_module(self: Any, value: Any) -> Any:
+        if (
+            isinstance(value, (torch.nn.RNNBase,))
+            and not config.allow_rnn
+            and _compiling_for_this_package(getattr(self, "tx", None))
+        ):
+            with config.patch(allow_rnn=True):
+                return original(self, value)
+        return original(self, value)
+
+    wrap_module.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(builder, "wrap_module", wrap_module)
+    return True
+
+
+# -- forwards Dynamo runs eagerly ---------------------------------------------------------------
+
+#: Modules whose forward Dynamo gave up on ("falling back to eager"), with Dynamo's reason.
+_eager_forwards: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+#: The same by forward code: Dynamo skips the code for every later instance without tracing it.
+_eager_codes: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_eager_lock = threading.Lock()
+
+
+def _probe_graph_break_log() -> Optional[type]:
+    """The tracer class whose ``log_graph_break`` reports why a frame is skipped, if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+    except ImportError:
+        return None
+    for cls in InstructionTranslatorBase.__mro__:
+        if callable(cls.__dict__.get("log_graph_break")):
+            return cls
+    return None
+
+
+def _reason_line(exc: Any) -> str:
+    """Dynamo's short name for the graph break (``gb_type``), else its message's first line."""
+    kind = getattr(exc, "gb_type", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def install_eager_fallback_log() -> bool:
+    """Records which modules' forwards Dynamo runs eagerly, and why, so that a model with no
+    graph gets an error saying so (eager_fallback_reason) rather than "call it once"."""
+    cls = _probe_graph_break_log()
+    if cls is None:
+        fallback("eager_log", "cannot tell which forwards Dynamo runs eagerly; a model with no graph is "
+                 "reported as not called yet")
+        return False
+    original = cls.__dict__["log_graph_break"]
+    if getattr(original, "__wrapped_by_patch_backend__", False):
+        return True
+
+    def log_graph_break(self: Any, code_options: Any, reason: str, exc: Any) -> Any:
+        try:
+            if "falling back to eager" in reason:
+                f_locals = getattr(self, "f_locals", {}) or {}
+                code = getattr(self, "f_code", None)
+                first = f_locals.get(code.co_varnames[0]) if code is not None and code.co_argcount else None
+                module = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
+                if isinstance(module, torch.nn.Module):
+                    with _eager_lock:
+                        _eager_forwards[module] = _reason_line(exc)
+                        if code is not None:
+                            _eager_codes[code] = _reason_line(exc)
+        except Exception as error:  # never break a trace for a message
+            logger.debug("eager fallback not recorded: %r", error)
+        return original(self, code_options, reason, exc)
+
+    log_graph_break.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(cls, "log_graph_break", log_graph_break)
+    return True
+
+
+def eager_fallback_reason(module: torch.nn.Module) -> Optional[str]:
+    """Dynamo's reason for running ``module``'s forward eagerly, if it did."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    with _eager_lock:
+        reason = _eager_forwards.get(module)
+        return reason if reason is not None or code is None else _eager_codes.get(code)
+
+
+# -- the Python caller of a module frame ------------------------------------------------------
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class CallerFrame:
+    """The module forward (or its graph-break resume function) that called a module whose
+    forward Dynamo is compiling as its own frame."""
+
+    module: torch.nn.Module
+    #: The caller's locals right now (the frame is suspended in the call).
+    locals: Dict[str, Any]
+    #: The caller module's own ``forward`` code (not Dynamo's rewrite of it).
+    forward_code: Any
+
+
+def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFrame]:
+    """The nearest Python frame outside torch and this package that runs the forward of a
+    module containing ``module`` (the call being compiled), or None. Only plain Python frame
+    introspection; called from the backend, while the caller is suspended in the call."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        filename = frame.f_code.co_filename
+        if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
+            continue
+        code = frame.f_code
+        f_locals = frame.f_locals
+        first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        caller = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
+        if not isinstance(caller, torch.nn.Module) or caller is module:
+            return None
+        if not any(child is module for child in caller.modules()):
+            return None
+        forward = inspect.unwrap(getattr(type(caller), "forward", None) or (lambda: None))
+        forward_code = getattr(forward, "__code__", None)
+        if forward_code is None:
+            return None
+        # The forward itself (Dynamo's rewrite keeps its name), or a graph-break resume
+        # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
+        name = code.co_name
+        while name.startswith("torch_dynamo_resume_in_"):
+            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
+        if name != forward_code.co_name:
+            return None
+        return CallerFrame(caller, dict(f_locals), forward_code)
+    return None
+
+
+_stores_cache: "weakref.WeakKeyDictionary[Any, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def assigned_locals(code: Any) -> frozenset:
+    """Local names a function's code assigns or deletes (a parameter not among them holds the
+    argument everywhere in the function)."""
+    try:
+        return _stores_cache[code]
+    except (KeyError, TypeError):
+        pass
+    stores = frozenset(
+        str(instruction.argval)
+        for instruction in dis.get_instructions(code)
+        if instruction.opname in ("STORE_FAST", "STORE_DEREF", "DELETE_FAST", "DELETE_DEREF", "STORE_NAME",
+                                  "STORE_FAST_STORE_FAST", "STORE_FAST_LOAD_FAST")
+    )
+    # Python 3.13 packs two stores in one instruction; its argval is a pair.
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "STORE_FAST_STORE_FAST" and isinstance(instruction.argval, tuple):
+            stores |= frozenset(str(name) for name in instruction.argval)
+    try:
+        _stores_cache[code] = stores
+    except TypeError:
+        pass
+    return stores
+
+
 def dynamo_wraps_top_frame() -> bool:
     """Whether Dynamo traces a compiled module's own ``__call__`` (and so its hooks) for every
     module: ``torch._dynamo.config.wrap_top_frame``, read here because it is private. Absent
@@ -424,3 +659,5 @@ def dynamo_wraps_top_frame() -> bool:
 
 
 install_return_recorder()
+install_rnn_tracing()
+install_eager_fallback_log()

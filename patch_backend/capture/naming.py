@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .._torch_compat.frame import ModuleReturn
+from .._torch_compat.frame import ModuleReturn, assigned_locals
 from .._torch_compat.sources import module_stack, stack_path
 from .capture import GraphCapture
 
@@ -350,6 +350,7 @@ class _OccurrenceNamer:
         named_params, varargs, varkw = forward_parameters(self.frame_module)
         wrapped = _traced_through_wrapper(frame, self.frame_module)
         arguments = set(named_params) | {name for name in (varargs, varkw) if name}
+        assigned = _assigned_in_forward(self.frame_module)
         for node in self.nodes:
             info = self.placeholders.get(node.name) if node.op == "placeholder" else None
             if info is None or info.kind != "input" or not info.local:
@@ -358,10 +359,39 @@ class _OccurrenceNamer:
             if wrapped:
                 local, path = _unwrap_argument(frame, local, path, named_params, varargs)
             name = join(self.frame_scope, _input_name(local, path, varargs, varkw))
-            if frame.is_resume and (local not in arguments or name in self.counters.inputs):
+            if frame.is_resume and (local not in arguments or (name in self.counters.inputs and local in assigned)):
+                # Named by an earlier graph of the forward, and the forward may have assigned
+                # the local since. A parameter the forward never assigns is the argument in every
+                # graph of it, so each graph names (and patches) its own uses.
                 continue
             self.counters.inputs.add(name)
             self._add(name, node, None, (0, 0), "input")
+        self._name_caller_arguments()
+
+    def _name_caller_arguments(self) -> None:
+        """A module forward compiled as its own frame holds, as its inputs, values its caller
+        received as arguments (capture._link_caller_arguments): without the break the caller's
+        graph would name them (the model's ``x``), so this frame names them too, before its own
+        input names (the caller's patch applies first, as in the caller's graph)."""
+        frame = self.capture.frame
+        caller = frame.caller_module
+        if caller is None or frame.is_resume:
+            return
+        for end in range(len(self.prefix) - 1, -1, -1):
+            if module_at(self.root, self.prefix[:end]) is caller:
+                break
+        else:
+            return
+        scope = format_module_path(self.root, self.prefix[:end])
+        if scope and self.counters.totals.get(scope, 1) > 1:
+            return  # which call of the caller this is, the frame does not say
+        for node in self.nodes:
+            info = self.placeholders.get(node.name) if node.op == "placeholder" else None
+            if info is None or info.kind != "input" or info.path or info.local not in frame.caller_arguments:
+                continue
+            name = join(scope, sanitize(frame.caller_arguments[info.local]))
+            self.counters.inputs.add(name)
+            self._add(name, node, None, (0, end - len(self.prefix)), "input", self.order[node.name] - 0.25)
 
     def _name_parameters(self) -> None:
         """Parameters and buffers, named in the scope of the module invocation that uses them."""
@@ -480,6 +510,23 @@ class _OccurrenceNamer:
             node = self.by_name.get(leaf_node)
             if node is not None:
                 self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output")
+
+
+def _assigned_in_forward(module: Optional[nn.Module]) -> FrozenSet[str]:
+    """Locals the module's ``forward`` assigns (all, conservatively, where it has no code)."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)) if module is not None else None
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return _EVERYTHING
+    return frozenset(assigned_locals(code))
+
+
+class _Everything(frozenset):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERYTHING: FrozenSet[str] = _Everything()
 
 
 def _child_names(module: Optional[nn.Module]) -> FrozenSet[str]:
