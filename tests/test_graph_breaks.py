@@ -518,3 +518,25 @@ def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None
             handle.remove()
     torch.testing.assert_close(patched, expected)
     torch.testing.assert_close(broken_patched, expected)
+
+
+@pytest.mark.parametrize(
+    ("probe", "install", "words"),
+    [
+        ("_probe_wrap_module", "install_rnn_tracing", "nn.RNN/GRU/LSTM"),
+        ("_probe_graph_break_log", "install_eager_fallback_log", "runs eagerly"),
+    ],
+)
+def test_frame_hooks_fallback_warns_once(monkeypatch, probe: str, install: str, words: str) -> None:
+    """A torch without the tracer hooks these rely on: not installed, one PatchBackendWarning."""
+    from patch_backend._torch_compat import frame, gates
+
+    gates.reset_warnings()
+    monkeypatch.setattr(frame, probe, lambda: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert getattr(frame, install)() is False
+        assert getattr(frame, install)() is False
+    messages = [str(w.message) for w in caught if issubclass(w.category, pb.PatchBackendWarning)]
+    assert len(messages) == 1 and words in messages[0]
+    gates.reset_warnings()
