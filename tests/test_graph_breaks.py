@@ -540,3 +540,37 @@ def test_frame_hooks_fallback_warns_once(monkeypatch, probe: str, install: str, 
     messages = [str(w.message) for w in caught if issubclass(w.category, pb.PatchBackendWarning)]
     assert len(messages) == 1 and words in messages[0]
     gates.reset_warnings()
+
+
+class _SelfNamedS(nn.Module):
+    """Case 3 with a forward whose first parameter is not called ``self``."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.breaks = breaks
+
+    def forward(s, x):  # noqa: N805 - the point of the test
+        h = x * 2
+        if s.breaks:
+            print("", end="")
+        return {"logits": s.linear(h)}
+
+
+def test_root_break_keeps_parameters_whatever_self_is_called() -> None:
+    """Case 3: after a root break the resume graph reads the parameters through the forward's
+    first parameter (here ``s``): they stay ``linear.weight``, never ``linear.input_<k>``."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    listed = []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = _SelfNamedS(breaks)
+        compiled = torch.compile(model, backend="graphpatch_eager")
+        compiled(x)
+        listed.append(pb.nodes(compiled))
+        with torch.no_grad(), pb.patch(compiled, {"linear.weight": pb.ZeroPatch()}):
+            out = compiled(x)["logits"]
+        torch.testing.assert_close(out, model.linear.bias.expand(2, 3).detach())
+    assert listed[0] == listed[1] == ["x", "mul", "linear.input", "linear.weight", "linear.bias", "linear.linear",
+                                      "linear.output", "output|logits"]

@@ -192,7 +192,14 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
     # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
     # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
     candidates = ["self", "fn"]
-    if code.co_argcount and not info.is_resume:
+    if info.is_resume:
+        # A resume function's locals keep the continued function's names: its first parameter
+        # is the module whatever it is called (``def forward(s, x)``).
+        info.original_code = _original_code(code)
+        original = info.original_code
+        if original is not None and int(getattr(original, "co_argcount", 0)) > 0:
+            candidates.insert(0, original.co_varnames[0])
+    elif code.co_argcount:
         candidates.insert(0, code.co_varnames[0])
     for local in candidates:
         value = tx.f_locals.get(local)
@@ -204,8 +211,6 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
         packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
         if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
             info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
-    if info.is_resume:
-        info.original_code = _original_code(code)
 
 
 def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
