@@ -273,7 +273,7 @@ def _named(leaves: List[Tuple[Tuple[str, ...], Any]]) -> List[ReturnLeaf]:
     return [(path, node.name if node is not None else None) for path, node in leaves]
 
 
-def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
+def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int, realize: bool = True) -> None:
     """Collects tensor leaves of a returned VariableTracker with their structural path (the fx
     node, or None for a non-tensor leaf).
 
@@ -283,6 +283,10 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
     if depth > 8:
         return
     if hasattr(vt, "realize"):
+        if not realize and callable(getattr(vt, "is_realized", None)) and not vt.is_realized():
+            # Realizing would make Dynamo guard on (or lift) a value nothing traced has used:
+            # a name is never worth changing the graph or its guards.
+            return
         vt = vt.realize()
     types = _probe_variable_types()
     if types is None:
@@ -299,24 +303,24 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
     items = getattr(vt, "items", None)
     if isinstance(items, (list, tuple)):
         for index, item in enumerate(items):
-            _walk(item, path + (f"sub_{index}",), out, depth + 1)
+            _walk(item, path + (f"sub_{index}",), out, depth + 1, realize)
         return
     if isinstance(items, dict):
-        _walk_dict(items, path, out, depth)
+        _walk_dict(items, path, out, depth, realize)
         return
     dict_vt = getattr(vt, "_base_vt", None) or getattr(vt, "dict_vt", None)
     if dict_vt is not None and isinstance(getattr(dict_vt, "items", None), dict):
-        _walk_dict(dict_vt.items, path, out, depth)
+        _walk_dict(dict_vt.items, path, out, depth, realize)
 
 
-def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: int) -> None:
+def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: int, realize: bool = True) -> None:
     for key_tracker, value in items.items():
         key_vt = getattr(key_tracker, "vt", key_tracker)
         try:
             key = key_vt.as_python_constant()
         except Exception:
             continue
-        _walk(value, path + (str(key),), out, depth + 1)
+        _walk(value, path + (str(key),), out, depth + 1, realize)
 
 
 # -- module results, read as inlined module calls return -------------------------------------
@@ -401,7 +405,7 @@ def _record_return(tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any) -> 
     """Keeps (stack, leaves with fx nodes, the graph's last node) on the OutputGraph; nodes, not
     names, because Dynamo renames nodes later (current_frame_info reads the final names)."""
     leaves: List[Tuple[Tuple[str, ...], Any]] = []
-    _walk(result, (), leaves, depth=0)
+    _walk(result, (), leaves, depth=0, realize=False)
     output = tx.output
     last = None
     for node in reversed(output.graph.nodes):
@@ -606,6 +610,14 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
         if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
             continue
         code = frame.f_code
+        name = code.co_name
+        while name.startswith("torch_dynamo_resume_in_"):
+            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
+        if name != "forward":
+            # Not a module's forward: stop before touching ``f_locals``, which on a running
+            # frame snapshots its locals into a dict that lives as long as the frame (a
+            # caller's ``del model`` would no longer free the model).
+            return None
         f_locals = frame.f_locals
         first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         caller = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
@@ -619,9 +631,6 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
             return None
         # The forward itself (Dynamo's rewrite keeps its name), or a graph-break resume
         # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
-        name = code.co_name
-        while name.startswith("torch_dynamo_resume_in_"):
-            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
         if name != forward_code.co_name:
             return None
         return CallerFrame(caller, dict(f_locals), forward_code)
