@@ -363,7 +363,9 @@ def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
     def record_nn_module_stack(module_key: str, source: Any, tx: Any, mod: Any) -> Iterator[None]:
         with original(module_key, source, tx, mod):
             slots = _call_slots()
-            if slots and slots[-1][0] is None:
+            # Only the push of this very call's module fills its slot (an explicit
+            # ``self.sub.forward(x)`` inside it pushes too, without a call of its own).
+            if slots and slots[-1][0] is None and slots[-1][1] in (None, id(mod)):
                 try:
                     slots[-1][0] = tuple(
                         (key, value[0] if isinstance(value, tuple) else str(value))
@@ -380,7 +382,8 @@ def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
 def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
     def call_function(self: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         slots = _call_slots()
-        slots.append([None])
+        module = getattr(self, "value", None)
+        slots.append([None, id(module) if isinstance(module, torch.nn.Module) else None])
         try:
             result = original(self, tx, args, kwargs)
         finally:
