@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from .backend import graphpatch, graphpatch_eager
-from .capture.index import index_for
+from .capture.index import index_for, no_graph_error
 from .roots import resolve_root
 from .cache import load_cache, save_cache
 from .causal import CausalTrace, causal_trace, plot_grid
@@ -81,8 +81,5 @@ def nodes(model: Any, pattern: Optional[str] = None) -> List[str]:
     root = resolve_root(model)
     index = index_for(root)
     if not index.names:
-        raise RuntimeError(
-            f"no graph of {type(root).__name__} has been captured yet: call the model compiled with "
-            "backend='graphpatch' (or 'graphpatch_eager') once, or wrap it in PatchableGraph(model, *example_args)"
-        )
+        raise no_graph_error(root, f"no graph of {type(root).__name__} has been captured yet")
     return index.match(pattern)

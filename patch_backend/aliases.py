@@ -121,7 +121,7 @@ def _block_rules(layer: str, attn: str, mlp: str, q: str, k: str, v: str, z: str
         Rule("attn.hook_v", v, view="v"),
         Rule("attn.hook_pattern", f"{attn}.softmax", requires="eager_attention"),
         Rule("attn.hook_z", z, view="z"),
-        Rule("hook_attn_out", f"{attn}.output"),
+        Rule("hook_attn_out", f"{attn}.output|sub_0"),  # attention returns (output, weights)
         Rule("hook_resid_mid", f"{layer}.add", requires="sequential_residual"),
         Rule("hook_mlp_out", f"{mlp}.output"),
         Rule("hook_resid_post", f"{layer}.output"),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._torch_compat.symbolic import size_hint
-from .capture.index import NamedSite, RootIndex, index_for
+from .capture.index import NamedSite, RootIndex, index_for, no_graph_error
 from .capture.protected import KEY, SCOPE, VALUE, ProtectedNames, protected_name, split_name
 from .capture.naming import sanitize
 from .context import patch
@@ -392,11 +392,7 @@ class PatchableGraph(nn.Module):
                 f"inputs ({type(error).__name__}: {error})"
             ) from error
         if not index_for(module).names:
-            raise RuntimeError(
-                f"PatchableGraph captured no graph for {type(module).__name__}: Dynamo ran its forward without "
-                "compiling any part of it (it gives up on a whole forward it cannot trace or resume, e.g. one "
-                "calling nn.LSTM; TORCH_LOGS=graph_breaks says why), so no node can be named or patched"
-            )
+            raise no_graph_error(module, f"PatchableGraph captured no graph for {type(module).__name__}", called=True)
         self._types = structure_types(output)
         self._tree: Optional[Tuple[List[str], int, NodePath]] = None
 

@@ -201,7 +201,7 @@ def replace_case(s: Sizes, ops: AttentionOps, row: torch.Tensor, head_row: torch
     columns = (slice(None), -1, slice(head * s.head_dim, (head + 1) * s.head_dim))
     return Case(
         {
-            f"transformer.h_{layer}.attn.output": ReplacePatch(value=row, slice=(slice(None), position)),
+            f"transformer.h_{layer}.attn.output|sub_0": ReplacePatch(value=row, slice=(slice(None), position)),
             f"transformer.h_{head_layer}.attn.{ops.heads}": ReplacePatch(value=head_row, slice=(slice(None), head, -1)),
         },
         [

@@ -316,7 +316,8 @@ output""")
 
 
 class WithLSTM(nn.Module):
-    """Dynamo gives up on this whole forward (it does not trace nn.LSTM) and runs it eagerly."""
+    """Dynamo gives up on a forward calling nn.LSTM unless ``allow_rnn`` is set; under this
+    package's backends it is set for the trace (``_torch_compat.frame.install_rnn_tracing``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -330,19 +331,71 @@ class WithLSTM(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
-def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
-    """Case 5: no graph at all, so nothing can be patched: the context says so at exit (before,
-    the patch was accepted and changed nothing), and PatchableGraph refuses with the reason."""
-    x = torch.randn(2, 5, 3)
-    compiled = torch.compile(WithLSTM(), backend=backend)
+def test_model_around_an_lstm_is_named_and_patchable(backend: str) -> None:
+    """Case 5: a model around nn.LSTM has its names (the LSTM's boundary included) and patches
+    there equal forward hooks; before, the whole forward ran eagerly and nothing was named."""
+    torch.manual_seed(0)
+    model, x = WithLSTM(), torch.randn(2, 5, 3)
+    compiled = torch.compile(model, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled(x)
-        with pytest.raises(pb.PatchNotAppliedError, match=r"'emb.output' \(ZeroPatch\).*outside its compiled graphs"):
-            with pb.patch(compiled, {"emb.output": pb.ZeroPatch()}):
+        names = pb.nodes(compiled)
+        assert {"x", "emb.output", "lstm.input", "lstm.weight_ih_l0", "lstm.output|sub_0", "head.output", "output"} <= set(names)
+        with torch.no_grad(), pb.patch(compiled, {"emb.output": pb.AddPatch(value=1.0), "lstm.output|sub_0": pb.ZeroPatch(slice=(0,))}):
+            patched = compiled(x)
+
+    def emb_hook(module: nn.Module, args, output):
+        return output + 1.0
+
+    def lstm_hook(module: nn.Module, args, output):
+        sequence, state = output
+        sequence = sequence.clone()
+        sequence[0] = 0
+        return sequence, state
+
+    handles = [model.emb.register_forward_hook(emb_hook), model.lstm.register_forward_hook(lstm_hook)]
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(patched, expected)
+    # Other backends keep Dynamo's own setting: the forward still runs eagerly there.
+    assert torch._dynamo.config.allow_rnn is False
+
+
+class LoopBreak(nn.Module):
+    """A graph break inside a loop: Dynamo skips the rest of the forward and runs it eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(3, 3) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            print("", end="")  # a graph break Dynamo cannot resume inside a loop
+        return x * 2
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
+    """A forward Dynamo gives up on (a graph break inside a loop) runs eagerly with no graph at
+    all: nothing is named, and every way in says why, never silently ignoring a patch."""
+    x = torch.randn(2, 3)
+    compiled = torch.compile(LoopBreak(), backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        with pytest.raises(RuntimeError, match=r"Dynamo ran LoopBreak.forward eagerly \(graph break in loop\)"):
+            pb.nodes(compiled)
+        with pytest.raises(pb.PatchNotAppliedError, match=r"'layers_0.output' \(ZeroPatch\)"):
+            with pb.patch(compiled, {"layers_0.output": pb.ZeroPatch()}):
                 compiled(x)
-        with pytest.raises(RuntimeError, match="captured no graph for WithLSTM.*nn.LSTM"):
-            pb.PatchableGraph(WithLSTM(), x, _backend=backend)
+        with pytest.raises(RuntimeError, match="PatchableGraph captured no graph for LoopBreak: Dynamo ran LoopBreak.forward eagerly"):
+            pb.PatchableGraph(LoopBreak(), x, _backend=backend)
 
 
 def test_op_named_like_a_child_module() -> None:
@@ -368,3 +421,156 @@ def test_op_named_like_a_child_module() -> None:
     with pg.patch({"linear_1": pb.ZeroPatch()}):
         out = pg(x)
     torch.testing.assert_close(out, model.linear(torch.zeros(2, 3)))
+
+
+class _BreakingMlp(nn.Module):
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 4)
+        self.down = nn.Linear(4, 4)
+        self.breaks = breaks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return self.down(h)
+
+
+class InputOnlyInSubmodule(nn.Module):
+    """``x`` is used only by ``mlp``, whose forward breaks: no root graph holds ``x``."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) * 2
+
+
+class InputInSubmoduleAndAfter(nn.Module):
+    """``x`` is used by ``mlp`` (its own frame) and by the root after it (a resume graph)."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) * x
+
+
+class InputAcrossRootBreak(nn.Module):
+    """``x`` is used before a root break, inside ``mlp`` (own frame) and after both."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.mlp = _BreakingMlp(breaks)
+        self.breaks = breaks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return self.mlp(x) * x + h
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("model_class", [InputOnlyInSubmodule, InputInSubmoduleAndAfter, InputAcrossRootBreak])
+def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None:
+    """Gap 2 of issue 9: a root input that only a submodule's own frame (after a break) holds is
+    still the root's ``x``, and a patch on it reaches every use, as without the break and as a
+    forward pre-hook on the model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    results = []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = model_class(breaks)
+        if results:
+            model.load_state_dict(results[0][0].state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            names = pb.nodes(compiled)
+            with torch.no_grad(), pb.patch(compiled, {"x": pb.AddPatch(value=1.0), "mlp.x": pb.ZeroPatch(slice=(0,))}):
+                patched = compiled(x)
+        results.append((model, names, patched))
+    (model, names, patched), (_, broken_names, broken_patched) = results
+    assert "x" in broken_names and "mlp.x" in broken_names
+    assert broken_names == names
+
+    def pre_hook(module: nn.Module, args):
+        return (args[0] + 1.0,)
+
+    def mlp_pre_hook(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[0] = 0
+        return (zeroed,)
+
+    handles = [model.register_forward_pre_hook(pre_hook), model.mlp.register_forward_pre_hook(mlp_pre_hook)]
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(broken_patched, expected)
+
+
+@pytest.mark.parametrize(
+    ("probe", "install", "words"),
+    [
+        ("_probe_wrap_module", "install_rnn_tracing", "nn.RNN/GRU/LSTM"),
+        ("_probe_graph_break_log", "install_eager_fallback_log", "runs eagerly"),
+    ],
+)
+def test_frame_hooks_fallback_warns_once(monkeypatch, probe: str, install: str, words: str) -> None:
+    """A torch without the tracer hooks these rely on: not installed, one PatchBackendWarning."""
+    from patch_backend._torch_compat import frame, gates
+
+    gates.reset_warnings()
+    monkeypatch.setattr(frame, probe, lambda: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert getattr(frame, install)() is False
+        assert getattr(frame, install)() is False
+    messages = [str(w.message) for w in caught if issubclass(w.category, pb.PatchBackendWarning)]
+    assert len(messages) == 1 and words in messages[0]
+    gates.reset_warnings()
+
+
+class _SelfNamedS(nn.Module):
+    """Case 3 with a forward whose first parameter is not called ``self``."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.breaks = breaks
+
+    def forward(s, x):  # noqa: N805 - the point of the test
+        h = x * 2
+        if s.breaks:
+            print("", end="")
+        return {"logits": s.linear(h)}
+
+
+def test_root_break_keeps_parameters_whatever_self_is_called() -> None:
+    """Case 3: after a root break the resume graph reads the parameters through the forward's
+    first parameter (here ``s``): they stay ``linear.weight``, never ``linear.input_<k>``."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    listed = []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = _SelfNamedS(breaks)
+        compiled = torch.compile(model, backend="graphpatch_eager")
+        compiled(x)
+        listed.append(pb.nodes(compiled))
+        with torch.no_grad(), pb.patch(compiled, {"linear.weight": pb.ZeroPatch()}):
+            out = compiled(x)["logits"]
+        torch.testing.assert_close(out, model.linear.bias.expand(2, 3).detach())
+    assert listed[0] == listed[1] == ["x", "mul", "linear.input", "linear.weight", "linear.bias", "linear.linear",
+                                      "linear.output", "output|logits"]

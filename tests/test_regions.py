@@ -174,7 +174,7 @@ def test_patched_block_compiles_once_and_is_reused_across_layers(monkeypatch):
         assert len(compile_fn.graphs) == 3  # prefix, one block, suffix
         for layer in (1, 3):
             patches = {f"transformer.h_{layer}.mlp.act.mul_1": AddPatch(value=0.5),
-                       f"transformer.h_{layer}.attn.output": ZeroPatch()}
+                       f"transformer.h_{layer}.attn.output|sub_0": ZeroPatch()}
             with pb.patch(compiled, patches):
                 got = compiled(ids).logits
             with pb.patch(eager, patches):

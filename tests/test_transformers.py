@@ -97,7 +97,7 @@ def module_output_cases(kind):
     delta, row, logit_bias, block_delta = value(HIDDEN), value(HIDDEN), value(VOCAB), value(HIDDEN)
     cases = [
         (mlp.format(0) + ".output", AddPatch(value=delta), paths["mlp"].format(0), _on_output(lambda t: t + delta)),
-        (attn.format(1) + ".output", ReplacePatch(value=row, slice=(slice(None), 3)), paths["attn"].format(1),
+        (attn.format(1) + ".output|sub_0", ReplacePatch(value=row, slice=(slice(None), 3)), paths["attn"].format(1),
          _on_output(_set((slice(None), 3), row))),
         (paths["act_name"].format(0) + ".output", ZeroPatch(slice=(slice(None), slice(2, 5))), paths["act"].format(0),
          _on_output(_set((slice(None), slice(2, 5)), 0.0))),
@@ -462,7 +462,7 @@ transformer.h_0.attn.c_proj.output (1, 8, 64)
 transformer.h_0.attn.resid_dropout.input (1, 8, 64)
 transformer.h_0.attn.resid_dropout.dropout (1, 8, 64)
 transformer.h_0.attn.resid_dropout.output (1, 8, 64)
-transformer.h_0.attn.output (1, 8, 64)
+transformer.h_0.attn.output|sub_0 (1, 8, 64)
 transformer.h_0.add (1, 8, 64)
 transformer.h_0.ln_2.input (1, 8, 64)
 transformer.h_0.ln_2.weight (64,)

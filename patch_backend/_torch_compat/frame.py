@@ -15,11 +15,16 @@ says so once with a ``PatchBackendWarning`` (gates.fallback), never failing or r
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import inspect
 import logging
+import os
+import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type
 
 import torch
 
@@ -39,6 +44,30 @@ _RETURN_FALLBACK = (
 )
 _NO_RESULT = "the frame's result gets no 'output' names"
 _FLAT_RESULT = "a returned structure is named output|sub_<k> instead of after its keys"
+
+
+#: A leaf of a returned structure: its path (``("sub_1", "sub_0")``, ``("logits",)``) and the fx
+#: node holding it, or None for a non-tensor leaf (a number, None, a size).
+ReturnLeaf = Tuple[Tuple[str, ...], Optional[str]]
+
+
+@dataclass(frozen=True)
+class ModuleReturn:
+    """What one module call inlined into the traced frame returned, in return order.
+
+    Dynamo inlines a module's call into its caller's graph and keeps only the ops, so which
+    values the module *returned*, in which order, and which of them it passed through unchanged
+    (an input, or a value computed before the call) is lost by the time the graph reaches the
+    backend. The tracer knows it when the inlined call returns; this is read there.
+    """
+
+    #: The call's module stack, outermost first, as ``nn_module_stack`` spells it on the ops
+    #: inside the call: (key, path text) pairs, the last being the called module.
+    stack: Tuple[Tuple[str, str], ...]
+    leaves: Tuple[ReturnLeaf, ...]
+    #: Name of the graph's last node when the call returned ("" if the graph was empty): uses
+    #: after it see the returned values, uses before it cannot.
+    last_node: str
 
 
 @dataclass
@@ -69,6 +98,18 @@ class FrameInfo:
     #: Where the module sits inside ``self_local``: ``("0",)`` when a ``wrapper(*args, **kwargs)``
     #: decorator (transformers' ``deprecate_kwarg``) receives it as ``args[0]``.
     self_prefix: Tuple[str, ...] = ()
+    #: The module calls Dynamo inlined into this graph, in the order they returned (empty when the
+    #: tracer could not be read: module results are then named in graph order).
+    module_returns: List[ModuleReturn] = field(default_factory=list)
+    #: For a module's forward compiled as its own frame (its caller's graph broke at the call):
+    #: the calling module's forward, and which of the frame's inputs are that forward's own
+    #: arguments, unchanged (frame local → caller's parameter name). Set by capture_graph.
+    caller_module_ref: Optional["weakref.ref[torch.nn.Module]"] = field(default=None, repr=False)
+    caller_arguments: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def caller_module(self) -> Optional[torch.nn.Module]:
+        return self.caller_module_ref() if self.caller_module_ref is not None else None
 
     @property
     def self_module(self) -> Optional[torch.nn.Module]:
@@ -122,6 +163,10 @@ def current_frame_info() -> FrameInfo:
     except Exception as error:
         fallback("frame", _FRAME_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
         return FrameInfo()
+    info.module_returns = [
+        ModuleReturn(stack, tuple(_named(leaves)), getattr(last, "name", ""))
+        for stack, leaves, last in getattr(tx.output, _RETURNS_ATTRIBUTE, ())
+    ]
     reason = _probe_return_reason(tx)
     if reason is None:
         fallback("frame_return", _RETURN_FALLBACK.format(reason="no compile_subgraph_reason on the tracer", effect=_NO_RESULT))
@@ -130,6 +175,7 @@ def current_frame_info() -> FrameInfo:
         info.returns = reason == "return_value"
         if info.returns and tx.stack:
             _walk(tx.stack[-1], (), info.return_leaves, depth=0)
+            info.return_leaves = _named(info.return_leaves)
     except Exception as error:
         info.return_leaves = []
         fallback("frame_return", _RETURN_FALLBACK.format(reason=f"{type(error).__name__}: {error}", effect=_FLAT_RESULT))
@@ -146,7 +192,14 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
     # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
     # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
     candidates = ["self", "fn"]
-    if code.co_argcount and not info.is_resume:
+    if info.is_resume:
+        # A resume function's locals keep the continued function's names: its first parameter
+        # is the module whatever it is called (``def forward(s, x)``).
+        info.original_code = _original_code(code)
+        original = info.original_code
+        if original is not None and int(getattr(original, "co_argcount", 0)) > 0:
+            candidates.insert(0, original.co_varnames[0])
+    elif code.co_argcount:
         candidates.insert(0, code.co_varnames[0])
     for local in candidates:
         value = tx.f_locals.get(local)
@@ -158,8 +211,6 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
         packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
         if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
             info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
-    if info.is_resume:
-        info.original_code = _original_code(code)
 
 
 def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
@@ -216,8 +267,15 @@ def _probe_variable_types() -> Optional[Tuple[Type["TensorVariable"], Tuple[type
     return TensorVariable, (ConstantVariable, SymNodeVariable)
 
 
-def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
-    """Collects tensor leaves of a returned VariableTracker with their structural path.
+def _named(leaves: List[Tuple[Tuple[str, ...], Any]]) -> List[ReturnLeaf]:
+    """_walk's leaves with fx node names. Names are read at backend time, not while tracing:
+    Dynamo renames a node after the local it is stored to (``logits = self.gate(x)``)."""
+    return [(path, node.name if node is not None else None) for path, node in leaves]
+
+
+def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int, realize: bool = True) -> None:
+    """Collects tensor leaves of a returned VariableTracker with their structural path (the fx
+    node, or None for a non-tensor leaf).
 
     Raises where the tracker no longer looks as expected; current_frame_info turns that into
     the ``output|sub_<k>`` fallback with a warning.
@@ -225,13 +283,17 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
     if depth > 8:
         return
     if hasattr(vt, "realize"):
+        if not realize and callable(getattr(vt, "is_realized", None)) and not vt.is_realized():
+            # Realizing would make Dynamo guard on (or lift) a value nothing traced has used:
+            # a name is never worth changing the graph or its guards.
+            return
         vt = vt.realize()
     types = _probe_variable_types()
     if types is None:
         raise LookupError("torch._dynamo.variables lacks TensorVariable/ConstantVariable/SymNodeVariable")
     tensor_type, value_types = types
     if isinstance(vt, tensor_type):
-        out.append((path, vt.as_proxy().node.name))
+        out.append((path, vt.as_proxy().node))
         return
     if isinstance(vt, value_types):
         # A number, None or size in the result: no tensor to patch. Recorded (node None) so a
@@ -241,24 +303,368 @@ def _walk(vt: Any, path: Tuple[str, ...], out: list, depth: int) -> None:
     items = getattr(vt, "items", None)
     if isinstance(items, (list, tuple)):
         for index, item in enumerate(items):
-            _walk(item, path + (f"sub_{index}",), out, depth + 1)
+            _walk(item, path + (f"sub_{index}",), out, depth + 1, realize)
         return
     if isinstance(items, dict):
-        _walk_dict(items, path, out, depth)
+        _walk_dict(items, path, out, depth, realize)
         return
     dict_vt = getattr(vt, "_base_vt", None) or getattr(vt, "dict_vt", None)
     if dict_vt is not None and isinstance(getattr(dict_vt, "items", None), dict):
-        _walk_dict(dict_vt.items, path, out, depth)
+        _walk_dict(dict_vt.items, path, out, depth, realize)
 
 
-def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: int) -> None:
+def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: int, realize: bool = True) -> None:
     for key_tracker, value in items.items():
         key_vt = getattr(key_tracker, "vt", key_tracker)
         try:
             key = key_vt.as_python_constant()
         except Exception:
             continue
-        _walk(value, path + (str(key),), out, depth + 1)
+        _walk(value, path + (str(key),), out, depth + 1, realize)
+
+
+# -- module results, read as inlined module calls return -------------------------------------
+
+#: Attribute set on Dynamo's OutputGraph (one per tracing attempt, shared by the frame's inlining
+#: tracers) holding its ModuleReturn records: a restarted trace starts from a fresh OutputGraph,
+#: so records of an abandoned attempt never reach the backend.
+_RETURNS_ATTRIBUTE = "_patch_backend_module_returns"
+_RETURNS_FALLBACK = (
+    "cannot read what inlined module calls return ({reason}); a module's several results are "
+    "named output|sub_<k> in graph order, and a result it passes through unchanged has no name"
+)
+#: Per thread: one slot per module call being traced, innermost last; the slot receives the
+#: call's module stack when Dynamo pushes it (record_nn_module_stack).
+_calls = threading.local()
+
+
+def _call_slots() -> List[List[Any]]:
+    slots = getattr(_calls, "slots", None)
+    if slots is None:
+        slots = _calls.slots = []
+    return slots
+
+
+def _probe_module_call_sites() -> Optional[Tuple[Any, List[type]]]:
+    """(Dynamo's nn_module variables module, the tracker classes whose ``call_function`` calls a
+    module), or None where either is gone."""
+    try:
+        from torch._dynamo.variables import nn_module
+    except ImportError:
+        return None
+    classes = [getattr(nn_module, name, None) for name in ("NNModuleVariable", "UnspecializedNNModuleVariable")]
+    if not callable(getattr(nn_module, "record_nn_module_stack", None)) or not all(classes):
+        return None
+    return nn_module, [cls for cls in classes if cls is not None]
+
+
+def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def record_nn_module_stack(module_key: str, source: Any, tx: Any, mod: Any) -> Iterator[None]:
+        with original(module_key, source, tx, mod):
+            slots = _call_slots()
+            # Only the push of this very call's module fills its slot (an explicit
+            # ``self.sub.forward(x)`` inside it pushes too, without a call of its own).
+            if slots and slots[-1][0] is None and slots[-1][1] in (None, id(mod)):
+                try:
+                    slots[-1][0] = tuple(
+                        (key, value[0] if isinstance(value, tuple) else str(value))
+                        for key, value in tx.nn_module_stack.items()
+                    )
+                except Exception as error:  # never break a trace for a name
+                    fallback("module_returns", _RETURNS_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
+            yield
+
+    record_nn_module_stack.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    return record_nn_module_stack
+
+
+def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_function(self: Any, tx: Any, args: Any, kwargs: Any) -> Any:
+        slots = _call_slots()
+        module = getattr(self, "value", None)
+        slots.append([None, id(module) if isinstance(module, torch.nn.Module) else None])
+        try:
+            result = original(self, tx, args, kwargs)
+        finally:
+            stack = slots.pop()[0]
+        if stack is not None:
+            try:
+                _record_return(tx, stack, result)
+            except Exception as error:  # never break a trace for a name
+                # Reading the result's structure is the frame result's reader too (_walk): one
+                # cause, one warning (gate "frame_return").
+                fallback("frame_return", _RETURN_FALLBACK.format(
+                    reason=f"{type(error).__name__}: {error}",
+                    effect=_FLAT_RESULT + "; a module's several results in graph order, a passed-through one unnamed",
+                ))
+        return result
+
+    call_function.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    return call_function
+
+
+def _record_return(tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any) -> None:
+    """Keeps (stack, leaves with fx nodes, the graph's last node) on the OutputGraph; nodes, not
+    names, because Dynamo renames nodes later (current_frame_info reads the final names)."""
+    leaves: List[Tuple[Tuple[str, ...], Any]] = []
+    _walk(result, (), leaves, depth=0, realize=False)
+    output = tx.output
+    last = None
+    for node in reversed(output.graph.nodes):
+        last = node
+        break
+    records = getattr(output, _RETURNS_ATTRIBUTE, None)
+    if records is None:
+        records = []
+        setattr(output, _RETURNS_ATTRIBUTE, records)
+    records.append((stack, leaves, last))
+
+
+def install_return_recorder() -> bool:
+    """Wraps Dynamo's module-call tracing so each inlined module call's result is recorded
+    (ModuleReturn). Idempotent; the wrappers only read and never change what Dynamo traces.
+    Returns False (after warning once) where this torch lacks the hooks."""
+    probed = _probe_module_call_sites()
+    if probed is None:
+        fallback("module_returns", _RETURNS_FALLBACK.format(reason="torch._dynamo.variables.nn_module changed"))
+        return False
+    module, classes = probed
+    if not getattr(module.record_nn_module_stack, "__wrapped_by_patch_backend__", False):
+        module.record_nn_module_stack = _recording_stack(module.record_nn_module_stack)
+    for cls in classes:
+        original = cls.__dict__.get("call_function")
+        if original is not None and not getattr(original, "__wrapped_by_patch_backend__", False):
+            setattr(cls, "call_function", _recording_call(original))
+    return True
+
+
+# -- recurrent modules under this package's backends ------------------------------------------
+
+_RNN_FALLBACK = (
+    "cannot let Dynamo trace nn.RNN/GRU/LSTM for this package's backends ({reason}); Dynamo runs "
+    "a forward calling one eagerly, so its modules have no names (a patch there raises "
+    "PatchNotAppliedError when its context exits)"
+)
+#: Module prefix of the functions this package registers as Dynamo backends.
+_BACKEND_MODULE = __name__.split(".")[0] + "."
+
+
+def _probe_wrap_module() -> Optional[Tuple[type, Any]]:
+    """(Dynamo's VariableBuilder, its config module) where ``wrap_module`` and ``allow_rnn`` exist."""
+    try:
+        from torch._dynamo import config
+        from torch._dynamo.variables.builder import VariableBuilder
+    except ImportError:
+        return None
+    if not callable(getattr(VariableBuilder, "wrap_module", None)) or not hasattr(config, "allow_rnn"):
+        return None
+    return VariableBuilder, config
+
+
+def _compiling_for_this_package(tx: Any) -> bool:
+    """Whether the frame being traced is compiled for ``graphpatch``/``graphpatch_eager`` (the
+    backend Dynamo calls is a wrapper chain around ours)."""
+    backend = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    for _ in range(8):
+        if backend is None:
+            return False
+        if str(getattr(backend, "__module__", "") or "").startswith(_BACKEND_MODULE):
+            return True
+        backend = (
+            getattr(backend, "compiler_fn", None)
+            or getattr(backend, "func", None)
+            or getattr(backend, "_torchdynamo_orig_backend", None)
+            or getattr(backend, "__wrapped__", None)
+        )
+    return False
+
+
+def install_rnn_tracing() -> bool:
+    """Lets Dynamo trace ``nn.RNN``/``GRU``/``LSTM`` (``torch._dynamo.config.allow_rnn``) in frames
+    compiled for this package's backends only. Without it Dynamo gives up on the whole forward
+    that calls one and runs it eagerly, so no module of the model is named or patchable; traced,
+    the recurrent module is one op (``lstm.output|sub_0``) and everything around it keeps its
+    names. Other backends and other compiles see Dynamo's own setting."""
+    probed = _probe_wrap_module()
+    if probed is None:
+        fallback("rnn", _RNN_FALLBACK.format(reason="VariableBuilder.wrap_module or config.allow_rnn is gone"))
+        return False
+    builder, config = probed
+    original = builder.__dict__.get("wrap_module")
+    if original is None or getattr(original, "__wrapped_by_patch_backend__", False):
+        return original is not None
+
+    def wrap_module(self: Any, value: Any) -> Any:
+        if (
+            isinstance(value, (torch.nn.RNNBase,))
+            and not config.allow_rnn
+            and _compiling_for_this_package(getattr(self, "tx", None))
+        ):
+            with config.patch(allow_rnn=True):
+                return original(self, value)
+        return original(self, value)
+
+    wrap_module.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(builder, "wrap_module", wrap_module)
+    return True
+
+
+# -- forwards Dynamo runs eagerly ---------------------------------------------------------------
+
+#: Modules whose forward Dynamo gave up on ("falling back to eager"), with Dynamo's reason.
+_eager_forwards: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+#: The same by forward code: Dynamo skips the code for every later instance without tracing it.
+_eager_codes: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_eager_lock = threading.Lock()
+
+
+def _probe_graph_break_log() -> Optional[type]:
+    """The tracer class whose ``log_graph_break`` reports why a frame is skipped, if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+    except ImportError:
+        return None
+    for cls in InstructionTranslatorBase.__mro__:
+        if callable(cls.__dict__.get("log_graph_break")):
+            return cls
+    return None
+
+
+def _reason_line(exc: Any) -> str:
+    """Dynamo's short name for the graph break (``gb_type``), else its message's first line."""
+    kind = getattr(exc, "gb_type", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def install_eager_fallback_log() -> bool:
+    """Records which modules' forwards Dynamo runs eagerly, and why, so that a model with no
+    graph gets an error saying so (eager_fallback_reason) rather than "call it once"."""
+    cls = _probe_graph_break_log()
+    if cls is None:
+        fallback("eager_log", "cannot tell which forwards Dynamo runs eagerly; a model with no graph is "
+                 "reported as not called yet")
+        return False
+    original = cls.__dict__["log_graph_break"]
+    if getattr(original, "__wrapped_by_patch_backend__", False):
+        return True
+
+    def log_graph_break(self: Any, code_options: Any, reason: str, exc: Any) -> Any:
+        try:
+            if "falling back to eager" in reason:
+                f_locals = getattr(self, "f_locals", {}) or {}
+                code = getattr(self, "f_code", None)
+                first = f_locals.get(code.co_varnames[0]) if code is not None and code.co_argcount else None
+                module = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
+                if isinstance(module, torch.nn.Module):
+                    with _eager_lock:
+                        _eager_forwards[module] = _reason_line(exc)
+                        if code is not None:
+                            _eager_codes[code] = _reason_line(exc)
+        except Exception as error:  # never break a trace for a message
+            logger.debug("eager fallback not recorded: %r", error)
+        return original(self, code_options, reason, exc)
+
+    log_graph_break.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(cls, "log_graph_break", log_graph_break)
+    return True
+
+
+def eager_fallback_reason(module: torch.nn.Module) -> Optional[str]:
+    """Dynamo's reason for running ``module``'s forward eagerly, if it did."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    with _eager_lock:
+        reason = _eager_forwards.get(module)
+        return reason if reason is not None or code is None else _eager_codes.get(code)
+
+
+# -- the Python caller of a module frame ------------------------------------------------------
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class CallerFrame:
+    """The module forward (or its graph-break resume function) that called a module whose
+    forward Dynamo is compiling as its own frame."""
+
+    module: torch.nn.Module
+    #: The caller's locals right now (the frame is suspended in the call).
+    locals: Dict[str, Any]
+    #: The caller module's own ``forward`` code (not Dynamo's rewrite of it).
+    forward_code: Any
+
+
+def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFrame]:
+    """The nearest Python frame outside torch and this package that runs the forward of a
+    module containing ``module`` (the call being compiled), or None. Only plain Python frame
+    introspection; called from the backend, while the caller is suspended in the call."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        filename = frame.f_code.co_filename
+        if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
+            continue
+        code = frame.f_code
+        name = code.co_name
+        while name.startswith("torch_dynamo_resume_in_"):
+            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
+        if name != "forward":
+            # Not a module's forward: stop before touching ``f_locals``, which on a running
+            # frame snapshots its locals into a dict that lives as long as the frame (a
+            # caller's ``del model`` would no longer free the model).
+            return None
+        f_locals = frame.f_locals
+        first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        caller = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
+        if not isinstance(caller, torch.nn.Module) or caller is module:
+            return None
+        if not any(child is module for child in caller.modules()):
+            return None
+        forward = inspect.unwrap(getattr(type(caller), "forward", None) or (lambda: None))
+        forward_code = getattr(forward, "__code__", None)
+        if forward_code is None:
+            return None
+        # The forward itself (Dynamo's rewrite keeps its name), or a graph-break resume
+        # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
+        if name != forward_code.co_name:
+            return None
+        return CallerFrame(caller, dict(f_locals), forward_code)
+    return None
+
+
+_stores_cache: "weakref.WeakKeyDictionary[Any, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def assigned_locals(code: Any) -> frozenset:
+    """Local names a function's code assigns or deletes (a parameter not among them holds the
+    argument everywhere in the function)."""
+    try:
+        return _stores_cache[code]
+    except (KeyError, TypeError):
+        pass
+    stores = frozenset(
+        str(instruction.argval)
+        for instruction in dis.get_instructions(code)
+        if instruction.opname in ("STORE_FAST", "STORE_DEREF", "DELETE_FAST", "DELETE_DEREF", "STORE_NAME",
+                                  "STORE_FAST_STORE_FAST", "STORE_FAST_LOAD_FAST")
+    )
+    # Python 3.13 packs two stores in one instruction; its argval is a pair.
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "STORE_FAST_STORE_FAST" and isinstance(instruction.argval, tuple):
+            stores |= frozenset(str(name) for name in instruction.argval)
+    try:
+        _stores_cache[code] = stores
+    except TypeError:
+        pass
+    return stores
 
 
 def dynamo_wraps_top_frame() -> bool:
@@ -268,3 +674,7 @@ def dynamo_wraps_top_frame() -> bool:
     what the flag's default (False) keeps."""
     return bool(getattr(torch._dynamo.config, "wrap_top_frame", False))
 
+
+install_return_recorder()
+install_rnn_tracing()
+install_eager_fallback_log()

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.frame import FrameInfo
+from .._torch_compat.frame import FrameInfo, assigned_locals, find_caller
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -193,6 +193,7 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
             and isinstance(example_inputs[index], torch.Tensor)
         ):
             anchor_index, anchor_path = index, path
+    _link_caller_arguments(frame, placeholders, example_inputs)
     capture = GraphCapture(
         gm=gm,
         frame=frame,
@@ -212,6 +213,38 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         sum(p.kind == "param" for p in placeholders), capture.dynamic,
     )
     return capture
+
+
+def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], example_inputs: Sequence[object]) -> None:
+    """For a module forward compiled as its own frame (the caller's graph broke at the call):
+    which frame inputs are, unchanged, the calling forward's own arguments. Without the break
+    those are the caller's inputs (the model's ``x``), named where the caller's graph used them;
+    here only this frame holds them, so it carries the caller's names too (naming.py).
+
+    A caller parameter counts only if the caller's forward never assigns it, so it holds the
+    argument wherever the call is, and only if it holds this very tensor at the call."""
+    module = frame.self_module
+    if module is None or frame.is_resume:
+        return
+    caller = find_caller(module)
+    if caller is None:
+        return
+    code = caller.forward_code
+    parameters = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
+    assigned = assigned_locals(code)
+    candidates = [name for name in parameters if name not in assigned and isinstance(caller.locals.get(name), torch.Tensor)]
+    links: Dict[str, str] = {}
+    for info in placeholders:
+        if info.kind != "input" or info.path or info.index >= len(example_inputs):
+            continue
+        value = example_inputs[info.index]
+        for name in candidates:
+            if caller.locals[name] is value:
+                links[info.local] = name
+                break
+    if links:
+        frame.caller_module_ref = weakref.ref(caller.module)
+        frame.caller_arguments = links
 
 
 def all_captures() -> List[GraphCapture]:

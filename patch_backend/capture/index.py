@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
+from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import ScopeCounters, Site, name_occurrence
@@ -248,6 +249,28 @@ def _unclash(site: Site, scopes: Set[str], taken: Set[str]) -> Site:
 def module_paths_by_object(root: nn.Module):
     for name, module in root.named_modules():
         yield (tuple(name.split(".")) if name else ()), module
+
+
+def no_graph_error(root: nn.Module, what: str, called: bool = False) -> RuntimeError:
+    """The error for a model with no named node: not called yet, or (what Dynamo recorded) its
+    forward ran eagerly, so there is nothing to name or patch (docs/porting.md)."""
+    reason = eager_fallback_reason(root)
+    name = type(root).__name__
+    if reason is not None:
+        return RuntimeError(
+            f"{what}: Dynamo ran {name}.forward eagerly ({reason}), so no graph holds its nodes and none "
+            "can be named or patched; remove the graph break Dynamo cannot resume from (TORCH_LOGS=graph_breaks "
+            "shows it; docs/porting.md, 'Frames Dynamo runs eagerly')"
+        )
+    if called:
+        return RuntimeError(
+            f"{what}: Dynamo compiled no part of its forward (it runs eagerly a forward it cannot trace or "
+            "resume; TORCH_LOGS=graph_breaks says why), so no node can be named or patched"
+        )
+    return RuntimeError(
+        f"{what}: call the model compiled with backend='graphpatch' (or 'graphpatch_eager') once, or wrap it "
+        "in PatchableGraph(model, *example_args)"
+    )
 
 
 _indexes: "weakref.WeakKeyDictionary[nn.Module, RootIndex]" = weakref.WeakKeyDictionary()

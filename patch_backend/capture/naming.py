@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .._torch_compat.frame import ModuleReturn, assigned_locals
 from .._torch_compat.sources import module_stack, stack_path
 from .capture import GraphCapture
 
@@ -131,9 +132,14 @@ def _tensor_meta(node: torch.fx.Node) -> Tuple[bool, Optional[Tuple[int, ...]], 
     return False, None, None
 
 
+#: Keys of one module invocation: its module stack, outermost first, as (stack key, module path
+#: from the root) pairs. Dynamo marks a re-invocation at the same path with "@k" in the key, but
+#: a module reached under several paths keeps one key: the path is part of the identity.
+InvocationKeys = Tuple[Tuple[str, Tuple[str, ...]], ...]
+
 @dataclass
 class _Invocation:
-    keys: Tuple[str, ...]
+    keys: InvocationKeys
     raw_path: Tuple[str, ...]
     scope: str
     depth: int
@@ -187,148 +193,259 @@ def name_occurrence(
     counters: ScopeCounters,
 ) -> List[Site]:
     """Names every tensor-valued node of ``capture`` running as the module at ``prefix``."""
-    graph = capture.gm.graph
-    frame_scope = format_module_path(root, prefix)
-    frame_module = module_at(root, prefix)
-    nodes = list(graph.nodes)
-    output_node = next(n for n in reversed(nodes) if n.op == "output")
-    placeholders = {info.node_name: info for info in capture.placeholders}
-    sites: List[Site] = []
+    return _OccurrenceNamer(capture, root, tuple(prefix), counters).name()
 
-    order = {node.name: position for position, node in enumerate(nodes)}
 
-    def add(name, node, consumers, rank, kind):
+#: Ranks of module results named from what the module returned sort before every other result
+#: (by return order); unrecorded results keep ``(1, -depth)`` and the frame's result ``(1, 0)``.
+_RETURNED_RANK_BASE = -(10**6)
+
+
+class _OccurrenceNamer:
+    """Names one graph occurrence. Each ``_name_*`` step adds one kind of site, in this order:
+    ops, frame inputs, parameters, module boundaries (inputs and results), the frame's result;
+    the order matters only through the shared per-scope counters (ops are counted first)."""
+
+    def __init__(self, capture: GraphCapture, root: nn.Module, prefix: Tuple[str, ...], counters: ScopeCounters) -> None:
+        self.capture, self.root, self.prefix, self.counters = capture, root, prefix, counters
+        self.frame_scope = format_module_path(root, prefix)
+        self.frame_module = module_at(root, prefix)
+        self.nodes = list(capture.gm.graph.nodes)
+        self.by_name = {node.name: node for node in self.nodes}
+        self.order = {node.name: position for position, node in enumerate(self.nodes)}
+        self.output_node = next(n for n in reversed(self.nodes) if n.op == "output")
+        self.placeholders = {info.node_name: info for info in capture.placeholders}
+        self.sites: List[Site] = []
+        #: Module invocations seen in this graph, and per op node the invocations it runs in.
+        self.invocations: Dict[InvocationKeys, _Invocation] = {}
+        self.chains: Dict[str, List[_Invocation]] = {}
+        self.members: Dict[InvocationKeys, List[torch.fx.Node]] = defaultdict(list)
+        #: What an invocation returned (from the tracer), with the record's return ordinal.
+        self.returns: Dict[InvocationKeys, Tuple[int, ModuleReturn]] = {}
+
+    def name(self) -> List[Site]:
+        self._find_invocations()
+        self._name_ops()
+        self._name_frame_inputs()
+        self._name_parameters()
+        self._name_module_boundaries()
+        self._name_frame_result()
+        return sorted(_dedupe(self.sites), key=lambda site: site.position)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _add(self, name: str, node: torch.fx.Node, consumers: Optional[FrozenSet[str]], rank: Tuple[int, int],
+             kind: str, position: Optional[float] = None) -> None:
+        """A site for ``node`` if it holds a tensor; ``position`` orders the listing (by default
+        inputs and parameters just before their first consumer, results just after the node)."""
         is_tensor, shape, dtype = _tensor_meta(node)
         if not is_tensor:
             return
-        depth = rank[1]
-        if kind in ("input", "param") and consumers:
-            position = min(order[c] for c in consumers) - 0.5 + 0.001 * depth + (0.0005 if kind == "param" else 0)
-        elif kind == "output":
-            position = order[node.name] + 0.5 + 0.001 * depth
-        else:
-            position = order[node.name]
-        sites.append(Site(name, node.name, consumers, rank, kind, position, shape, dtype, source_line(node)))
+        if position is None:
+            depth = rank[1]
+            order = self.order
+            if kind in ("input", "param") and consumers:
+                position = min(order[c] for c in consumers) - 0.5 + 0.001 * depth + (0.0005 if kind == "param" else 0)
+            elif kind == "output":
+                position = order[node.name] + 0.5 + 0.001 * depth
+            else:
+                position = order[node.name]
+        self.sites.append(Site(name, node.name, consumers, rank, kind, position, shape, dtype, source_line(node)))
 
-    # Module invocations, from nn_module_stack (paths relative to the frame's self).
-    chains: Dict[str, List[_Invocation]] = {}
-    raw_stacks: Dict[str, List[Tuple[Tuple[str, ...], Tuple[str, ...]]]] = {}
-    for node in nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
+    def _add_value(self, name: str, position: float) -> None:
+        """A non-tensor leaf of a result (kind "value", no node): not listed or patchable, only
+        known so that a patch naming it is refused with the reason (index.non_tensor)."""
+        self.sites.append(Site(name, "", None, (1, 0), "value", position, None, None, ""))
+
+    def _stack_entries(self, stack: Iterable[Tuple[Any, str]]) -> List[Tuple[InvocationKeys, Tuple[str, ...]]]:
+        """A module stack (``nn_module_stack`` pairs, paths relative to the frame's self) →
+        (invocation keys, module path from the root) per level, outermost first."""
         entries = []
-        keys: Tuple[Any, ...] = ()
-        for key, path_text in module_stack(node):
-            relative = _stack_segments(path_text, capture.frame.self_prefix)
+        keys: InvocationKeys = ()
+        for key, path_text in stack:
+            relative = _stack_segments(path_text, self.capture.frame.self_prefix)
             if relative is None:
                 continue
-            raw = tuple(prefix) + relative
-            # Dynamo marks a re-invocation at the same path with "@k" in the key, but a module
-            # reached under several paths keeps one key: the path is part of the identity.
+            raw = self.prefix + relative
             keys = keys + ((key, raw),)
             entries.append((keys, raw))
-        raw_stacks[node.name] = entries
+        return entries
 
-    invocations: Dict[Tuple[str, ...], _Invocation] = {}
-
-    def invocation(keys: Tuple[str, ...], raw: Tuple[str, ...]) -> _Invocation:
-        if keys in invocations:
-            return invocations[keys]
-        parent = invocations.get(keys[:-1]) if len(keys) > 1 else None
-        parent_raw = parent.raw_path if parent else tuple(prefix)
-        parent_scope = parent.scope if parent else frame_scope
+    def _invocation(self, keys: InvocationKeys, raw: Tuple[str, ...]) -> _Invocation:
+        """The invocation at ``keys`` (created, and its call counted, when first met)."""
+        if keys in self.invocations:
+            return self.invocations[keys]
+        parent = self.invocations.get(keys[:-1]) if len(keys) > 1 else None
+        parent_raw = parent.raw_path if parent else self.prefix
+        parent_scope = parent.scope if parent else self.frame_scope
         if raw[: len(parent_raw)] == parent_raw and len(raw) > len(parent_raw):
             # The parent was called, so its children keep the dot even if it is a container
             # (a called ``nn.Sequential``'s children are ``seq.sub_0``, graphpatch's convention).
-            called_parent = parent is not None or frame_module is not None
-            scope = extend_scope(parent_scope, module_at(root, parent_raw), raw[len(parent_raw):], called_parent)
+            called_parent = parent is not None or self.frame_module is not None
+            scope = extend_scope(parent_scope, module_at(self.root, parent_raw), raw[len(parent_raw):], called_parent)
         else:
-            scope = format_module_path(root, raw)
-        result = _Invocation(keys, raw, counters.call(scope), len(keys))
-        invocations[keys] = result
+            scope = format_module_path(self.root, raw)
+        result = _Invocation(keys, raw, self.counters.call(scope), len(keys))
+        self.invocations[keys] = result
         return result
 
-    for node_name, entries in raw_stacks.items():
-        chains[node_name] = [invocation(keys, raw) for keys, raw in entries]
+    def _marker_position(self, record: ModuleReturn, keys: InvocationKeys) -> int:
+        """Graph position of the call's return: the last node when it returned (or, where dead
+        code elimination removed that node, the last node known to precede the return)."""
+        if record.last_node in self.order:
+            return self.order[record.last_node]
+        known = [self.order[n.name] for n in self.members.get(keys, [])]
+        known += [self.order[leaf] for _, leaf in record.leaves if leaf in self.order]
+        return max(known) if known else -1
 
-    # Ops (never named like a child module of their scope).
-    reserved: Dict[int, FrozenSet[str]] = {}
-    members: Dict[Tuple[str, ...], List[torch.fx.Node]] = defaultdict(list)
-    for node in nodes:
-        if node.name not in chains:
-            continue
-        chain = chains[node.name]
-        scope = chain[-1].scope if chain else frame_scope
-        for inv in chain:
-            members[inv.keys].append(node)
-        if _tensor_meta(node)[0]:
-            owner = module_at(root, chain[-1].raw_path) if chain else frame_module
+    # -- steps -------------------------------------------------------------------------------
+
+    def _find_invocations(self) -> None:
+        """Module invocations, from nn_module_stack (paths relative to the frame's self), in call
+        order: an op's stack when the op is met, a recorded module return after its last node
+        (so a call with no op of its own, e.g. one returning its input, is counted too)."""
+        frame_returns = self.capture.frame.module_returns
+        after: Dict[str, List[int]] = defaultdict(list)
+        for index, record in enumerate(frame_returns):
+            after[record.last_node if record.last_node in self.order else ""].append(index)
+        pending = [(index, frame_returns[index]) for index in after.pop("", [])]
+        for node in self.nodes:
+            self._add_returns(pending)
+            if node.op in ("call_function", "call_method", "call_module"):
+                self.chains[node.name] = [self._invocation(keys, raw) for keys, raw in self._stack_entries(module_stack(node))]
+            pending = [(index, frame_returns[index]) for index in after.get(node.name, [])]
+        self._add_returns(pending)
+        for node_name, chain in self.chains.items():
+            for inv in chain:
+                self.members[inv.keys].append(self.by_name[node_name])
+
+    def _add_returns(self, records: List[Tuple[int, ModuleReturn]]) -> None:
+        for index, record in records:
+            entries = self._stack_entries(record.stack)
+            if not entries or entries[-1][1] == self.prefix:
+                continue  # the frame's own module: its result is the frame's (_name_frame_result)
+            for keys, raw in entries:
+                self._invocation(keys, raw)
+            self.returns[entries[-1][0]] = (index, record)
+
+    def _name_ops(self) -> None:
+        """Ops, counted per scope in graph order (never named like a child module of their scope)."""
+        reserved: Dict[int, FrozenSet[str]] = {}
+        for node in self.nodes:
+            if node.name not in self.chains or not _tensor_meta(node)[0]:
+                continue
+            chain = self.chains[node.name]
+            scope = chain[-1].scope if chain else self.frame_scope
+            owner = module_at(self.root, chain[-1].raw_path) if chain else self.frame_module
             if id(owner) not in reserved:
                 reserved[id(owner)] = _child_names(owner)
-            add(join(scope, counters.take(scope, op_base_name(node), reserved[id(owner)])), node, None, (0, 0), "op")
+            name = self.counters.take(scope, op_base_name(node), reserved[id(owner)])
+            self._add(join(scope, name), node, None, (0, 0), "op")
 
-    # Frame inputs. A resume frame's locals are mostly values of earlier graphs (not named
-    # again); a forward parameter that no earlier graph of the forward consumed (the code before
-    # the break had no tensor op on it, e.g. a ``warnings.warn`` first) is still the argument.
-    named_params, varargs, varkw = forward_parameters(frame_module)
-    wrapped = _traced_through_wrapper(capture.frame, frame_module)
-    arguments = set(named_params) | {name for name in (varargs, varkw) if name}
-    for node in nodes:
-        info = placeholders.get(node.name) if node.op == "placeholder" else None
-        if info is None or info.kind != "input" or not info.local:
-            continue
-        local, path = info.local, info.path
-        if wrapped:
-            local, path = _unwrap_argument(capture.frame, local, path, named_params, varargs)
-        name = join(frame_scope, _input_name(local, path, varargs, varkw))
-        if capture.frame.is_resume and (local not in arguments or name in counters.inputs):
-            continue
-        counters.inputs.add(name)
-        add(name, node, None, (0, 0), "input")
-
-    # Parameters and buffers, named in the scope of the module that owns them.
-    for node in nodes:
-        info = placeholders.get(node.name) if node.op == "placeholder" else None
-        if info is None or info.kind != "param":
-            continue
-        owner_raw = tuple(prefix) + info.path[:-1]
-        owner = module_at(root, owner_raw)
-        groups: Dict[Tuple[str, int], set] = defaultdict(set)
-        for user in node.users:
-            if user.op == "output":
+    def _name_frame_inputs(self) -> None:
+        """Frame inputs. A resume frame's locals are mostly values of earlier graphs (not named
+        again); a forward parameter that no earlier graph of the forward consumed (the code before
+        the break had no tensor op on it, e.g. a ``warnings.warn`` first) is still the argument."""
+        frame = self.capture.frame
+        named_params, varargs, varkw = forward_parameters(self.frame_module)
+        wrapped = _traced_through_wrapper(frame, self.frame_module)
+        arguments = set(named_params) | {name for name in (varargs, varkw) if name}
+        assigned = _assigned_in_forward(self.frame_module)
+        for node in self.nodes:
+            info = self.placeholders.get(node.name) if node.op == "placeholder" else None
+            if info is None or info.kind != "input" or not info.local:
                 continue
-            scope, depth = format_module_path(root, owner_raw), 0
-            chain = chains.get(user.name, [])
-            for inv in reversed(chain):
-                if owner is not None and module_at(root, inv.raw_path) is owner:
-                    scope, depth = inv.scope, inv.depth
-                    break
-                if _holds_same(module_at(root, inv.raw_path), owner, info.path[-1]):
-                    # A tied parameter (GPT-2's lm_head.weight is transformer.wte.weight): Dynamo
-                    # passes it once, under the first path it met; each user names it as its own.
-                    scope, depth = inv.scope, inv.depth
-                    break
-            else:
-                if owner is not None and owner is frame_module:
-                    scope = frame_scope
-            groups[(scope, depth)].add(user.name)
-        if not groups:
-            groups[(format_module_path(root, owner_raw), 0)] = set()
-        for (scope, depth), users in groups.items():
-            add(join(scope, sanitize(info.path[-1])), node, frozenset(users), (2, depth), "param")
+            local, path = info.local, info.path
+            if wrapped:
+                local, path = _unwrap_argument(frame, local, path, named_params, varargs)
+            name = join(self.frame_scope, _input_name(local, path, varargs, varkw))
+            if frame.is_resume and (local not in arguments or (name in self.counters.inputs and local in assigned)):
+                # Named by an earlier graph of the forward, and the forward may have assigned
+                # the local since. A parameter the forward never assigns is the argument in every
+                # graph of it, so each graph names (and patches) its own uses.
+                continue
+            self.counters.inputs.add(name)
+            self._add(name, node, None, (0, 0), "input")
+        self._name_caller_arguments()
 
-    # Module inputs and outputs of each invocation.
-    for keys, inv in sorted(invocations.items(), key=lambda item: len(item[0])):
-        inside = members[keys]
-        inside_names = {n.name for n in inside}
+    def _name_caller_arguments(self) -> None:
+        """A module forward compiled as its own frame holds, as its inputs, values its caller
+        received as arguments (capture._link_caller_arguments): without the break the caller's
+        graph would name them (the model's ``x``), so this frame names them too, before its own
+        input names (the caller's patch applies first, as in the caller's graph)."""
+        frame = self.capture.frame
+        caller = frame.caller_module
+        if caller is None or frame.is_resume:
+            return
+        for end in range(len(self.prefix) - 1, -1, -1):
+            if module_at(self.root, self.prefix[:end]) is caller:
+                break
+        else:
+            return
+        scope = format_module_path(self.root, self.prefix[:end])
+        if scope and self.counters.totals.get(scope, 1) > 1:
+            return  # which call of the caller this is, the frame does not say
+        for node in self.nodes:
+            info = self.placeholders.get(node.name) if node.op == "placeholder" else None
+            if info is None or info.kind != "input" or info.path or info.local not in frame.caller_arguments:
+                continue
+            name = join(scope, sanitize(frame.caller_arguments[info.local]))
+            self.counters.inputs.add(name)
+            self._add(name, node, None, (0, end - len(self.prefix)), "input", self.order[node.name] - 0.25)
+
+    def _name_parameters(self) -> None:
+        """Parameters and buffers, named in the scope of the module invocation that uses them."""
+        root = self.root
+        for node in self.nodes:
+            info = self.placeholders.get(node.name) if node.op == "placeholder" else None
+            if info is None or info.kind != "param":
+                continue
+            owner_raw = self.prefix + info.path[:-1]
+            owner = module_at(root, owner_raw)
+            groups: Dict[Tuple[str, int], set] = defaultdict(set)
+            for user in node.users:
+                if user.op == "output":
+                    continue
+                groups[self._parameter_scope(user, owner, owner_raw, info.path[-1])].add(user.name)
+            if not groups:
+                groups[(format_module_path(root, owner_raw), 0)] = set()
+            for (scope, depth), users in groups.items():
+                self._add(join(scope, sanitize(info.path[-1])), node, frozenset(users), (2, depth), "param")
+
+    def _parameter_scope(self, user: torch.fx.Node, owner: Optional[nn.Module], owner_raw: Tuple[str, ...],
+                         leaf: str) -> Tuple[str, int]:
+        """(scope, depth) of the invocation of the parameter's owner that ``user`` runs in."""
+        for inv in reversed(self.chains.get(user.name, [])):
+            module = module_at(self.root, inv.raw_path)
+            if owner is not None and module is owner:
+                return inv.scope, inv.depth
+            if _holds_same(module, owner, leaf):
+                # A tied parameter (GPT-2's lm_head.weight is transformer.wte.weight): Dynamo
+                # passes it once, under the first path it met; each user names it as its own.
+                return inv.scope, inv.depth
+        if owner is not None and owner is self.frame_module:
+            return self.frame_scope, 0
+        return format_module_path(self.root, owner_raw), 0
+
+    def _name_module_boundaries(self) -> None:
+        """Each invocation's inputs (values from outside it that its ops use) and results."""
+        for keys, inv in sorted(self.invocations.items(), key=lambda item: len(item[0])):
+            inside = self.members[keys]
+            inside_names = {n.name for n in inside}
+            self._name_invocation_inputs(inv, inside, inside_names)
+            if keys in self.returns:
+                self._name_returned(inv, inside_names, *self.returns[keys])
+            else:
+                self._name_escaping(inv, inside, inside_names)
+
+    def _name_invocation_inputs(self, inv: _Invocation, inside: List[torch.fx.Node], inside_names: Set[str]) -> None:
         external: List[torch.fx.Node] = []
         external_users: Dict[str, set] = defaultdict(set)
-        escaping: List[torch.fx.Node] = []
         for member in inside:
             for source in member.all_input_nodes:
                 if source.name in inside_names or source.op == "get_attr":
                     continue
-                info = placeholders.get(source.name)
+                info = self.placeholders.get(source.name)
                 if info is not None and info.kind == "param":
                     continue
                 if not _tensor_meta(source)[0]:
@@ -336,44 +453,80 @@ def name_occurrence(
                 if source not in external:
                     external.append(source)
                 external_users[source.name].add(member.name)
-            if any(user.name not in inside_names for user in member.users):
-                escaping.append(member)
-        module = module_at(root, inv.raw_path)
-        parameter_names = forward_parameters(module)[0]
+        parameter_names = forward_parameters(module_at(self.root, inv.raw_path))[0]
         for position, source in enumerate(external):
             leaf = parameter_names[0] if position == 0 and parameter_names else f"input_{position}"
-            add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
-        escaping = [n for n in escaping if _tensor_meta(n)[0]]
+            self._add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
+
+    def _name_returned(self, inv: _Invocation, inside_names: Set[str], index: int, record: ModuleReturn) -> None:
+        """The invocation's results as it returned them: ``output`` for a single tensor, else
+        ``output|<path>`` in return order, every element named, also one the module passed
+        through unchanged (an input, or a value computed before the call). A patch there reaches
+        the uses outside the module that come after the call returned."""
+        marker = self._marker_position(record, inv.keys)
+        count = len(self.capture.frame.module_returns) + 1
+        rank = (1, _RETURNED_RANK_BASE + index)
+        for leaf_index, (path, leaf_node) in enumerate(record.leaves):
+            name = join(inv.scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
+            # Listed just after the return, before what follows it; inner calls return first.
+            position = marker + 0.48 + 0.01 * (index + leaf_index / (len(record.leaves) + 1)) / count
+            if leaf_node is None:
+                self._add_value(name, position)
+                continue
+            node = self.by_name.get(leaf_node)
+            if node is None:
+                continue  # removed from the graph (dead code): nothing runs there
+            outside = [user for user in node.users if user.name not in inside_names]
+            if node.name not in inside_names:
+                outside = [user for user in outside if self.order[user.name] > marker]
+            self._add(name, node, frozenset(user.name for user in outside), rank, "output", position)
+
+    def _name_escaping(self, inv: _Invocation, inside: List[torch.fx.Node], inside_names: Set[str]) -> None:
+        """Results of an invocation whose return was not recorded: the values leaving its scope,
+        ``output|sub_<k>`` in graph order when there are several."""
+        escaping = [m for m in inside if any(u.name not in inside_names for u in m.users) and _tensor_meta(m)[0]]
         # Values that only leave through the graph output while another value flows on to
         # later ops are side results (e.g. a KV-cache update), not the module's result.
-        flowing = [
-            n for n in escaping
-            if any(u.name not in inside_names and u.op != "output" for u in n.users)
-        ]
+        flowing = [n for n in escaping if any(u.name not in inside_names and u.op != "output" for u in n.users)]
         if len(escaping) > 1 and flowing:
             escaping = flowing
         for position, member in enumerate(escaping):
             leaf = "output" if len(escaping) == 1 else f"output|sub_{position}"
             outside = frozenset(user.name for user in member.users if user.name not in inside_names)
-            add(join(inv.scope, leaf), member, outside, (1, -inv.depth), "output")
+            self._add(join(inv.scope, leaf), member, outside, (1, -inv.depth), "output")
 
-    # The frame's result: the model's ``output`` for the root frame, else ``<scope>.output``.
-    if capture.frame.returns:
-        returned = capture.frame.return_leaves
-        leaves = returned if any(n is not None for _, n in returned) else _flat_output_leaves(output_node)
-        by_name = {n.name: n for n in nodes}
+    def _name_frame_result(self) -> None:
+        """The frame's result: the model's ``output`` for the root frame, else ``<scope>.output``."""
+        frame = self.capture.frame
+        if not frame.returns:
+            return
+        returned = frame.return_leaves
+        leaves = returned if any(n is not None for _, n in returned) else _flat_output_leaves(self.output_node)
         for path, leaf_node in leaves:
-            leaf = "output" + ("|" + ".".join(sanitize(p) for p in path) if path else "")
+            name = join(self.frame_scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
             if leaf_node is None:
-                # A non-tensor leaf (kind "value", no node): not listed or patchable, only known
-                # so that a patch naming it is refused with the reason (index.non_tensor).
-                sites.append(Site(join(frame_scope, leaf), "", None, (1, 0), "value", float(len(nodes)), None, None, ""))
+                self._add_value(name, float(len(self.nodes)))
                 continue
-            node = by_name.get(leaf_node)
-            if node is None:
-                continue
-            add(join(frame_scope, leaf), node, frozenset({output_node.name}), (1, 0), "output")
-    return sorted(_dedupe(sites), key=lambda site: site.position)
+            node = self.by_name.get(leaf_node)
+            if node is not None:
+                self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output")
+
+
+def _assigned_in_forward(module: Optional[nn.Module]) -> FrozenSet[str]:
+    """Locals the module's ``forward`` assigns (all, conservatively, where it has no code)."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)) if module is not None else None
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return _EVERYTHING
+    return frozenset(assigned_locals(code))
+
+
+class _Everything(frozenset):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERYTHING: FrozenSet[str] = _Everything()
 
 
 def _child_names(module: Optional[nn.Module]) -> FrozenSet[str]:
