@@ -29,6 +29,9 @@ class Stats:
     #: ``compile_policy="never"``, ``graphpatch_eager``) or a compiled program.
     eager_calls: int = 0
     compiled_calls: int = 0
+    #: Unpatched calls that ran the captured graph eagerly while its plain program compiled
+    #: in the background (``compile_policy="background"``); the rest ran the compiled program.
+    plain_eager_calls: int = 0
     #: Background compiles that raised (their programs run eagerly; a warning says so).
     compile_failures: int = 0
     evictions: int = 0

@@ -44,6 +44,7 @@ class Dispatcher:
         self.compile = GraphCompiler(compiled, compile_options)
         self.tiers = Tiers(self.graph, self.stats, self.compile)
         self._lock = threading.Lock()
+        self._plain_lock = threading.Lock()
         if compiled and not capture.dynamic:
             # Static shapes: compile the plain variant at its first unpatched call, so a graph
             # that only ever runs patched (a sweep's batched graph) never compiles it.
@@ -97,11 +98,18 @@ class Dispatcher:
         return plain
 
     def _compile_plain_on_first_call(self, *args: Any) -> Any:
-        with self._lock:
+        if self.tiers.plain_in_background(lambda: self._install_plain(args)):
+            # compile_policy "background": the captured graph, run eagerly, is the same program.
+            return self.capture.gm.forward(*args)
+        return self._install_plain(args)(*args)
+
+    def _install_plain(self, args: Sequence[Any]) -> Callable:
+        """Compiles the plain program once (in the call or on the compile worker) and makes it
+        the one unpatched calls run. Its own lock: ``_lock`` must not wait for a compile."""
+        with self._plain_lock:
             if self.plain == self._compile_plain_on_first_call:
                 self.plain = self._compile_plain(args)
-        return self.plain(*args)
-
+            return self.plain
 
 
 @dataclass(frozen=True, eq=False)
