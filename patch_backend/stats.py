@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
 
 from . import config
 from .capture.capture import all_captures
@@ -35,6 +35,11 @@ class Stats:
     #: Background compiles that raised (their programs run eagerly; a warning says so).
     compile_failures: int = 0
     evictions: int = 0
+    #: Compile seconds per region label (program/regions.py: ``"transformer.h[*]"`` for a
+    #: block, ``"before transformer.h"``, ``"after transformer.h"``, ``"whole graph"``), counting
+    #: the regions this graph's compiles built; a region reused from the process-wide artifact
+    #: cache costs nothing and does not appear.
+    compile_seconds_by_region: Dict[str, float] = field(default_factory=dict)
 
 
 def stats(model: Optional[Any] = None) -> Stats:
@@ -68,8 +73,13 @@ def stats(model: Optional[Any] = None) -> Stats:
         dispatcher = capture.dispatcher
         if dispatcher is None:
             continue
-        for field in fields(Stats):
-            setattr(total, field.name, getattr(total, field.name) + getattr(dispatcher.stats, field.name))
+        for counter in fields(Stats):
+            mine, theirs = getattr(total, counter.name), getattr(dispatcher.stats, counter.name)
+            if isinstance(mine, dict):
+                for label, seconds in theirs.items():
+                    mine[label] = mine.get(label, 0.0) + seconds
+            else:
+                setattr(total, counter.name, mine + theirs)
     return total
 
 

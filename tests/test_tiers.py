@@ -425,3 +425,26 @@ def test_the_worker_compiles_with_the_callers_torch_config(model_and_input, monk
             compiled(x)
         assert pb.wait_for_compiles(timeout=300)
     assert seen == [(False, True)]
+
+
+def test_stats_report_compile_seconds_per_region():
+    """pb.stats: calls per tier (above) and the seconds each region's compile took, here the
+    two blocks of TwoLayerMLP.layers sharing one artifact, compiled in the background."""
+    from patch_backend.program.regions import clear_region_cache
+
+    clear_region_cache()
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+        plain = dict(pb.stats(compiled).compile_seconds_by_region)
+        with pb.patch(compiled, {"layers_1.act.gelu": ZeroPatch()}):
+            compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+    by_region = pb.stats(compiled).compile_seconds_by_region
+    assert "layers[*]" in plain and plain["layers[*]"] > 0
+    # The patched block is a second block artifact; the plain one and the rest were reused.
+    assert set(by_region) == set(plain) and by_region["layers[*]"] > plain["layers[*]"]
+    # Region compiles are a part of each program's compile (which also splits and keys regions).
+    assert sum(by_region.values()) <= pb.stats(compiled).compile_seconds

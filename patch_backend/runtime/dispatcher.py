@@ -41,7 +41,7 @@ class Dispatcher:
         self.graph = GraphFacts(capture, compiled)
         # Holds no reference back to the dispatcher: Dynamo's reset must free it (and so forget
         # its capture) at once, not at the next cyclic garbage collection.
-        self.compile = GraphCompiler(compiled, compile_options)
+        self.compile = GraphCompiler(compiled, compile_options, self.stats)
         self.tiers = Tiers(self.graph, self.stats, self.compile)
         self._lock = threading.Lock()
         self._plain_lock = threading.Lock()
@@ -115,16 +115,23 @@ class Dispatcher:
 @dataclass(frozen=True, eq=False)
 class GraphCompiler:
     """``compile(gm, example)`` for one graph's plain and patched programs: Inductor with
-    torch.compile's ``mode``/``options`` (``graphpatch``), or the graph itself (``graphpatch_eager``)."""
+    torch.compile's ``mode``/``options`` (``graphpatch``), or the graph itself (``graphpatch_eager``).
+    Adds each compile's seconds per region to ``stats.compile_seconds_by_region``."""
 
     compiled: bool
     options: Dict[str, Any]
+    stats: Stats
 
     def __call__(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
         if not self.compiled:
             return gm.forward
         with COMPILE_LOCK:
-            return compile_graph(gm, example, self.options)
+            program = compile_graph(gm, example, self.options)
+            report = getattr(program, "report", None)
+            by_region = self.stats.compile_seconds_by_region
+            for label, seconds in getattr(report, "seconds_by_region", ()):
+                by_region[label] = by_region.get(label, 0.0) + seconds
+            return program
 
 
 def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dict[str, Any]) -> Callable:

@@ -192,6 +192,8 @@ class Tiers:
     def _fail(self, key: Hashable, error: BaseException, what: str = "a patched program") -> None:
         """A background compile raised: warn once per graph, and run the program eagerly."""
         self.stats.compile_failures += 1
+        if worker.exiting():
+            return  # the interpreter is shutting down under the compile: nothing to report
         with self._lock:
             self._failed[key] = f"{type(error).__name__}: {error}"
             warn = not self._warned_failure

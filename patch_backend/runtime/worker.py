@@ -17,19 +17,23 @@ Why a thread, and what keeps it safe (torch 2.13, ``_torch_compat/threads.py``):
   in flight the switch interval is ``SWITCH_INTERVAL``; the default is restored after.
 
 One worker: compiles run one at a time, in the order they were asked, and leave the other core
-(if any) to the callers. A worker *process* would avoid the GIL and the shared tracing state
+(if any) to the callers. It is a daemon thread, and compiles still queued when the interpreter
+exits are dropped: a script that got its results does not wait at exit for compiles no call
+will use (a compile running then is abandoned; torch writes its cache files atomically). A worker *process* would avoid the GIL and the shared tracing state
 altogether; it needs the region graphs pickled and the second compile to hit torch's on-disk
 caches exactly (docs/performance.md, "what remains").
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextvars
+import queue
 import sys
 import threading
 import time
-from typing import Callable, Optional, Set
+from typing import Callable, Optional, Set, Tuple
 
 from .._torch_compat import threads as torch_threads
 
@@ -38,7 +42,9 @@ SWITCH_INTERVAL = 0.0002
 
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
-_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_thread: Optional[threading.Thread] = None
+_jobs: "queue.SimpleQueue[Tuple[concurrent.futures.Future, contextvars.Context, Callable[[], None]]]" = queue.SimpleQueue()
+_exiting = False
 _in_flight: Set[concurrent.futures.Future] = set()
 #: Dynamo compiles running in other threads, and whether the worker is compiling.
 _dynamo_compiles = 0
@@ -64,17 +70,42 @@ def supported() -> bool:
 def submit(job: Callable[[], None]) -> concurrent.futures.Future:
     """Runs ``job`` on the worker, in a copy of the caller's context; the caller may call
     compiled code meanwhile."""
-    global _executor
+    global _thread
     context = contextvars.copy_context()
     torch_threads.allow_compiled_calls()
     torch_threads.on_dynamo_compile(_dynamo_start, _dynamo_end)
+    future: concurrent.futures.Future = concurrent.futures.Future()
     with _lock:
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch_backend-compile")
-        future = _executor.submit(context.run, _in_worker, job)
+        if _thread is None:
+            _thread = threading.Thread(target=_serve, name="patch_backend-compile", daemon=True)
+            _thread.start()
         _in_flight.add(future)
     future.add_done_callback(_finished)
+    _jobs.put((future, context, job))
     return future
+
+
+def _serve() -> None:
+    while True:
+        future, context, job = _jobs.get()
+        if _exiting:
+            future.cancel()
+            continue
+        if not future.set_running_or_notify_cancel():
+            continue  # cancelled while queued
+        try:
+            context.run(_in_worker, job)
+        except BaseException as error:  # noqa: BLE001 - the job reports its own errors
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+
+
+@atexit.register
+def _drop_queued() -> None:
+    """At exit: compiles not started yet are dropped (see the module docstring)."""
+    global _exiting
+    _exiting = True
 
 
 def _in_worker(job: Callable[[], None]) -> None:
@@ -122,6 +153,11 @@ def _dynamo_end(args: object = None) -> None:
         # Dynamo may call the end of a compile whose start ran before the hooks were registered.
         _dynamo_compiles = max(0, _dynamo_compiles - 1)
         _changed.notify_all()
+
+
+def exiting() -> bool:
+    """Whether the interpreter is exiting (a compile failing now fails for that reason)."""
+    return _exiting
 
 
 def in_flight() -> int:
