@@ -448,3 +448,25 @@ def test_stats_report_compile_seconds_per_region():
     assert set(by_region) == set(plain) and by_region["layers[*]"] > plain["layers[*]"]
     # Region compiles are a part of each program's compile (which also splits and keys regions).
     assert sum(by_region.values()) <= pb.stats(compiled).compile_seconds
+
+
+def test_background_falls_back_to_sync_where_torch_lacks_the_interfaces(model_and_input, monkeypatch):
+    """docs/errors.md row 27: without Dynamo's force_compile_during_fx_trace (or its compile
+    callbacks) a worker thread is not safe, so "background" compiles in the call, and says so."""
+    from patch_backend._torch_compat import gates, threads
+    from patch_backend.runtime import tiers, worker
+
+    monkeypatch.setattr(worker, "_hooks", None)
+    monkeypatch.setattr(threads, "_probe_flag", lambda: False)
+    gates.reset_warnings()
+    _, x, compiled, _ = model_and_input
+    with pb.config.patch(compile_policy="background"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tiers.policy() == "sync"
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+    assert [str(w.message) for w in caught if issubclass(w.category, pb.PatchBackendWarning)] == [
+        next(str(w.message) for w in caught if "force_compile_during_fx_trace" in str(w.message))
+    ]
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (0, 1, 1)
