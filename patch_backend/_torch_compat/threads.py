@@ -81,7 +81,11 @@ def warm_up() -> None:
 
 
 def allow_compiled_calls() -> None:
-    """Lets the calling thread (its context) call compiled code while another thread FX-traces."""
+    """Lets the calling thread (its context) call compiled code while another thread FX-traces.
+
+    Set when a thread submits a background compile, reset by ``wait_for_compiles``; while set,
+    it changes only what happens if this thread itself FX-traces a compiled function (Dynamo
+    then compiles inside that trace instead of raising)."""
     config = _dynamo_config()
     if not getattr(config, _FLAG):
         setattr(config, _FLAG, True)
