@@ -470,3 +470,28 @@ def test_background_falls_back_to_sync_where_torch_lacks_the_interfaces(model_an
     ]
     stats = pb.stats(compiled)
     assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (0, 1, 1)
+
+
+_EXITS_WHILE_COMPILING = """
+import sys, torch, patch_backend as pb
+from patch_backend.runtime import worker
+sys.path.insert(0, sys.argv[1])
+from fixtures import TwoLayerMLP
+model, x = TwoLayerMLP(), torch.randn(4, 8)
+compiled = torch.compile(model, backend="graphpatch")
+torch.testing.assert_close(compiled(x), model(x))
+with pb.patch(compiled, {"layers_0.output": pb.AddPatch(value=1.0)}):
+    compiled(x)  # a second compile, queued behind the plain one: dropped at exit
+print("in flight at exit:", worker.in_flight())
+"""
+
+
+def test_a_process_exits_cleanly_while_the_worker_compiles():
+    """The running compile is waited for at exit (abandoning it in Inductor's C++ thread pools
+    aborted the process: "terminate called without an active exception"), queued ones dropped."""
+    env = dict(os.environ, PATCH_BACKEND_COMPILE_POLICY="background")
+    done = subprocess.run([sys.executable, "-c", _EXITS_WHILE_COMPILING, os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "in flight at exit: 2" in done.stdout
+    assert "terminate called" not in done.stderr and "failed" not in done.stderr

@@ -17,9 +17,11 @@ Why a thread, and what keeps it safe (torch 2.13, ``_torch_compat/threads.py``):
   in flight the switch interval is ``SWITCH_INTERVAL``; the default is restored after.
 
 One worker: compiles run one at a time, in the order they were asked, and leave the other core
-(if any) to the callers. It is a daemon thread, and compiles still queued when the interpreter
-exits are dropped: a script that got its results does not wait at exit for compiles no call
-will use (a compile running then is abandoned; torch writes its cache files atomically). A worker *process* would avoid the GIL and the shared tracing state
+(if any) to the callers. At interpreter exit, compiles still queued are dropped (a script that
+got its results does not wait for compiles no call will use) and the one running is waited for:
+abandoning it inside Inductor's C++ thread pools aborts the process ("terminate called without
+an active exception"). The wait runs among ``threading``'s exit hooks, before
+``concurrent.futures`` shuts the pools that compile needs. A worker *process* would avoid the GIL and the shared tracing state
 altogether; it needs the region graphs pickled and the second compile to hit torch's on-disk
 caches exactly (docs/performance.md, "what remains").
 """
@@ -45,6 +47,8 @@ _changed = threading.Condition(_lock)
 _thread: Optional[threading.Thread] = None
 _jobs: "queue.SimpleQueue[Tuple[concurrent.futures.Future, contextvars.Context, Callable[[], None]]]" = queue.SimpleQueue()
 _exiting = False
+#: Whether the worker is running a job (the exit hook waits for it).
+_running = False
 _in_flight: Set[concurrent.futures.Future] = set()
 #: Dynamo compiles running in other threads, and whether the worker is compiling.
 _dynamo_compiles = 0
@@ -86,26 +90,44 @@ def submit(job: Callable[[], None]) -> concurrent.futures.Future:
 
 
 def _serve() -> None:
+    global _running
     while True:
         future, context, job = _jobs.get()
-        if _exiting:
-            future.cancel()
-            continue
-        if not future.set_running_or_notify_cancel():
-            continue  # cancelled while queued
+        with _changed:
+            start = not _exiting
+            _running = start
         try:
-            context.run(_in_worker, job)
-        except BaseException as error:  # noqa: BLE001 - the job reports its own errors
-            future.set_exception(error)
-        else:
-            future.set_result(None)
+            if not start:
+                future.cancel()  # exiting: dropped
+            elif future.set_running_or_notify_cancel():
+                try:
+                    context.run(_in_worker, job)
+                except BaseException as error:  # noqa: BLE001 - the job reports its own errors
+                    future.set_exception(error)
+                else:
+                    future.set_result(None)
+        finally:
+            with _changed:
+                _running = False
+                _changed.notify_all()
 
 
-@atexit.register
-def _drop_queued() -> None:
-    """At exit: compiles not started yet are dropped (see the module docstring)."""
+def _at_exit() -> None:
+    """Drops the queued compiles and waits for the running one (see the module docstring)."""
     global _exiting
-    _exiting = True
+    with _changed:
+        _exiting = True
+        _changed.wait_for(lambda: not _running)
+
+
+# threading's exit hooks run before the interpreter joins threads and before atexit's, in the
+# reverse order of registration: this one runs before concurrent.futures' (registered when it
+# is imported, which torch does before this module is imported).
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+else:  # pragma: no cover - Pythons without threading's exit hooks
+    atexit.register(_at_exit)
 
 
 def _in_worker(job: Callable[[], None]) -> None:
