@@ -46,8 +46,11 @@ def stats(model: Optional[Any] = None) -> Stats:
     """Totals over the graphs captured for ``model`` (all graphs when ``model`` is None).
 
     ``variants_compiled`` counts patched variants only; each graph's plain variant is compiled
-    once when it is captured and its time is included in ``compile_seconds``. ``eager_calls`` /
-    ``compiled_calls`` count patched calls per tier (``config.compile_policy``).
+    once, at its first unpatched call (on the compile worker under the default
+    ``compile_policy="background"``), and its time is included in ``compile_seconds`` and
+    ``compile_seconds_by_region``. ``eager_calls`` / ``compiled_calls`` count patched calls per
+    tier, ``plain_eager_calls`` the unpatched calls that ran before their plain program was
+    ready. A background compile is counted when it ends (``pb.wait_for_compiles()``).
 
     Args:
         model: the module, its ``torch.compile`` result or a ``PatchableGraph``; None for all.
@@ -59,7 +62,8 @@ def stats(model: Optional[Any] = None) -> Stats:
 
         before = pb.stats(compiled).variants_compiled
         with pb.patch(compiled, {"linear.output": pb.ZeroPatch()}):
-            compiled(x)
+            compiled(x)                  # runs on the eager tier while the variant compiles
+        pb.wait_for_compiles()
         assert pb.stats(compiled).variants_compiled == before + 1   # one new patch structure
     """
     captures = all_captures()
