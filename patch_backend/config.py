@@ -30,27 +30,25 @@ warn_opaque_custom: bool = True
 #: every graph whole, as before.
 regional_compile: bool = True
 
-#: When a patched call's program has not been compiled yet:
+#: When a call's program has not been compiled yet:
 #:
-#: - ``"sync"`` (the default): compile it now, in the call, and run it (the first call of each
-#:   patch structure pays Inductor's compile).
-#: - ``"background"``: run this call at once on the eager interpreter with the same patches
-#:   while Inductor compiles the program in a worker thread; later calls use it once it is
-#:   ready (``pb.wait_for_compiles()`` waits for the compiles in flight). Only safe while no
-#:   thread calls a torch.compile'd function during a compile: AOTAutograd traces with
-#:   ``make_fx``, which patches ``torch.nn.Module.__call__`` and sets torch.fx's tracing flag
-#:   for the whole process, so such a call raises "Detected that you are using FX to
-#:   symbolically trace a dynamo-optimized function" (torch 2.13). Call
-#:   ``pb.wait_for_compiles()`` before the next compiled call, or use it where calls are
-#:   spaced out (an interactive session).
+#: - ``"background"`` (the default): run this call at once on the eager interpreter with the
+#:   same patches (an unpatched call: the captured graph) while Inductor compiles the program
+#:   on the compile worker thread; later calls use it once it is ready
+#:   (``pb.wait_for_compiles()`` waits for the compiles in flight). The thread that started a
+#:   compile may keep calling compiled code meanwhile (runtime/worker.py says how torch 2.13's
+#:   process-wide FX tracing state is kept out of its way); another thread's *first* compiled
+#:   call during a compile may still meet Dynamo's "FX to symbolically trace" error.
+#: - ``"sync"``: compile it now, in the call, and run it (the first call of each patch
+#:   structure, and the first unpatched call, pay Inductor's compile).
 #: - ``"never"``: never compile patched programs; patched calls always run on the eager
-#:   interpreter (unpatched calls still run Inductor's code).
+#:   interpreter (unpatched calls still run Inductor's code, compiled in the call).
 #:
 #: Results agree whichever tier ran; ``pb.stats`` counts calls per tier. The environment
 #: variable ``PATCH_BACKEND_COMPILE_POLICY`` sets it for a process (a benchmark, a subprocess
 #: started by a test).
 COMPILE_POLICIES = ("background", "sync", "never")
-compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "sync")
+compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "background")
 if compile_policy not in COMPILE_POLICIES:
     raise ValueError(f"PATCH_BACKEND_COMPILE_POLICY must be one of {COMPILE_POLICIES}, got {compile_policy!r}")
 

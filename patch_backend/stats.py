@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
 
 from . import config
 from .capture.capture import all_captures
@@ -29,17 +29,28 @@ class Stats:
     #: ``compile_policy="never"``, ``graphpatch_eager``) or a compiled program.
     eager_calls: int = 0
     compiled_calls: int = 0
+    #: Unpatched calls that ran the captured graph eagerly while its plain program compiled
+    #: in the background (``compile_policy="background"``); the rest ran the compiled program.
+    plain_eager_calls: int = 0
     #: Background compiles that raised (their programs run eagerly; a warning says so).
     compile_failures: int = 0
     evictions: int = 0
+    #: Compile seconds per region label (program/regions.py: ``"transformer.h[*]"`` for a
+    #: block, ``"before transformer.h"``, ``"after transformer.h"``, ``"whole graph"``), counting
+    #: the regions this graph's compiles built; a region reused from the process-wide artifact
+    #: cache costs nothing and does not appear.
+    compile_seconds_by_region: Dict[str, float] = field(default_factory=dict)
 
 
 def stats(model: Optional[Any] = None) -> Stats:
     """Totals over the graphs captured for ``model`` (all graphs when ``model`` is None).
 
     ``variants_compiled`` counts patched variants only; each graph's plain variant is compiled
-    once when it is captured and its time is included in ``compile_seconds``. ``eager_calls`` /
-    ``compiled_calls`` count patched calls per tier (``config.compile_policy``).
+    once, at its first unpatched call (on the compile worker under the default
+    ``compile_policy="background"``), and its time is included in ``compile_seconds`` and
+    ``compile_seconds_by_region``. ``eager_calls`` / ``compiled_calls`` count patched calls per
+    tier, ``plain_eager_calls`` the unpatched calls that ran before their plain program was
+    ready. A background compile is counted when it ends (``pb.wait_for_compiles()``).
 
     Args:
         model: the module, its ``torch.compile`` result or a ``PatchableGraph``; None for all.
@@ -51,7 +62,8 @@ def stats(model: Optional[Any] = None) -> Stats:
 
         before = pb.stats(compiled).variants_compiled
         with pb.patch(compiled, {"linear.output": pb.ZeroPatch()}):
-            compiled(x)
+            compiled(x)                  # runs on the eager tier while the variant compiles
+        pb.wait_for_compiles()
         assert pb.stats(compiled).variants_compiled == before + 1   # one new patch structure
     """
     captures = all_captures()
@@ -65,8 +77,13 @@ def stats(model: Optional[Any] = None) -> Stats:
         dispatcher = capture.dispatcher
         if dispatcher is None:
             continue
-        for field in fields(Stats):
-            setattr(total, field.name, getattr(total, field.name) + getattr(dispatcher.stats, field.name))
+        for counter in fields(Stats):
+            mine, theirs = getattr(total, counter.name), getattr(dispatcher.stats, counter.name)
+            if isinstance(mine, dict):
+                for label, seconds in theirs.items():
+                    mine[label] = mine.get(label, 0.0) + seconds
+            else:
+                setattr(total, counter.name, mine + theirs)
     return total
 
 

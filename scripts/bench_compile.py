@@ -16,7 +16,10 @@ Every figure comes from a fresh child process with its own empty ``TORCHINDUCTOR
   8 x 128 tokens in one process, timed in turns (T4).
 
 The dispatcher compiles through ``compile_regional`` (``config.regional_compile``). Targets are
-ratios of figures measured in this run on this machine.
+ratios of figures measured in this run on this machine. ``--policy`` is the children's
+``compile_policy`` (default ``background``, the library's default): first calls then return on the
+eager tier, and compile seconds are read after ``pb.wait_for_compiles()``. ``--kinds`` runs a
+subset of the children (a loaded machine); targets whose children did not run are left out.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from typing import Any, Callable, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ROUTING = "the dispatcher compiles through program.regions.compile_regional"
+#: The children, and the cache folder each uses (the warm rerun reuses the first graphpatch one's).
+KINDS = {"inductor": "inductor", "graphpatch": "graphpatch", "graphpatch warm": "graphpatch", "sweep": "sweep",
+         "steady": "steady"}
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -85,6 +91,11 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     if kind in ("graphpatch", "graphpatch warm"):
         compiled = torch.compile(model, backend="graphpatch")
         result["plain first call"] = timed(lambda: compiled(ids), device)
+        # Under "background" the first calls run eagerly while the plain program compiles.
+        start = time.perf_counter()
+        while not pb.wait_for_compiles(timeout=0):
+            compiled(ids)
+        result["plain compile ready after first call"] = time.perf_counter() - start
         result["plain compile seconds"] = region_report().compile_seconds
         result["graphpatch forward"] = median_seconds(lambda: compiled(ids), args.repeats, device)
         site = f"transformer.h_{layers // 2}.mlp.act.mul_1"
@@ -96,6 +107,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
 
         before = region_report().compile_seconds
         result["new structure first call"] = timed(patched, device)
+        pb.wait_for_compiles()
         result["new structure compile seconds"] = region_report().compile_seconds - before
         other = {f"transformer.h_{layers // 2 - 1}.mlp.act.mul_1": AddPatch(value=0.5)}
         before, compiles = region_report().compile_seconds, region_report().compiles
@@ -105,6 +117,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
                 return compiled(ids)
 
         result["same site other layer first call"] = timed(other_layer, device)
+        pb.wait_for_compiles()
         result["same site other layer region compiles"] = region_report().compiles - compiles
         result["graphpatch patched forward"] = median_seconds(patched, args.repeats, device)
         result["eager forward"] = median_seconds(lambda: model(ids), args.repeats, device)
@@ -113,6 +126,8 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["region compiles"] = report.compiles
         result["compile seconds per region"] = report.seconds_by_label()
         result["cache counters"] = fx_graph_cache_counters()
+        result["tiers"] = {name: getattr(pb.stats(compiled), name)
+                           for name in ("plain_eager_calls", "eager_calls", "compiled_calls", "compile_failures")}
         return result
     if kind == "steady":
         # T4 at batch 8 x 128 tokens: Inductor and graphpatch in one process, timed in turns.
@@ -156,6 +171,11 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         compiled = torch.compile(model, backend="graphpatch")
         swept = pb.sweep(compiled, (corrupt,), cells, metric, batch_size=args.sweep_batch, progress=False)
         result["one-off sweep"] = time.perf_counter() - start
+        # The results are in; compiles the sweep started may still run (not part of the figure).
+        pb.wait_for_compiles()
+        result["sweep compiles done after"] = time.perf_counter() - start
+        result["sweep tiers"] = {name: getattr(pb.stats(compiled), name)
+                                 for name in ("plain_eager_calls", "eager_calls", "compiled_calls")}
         history = region_report().history[compiles:]
         result["sweep region compiles"] = len(history)
         result["sweep block variants compiled"] = sum(1 for entry in history if entry.label.endswith("[*]"))
@@ -165,8 +185,8 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     raise ValueError(f"unknown child {kind!r}")
 
 
-def spawn(kind: str, layers: int, cache_dir: str, argv: List[str]) -> Dict[str, Any]:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
+def spawn(kind: str, layers: int, cache_dir: str, argv: List[str], policy: str) -> Dict[str, Any]:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=ROOT, PATCH_BACKEND_COMPILE_POLICY=policy)
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child", kind, "--layers", str(layers), *argv],
@@ -181,30 +201,35 @@ def spawn(kind: str, layers: int, cache_dir: str, argv: List[str]) -> Dict[str, 
 
 
 def targets(layers: int, measured: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """The T1-T7 ratios from the children's figures (also usable on a saved --json's "measured")."""
-    ind, gp, warm, sw = measured["inductor"], measured["graphpatch"], measured["graphpatch warm"], measured["sweep"]
-    inductor_compile = ind["inductor first call"] - ind["inductor forward"]
-    st = measured["steady"]
-    shape = next(key for key in st if key.startswith("inductor forward ")).split()[-1]
-    base = st[f"inductor forward {shape}"]
-    ratios = {
-        "T1 new-structure first call / eager forward (target <= 3)":
-            gp["new structure first call"] / gp["eager forward"],
-        # Everything the new structure's first call spends beyond a patched forward (capture of
-        # nothing new, fake propagation, region keys, the patched block's compile).
-        "T2 new-structure first-call overhead s / full inductor compile s (target <= 0.1)":
-            (gp["new structure first call"] - gp["graphpatch patched forward"]) / inductor_compile,
-        "T2' new-structure region compile s / full inductor compile s":
-            gp["new structure compile seconds"] / inductor_compile,
-        "T3 plain first call / inductor first call (target <= 0.4)":
-            gp["plain first call"] / ind["inductor first call"],
-        "T4 unpatched forward / inductor forward (target <= 1.05)": st[f"graphpatch forward {shape}"] / base,
-        "T4 patched forward / inductor forward (target <= 1.05)": st[f"graphpatch patched forward {shape}"] / base,
-        "T5 block variants compiled by the sweep (target <= 2)": sw["sweep block variants compiled"],
-        "T6 one-off sweep / forward-hook loop (target < 1)": sw["one-off sweep"] / sw["forward-hook loop"],
-        "T7 warm-process compile s / first-process compile s (target <= 0.2)":
-            warm["compile seconds"] / gp["compile seconds"],
-    }
+    """The T1-T7 ratios from the children's figures (also usable on a saved --json's "measured");
+    a target whose children did not run (``--kinds``) is left out."""
+    ind, gp = measured.get("inductor"), measured.get("graphpatch")
+    warm, sw, st = measured.get("graphpatch warm"), measured.get("sweep"), measured.get("steady")
+    ratios: Dict[str, Any] = {}
+    if gp is not None:
+        ratios["T1 new-structure first call / eager forward (target <= 3)"] = (
+            gp["new structure first call"] / gp["eager forward"])
+    if ind is not None and gp is not None:
+        inductor_compile = ind["inductor first call"] - ind["inductor forward"]
+        # Everything the new structure's first call spends beyond a patched forward.
+        ratios["T2 new-structure first-call overhead s / full inductor compile s (target <= 0.1)"] = (
+            (gp["new structure first call"] - gp["graphpatch patched forward"]) / inductor_compile)
+        ratios["T2' new-structure region compile s / full inductor compile s"] = (
+            gp["new structure compile seconds"] / inductor_compile)
+        ratios["T3 plain first call / inductor first call (target <= 0.4)"] = (
+            gp["plain first call"] / ind["inductor first call"])
+    if st is not None:
+        shape = next(key for key in st if key.startswith("inductor forward ")).split()[-1]
+        base = st[f"inductor forward {shape}"]
+        ratios["T4 unpatched forward / inductor forward (target <= 1.05)"] = st[f"graphpatch forward {shape}"] / base
+        ratios["T4 patched forward / inductor forward (target <= 1.05)"] = (
+            st[f"graphpatch patched forward {shape}"] / base)
+    if sw is not None:
+        ratios["T5 block variants compiled by the sweep (target <= 2)"] = sw["sweep block variants compiled"]
+        ratios["T6 one-off sweep / forward-hook loop (target < 1)"] = sw["one-off sweep"] / sw["forward-hook loop"]
+    if warm is not None and gp is not None:
+        ratios["T7 warm-process compile s / first-process compile s (target <= 0.2)"] = (
+            warm["compile seconds"] / gp["compile seconds"])
     return {"layers": layers, "targets": ratios, "measured": measured}
 
 
@@ -220,6 +245,8 @@ def main() -> Any:
     parser.add_argument("--steady-seq", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--policy", default="background", choices=("background", "sync", "never"))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -236,17 +263,16 @@ def main() -> Any:
     for layers in args.layers:
         measured: Dict[str, Dict[str, Any]] = {}
         with tempfile.TemporaryDirectory() as scratch:
-            for kind, folder in (("inductor", "inductor"), ("graphpatch", "graphpatch"),
-                                 ("graphpatch warm", "graphpatch"), ("sweep", "sweep"), ("steady", "steady")):
-                measured[kind] = spawn(kind, layers, os.path.join(scratch, folder), argv)
+            for kind in args.kinds:
+                measured[kind] = spawn(kind, layers, os.path.join(scratch, KINDS[kind]), argv, args.policy)
                 print(f"[{layers} layers] {kind}: {measured[kind]['process seconds']:.1f} s", file=sys.stderr)
         run = targets(layers, measured)
         runs.append(run)
         print(f"\n{layers} layers, width {args.width}, {args.heads} heads, {args.seq} tokens, {device_name(args.device)}")
         for name, value in run["targets"].items():
             print(f"  {name}: {value:.3f}" if isinstance(value, float) else f"  {name}: {value}")
-    result = {"device": device_name(args.device), "note": ROUTING, "runs": runs}
-    print(f"\n({ROUTING}; compile_policy {os.environ.get('PATCH_BACKEND_COMPILE_POLICY', 'sync')})")
+    result = {"device": device_name(args.device), "note": ROUTING, "compile_policy": args.policy, "runs": runs}
+    print(f"\n({ROUTING}; compile_policy {args.policy})")
     if args.json:
         write_json(args.json, result)
     return result

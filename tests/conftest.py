@@ -22,9 +22,9 @@ def _fresh_dynamo():
 
 @pytest.fixture(autouse=True)
 def _compile_in_the_call():
-    """Tests compile patched programs in the call that first needs them (compile_policy "sync",
-    also the library's default), whatever the environment says, so counts of compiled
-    variants and tiers are deterministic; test_tiers.py sets the other policies explicitly."""
+    """Tests compile in the call that first needs them (compile_policy "sync"; the library's
+    default is "background"), whatever the environment says, so counts of compiled variants
+    and tiers are deterministic; test_tiers.py sets the other policies explicitly."""
     import patch_backend as pb
 
     with pb.config.patch(compile_policy="sync"):

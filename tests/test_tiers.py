@@ -1,11 +1,15 @@
 """Execution tiers (config.compile_policy): eager while a patched program compiles, then compiled.
 
-The suite's conftest sets compile_policy="sync"; these tests set the policy they test. No test
-calls a compiled model while a background compile may be tracing (torch's FX tracing state is
-process-wide, config.py): compiles wait at a gate, or the test waits for them.
+The suite's conftest sets compile_policy="sync"; these tests set the policy they test (the
+library's default is "background": test_background_is_the_default). Some tests hold the compile
+worker inside a torch.fx trace (``traced_gate``), the state in which torch 2.13 sets its
+process-wide FX tracing flag and patches ``nn.Module.__call__``, and call compiled models then.
 """
 
 import copy
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 
 import patch_backend as pb
-from fixtures import TwoLayerMLP
+from fixtures import NestedModel, TwoLayerMLP
 from patch_backend import AddPatch, ProbePatch, ReplacePatch, ZeroPatch
 from patch_backend.capture.index import index_for
 from patch_backend.runtime import dispatcher as dispatcher_module
@@ -275,3 +279,219 @@ def test_shape_specializations_are_bounded():
     stats = pb.stats(compiled)
     assert (stats.variants_compiled, stats.evictions) == (3, 2)
     assert len([w for w in caught if "compiled more than 1 patched variants" in str(w.message)]) == 1
+
+
+# -- the background default, and calls while the worker traces --------------------------------
+def test_background_is_the_default():
+    env = {key: value for key, value in os.environ.items() if key != "PATCH_BACKEND_COMPILE_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import patch_backend as pb; print(pb.config.compile_policy)"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert done.stdout.strip() == "background"
+
+
+def _trace_waiting_at(gate: threading.Event, inside: threading.Event) -> None:
+    """make_fx, as AOTAutograd calls it, of a function that waits at the gate: the worker then
+    holds torch's process-wide FX tracing state (the flag, the patched ``nn.Module.__call__``)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def waits(t):
+        inside.set()
+        assert gate.wait(timeout=300), "the test never opened the gate"
+        return t + 1
+
+    make_fx(waits)(torch.zeros(2))
+
+
+@pytest.fixture
+def traced_gate(monkeypatch):
+    """Every background compile first runs a make_fx trace that waits at the gate."""
+    real = dispatcher_module.compile_graph
+    gate, inside = threading.Event(), threading.Event()
+    started = _Arrivals()
+
+    def compile_inside_a_trace(gm, example, options):
+        if threading.current_thread() is threading.main_thread():
+            return real(gm, example, options)
+        started.arrive(gm)
+        _trace_waiting_at(gate, inside)
+        return real(gm, example, options)
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", compile_inside_a_trace)
+    yield gate, inside, started
+    gate.set()
+    pb.wait_for_compiles(timeout=300)
+
+
+def test_compiled_calls_while_the_worker_traces(model_and_input, traced_gate):
+    """The caller keeps calling the compiled model, unpatched and patched, while the worker is
+    inside an FX trace (torch 2.13 raised "Detected that you are using FX to symbolically
+    trace a dynamo-optimized function" here before the worker made it safe)."""
+    model, x, compiled, eager = model_and_input
+    gate, inside, started = traced_gate
+    expected, expected_probe = _run(eager, x, _patches())
+    with pb.config.patch(compile_policy="background"):
+        first, first_probe = _run(compiled, x, _patches())
+        assert inside.wait(timeout=300) and torch.fx._symbolic_trace.is_fx_tracing()
+        during = [_run(compiled, x, _patches()) for _ in range(2)]
+        plain = compiled(x)
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        after, after_probe = _run(compiled, x, _patches())
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (3, 1, 1)
+    for result, probe in [(first, first_probe), (after, after_probe)] + during:
+        torch.testing.assert_close(result, expected)
+        torch.testing.assert_close(probe, expected_probe)
+    torch.testing.assert_close(plain, model(x))
+
+
+def test_a_new_capture_waits_for_the_worker(model_and_input, traced_gate):
+    """A Dynamo compile (another model's first call) does not trace while the worker traces: it
+    waits for the worker's compile, then captures the same graph, with the same names, as ever."""
+    _, x, compiled, _ = model_and_input
+    gate, inside, started = traced_gate
+    other, y = NestedModel(), torch.randn(2, 100)
+    fresh = torch.compile(other, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert inside.wait(timeout=300)
+        opener = threading.Timer(0.5, gate.set)
+        opener.start()
+        result = fresh(y)  # Dynamo's compile start waits until the worker's compile is done
+        assert gate.is_set()
+        opener.join()
+        assert pb.wait_for_compiles(timeout=300)
+    torch.testing.assert_close(result, other(y))
+    assert pb.stats(fresh).graphs == 1
+    assert "a.b_1.c.linear.output" in pb.nodes(fresh)
+
+
+def test_first_unpatched_call_runs_eagerly_while_the_plain_program_compiles(gated_compiler):
+    gate, started = gated_compiler
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        first = compiled(x)  # captured now; its plain program waits at the gate
+        second = compiled(x)
+        assert started.reach(1) == 1
+        assert pb.stats(compiled).plain_eager_calls == 2
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+        third = compiled(x)
+    stats = pb.stats(compiled)
+    assert (stats.calls, stats.plain_eager_calls, stats.compile_failures) == (3, 2, 0)
+    assert len(started) == 1 and stats.compile_seconds > 0
+    for result in (first, second, third):
+        torch.testing.assert_close(result, model(x))
+
+
+def test_a_failing_plain_compile_warns_and_runs_the_graph_eagerly(monkeypatch):
+    def failing_compile(gm, example, options):
+        raise RuntimeError("inductor fell over")
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", failing_compile)
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [compiled(x)]
+        assert pb.wait_for_compiles(timeout=300)
+        results += [compiled(x) for _ in range(2)]
+    failures = [w for w in caught if "the plain program" in str(w.message) and "inductor fell over" in str(w.message)]
+    assert len(failures) == 1
+    stats = pb.stats(compiled)
+    assert (stats.compile_failures, stats.plain_eager_calls) == (1, 3)
+    for result in results:
+        torch.testing.assert_close(result, model(x))
+
+
+def test_the_worker_compiles_with_the_callers_torch_config(model_and_input, monkeypatch):
+    """torch's config overrides are per thread (2.13): the worker runs in the caller's context."""
+    seen = []
+    real = dispatcher_module.compile_graph
+
+    def recording(gm, example, options):
+        seen.append((threading.current_thread() is threading.main_thread(),
+                     torch._inductor.config.fallback_random))
+        return real(gm, example, options)
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", recording)
+    _, x, compiled, _ = model_and_input
+    with pb.config.patch(compile_policy="background"), torch._inductor.config.patch(fallback_random=True):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+    assert seen == [(False, True)]
+
+
+def test_stats_report_compile_seconds_per_region():
+    """pb.stats: calls per tier (above) and the seconds each region's compile took, here the
+    two blocks of TwoLayerMLP.layers sharing one artifact, compiled in the background."""
+    from patch_backend.program.regions import clear_region_cache
+
+    clear_region_cache()
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+        plain = dict(pb.stats(compiled).compile_seconds_by_region)
+        with pb.patch(compiled, {"layers_1.act.gelu": ZeroPatch()}):
+            compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+    by_region = pb.stats(compiled).compile_seconds_by_region
+    assert "layers[*]" in plain and plain["layers[*]"] > 0
+    # The patched block is a second block artifact; the plain one and the rest were reused.
+    assert set(by_region) == set(plain) and by_region["layers[*]"] > plain["layers[*]"]
+    # Region compiles are a part of each program's compile (which also splits and keys regions).
+    assert sum(by_region.values()) <= pb.stats(compiled).compile_seconds
+
+
+def test_background_falls_back_to_sync_where_torch_lacks_the_interfaces(model_and_input, monkeypatch):
+    """docs/errors.md row 27: without Dynamo's force_compile_during_fx_trace (or its compile
+    callbacks) a worker thread is not safe, so "background" compiles in the call, and says so."""
+    from patch_backend._torch_compat import gates, threads
+    from patch_backend.runtime import tiers, worker
+
+    monkeypatch.setattr(worker, "_hooks", None)
+    monkeypatch.setattr(threads, "_probe_flag", lambda: False)
+    gates.reset_warnings()
+    _, x, compiled, _ = model_and_input
+    with pb.config.patch(compile_policy="background"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tiers.policy() == "sync"
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+    assert [str(w.message) for w in caught if issubclass(w.category, pb.PatchBackendWarning)] == [
+        next(str(w.message) for w in caught if "force_compile_during_fx_trace" in str(w.message))
+    ]
+    stats = pb.stats(compiled)
+    assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (0, 1, 1)
+
+
+_EXITS_WHILE_COMPILING = """
+import sys, torch, patch_backend as pb
+from patch_backend.runtime import worker
+sys.path.insert(0, sys.argv[1])
+from fixtures import TwoLayerMLP
+model, x = TwoLayerMLP(), torch.randn(4, 8)
+compiled = torch.compile(model, backend="graphpatch")
+torch.testing.assert_close(compiled(x), model(x))
+with pb.patch(compiled, {"layers_0.output": pb.AddPatch(value=1.0)}):
+    compiled(x)  # a second compile, queued behind the plain one: dropped at exit
+print("in flight at exit:", worker.in_flight())
+"""
+
+
+def test_a_process_exits_cleanly_while_the_worker_compiles():
+    """The running compile is waited for at exit (abandoning it in Inductor's C++ thread pools
+    aborted the process: "terminate called without an active exception"), queued ones dropped."""
+    env = dict(os.environ, PATCH_BACKEND_COMPILE_POLICY="background")
+    done = subprocess.run([sys.executable, "-c", _EXITS_WHILE_COMPILING, os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "in flight at exit: 2" in done.stdout
+    assert "terminate called" not in done.stderr and "failed" not in done.stderr

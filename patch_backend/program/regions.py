@@ -87,6 +87,8 @@ class ProgramReport:
     whole_reason: Optional[str]
     #: The container whose blocks delimit the regions (``"transformer.h"``), if any.
     container: Optional[str]
+    #: Compile seconds of this call per region label (``RegionCompile.label``), cache misses only.
+    seconds_by_region: Tuple[Tuple[str, float], ...] = ()
 
 
 # -- the process-wide artifact cache ------------------------------------------------------------
@@ -384,7 +386,7 @@ def _whole(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: 
         _cache.seconds += seconds
         _cache.history.append(RegionCompile("whole graph", len(gm.graph.nodes), seconds))
         del _cache.history[: -_cache.bound]
-    return WholeProgram(fn, ProgramReport(1, 1, 0, seconds, reason, container))
+    return WholeProgram(fn, ProgramReport(1, 1, 0, seconds, reason, container, (("whole graph", seconds),)))
 
 
 def _symbolic(value: Any) -> bool:
@@ -500,6 +502,7 @@ def _compile_split(
     block_regions = [region for region, index in block_of.items() if index is not None]
 
     steps: List[_Step] = []
+    by_label: Dict[str, float] = {}
     compiled = reused = 0
     seconds = 0.0
     sources = {node: getattr(node, "_dynamo_source", None) for node in placeholders}
@@ -529,6 +532,8 @@ def _compile_split(
         compiled += fresh
         reused += not fresh
         seconds += spent
+        if fresh:
+            by_label[label] = by_label.get(label, 0.0) + spent
         steps.append(_Step(fn, tuple(slot[node] for node in inputs), tuple(slot[node] for node in outputs), ()))
     final = []
     for region, step in enumerate(steps):
@@ -542,7 +547,7 @@ def _compile_split(
         output_node.args[0],
         lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value,  # type: ignore[arg-type, return-value]
     )
-    report = ProgramReport(count, compiled, reused, seconds, None, container)
+    report = ProgramReport(count, compiled, reused, seconds, None, container, tuple(by_label.items()))
     return RegionalProgram(final, len(slot), len(placeholders), template, report)
 
 

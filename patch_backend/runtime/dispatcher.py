@@ -41,9 +41,10 @@ class Dispatcher:
         self.graph = GraphFacts(capture, compiled)
         # Holds no reference back to the dispatcher: Dynamo's reset must free it (and so forget
         # its capture) at once, not at the next cyclic garbage collection.
-        self.compile = GraphCompiler(compiled, compile_options)
+        self.compile = GraphCompiler(compiled, compile_options, self.stats)
         self.tiers = Tiers(self.graph, self.stats, self.compile)
         self._lock = threading.Lock()
+        self._plain_lock = threading.Lock()
         if compiled and not capture.dynamic:
             # Static shapes: compile the plain variant at its first unpatched call, so a graph
             # that only ever runs patched (a sweep's batched graph) never compiles it.
@@ -97,26 +98,40 @@ class Dispatcher:
         return plain
 
     def _compile_plain_on_first_call(self, *args: Any) -> Any:
-        with self._lock:
+        if self.tiers.plain_in_background(lambda: self._install_plain(args)):
+            # compile_policy "background": the captured graph, run eagerly, is the same program.
+            return self.capture.gm.forward(*args)
+        return self._install_plain(args)(*args)
+
+    def _install_plain(self, args: Sequence[Any]) -> Callable:
+        """Compiles the plain program once (in the call or on the compile worker) and makes it
+        the one unpatched calls run. Its own lock: ``_lock`` must not wait for a compile."""
+        with self._plain_lock:
             if self.plain == self._compile_plain_on_first_call:
                 self.plain = self._compile_plain(args)
-        return self.plain(*args)
-
+            return self.plain
 
 
 @dataclass(frozen=True, eq=False)
 class GraphCompiler:
     """``compile(gm, example)`` for one graph's plain and patched programs: Inductor with
-    torch.compile's ``mode``/``options`` (``graphpatch``), or the graph itself (``graphpatch_eager``)."""
+    torch.compile's ``mode``/``options`` (``graphpatch``), or the graph itself (``graphpatch_eager``).
+    Adds each compile's seconds per region to ``stats.compile_seconds_by_region``."""
 
     compiled: bool
     options: Dict[str, Any]
+    stats: Stats
 
     def __call__(self, gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
         if not self.compiled:
             return gm.forward
         with COMPILE_LOCK:
-            return compile_graph(gm, example, self.options)
+            program = compile_graph(gm, example, self.options)
+            report = getattr(program, "report", None)
+            by_region = self.stats.compile_seconds_by_region
+            for label, seconds in getattr(report, "seconds_by_region", ()):
+                by_region[label] = by_region.get(label, 0.0) + seconds
+            return program
 
 
 def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dict[str, Any]) -> Callable:

@@ -2,26 +2,23 @@
 
 ``config.compile_policy`` says what a call does when its program has no compiled form yet:
 
-- ``"sync"`` (the default): compile it in the call (the first call of each structure pays);
-- ``"background"``: run the request's eager form now (the eager interpreter with the same
-  patches, so the result is the same) and compile in a worker thread; later calls run the
-  compiled program once it is in the cache. torch 2.13's AOTAutograd traces with ``make_fx``,
-  whose patching of ``nn.Module.__call__`` and tracing flag are process-wide: a compiled call
-  in another thread during that trace raises in Dynamo, before any of our code runs, so the
-  caller must not call compiled code while a compile runs (``wait_for_compiles``). That is
-  why it is not the default;
-- ``"never"``: always the eager form.
+- ``"background"`` (the default): run the request's eager form now (the eager interpreter with
+  the same patches, so the result is the same) and compile on the compile worker
+  (runtime/worker.py); later calls run the compiled program once it is in the cache. A graph's
+  first unpatched call likewise runs the captured graph while its plain program compiles.
+  The caller may keep calling compiled code meanwhile: the worker makes that safe (torch's FX
+  tracing state is process-wide; see worker.py and ``_torch_compat/threads.py``);
+- ``"sync"``: compile it in the call (the first call of each structure pays);
+- ``"never"``: always the eager form for patched calls.
 
 Every compile of a patched program, in the call or in the worker, holds ``COMPILE_LOCK``:
-Inductor is not known to be thread-safe, and one worker makes background compiles queue up
-rather than compete for the same cores the eager calls need. A background compile that raises
-is not lost: the dispatcher warns once with the graph's uid and runs that program's calls on
-the eager tier from then on.
+Inductor is not known to be thread-safe. A background compile that raises is not lost: the
+dispatcher warns once with the graph's uid and runs that program's calls on the eager tier
+from then on.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 import warnings
@@ -32,48 +29,30 @@ import torch
 from .. import config
 from ..program.dynamic import ShapeGuard, SymbolicCompile
 from ..stats import Stats
+from . import worker
 from .cache import ProgramCache
 from .requests import CompileFn, GraphFacts, Request
 
 #: Held by every compile of a patched program (see the module docstring).
 COMPILE_LOCK = threading.RLock()
 
-_executor_lock = threading.Lock()
-_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-#: Background compiles submitted and not finished (``wait_for_compiles``).
-_in_flight: Set[concurrent.futures.Future] = set()
-
-
-def _submit(job: Callable[[], None]) -> concurrent.futures.Future:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            # One worker: background compiles run one at a time, in the order they were asked.
-            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch_backend-compile")
-        future = _executor.submit(job)
-        _in_flight.add(future)
-    future.add_done_callback(_finished)
-    return future
-
-
-def _finished(future: concurrent.futures.Future) -> None:
-    with _executor_lock:
-        _in_flight.discard(future)
+#: The key of a graph's plain program among its pending and failed compiles.
+PLAIN = ("plain program",)
 
 
 def wait_for_compiles(timeout: Optional[float] = None) -> bool:
     """Waits until no background compile is in flight; returns False if ``timeout`` seconds
     passed first. Tests and benchmarks call it to know which tier the next call runs on."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        with _executor_lock:
-            pending = list(_in_flight)
-        if not pending:
-            return True
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        _, not_done = concurrent.futures.wait(pending, timeout=remaining)
-        if not_done:
-            return False
+    return worker.wait_for_compiles(timeout)
+
+
+def policy() -> str:
+    """``config.compile_policy``, with "background" read as "sync" where this torch cannot
+    compile in a worker thread safely (warned once, ``_torch_compat/threads.py``)."""
+    chosen = config.compile_policy
+    if chosen == "background" and not worker.supported():
+        return "sync"
+    return chosen
 
 
 class Tiers:
@@ -133,12 +112,12 @@ class Tiers:
                 self._account(time.perf_counter() - start)
             self.stats.eager_calls += 1
             return request.run(program, args)
-        policy = config.compile_policy
-        if policy == "sync" and key not in self._failed:
+        chosen = policy()
+        if chosen == "sync" and key not in self._failed:
             program = self._build(request, key, guarded, args)
             self.stats.compiled_calls += 1
             return request.run(program, args)
-        if policy == "background" and key not in self._failed:
+        if chosen == "background" and key not in self._failed:
             self._start_background(request, key, guarded, args)
         return self._run_eager(request, key, args)
 
@@ -175,8 +154,12 @@ class Tiers:
         self.stats.compile_seconds += seconds
 
     def _start_background(self, request: Request, key: Hashable, guarded: bool, args: Sequence[Any]) -> None:
+        self._in_background(key, lambda: self._build(request, key, guarded, args), "a patched program")
+
+    def _in_background(self, key: Hashable, build: Callable[[], Any], what: str) -> None:
+        """Submits ``build`` to the compile worker unless ``key`` is pending or failed."""
         with self._lock:
-            if key in self._pending:
+            if key in self._pending or key in self._failed:
                 return
             self._pending.add(key)
         grad = torch.is_grad_enabled()
@@ -185,25 +168,39 @@ class Tiers:
             try:
                 # The program is compiled as the call that asked for it would have compiled it.
                 with torch.set_grad_enabled(grad):
-                    self._build(request, key, guarded, args)
+                    build()
             except Exception as error:  # noqa: BLE001 - reported, and the program runs eagerly
-                self._fail(key, error)
+                self._fail(key, error, what)
             finally:
                 with self._lock:
                     self._pending.discard(key)
 
-        _submit(compile_in_worker)
+        worker.submit(compile_in_worker)
 
-    def _fail(self, key: Hashable, error: BaseException) -> None:
+    # -- the plain program ------------------------------------------------------------------
+    def plain_in_background(self, build: Callable[[], Any]) -> bool:
+        """A graph's unpatched call before its plain program exists. Under "background" it
+        submits ``build`` (compile and install the plain program) once and says True: the
+        caller runs the captured graph eagerly (``graphpatch_eager``'s plain program). Otherwise
+        False: the caller compiles in the call, as before."""
+        if policy() != "background":
+            return False
+        self._in_background(PLAIN, build, "the plain program")
+        self.stats.plain_eager_calls += 1
+        return True
+
+    def _fail(self, key: Hashable, error: BaseException, what: str = "a patched program") -> None:
         """A background compile raised: warn once per graph, and run the program eagerly."""
         self.stats.compile_failures += 1
+        if worker.exiting():
+            return  # the interpreter is shutting down under the compile: nothing to report
         with self._lock:
             self._failed[key] = f"{type(error).__name__}: {error}"
             warn = not self._warned_failure
             self._warned_failure = True
         if warn:
             warnings.warn(
-                f"patch_backend: compiling a patched program of graph {self.graph.capture.uid} in the background "
+                f"patch_backend: compiling {what} of graph {self.graph.capture.uid} in the background "
                 f"failed ({type(error).__name__}: {error}); its calls run on the eager interpreter instead, "
                 "with the same results but without Inductor's speed. Set pb.config.compile_policy = 'sync' "
                 "to see the error where the program is first called (docs/errors.md).",

@@ -1,0 +1,200 @@
+"""The compile worker: one thread that builds compiled programs while callers run eager forms.
+
+Why a thread, and what keeps it safe (torch 2.13, ``_torch_compat/threads.py``):
+
+* The worker compiles in a *copy of the submitting thread's context*: torch's config overrides
+  (Inductor's and Dynamo's) are per thread, so without the copy a background compile would
+  ignore the user's ``torch._inductor.config`` settings and key torch's caches differently.
+* While a compile is in flight, the submitting thread may call compiled code although the
+  worker's ``make_fx`` trace sets torch.fx's process-wide tracing flag (``allow_compiled_calls``).
+* Dynamo compiles in any thread and the worker's compiles exclude each other: a Dynamo compile
+  that starts while the worker compiles waits for it, and the worker starts a compile only
+  when no Dynamo compile runs. Dynamo would otherwise trace through the ``nn.Module.__call__``
+  that make_fx patches for the whole process.
+* Python's GIL: Inductor's compile is mostly Python, and a thread waiting for the GIL gets it
+  only after the holder's switch interval (5 ms by default). Eager forms release and retake the
+  GIL around every op, so a forward of a few hundred ops would wait seconds. While a compile is
+  in flight the switch interval is ``SWITCH_INTERVAL``; the default is restored after.
+
+One worker: compiles run one at a time, in the order they were asked, and leave the other core
+(if any) to the callers. At interpreter exit, compiles still queued are dropped (a script that
+got its results does not wait for compiles no call will use) and the one running is waited for:
+abandoning it inside Inductor's C++ thread pools aborts the process ("terminate called without
+an active exception"). The wait runs among ``threading``'s exit hooks, before
+``concurrent.futures`` shuts the pools that compile needs. A worker *process* would avoid the GIL and the shared tracing state
+altogether; it needs the region graphs pickled and the second compile to hit torch's on-disk
+caches exactly (docs/performance.md, "what remains").
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextvars
+import queue
+import sys
+import threading
+import time
+from typing import Callable, Optional, Set, Tuple
+
+from .._torch_compat import threads as torch_threads
+
+#: The GIL switch interval (seconds) while a background compile runs (see the docstring).
+SWITCH_INTERVAL = 0.0002
+
+_lock = threading.Lock()
+_changed = threading.Condition(_lock)
+_thread: Optional[threading.Thread] = None
+_jobs: "queue.SimpleQueue[Tuple[concurrent.futures.Future, contextvars.Context, Callable[[], None]]]" = queue.SimpleQueue()
+_exiting = False
+#: Whether the worker is running a job (the exit hook waits for it).
+_running = False
+_in_flight: Set[concurrent.futures.Future] = set()
+#: Dynamo compiles running in other threads, and whether the worker is compiling.
+_dynamo_compiles = 0
+_compiling = False
+_saved_interval: Optional[float] = None
+_worker = threading.local()
+_hooks: Optional[bool] = None
+
+
+def supported() -> bool:
+    """Whether background compiles are safe on this torch (else they run in the call)."""
+    global _hooks
+    with _lock:
+        if _hooks is None:
+            _hooks = torch_threads.background_supported() and torch_threads.on_dynamo_compile(
+                _dynamo_start, _dynamo_end
+            )
+            if _hooks:
+                torch_threads.warm_up()
+        return _hooks
+
+
+def submit(job: Callable[[], None]) -> concurrent.futures.Future:
+    """Runs ``job`` on the worker, in a copy of the caller's context; the caller may call
+    compiled code meanwhile."""
+    global _thread
+    context = contextvars.copy_context()
+    torch_threads.allow_compiled_calls()
+    torch_threads.on_dynamo_compile(_dynamo_start, _dynamo_end)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    with _lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_serve, name="patch_backend-compile", daemon=True)
+            _thread.start()
+        _in_flight.add(future)
+    future.add_done_callback(_finished)
+    _jobs.put((future, context, job))
+    return future
+
+
+def _serve() -> None:
+    global _running
+    while True:
+        future, context, job = _jobs.get()
+        with _changed:
+            start = not _exiting
+            _running = start
+        try:
+            if not start:
+                future.cancel()  # exiting: dropped
+            elif future.set_running_or_notify_cancel():
+                try:
+                    context.run(_in_worker, job)
+                except BaseException as error:  # noqa: BLE001 - the job reports its own errors
+                    future.set_exception(error)
+                else:
+                    future.set_result(None)
+        finally:
+            with _changed:
+                _running = False
+                _changed.notify_all()
+
+
+def _at_exit() -> None:
+    """Drops the queued compiles and waits for the running one (see the module docstring)."""
+    global _exiting
+    with _changed:
+        _exiting = True
+        _changed.wait_for(lambda: not _running)
+
+
+# threading's exit hooks run before the interpreter joins threads and before atexit's, in the
+# reverse order of registration: this one runs before concurrent.futures' (registered when it
+# is imported, which torch does before this module is imported).
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+else:  # pragma: no cover - Pythons without threading's exit hooks
+    atexit.register(_at_exit)
+
+
+def _in_worker(job: Callable[[], None]) -> None:
+    global _compiling, _saved_interval
+    _worker.active = True
+    torch_threads.forbid_compiled_calls()
+    with _changed:
+        _changed.wait_for(lambda: _dynamo_compiles == 0)
+        _compiling = True
+        if _saved_interval is None:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, SWITCH_INTERVAL))
+    try:
+        job()
+    finally:
+        with _changed:
+            _compiling = False
+            _changed.notify_all()
+
+
+def _finished(future: concurrent.futures.Future) -> None:
+    global _saved_interval
+    with _changed:
+        _in_flight.discard(future)
+        if not _in_flight and _saved_interval is not None:
+            sys.setswitchinterval(_saved_interval)
+            _saved_interval = None
+        _changed.notify_all()
+
+
+def _dynamo_start(args: object = None) -> None:
+    global _dynamo_compiles
+    if getattr(_worker, "active", False):
+        return  # the worker's own compile never waits for itself
+    with _changed:
+        _changed.wait_for(lambda: not _compiling)
+        _dynamo_compiles += 1
+
+
+def _dynamo_end(args: object = None) -> None:
+    global _dynamo_compiles
+    if getattr(_worker, "active", False):
+        return
+    with _changed:
+        # Dynamo may call the end of a compile whose start ran before the hooks were registered.
+        _dynamo_compiles = max(0, _dynamo_compiles - 1)
+        _changed.notify_all()
+
+
+def exiting() -> bool:
+    """Whether the interpreter is exiting (a compile failing now fails for that reason)."""
+    return _exiting
+
+
+def in_flight() -> int:
+    with _lock:
+        return len(_in_flight)
+
+
+def wait_for_compiles(timeout: Optional[float] = None) -> bool:
+    """Waits until no background compile is in flight; returns False if ``timeout`` seconds
+    passed first. Tests and benchmarks call it to know which tier the next call runs on."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _changed:
+        done = _changed.wait_for(
+            lambda: not _in_flight, timeout=None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
+    if done:
+        torch_threads.forbid_compiled_calls()
+    return done
