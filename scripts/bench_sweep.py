@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -146,9 +147,18 @@ def print_table(result: Dict[str, object]) -> None:
     print(f"pb.sweep compiled variants: {result['sweep_variants_compiled']}")
 
 
-def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, width: int, chunk: int, out: str) -> None:
-    """One rank of ``--ranks`` (world 1: the single-process baseline, no process group)."""
+def _rank_sweep(
+    rank: int, world: int, port: int, layers: int, positions: int, width: int, chunk: int, rounds: int, out: str
+) -> None:
+    """One rank of ``--ranks`` (world 1: the single-process baseline, no process group).
+
+    With several ranks, after the cold sharded sweep: ``rounds`` interleaved rounds of (a) the
+    whole sweep on rank 0 alone (``distributed=False``, the same program: all sites, one chunk
+    shape) while the other ranks wait, then (b) the sharded sweep on every rank. Interleaving
+    puts both under the same load from other processes; D1 is the median of the rounds' ratios.
+    """
     import torch.distributed as dist
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.distributed import last_timings
 
     torch.set_num_threads(1)
@@ -166,28 +176,55 @@ def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, w
     with torch.no_grad():
         compiled(corrupt)  # capture (Dynamo + the unpatched graph) is not part of the sweep's compile
 
-    def timed() -> Tuple[float, float, float, object, torch.Tensor]:
+    def timed(distributed: bool = True) -> Tuple[float, float, float, object, torch.Tensor]:
         if world > 1:
             dist.barrier()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with torch.no_grad():
-            values = pb.sweep(compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False)
+        values = None
+        if distributed or rank == 0:
+            with torch.no_grad():
+                values = pb.sweep(
+                    compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False, distributed=distributed
+                )
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-        timings = last_timings() if world > 1 else None
+        timings = last_timings() if world > 1 and distributed else None
         return wall, (timings.shard_seconds if timings else wall), cpu, timings, values
 
-    cold_wall, cold_shard, cold_cpu, _, values = timed()
+    dynamo = _dynamo_seconds()
+    variant_seconds = pb.stats(model).compile_seconds
+    caches = fx_graph_cache_counters()
+    cold_wall, cold_shard, cold_cpu, cold_timings, values = timed()
+    dynamo = _dynamo_seconds() - dynamo
+    variant_seconds = pb.stats(model).compile_seconds - variant_seconds
+    caches = {name: count - caches[name] for name, count in fx_graph_cache_counters().items()}
+    shared = getattr(cold_timings, "share_seconds", 0.0)
     steady = [timed() for _ in range(2)]
     wall, shard, cpu, timings, _ = min(steady, key=lambda item: item[0])
+    interleaved = []
+    if world > 1:
+        for _ in range(rounds):
+            alone_wall, _, alone_cpu, _, _ = timed(distributed=False)
+            sharded_wall, _, sharded_cpu, _, _ = timed()
+            interleaved.append({"alone_wall": alone_wall, "alone_cpu": alone_cpu,
+                                "sharded_wall": sharded_wall, "sharded_cpu": sharded_cpu})
     mine = {
         "rank": rank,
         "cold_wall": cold_wall,
-        "compile_seconds": cold_shard - shard,
+        # Waiting for the compiling rank (and loading what it compiled) is not compiling.
+        "compile_seconds": cold_shard - shard - shared,
+        "compile_seconds_with_waiting": cold_shard - shard,
+        "waiting_for_leader_seconds": shared,
+        "sharing": getattr(cold_timings, "sharing", "none"),
         "compile_cpu_seconds": cold_cpu - cpu,
+        "variant_compile_seconds (pb.stats)": variant_seconds,
+        "dynamo_seconds": dynamo,
+        "fx_graph_cache": caches,
+        "variants_compiled": pb.stats(model).variants_compiled,
         "steady_wall": wall,
         "steady_shard": shard,
         "steady_cpu": cpu,
         "timings": None if timings is None else dataclasses.asdict(timings),
+        "interleaved": interleaved,
     }
     if world > 1:
         everyone: List[Optional[Dict[str, object]]] = [None] * world
@@ -197,6 +234,11 @@ def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, w
         everyone = [mine]
     if rank == 0:
         torch.save({"ranks": everyone, "values": values, "cells": len(cells)}, out)
+
+
+def _dynamo_seconds() -> float:
+    """Seconds Dynamo spent compiling frames in this process (tracing plus its backend call)."""
+    return sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
 
 
 def _cpu_seconds() -> float:
@@ -213,7 +255,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -> Dict[str, object]:
+def run_ranks(
+    ranks: int, layers: int, positions: int, width: int, chunk: int, share: str = "auto", rounds: int = 3
+) -> Dict[str, object]:
     """1 rank, then ``ranks`` ranks, each in fresh processes with a fresh Inductor cache directory."""
     import torch.multiprocessing as mp
 
@@ -221,12 +265,13 @@ def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -
     # Inductor compiles in this process, not in a pool of workers: one core per rank, and
     # time.process_time() sees all of the compile's CPU seconds.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    os.environ["PATCH_BACKEND_COMPILE_SHARING"] = share
     for world in (1, ranks):
         with tempfile.TemporaryDirectory(prefix="bench_ranks_") as scratch:
             # Every rank of this configuration shares one cache directory (docs/scaling.md).
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
             out = os.path.join(scratch, "result.pt")
-            args = (world, _free_port(), layers, positions, width, chunk, out)
+            args = (world, _free_port(), layers, positions, width, chunk, rounds, out)
             mp.spawn(_rank_sweep, args=args, nprocs=world, join=True)
             runs[world] = torch.load(out)
     one, many = runs[1], runs[ranks]
@@ -237,19 +282,33 @@ def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -
     fastest_shard = min(rank["steady_shard"] for rank in many["ranks"])
     compile_summed = sum(rank["compile_seconds"] for rank in many["ranks"])
     compile_cpu_summed = sum(rank["compile_cpu_seconds"] for rank in many["ranks"])
+    variant_summed = sum(rank["variant_compile_seconds (pb.stats)"] for rank in many["ranks"])
     busiest_cpu = max(rank["steady_cpu"] for rank in many["ranks"])
+    leader = many["ranks"][0]["interleaved"]
+    rounds_d1 = [
+        entry["alone_wall"] / max(other["interleaved"][k]["sharded_wall"] for other in many["ranks"])
+        for k, entry in enumerate(leader)
+    ]
+    rounds_cpu = [
+        entry["alone_cpu"] / max(other["interleaved"][k]["sharded_cpu"] for other in many["ranks"])
+        for k, entry in enumerate(leader)
+    ]
     return {
         "sweep": f"{layers} layers x {positions} positions, width {width}",
         "cells": cells,
         "chunk": chunk,
         "ranks": ranks,
         "threads_per_rank": 1,
+        "compile_sharing": many["ranks"][-1]["sharing"],
+        "load average (1 min) at the end": os.getloadavg()[0],
+        "D1 throughput ratio (excluding compile, interleaved rounds, median)": statistics.median(rounds_d1),
+        "D1 per round": rounds_d1,
+        "D1 throughput ratio (excluding compile, separate 1-rank process)": single["steady_wall"] / wall,
         "cells_per_second_1_rank": cells / single["steady_wall"],
         f"cells_per_second_{ranks}_ranks": cells / wall,
-        "D1 throughput ratio (excluding compile)": single["steady_wall"] / wall,
         # What D1 would be with a core per rank: the busiest rank's CPU seconds against the
         # single rank's. Other processes on the machine lower the wall-clock ratio, not this one.
-        "CPU-seconds ratio (1 rank / busiest rank)": single["steady_cpu"] / busiest_cpu,
+        "CPU-seconds ratio (rank 0 alone / busiest rank, interleaved, median)": statistics.median(rounds_cpu),
         "D2 coordination overhead % of sweep time": 100 * (wall - slowest_shard) / wall,
         "shard imbalance % (slowest vs fastest shard)": 100 * (slowest_shard - fastest_shard) / slowest_shard,
         "compile_seconds_1_rank": single["compile_seconds"],
@@ -258,6 +317,12 @@ def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -
         "compile_cpu_seconds_1_rank": single["compile_cpu_seconds"],
         f"compile_cpu_seconds_summed_{ranks}_ranks": compile_cpu_summed,
         "D3 compile CPU-seconds ratio (summed over ranks / 1 rank)": compile_cpu_summed / single["compile_cpu_seconds"],
+        "variant compile seconds (pb.stats) 1 rank": single["variant_compile_seconds (pb.stats)"],
+        f"variant compile seconds (pb.stats) summed {ranks} ranks": variant_summed,
+        "D3 variant compile seconds ratio (pb.stats, summed / 1 rank)": variant_summed
+        / single["variant_compile_seconds (pb.stats)"],
+        "waiting for the compiling rank, s (per rank)": [rank["waiting_for_leader_seconds"] for rank in many["ranks"]],
+        "variants compiled per rank": [rank["variants_compiled"] for rank in many["ranks"]],
         "agrees_with_1_rank": bool(torch.allclose(many["values"], one["values"], atol=1e-4)),
         "per_rank": many["ranks"],
         "baseline": single,
@@ -274,9 +339,14 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--ranks", type=int, default=None, help="sharded sweep on N gloo ranks vs 1 rank")
     parser.add_argument("--layers", type=int, default=6, help="with --ranks")
     parser.add_argument("--positions", type=int, default=64, help="with --ranks")
+    parser.add_argument("--share", default="auto", choices=("auto", "cache", "broadcast", "none"),
+                        help="with --ranks: how ranks share compiles (patch_backend.distributed.COMPILE_SHARING)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --ranks: interleaved 1-rank/N-rank rounds")
     options = parser.parse_args()
     if options.ranks:
-        result = run_ranks(options.ranks, options.layers, options.positions, options.width, options.chunk)
+        result = run_ranks(
+            options.ranks, options.layers, options.positions, options.width, options.chunk, options.share, options.rounds
+        )
         result["device"] = "cpu (gloo)"
         for name, value in result.items():
             if name not in ("per_rank", "baseline"):
