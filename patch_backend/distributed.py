@@ -17,10 +17,12 @@ Each rank then
    artifacts instead of compiling the same program again (``COMPILE_SHARING``);
 4. exchanges statuses with ``all_gather_object``. If any rank failed, every rank raises
    ``DistributedSweepError`` naming the rank and the cell; nothing is returned half-written;
-5. only then gathers the results (``all_gather`` of padded tensors) and returns them, in cell
-   order, on every rank.
+5. only then gathers the results and returns them, in cell order, on every rank. Small results
+   travel with step 4's statuses (no extra collective); larger ones are gathered afterwards
+   (``all_gather`` of padded tensors).
 
-Steps 2, 4 and 5, and step 3's hand-over of compiled artifacts, are the only collectives; each is bounded by the process group's timeout
+Steps 2 and 4 (and 5 for large results), and step 3's hand-over of compiled artifacts, are the
+only collectives; each is bounded by the process group's timeout
 (``init_process_group(..., timeout=...)``), which is what bounds a rank that hangs rather than
 raises. See docs/scaling.md.
 """
@@ -180,6 +182,15 @@ class _Status:
     dtype: Optional[torch.dtype]
     seconds: float
     failure: Optional[RankFailure]
+    #: The rows themselves (on the CPU) when they are small (``INLINE_RESULT_ELEMENTS``): then
+    #: step 5 needs no collective of its own.
+    values: Optional[torch.Tensor] = None
+
+
+#: Results of at most this many elements per rank travel with the status (one collective less
+#: per sweep: each costs a wake-up of every rank, which on a loaded machine is milliseconds);
+#: larger ones are gathered as tensors (``all_gather``), without pickling.
+INLINE_RESULT_ELEMENTS = 1 << 20
 
 
 def active(distributed: bool = True) -> bool:
@@ -560,6 +571,9 @@ def sharded_sweep(
         dtype=None if values is None else values.dtype,
         seconds=ran - agreed,
         failure=failure,
+        values=(
+            values.detach().cpu() if values is not None and values.numel() <= INLINE_RESULT_ELEMENTS else None
+        ),
     )
     statuses: List[Optional[_Status]] = [None] * world
     dist.all_gather_object(statuses, status)
@@ -580,7 +594,13 @@ def sharded_sweep(
         raise RuntimeError(
             f"pb.sweep on {world} ranks: internal error, the ranks with rows reported no result shape or dtype"
         )
-    result = _gather(values, plan, shape, dtype, _input_device(inputs) if values is None else values.device)
+    device = _input_device(inputs) if values is None else values.device
+    sent = [s for s in statuses if s is not None and s.rows]
+    if all(s.values is not None for s in sent):
+        # Every rank's rows came with its status (the same decision on every rank).
+        result = torch.cat([s.values for s in sent if s.values is not None]).to(device=device, dtype=dtype)
+    else:
+        result = _gather(values, plan, shape, dtype, device)
     gathered = time.perf_counter()
     _LAST["last"] = Timings(
         planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing

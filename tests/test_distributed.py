@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import patch_backend as pb
+import patch_backend.distributed as distributed
 from fixtures import TwoLayerMLP
 from patch_backend import ZeroPatch
 from patch_backend._torch_compat.inductor import fx_graph_cache_counters
@@ -152,6 +153,14 @@ def _matches_single_process(rank: int, world: int) -> None:
             sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=batch_size, progress=rank == 0)
             assert sharded.shape == alone.shape == (11, 2, 5)
             torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+        # Rows too large to travel with the status are gathered as tensors: the same rows.
+        inline = distributed.INLINE_RESULT_ELEMENTS
+        distributed.INLINE_RESULT_ELEMENTS = 0
+        try:
+            gathered = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
+        finally:
+            distributed.INLINE_RESULT_ELEMENTS = inline
+        torch.testing.assert_close(gathered, alone, rtol=1e-5, atol=1e-5)
         # One cell on several ranks: the others have empty shards.
         one = pb.sweep(compiled, (x,), cells[3:4], metric, batch_size=4, progress=False)
         torch.testing.assert_close(one, alone[3:4], rtol=1e-5, atol=1e-5)
@@ -281,6 +290,13 @@ def _one_program_for_all_ranks(rank: int, world: int) -> None:
     alone = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
     torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, alone, rtol=1e-5, atol=1e-5)
+    # An unknown sharing mode is refused on every rank before any collective (errors.md row 28).
+    distributed.COMPILE_SHARING = "sometimes"
+    try:
+        with pytest.raises(ValueError, match=r"COMPILE_SHARING .* must be one of .*got 'sometimes'"):
+            pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+    finally:
+        distributed.COMPILE_SHARING = "auto"
 
 
 def _inductor(rank: int, world: int) -> None:
