@@ -171,6 +171,9 @@ class _Agreement:
     warm: bool = False
     #: Where this rank's compiled artifacts live: (host, Inductor cache directory).
     cache: Tuple[str, str] = ("", "")
+    #: This rank's ``COMPILE_SHARING``. Rank 0's is used by all: ranks that went different ways
+    #: here would wait in different collectives.
+    sharing: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -462,11 +465,6 @@ def sharded_sweep(
     clock = time.perf_counter()
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
-    if COMPILE_SHARING not in COMPILE_SHARING_MODES:
-        raise ValueError(
-            f"patch_backend.distributed.COMPILE_SHARING (PATCH_BACKEND_COMPILE_SHARING) must be one of "
-            f"{COMPILE_SHARING_MODES}, got {COMPILE_SHARING!r}"
-        )
     cells = list(cells)
     plan = plan_shards([1.0] * len(cells), world)
     compiled, index, batch, chunk = model, None, 0, batch_size or 1
@@ -477,6 +475,12 @@ def sharded_sweep(
     try:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+        if COMPILE_SHARING not in COMPILE_SHARING_MODES:
+            # A planning failure, so that every rank raises, also when only this rank's is wrong.
+            raise ValueError(
+                f"patch_backend.distributed.COMPILE_SHARING (PATCH_BACKEND_COMPILE_SHARING) must be one of "
+                f"{COMPILE_SHARING_MODES}, got {COMPILE_SHARING!r}"
+            )
         compiled, root = local.compiled_model(model)
         batch = local.batch_size(inputs)
         index = index_for(root)
@@ -493,7 +497,9 @@ def sharded_sweep(
     planned = time.perf_counter()
 
     agreements: List[Optional[_Agreement]] = [None] * world
-    mine = _Agreement(_fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location())
+    mine = _Agreement(
+        _fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location(), COMPILE_SHARING
+    )
     dist.all_gather_object(agreements, mine)
     agreed = time.perf_counter()
     failures = [a.failure for a in agreements if a is not None and a.failure is not None]
@@ -554,7 +560,10 @@ def sharded_sweep(
             if handed is False:
                 start = shard.stop  # the leader failed: every rank raises at step 4, skip the work
             elif isinstance(handed, bytes):
-                torch.compiler.load_cache_artifacts(handed)
+                try:
+                    torch.compiler.load_cache_artifacts(handed)
+                except Exception:
+                    pass  # artifacts this torch cannot load: this rank compiles for itself
         share_seconds = time.perf_counter() - waited
     run(shard.stop)
     values: Optional[torch.Tensor] = None
@@ -654,22 +663,28 @@ def _cache_location() -> Tuple[str, str]:
 
 
 def _sharing_mode(agreements: Sequence[_Agreement]) -> str:
-    """How this sweep shares compiles: ``none`` when every rank is warm (nothing to compile)."""
-    if all(agreement.warm for agreement in agreements) or COMPILE_SHARING == "none":
+    """How this sweep shares compiles (rank 0's setting, the same decision on every rank):
+    ``none`` also when every rank is warm (nothing to compile)."""
+    setting = agreements[0].sharing
+    if all(agreement.warm for agreement in agreements) or setting == "none":
         return "none"
-    if COMPILE_SHARING != "auto":
-        return COMPILE_SHARING
+    if setting != "auto":
+        return setting
     return "cache" if len({agreement.cache for agreement in agreements}) == 1 else "broadcast"
 
 
 def _hand_over(sharing: str, leader: int, rank: int, ok: bool) -> Any:
-    """One collective after the leader's first chunk: whether it succeeded and, broadcasting,
-    its compiled artifacts (None when torch has none to give; the others then compile)."""
+    """One collective after the leader's first chunk: False when it failed, else True or,
+    broadcasting, its compiled artifacts as bytes (True when torch has none to give or cannot
+    serialize them: the others then compile for themselves, slower but never wrong)."""
     message: List[Any] = [None]
     if rank == leader:
         payload: Any = ok
         if ok and sharing == "broadcast":
-            saved = torch.compiler.save_cache_artifacts()
+            try:
+                saved = torch.compiler.save_cache_artifacts()
+            except Exception:
+                saved = None
             payload = saved[0] if saved is not None else True
         message = [payload]
     dist.broadcast_object_list(message, src=leader)

@@ -172,6 +172,10 @@ def _rank_sweep(
     from patch_backend.distributed import last_timings
 
     torch.set_num_threads(1)
+    if os.environ.get("BENCH_SESSION_PER_RANK") == "1":
+        # Linux's scheduler (autogroup) shares a busy machine's CPU between sessions, not
+        # processes: ranks in the launcher's session split one session's share between them.
+        os.setsid()
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
@@ -266,7 +270,8 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    ranks: int, layers: int, positions: int, width: int, chunk: int, share: str = "auto", rounds: int = 3
+    ranks: int, layers: int, positions: int, width: int, chunk: int, share: str = "auto", rounds: int = 3,
+    session_per_rank: bool = False,
 ) -> Dict[str, object]:
     """1 rank, then ``ranks`` ranks, each in fresh processes with a fresh Inductor cache directory."""
     import torch.multiprocessing as mp
@@ -276,6 +281,7 @@ def run_ranks(
     # time.process_time() sees all of the compile's CPU seconds.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     os.environ["PATCH_BACKEND_COMPILE_SHARING"] = share
+    os.environ["BENCH_SESSION_PER_RANK"] = "1" if session_per_rank else "0"
     for world in (1, ranks):
         with tempfile.TemporaryDirectory(prefix="bench_ranks_") as scratch:
             # Every rank of this configuration shares one cache directory (docs/scaling.md).
@@ -309,6 +315,7 @@ def run_ranks(
         "chunk": chunk,
         "ranks": ranks,
         "threads_per_rank": 1,
+        "session_per_rank": session_per_rank,
         "compile_sharing": many["ranks"][-1]["sharing"],
         "load average (1 min) at the end": os.getloadavg()[0],
         "D1 throughput ratio (excluding compile, interleaved rounds, median)": statistics.median(rounds_d1),
@@ -360,10 +367,16 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--share", default="auto", choices=("auto", "cache", "broadcast", "none"),
                         help="with --ranks: how ranks share compiles (patch_backend.distributed.COMPILE_SHARING)")
     parser.add_argument("--rounds", type=int, default=3, help="with --ranks: interleaved 1-rank/N-rank rounds")
+    parser.add_argument(
+        "--session-per-rank", action="store_true",
+        help="with --ranks: each rank in its own session, so that on a machine other jobs keep busy, Linux's "
+        "autogroup scheduler gives each rank a session's share of the CPU (docs/scaling.md)",
+    )
     options = parser.parse_args()
     if options.ranks:
         result = run_ranks(
-            options.ranks, options.layers, options.positions, options.width, options.chunk, options.share, options.rounds
+            options.ranks, options.layers, options.positions, options.width, options.chunk, options.share,
+            options.rounds, options.session_per_rank,
         )
         result["device"] = "cpu (gloo)"
         for name, value in result.items():
