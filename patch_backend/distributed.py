@@ -8,16 +8,21 @@ Each rank then
    from the model's node order and plans the same contiguous, cost-balanced shards
    (``plan_shards``: a pure function, so every rank computes the same plan without talking);
 2. checks with the others that they all hold the same cells (a fingerprint of names, patch types,
-   slices and value shapes) and agrees on one chunk size, so every rank compiles one shape;
+   slices and value shapes) and agrees on one chunk size and on the sweep's whole site set, so
+   every rank builds one and the same program (same sites, same shape), whatever its shard names;
 3. runs its shard as an ordinary single-process ``sweep(..., distributed=False)``, inside
    try/except: a failure becomes a status, never an exception that would leave the other ranks
-   waiting in a collective;
+   waiting in a collective. When some rank has not compiled the sweep's program yet, the first
+   rank with cells runs its first chunk alone (compiling it) and the others then load its
+   artifacts instead of compiling the same program again (``COMPILE_SHARING``);
 4. exchanges statuses with ``all_gather_object``. If any rank failed, every rank raises
    ``DistributedSweepError`` naming the rank and the cell; nothing is returned half-written;
-5. only then gathers the results (``all_gather`` of padded tensors) and returns them, in cell
-   order, on every rank.
+5. only then gathers the results and returns them, in cell order, on every rank. Small results
+   travel with step 4's statuses (no extra collective); larger ones are gathered afterwards
+   (``all_gather`` of padded tensors).
 
-Steps 2, 4 and 5 are the only collectives; each is bounded by the process group's timeout
+Steps 2 and 4 (and 5 for large results), and step 3's hand-over of compiled artifacts, are the
+only collectives; each is bounded by the process group's timeout
 (``init_process_group(..., timeout=...)``), which is what bounds a rank that hangs rather than
 raises. See docs/scaling.md.
 """
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import socket
+import weakref
 import itertools
 import os
 import re
@@ -34,7 +41,7 @@ import time
 import traceback
 from datetime import timedelta
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, MutableSet, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +54,31 @@ from .capture.index import index_for
 #: does, a cell patching a late node costs only the rest of the forward from that node on, and
 #: ``cell_costs`` says so. Set it where prefix reuse lands.
 SWEEP_SHARES_PREFIX = False
+
+#: How the ranks of a sharded sweep share the compile of its program (docs/scaling.md). In every
+#: mode all ranks declare the sweep's whole site set, so they need one and the same program.
+#:
+#: - ``"cache"``: the first rank with cells compiles first (it runs its first chunk alone); the
+#:   others wait for it and then find its graphs in Inductor's FX graph and AOTAutograd caches of
+#:   the cache directory they share (``TORCHINDUCTOR_CACHE_DIR``; ranks on one host share the
+#:   default one).
+#: - ``"broadcast"``: the same, but the compiling rank sends its artifacts
+#:   (``torch.compiler.save_cache_artifacts``, what ``pb.save_cache`` writes) to the others
+#:   through the process group and they load them: no shared filesystem needed.
+#: - ``"none"``: every rank compiles when its first chunk needs the program, all at once.
+#: - ``"auto"`` (the default): ``"cache"`` when all ranks run on one host with one cache
+#:   directory, else ``"broadcast"``.
+#:
+#: Only a sweep that some rank has not run yet in this process (same model, sites, chunk and
+#: input shapes) waits for the compiling rank; repeated sweeps run at once on every rank. The
+#: environment variable ``PATCH_BACKEND_COMPILE_SHARING`` sets it for a process.
+COMPILE_SHARING_MODES = ("auto", "cache", "broadcast", "none")
+COMPILE_SHARING = os.environ.get("PATCH_BACKEND_COMPILE_SHARING", "auto")
+
+#: Per root module: the program keys (sites, chunk, input shapes) its sharded sweeps have run in
+#: this process. A rank that has run one has its program compiled (or the dispatcher's bounded
+#: cache dropped it, and it compiles again alone: slower, never wrong).
+_WARM: "weakref.WeakKeyDictionary[Any, MutableSet[Any]]" = weakref.WeakKeyDictionary()
 
 #: One number per sweep, identical on every rank because sweeps are collective: it keys the
 #: progress counters in the process group's store.
@@ -133,6 +165,15 @@ class _Agreement:
     cells: int
     chunk: int
     failure: Optional[RankFailure]
+    #: The sweep's whole site set (resolved names, first-use order), declared by every rank.
+    sites: Tuple[str, ...] = ()
+    #: Whether this rank has run this sweep's program before (nothing to compile).
+    warm: bool = False
+    #: Where this rank's compiled artifacts live: (host, Inductor cache directory).
+    cache: Tuple[str, str] = ("", "")
+    #: This rank's ``COMPILE_SHARING``. Rank 0's is used by all: ranks that went different ways
+    #: here would wait in different collectives.
+    sharing: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -144,6 +185,15 @@ class _Status:
     dtype: Optional[torch.dtype]
     seconds: float
     failure: Optional[RankFailure]
+    #: The rows themselves (on the CPU) when they are small (``INLINE_RESULT_ELEMENTS``): then
+    #: step 5 needs no collective of its own.
+    values: Optional[torch.Tensor] = None
+
+
+#: Results of at most this many elements per rank travel with the status (one collective less
+#: per sweep: each costs a wake-up of every rank, which on a loaded machine is milliseconds);
+#: larger ones are gathered as tensors (``all_gather``), without pickling.
+INLINE_RESULT_ELEMENTS = 1 << 20
 
 
 def active(distributed: bool = True) -> bool:
@@ -249,14 +299,17 @@ def _failure(
     error: BaseException,
     cell: Optional[int],
     chunk: Optional[Tuple[int, int]] = None,
+    offset: Optional[int] = None,
 ) -> RankFailure:
+    """``offset``: the global index of the first cell of the sweep call that raised (default the
+    shard's first), so a ``sweep cell k`` in its message becomes the whole sweep's index."""
     message = str(error.args[0]) if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
     found = _CELL_IN_MESSAGE.search(message)
     if found and stage == "shard":
         # The shard's sweep counts from its own first cell: say the global index.
-        local = int(found.group(1))
-        cell = shard.start + local
-        message = _CELL_IN_MESSAGE.sub(lambda match: f"sweep cell {shard.start + int(match.group(1))}", message)
+        base = shard.start if offset is None else offset
+        cell = base + int(found.group(1))
+        message = _CELL_IN_MESSAGE.sub(lambda match: f"sweep cell {base + int(match.group(1))}", message)
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return RankFailure(rank, cell, shard.start, shard.stop, stage, type(error).__name__, message, text, chunk)
 
@@ -365,6 +418,11 @@ class Timings:
     shard_seconds: float
     status_seconds: float
     gather_seconds: float
+    #: Of ``shard_seconds``: waiting for the compiling rank and loading its artifacts (0 when
+    #: nothing was shared: every rank warm, one rank, or ``COMPILE_SHARING="none"``).
+    share_seconds: float = 0.0
+    #: How compiles were shared in this sweep: ``"cache"``, ``"broadcast"`` or ``"none"``.
+    sharing: str = "none"
 
 
 _LAST: Dict[str, Timings] = {}
@@ -410,10 +468,19 @@ def sharded_sweep(
     cells = list(cells)
     plan = plan_shards([1.0] * len(cells), world)
     compiled, index, batch, chunk = model, None, 0, batch_size or 1
+    sites: Tuple[str, ...] = ()
+    warm = False
+    root: Any = None
     planning: Optional[RankFailure] = None
     try:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+        if COMPILE_SHARING not in COMPILE_SHARING_MODES:
+            # A planning failure, so that every rank raises, also when only this rank's is wrong.
+            raise ValueError(
+                f"patch_backend.distributed.COMPILE_SHARING (PATCH_BACKEND_COMPILE_SHARING) must be one of "
+                f"{COMPILE_SHARING_MODES}, got {COMPILE_SHARING!r}"
+            )
         compiled, root = local.compiled_model(model)
         batch = local.batch_size(inputs)
         index = index_for(root)
@@ -423,12 +490,17 @@ def sharded_sweep(
             index.refresh()
         plan = plan_shards(cell_costs(index.names, cells, SWEEP_SHARES_PREFIX), world)
         chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
+        sites = _site_set(local.check_cells, index, cells, batch)
+        warm = _program_key(sites, chunk, inputs) in _WARM.get(root, ())
     except Exception as error:
         planning = _failure(rank, plan.shards[rank], "planning", error, None)
     planned = time.perf_counter()
 
     agreements: List[Optional[_Agreement]] = [None] * world
-    dist.all_gather_object(agreements, _Agreement(_fingerprint(cells, batch_size), len(cells), chunk, planning))
+    mine = _Agreement(
+        _fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location(), COMPILE_SHARING
+    )
+    dist.all_gather_object(agreements, mine)
     agreed = time.perf_counter()
     failures = [a.failure for a in agreements if a is not None and a.failure is not None]
     if failures:
@@ -441,34 +513,65 @@ def sharded_sweep(
             "differ), so gathered rows would not line up; build the cells identically on every rank (same "
             "order, seeds, names)"
         )
-    # Every rank compiles one chunk shape: the smallest any rank's memory budget allows.
-    chunk = min(a.chunk for a in agreements if a is not None)
+    everyone = [a for a in agreements if a is not None]
+    # Every rank compiles one chunk shape: the smallest any rank's memory budget allows; and one
+    # site set: rank 0's (the ranks resolved the same cells, so they agree unless a name
+    # resolves differently on some rank, which then raises where its shard runs).
+    chunk = min(a.chunk for a in everyone)
+    sites = everyone[0].sites
+    sharing = _sharing_mode(everyone)
+    # The first rank with cells compiles; the others wait for it only when someone would compile.
+    leader = next(shard.rank for shard in plan.shards if len(shard))
 
     shard = plan.shards[rank]
     bar = _Progress(progress, rank, len(cells), serial)
     counted = _CountingMetric(metric, chunk * batch, chunk, len(shard), bar)
-    values: Optional[torch.Tensor] = None
+    pieces: List[torch.Tensor] = []
     failure: Optional[RankFailure] = None
-    try:
-        if len(shard):
-            values = local.sweep(
-                compiled,
-                inputs,
-                cells[shard.start : shard.stop],
-                counted,
-                batch_size=chunk,
-                progress=False,
-                verify=verify,
-                distributed=False,
+    share_seconds = 0.0
+    start = shard.start
+
+    def run(stop: int) -> None:
+        nonlocal start, failure
+        if failure is not None or stop <= start:
+            return
+        try:
+            pieces.append(
+                local.sweep(
+                    compiled, inputs, cells[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
+                    distributed=False, _sites=sites,
+                )
             )
-            bar.add(len(shard) - counted.done)
-    except Exception as error:
-        cell = None
-        if not _CELL_IN_MESSAGE.search(str(error)):
-            cell = _invalid_cell(local.check_cells, index, cells[shard.start : shard.stop], batch, shard.start)
-        first = shard.start + counted.done
-        failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)))
-        values = None
+        except Exception as error:
+            cell = None
+            if not _CELL_IN_MESSAGE.search(str(error)):
+                cell = _invalid_cell(local.check_cells, index, cells[start:stop], batch, start)
+            first = shard.start + counted.done
+            failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)), start)
+        start = stop
+
+    if sharing != "none":
+        # The leader compiles the program by running its first chunk; then it hands over.
+        if rank == leader:
+            run(min(shard.start + chunk, shard.stop))
+        waited = time.perf_counter()
+        handed = _hand_over(sharing, leader, rank, failure is None)
+        if rank != leader:
+            if handed is False:
+                start = shard.stop  # the leader failed: every rank raises at step 4, skip the work
+            elif isinstance(handed, bytes):
+                try:
+                    torch.compiler.load_cache_artifacts(handed)
+                except Exception:
+                    pass  # artifacts this torch cannot load: this rank compiles for itself
+        share_seconds = time.perf_counter() - waited
+    run(shard.stop)
+    values: Optional[torch.Tensor] = None
+    if failure is None and pieces:
+        values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        bar.add(len(shard) - counted.done)
+        if root is not None:
+            _WARM.setdefault(root, set()).add(_program_key(sites, chunk, inputs))
     ran = time.perf_counter()
 
     status = _Status(
@@ -477,6 +580,9 @@ def sharded_sweep(
         dtype=None if values is None else values.dtype,
         seconds=ran - agreed,
         failure=failure,
+        values=(
+            values.detach().cpu() if values is not None and values.numel() <= INLINE_RESULT_ELEMENTS else None
+        ),
     )
     statuses: List[Optional[_Status]] = [None] * world
     dist.all_gather_object(statuses, status)
@@ -497,10 +603,92 @@ def sharded_sweep(
         raise RuntimeError(
             f"pb.sweep on {world} ranks: internal error, the ranks with rows reported no result shape or dtype"
         )
-    result = _gather(values, plan, shape, dtype, _input_device(inputs) if values is None else values.device)
+    device = _input_device(inputs) if values is None else values.device
+    sent = [s for s in statuses if s is not None and s.rows]
+    if all(s.values is not None for s in sent):
+        # Every rank's rows came with its status (the same decision on every rank).
+        result = torch.cat([s.values for s in sent if s.values is not None]).to(device=device, dtype=dtype)
+    else:
+        result = _gather(values, plan, shape, dtype, device)
     gathered = time.perf_counter()
-    _LAST["last"] = Timings(planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported)
+    _LAST["last"] = Timings(
+        planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing
+    )
     return result
+
+
+def _site_set(check: Callable[..., Any], index: Any, cells: Sequence[Mapping], batch: int) -> Tuple[str, ...]:
+    """Every node name the sweep's cells patch (resolved, first-use order): the slots of the one
+    program all ranks build.
+
+    Names depend on a cell's keys only, so one cell per distinct key tuple is checked (a
+    layer x position sweep has one per layer): checking all cells would cost every rank the
+    whole sweep's checks, a part of the work that does not shrink with more ranks. Cells the
+    sweep's checks refuse add nothing; the rank whose shard holds one reports it when it runs.
+    """
+    names: List[str] = []
+    resolved: set = set()
+    for cell in cells:
+        try:
+            keys: Any = tuple(cell) if isinstance(cell, Mapping) else None
+            if keys is not None and keys in resolved:
+                continue
+            found = check(index, [cell], batch)[1]
+        except Exception:
+            continue
+        if keys is not None:
+            resolved.add(keys)
+        names.extend(name for name in found if name not in names)
+    return tuple(names)
+
+
+def _program_key(sites: Sequence[str], chunk: int, inputs: Any) -> Tuple[Any, ...]:
+    """What decides a sweep's compiled program besides the model: sites, cells per chunk, and the
+    inputs' shapes and dtypes."""
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    shapes = tuple(
+        (tuple(value.shape), value.dtype, value.device.type) if isinstance(value, torch.Tensor) else type(value).__name__
+        for value in values
+    )
+    return (tuple(sites), chunk, shapes)
+
+
+def _cache_location() -> Tuple[str, str]:
+    """(host, Inductor cache directory) of this rank: ranks that share both share compiled artifacts."""
+    directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if not directory:
+        user = os.environ.get("USER", "") or str(os.getuid() if hasattr(os, "getuid") else "")
+        directory = f"<default {user}>"
+    return socket.gethostname(), os.path.abspath(directory) if not directory.startswith("<") else directory
+
+
+def _sharing_mode(agreements: Sequence[_Agreement]) -> str:
+    """How this sweep shares compiles (rank 0's setting, the same decision on every rank):
+    ``none`` also when every rank is warm (nothing to compile)."""
+    setting = agreements[0].sharing
+    if all(agreement.warm for agreement in agreements) or setting == "none":
+        return "none"
+    if setting != "auto":
+        return setting
+    return "cache" if len({agreement.cache for agreement in agreements}) == 1 else "broadcast"
+
+
+def _hand_over(sharing: str, leader: int, rank: int, ok: bool) -> Any:
+    """One collective after the leader's first chunk: False when it failed, else True or,
+    broadcasting, its compiled artifacts as bytes (True when torch has none to give or cannot
+    serialize them: the others then compile for themselves, slower but never wrong)."""
+    message: List[Any] = [None]
+    if rank == leader:
+        payload: Any = ok
+        if ok and sharing == "broadcast":
+            try:
+                saved = torch.compiler.save_cache_artifacts()
+            except Exception:
+                saved = None
+            payload = saved[0] if saved is not None else True
+        message = [payload]
+    dist.broadcast_object_list(message, src=leader)
+    return message[0]
 
 
 class _CountingMetric:

@@ -239,6 +239,7 @@ def sweep(
     progress: bool = True,
     verify: bool = True,
     distributed: bool = True,
+    _sites: Sequence[str] = (),
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -289,6 +290,8 @@ def sweep(
             _call(compiled, inputs)
         index.refresh()
     normalized, names = _check_cells(index, cells, batch)
+    # distributed.py: every rank declares the whole sweep's sites, so all ranks build one program.
+    names += [name for name in _sites if name not in names]
     chunk = batch_size or _chunk_size(index, batch, len(cells))
     if chunk < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")

@@ -10,13 +10,23 @@ twice: from a fresh compile (total) and again once compiled (steady state).
 
 With ``--ranks N``: one layer x position sweep as a sharded pb.sweep on N gloo ranks (spawned
 here, 1 thread each, one shared fresh Inductor cache directory) against the same sweep on 1 rank
-with 1 thread (a fresh process and cache directory of its own): throughput excluding compile
-(target D1 >= 1.7x at 2 ranks), coordination overhead = the part of the sharded sweep's wall time
-that is not the slowest rank's shard (D2 <= 5%), and compile seconds summed over ranks against
-one rank's (D3 <= 1.3x). A rank's compile seconds are its first shard's time minus its
-steady-state shard time, in wall-clock and in CPU seconds (the process's and its C++ compiler
-children's; Inductor compiles in-process here). CPU seconds also give what the throughput ratio is with a free core
-per rank, when other jobs share the machine.
+with 1 thread (a fresh process and cache directory of its own). Printed, and written with --json:
+
+- D1 (target >= 1.7x at 2 ranks): throughput excluding compile. Measured in interleaved rounds
+  inside the N-rank run: rank 0 alone runs the whole sweep (``distributed=False``, the same
+  compiled program) while the others wait, then all ranks run it sharded; the median of the
+  rounds' ratios. Interleaving puts both under the same load from other processes. The ratio
+  against the separate 1-rank process and the CPU-seconds ratio (what D1 is with a free core
+  per rank) are printed too.
+- D2 (<= 5%): coordination overhead, the part of the sharded sweep's wall time that is not the
+  slowest rank's shard.
+- D3 (<= 1.3x): compile seconds summed over ranks against one rank's. A rank's compile seconds
+  are its first (cold) shard's time minus its steady-state shard time, less the time it waited
+  for the compiling rank (``--share``: docs/scaling.md), in wall-clock and in CPU seconds (the
+  process's and its C++ compiler children's; Inductor compiles in-process here). Against the
+  separate 1-rank run, and against the compiling rank of the same run (which compiles exactly
+  what a single rank compiles, under the same load). Per rank: Dynamo's seconds, the variant
+  compile seconds ``pb.stats`` counts, and the FX-graph-cache hits and misses.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import copy
 import dataclasses
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -146,12 +157,25 @@ def print_table(result: Dict[str, object]) -> None:
     print(f"pb.sweep compiled variants: {result['sweep_variants_compiled']}")
 
 
-def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, width: int, chunk: int, out: str) -> None:
-    """One rank of ``--ranks`` (world 1: the single-process baseline, no process group)."""
+def _rank_sweep(
+    rank: int, world: int, port: int, layers: int, positions: int, width: int, chunk: int, rounds: int, out: str
+) -> None:
+    """One rank of ``--ranks`` (world 1: the single-process baseline, no process group).
+
+    With several ranks, after the cold sharded sweep: ``rounds`` interleaved rounds of (a) the
+    whole sweep on rank 0 alone (``distributed=False``, the same program: all sites, one chunk
+    shape) while the other ranks wait, then (b) the sharded sweep on every rank. Interleaving
+    puts both under the same load from other processes; D1 is the median of the rounds' ratios.
+    """
     import torch.distributed as dist
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.distributed import last_timings
 
     torch.set_num_threads(1)
+    if os.environ.get("BENCH_SESSION_PER_RANK") == "1":
+        # Linux's scheduler (autogroup) shares a busy machine's CPU between sessions, not
+        # processes: ranks in the launcher's session split one session's share between them.
+        os.setsid()
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
@@ -166,28 +190,55 @@ def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, w
     with torch.no_grad():
         compiled(corrupt)  # capture (Dynamo + the unpatched graph) is not part of the sweep's compile
 
-    def timed() -> Tuple[float, float, float, object, torch.Tensor]:
+    def timed(distributed: bool = True) -> Tuple[float, float, float, object, torch.Tensor]:
         if world > 1:
             dist.barrier()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with torch.no_grad():
-            values = pb.sweep(compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False)
+        values = None
+        if distributed or rank == 0:
+            with torch.no_grad():
+                values = pb.sweep(
+                    compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False, distributed=distributed
+                )
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-        timings = last_timings() if world > 1 else None
+        timings = last_timings() if world > 1 and distributed else None
         return wall, (timings.shard_seconds if timings else wall), cpu, timings, values
 
-    cold_wall, cold_shard, cold_cpu, _, values = timed()
+    dynamo = _dynamo_seconds()
+    variant_seconds = pb.stats(model).compile_seconds
+    caches = fx_graph_cache_counters()
+    cold_wall, cold_shard, cold_cpu, cold_timings, values = timed()
+    dynamo = _dynamo_seconds() - dynamo
+    variant_seconds = pb.stats(model).compile_seconds - variant_seconds
+    caches = {name: count - caches[name] for name, count in fx_graph_cache_counters().items()}
+    shared = getattr(cold_timings, "share_seconds", 0.0)
     steady = [timed() for _ in range(2)]
     wall, shard, cpu, timings, _ = min(steady, key=lambda item: item[0])
+    interleaved = []
+    if world > 1:
+        for _ in range(rounds):
+            alone_wall, _, alone_cpu, _, _ = timed(distributed=False)
+            sharded_wall, _, sharded_cpu, _, _ = timed()
+            interleaved.append({"alone_wall": alone_wall, "alone_cpu": alone_cpu,
+                                "sharded_wall": sharded_wall, "sharded_cpu": sharded_cpu})
     mine = {
         "rank": rank,
         "cold_wall": cold_wall,
-        "compile_seconds": cold_shard - shard,
+        # Waiting for the compiling rank (and loading what it compiled) is not compiling.
+        "compile_seconds": cold_shard - shard - shared,
+        "compile_seconds_with_waiting": cold_shard - shard,
+        "waiting_for_leader_seconds": shared,
+        "sharing": getattr(cold_timings, "sharing", "none"),
         "compile_cpu_seconds": cold_cpu - cpu,
+        "variant_compile_seconds (pb.stats)": variant_seconds,
+        "dynamo_seconds": dynamo,
+        "fx_graph_cache": caches,
+        "variants_compiled": pb.stats(model).variants_compiled,
         "steady_wall": wall,
         "steady_shard": shard,
         "steady_cpu": cpu,
         "timings": None if timings is None else dataclasses.asdict(timings),
+        "interleaved": interleaved,
     }
     if world > 1:
         everyone: List[Optional[Dict[str, object]]] = [None] * world
@@ -197,6 +248,11 @@ def _rank_sweep(rank: int, world: int, port: int, layers: int, positions: int, w
         everyone = [mine]
     if rank == 0:
         torch.save({"ranks": everyone, "values": values, "cells": len(cells)}, out)
+
+
+def _dynamo_seconds() -> float:
+    """Seconds Dynamo spent compiling frames in this process (tracing plus its backend call)."""
+    return sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
 
 
 def _cpu_seconds() -> float:
@@ -213,7 +269,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -> Dict[str, object]:
+def run_ranks(
+    ranks: int, layers: int, positions: int, width: int, chunk: int, share: str = "auto", rounds: int = 3,
+    session_per_rank: bool = False,
+) -> Dict[str, object]:
     """1 rank, then ``ranks`` ranks, each in fresh processes with a fresh Inductor cache directory."""
     import torch.multiprocessing as mp
 
@@ -221,12 +280,14 @@ def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -
     # Inductor compiles in this process, not in a pool of workers: one core per rank, and
     # time.process_time() sees all of the compile's CPU seconds.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    os.environ["PATCH_BACKEND_COMPILE_SHARING"] = share
+    os.environ["BENCH_SESSION_PER_RANK"] = "1" if session_per_rank else "0"
     for world in (1, ranks):
         with tempfile.TemporaryDirectory(prefix="bench_ranks_") as scratch:
             # Every rank of this configuration shares one cache directory (docs/scaling.md).
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
             out = os.path.join(scratch, "result.pt")
-            args = (world, _free_port(), layers, positions, width, chunk, out)
+            args = (world, _free_port(), layers, positions, width, chunk, rounds, out)
             mp.spawn(_rank_sweep, args=args, nprocs=world, join=True)
             runs[world] = torch.load(out)
     one, many = runs[1], runs[ranks]
@@ -237,27 +298,56 @@ def run_ranks(ranks: int, layers: int, positions: int, width: int, chunk: int) -
     fastest_shard = min(rank["steady_shard"] for rank in many["ranks"])
     compile_summed = sum(rank["compile_seconds"] for rank in many["ranks"])
     compile_cpu_summed = sum(rank["compile_cpu_seconds"] for rank in many["ranks"])
+    variant_summed = sum(rank["variant_compile_seconds (pb.stats)"] for rank in many["ranks"])
     busiest_cpu = max(rank["steady_cpu"] for rank in many["ranks"])
+    leader = many["ranks"][0]["interleaved"]
+    rounds_d1 = [
+        entry["alone_wall"] / max(other["interleaved"][k]["sharded_wall"] for other in many["ranks"])
+        for k, entry in enumerate(leader)
+    ]
+    rounds_cpu = [
+        entry["alone_cpu"] / max(other["interleaved"][k]["sharded_cpu"] for other in many["ranks"])
+        for k, entry in enumerate(leader)
+    ]
     return {
         "sweep": f"{layers} layers x {positions} positions, width {width}",
         "cells": cells,
         "chunk": chunk,
         "ranks": ranks,
         "threads_per_rank": 1,
+        "session_per_rank": session_per_rank,
+        "compile_sharing": many["ranks"][-1]["sharing"],
+        "load average (1 min) at the end": os.getloadavg()[0],
+        "D1 throughput ratio (excluding compile, interleaved rounds, median)": statistics.median(rounds_d1),
+        "D1 per round": rounds_d1,
+        "D1 throughput ratio (excluding compile, separate 1-rank process)": single["steady_wall"] / wall,
         "cells_per_second_1_rank": cells / single["steady_wall"],
         f"cells_per_second_{ranks}_ranks": cells / wall,
-        "D1 throughput ratio (excluding compile)": single["steady_wall"] / wall,
         # What D1 would be with a core per rank: the busiest rank's CPU seconds against the
         # single rank's. Other processes on the machine lower the wall-clock ratio, not this one.
-        "CPU-seconds ratio (1 rank / busiest rank)": single["steady_cpu"] / busiest_cpu,
+        "CPU-seconds ratio (rank 0 alone / busiest rank, interleaved, median)": statistics.median(rounds_cpu),
         "D2 coordination overhead % of sweep time": 100 * (wall - slowest_shard) / wall,
         "shard imbalance % (slowest vs fastest shard)": 100 * (slowest_shard - fastest_shard) / slowest_shard,
         "compile_seconds_1_rank": single["compile_seconds"],
         f"compile_seconds_summed_{ranks}_ranks": compile_summed,
         "D3 compile seconds ratio (summed over ranks / 1 rank)": compile_summed / single["compile_seconds"],
+        # The compiling rank does what a single rank does (the same program, compiled cold), in
+        # the same run and under the same load: the ratio to it is not disturbed by the load
+        # changing between the 1-rank and the N-rank runs.
+        "D3 compile CPU-seconds ratio (summed over ranks / the compiling rank's, same run)": compile_cpu_summed
+        / max(rank["compile_cpu_seconds"] for rank in many["ranks"]),
+        "D3 compile seconds ratio (summed over ranks / the compiling rank's, same run)": compile_summed
+        / max(rank["compile_seconds"] for rank in many["ranks"]),
+        "cold sweep wall seconds (1 rank, N ranks)": [single["cold_wall"], max(r["cold_wall"] for r in many["ranks"])],
         "compile_cpu_seconds_1_rank": single["compile_cpu_seconds"],
         f"compile_cpu_seconds_summed_{ranks}_ranks": compile_cpu_summed,
         "D3 compile CPU-seconds ratio (summed over ranks / 1 rank)": compile_cpu_summed / single["compile_cpu_seconds"],
+        "variant compile seconds (pb.stats) 1 rank": single["variant_compile_seconds (pb.stats)"],
+        f"variant compile seconds (pb.stats) summed {ranks} ranks": variant_summed,
+        "D3 variant compile seconds ratio (pb.stats, summed / 1 rank)": variant_summed
+        / single["variant_compile_seconds (pb.stats)"],
+        "waiting for the compiling rank, s (per rank)": [rank["waiting_for_leader_seconds"] for rank in many["ranks"]],
+        "variants compiled per rank": [rank["variants_compiled"] for rank in many["ranks"]],
         "agrees_with_1_rank": bool(torch.allclose(many["values"], one["values"], atol=1e-4)),
         "per_rank": many["ranks"],
         "baseline": single,
@@ -274,9 +364,20 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--ranks", type=int, default=None, help="sharded sweep on N gloo ranks vs 1 rank")
     parser.add_argument("--layers", type=int, default=6, help="with --ranks")
     parser.add_argument("--positions", type=int, default=64, help="with --ranks")
+    parser.add_argument("--share", default="auto", choices=("auto", "cache", "broadcast", "none"),
+                        help="with --ranks: how ranks share compiles (patch_backend.distributed.COMPILE_SHARING)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --ranks: interleaved 1-rank/N-rank rounds")
+    parser.add_argument(
+        "--session-per-rank", action="store_true",
+        help="with --ranks: each rank in its own session, so that on a machine other jobs keep busy, Linux's "
+        "autogroup scheduler gives each rank a session's share of the CPU (docs/scaling.md)",
+    )
     options = parser.parse_args()
     if options.ranks:
-        result = run_ranks(options.ranks, options.layers, options.positions, options.width, options.chunk)
+        result = run_ranks(
+            options.ranks, options.layers, options.positions, options.width, options.chunk, options.share,
+            options.rounds, options.session_per_rank,
+        )
         result["device"] = "cpu (gloo)"
         for name, value in result.items():
             if name not in ("per_rank", "baseline"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -19,14 +20,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import patch_backend as pb
+import patch_backend.distributed as distributed
 from fixtures import TwoLayerMLP
 from patch_backend import ZeroPatch
+from patch_backend._torch_compat.inductor import fx_graph_cache_counters
+from patch_backend.capture.capture import all_captures
+from patch_backend.capture.index import index_for
 from patch_backend.distributed import (
     DistributedSweepError,
     RankFailure,
     Shard,
     ShardPlan,
     cell_costs,
+    last_timings,
     plan_shards,
 )
 
@@ -121,7 +127,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, scenario: str) -> None:
+def _rank_main(rank: int, world: int, port: int, scenario: str, env: Dict[str, str]) -> None:
+    os.environ.update({name: value.format(rank=rank) for name, value in env.items()})
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -131,8 +138,9 @@ def _rank_main(rank: int, world: int, port: int, scenario: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, scenario: str) -> None:
-    mp.spawn(_rank_main, args=(world, _free_port(), scenario), nprocs=world, join=True)
+def _spawn(world: int, scenario: str, env: Optional[Dict[str, str]] = None) -> None:
+    """``env``: variables set in each rank before it runs (``{rank}`` is replaced by the rank)."""
+    mp.spawn(_rank_main, args=(world, _free_port(), scenario, dict(env or {})), nprocs=world, join=True)
 
 
 def _matches_single_process(rank: int, world: int) -> None:
@@ -145,6 +153,14 @@ def _matches_single_process(rank: int, world: int) -> None:
             sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=batch_size, progress=rank == 0)
             assert sharded.shape == alone.shape == (11, 2, 5)
             torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+        # Rows too large to travel with the status are gathered as tensors: the same rows.
+        inline = distributed.INLINE_RESULT_ELEMENTS
+        distributed.INLINE_RESULT_ELEMENTS = 0
+        try:
+            gathered = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
+        finally:
+            distributed.INLINE_RESULT_ELEMENTS = inline
+        torch.testing.assert_close(gathered, alone, rtol=1e-5, atol=1e-5)
         # One cell on several ranks: the others have empty shards.
         one = pb.sweep(compiled, (x,), cells[3:4], metric, batch_size=4, progress=False)
         torch.testing.assert_close(one, alone[3:4], rtol=1e-5, atol=1e-5)
@@ -215,21 +231,111 @@ def _failures(rank: int, world: int) -> None:
     torch.testing.assert_close(fine, alone, rtol=1e-5, atol=1e-5)
 
 
-def _inductor(rank: int, world: int) -> None:
-    model, x, cells, metric = _problem(count=7)
+def _program_keys(model: Any) -> List[Any]:
+    """The programs cached for ``model``'s graphs, comparable across processes (a prepared key's
+    sites sorted: a frozenset's order follows string hashes, which differ per process)."""
+    uids = {uid for uid, _ in index_for(model).by_occurrence}
+    keys: List[Any] = []
+    for capture in all_captures():
+        dispatcher = capture.dispatcher
+        if capture.uid not in uids or dispatcher is None:
+            continue
+        for key in dispatcher.variants.keys():
+            if isinstance(key, tuple) and key and key[0] == "prepared":
+                keys.append(("prepared", tuple(sorted(repr(site) for site in key[1]))))
+            else:
+                keys.append(repr(key))
+    return sorted(keys, key=repr)
+
+
+def _split_site_cells() -> Tuple[Any, Any, List[Dict[str, Any]], Any]:
+    """12 cells: the first 6 patch layer 0, the last 6 layer 1, so rank 0's shard names only
+    layer 0 and the last rank's only layer 1 (with 3 ranks the middle one names both)."""
+    model, x, _, metric = _problem()
+    sites = [f"layers_{layer}.up.output" for layer in range(2)]
+    cells = [{sites[index // 6]: ZeroPatch(slice=(slice(None), index % 5))} for index in range(12)]
+    return model, x, cells, metric
+
+
+def _gathered(value: Any, world: int) -> List[Any]:
+    everyone: List[Any] = [None] * world
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def _one_program_for_all_ranks(rank: int, world: int) -> None:
+    model, x, cells, metric = _split_site_cells()
+    compiled = torch.compile(model, backend="graphpatch_eager")
     with torch.no_grad():
-        alone = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
-        sharded = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False)
+        compiled(x)
+        before = pb.stats(model).variants_compiled
+        sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        first = last_timings()
+        built = pb.stats(model).variants_compiled - before
+        keys = _program_keys(model)
+        again = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        second = last_timings()
+        rebuilt = pb.stats(model).variants_compiled - before
+    assert first is not None and second is not None
+    everyone = _gathered((built, rebuilt, keys, first.sharing, second.sharing), world)
+    # Every rank built the same programs, however different the sites its own shard names...
+    assert all(entry == everyone[0] for entry in everyone), everyone
+    # ... namely one: the sweep's whole site set (both layers) at one chunk shape.
+    assert built == rebuilt == 1
+    prepared = [key for key in keys if isinstance(key, tuple)]
+    assert len(prepared) == 1 and len(prepared[0][1]) == 2, keys
+    # The first sweep had a program to build, so the ranks shared it (one host, one cache
+    # directory); the repeat had nothing to build and ran at once everywhere.
+    assert (first.sharing, second.sharing) == ("cache", "none")
+    alone = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
     torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, alone, rtol=1e-5, atol=1e-5)
+    # An unknown sharing mode on one rank: every rank raises, naming it (errors.md row 28).
+    if rank == world - 1:
+        distributed.COMPILE_SHARING = "sometimes"
+    try:
+        _expect_rank_error(
+            rf"rank {world - 1} failed while planning .*COMPILE_SHARING .* must be one of .*got 'sometimes'",
+            lambda: pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False),
+        )
+    finally:
+        distributed.COMPILE_SHARING = "auto"
+
+
+def _inductor(rank: int, world: int) -> None:
+    """Inductor, in fresh cache directories: the leader compiles the program, the other ranks
+    load its graphs from torch's caches (compile nothing), all build the same programs."""
+    model, x, cells, metric = _split_site_cells()
+    compiled = torch.compile(model, backend="graphpatch")
+    with torch.no_grad():
+        compiled(x)
+        caches = fx_graph_cache_counters()
+        sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        caches = {name: count - caches[name] for name, count in fx_graph_cache_counters().items()}
+        timings = last_timings()
+        alone = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
+    torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
+    assert timings is not None
+    everyone = _gathered((pb.stats(model).variants_compiled, _program_keys(model), timings.sharing), world)
+    assert all(entry == everyone[0] for entry in everyone), everyone
+    assert everyone[0][0] == 1
+    assert timings.sharing == os.environ["EXPECTED_SHARING"]
+    if rank == 0:
+        assert caches["fxgraph_cache_miss"] >= 1  # the leader compiled
+    else:
+        # The others found every graph the leader compiled: no Inductor compile of their own.
+        assert caches["fxgraph_cache_miss"] == 0 and caches["fxgraph_cache_hit"] >= 1, caches
 
 
 def _two_rank_scenarios(rank: int, world: int) -> None:
+    _one_program_for_all_ranks(rank, world)
     _matches_single_process(rank, world)
     _causal_trace(rank, world)
     _failures(rank, world)
 
 
 def _three_rank_scenarios(rank: int, world: int) -> None:
+    _one_program_for_all_ranks(rank, world)
     _matches_single_process(rank, world)
     _failures(rank, world)
 
@@ -246,5 +352,14 @@ def test_three_ranks_match_one_process_and_fail_together():
 
 
 @pytest.mark.slow
-def test_two_ranks_compiled_with_inductor():
-    _spawn(2, "inductor")
+@pytest.mark.parametrize("layout", ["one shared cache directory", "a cache directory per rank"])
+def test_two_ranks_compiled_with_inductor_compile_once(tmp_path, layout):
+    # One directory: the others load the leader's graphs from it ("cache"); one per rank: the
+    # leader sends its artifacts through the process group ("broadcast", as across nodes).
+    shared = layout == "one shared cache directory"
+    directory = str(tmp_path / ("inductor" if shared else "inductor-{rank}"))
+    env = {
+        "TORCHINDUCTOR_CACHE_DIR": directory,
+        "EXPECTED_SHARING": "cache" if shared else "broadcast",
+    }
+    _spawn(2, "inductor", env)
