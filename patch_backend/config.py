@@ -52,6 +52,26 @@ compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "background
 if compile_policy not in COMPILE_POLICIES:
     raise ValueError(f"PATCH_BACKEND_COMPILE_POLICY must be one of {COMPILE_POLICIES}, got {compile_policy!r}")
 
+#: How the ranks of a sharded sweep share the compile of its program (docs/scaling.md). In every
+#: mode all ranks declare the sweep's whole site set, so they need one and the same program.
+#:
+#: - ``"cache"``: the first rank with cells compiles first (it runs its first chunk alone); the
+#:   others wait for it and then find its graphs in Inductor's FX graph and AOTAutograd caches of
+#:   the cache directory they share (``TORCHINDUCTOR_CACHE_DIR``; ranks on one host share the
+#:   default one).
+#: - ``"broadcast"``: the same, but the compiling rank sends its artifacts
+#:   (``torch.compiler.save_cache_artifacts``, what ``pb.save_cache`` writes) to the others
+#:   through the process group and they load them: no shared filesystem needed.
+#: - ``"none"``: every rank compiles when its first chunk needs the program, all at once.
+#: - ``"auto"`` (the default): ``"cache"`` when all ranks run on one host with one cache
+#:   directory, else ``"broadcast"``.
+#:
+#: Only a sweep that some rank has not run yet in this process (same model, sites, chunk and
+#: input shapes) waits for the compiling rank; repeated sweeps run at once on every rank. The
+#: environment variable ``PATCH_BACKEND_COMPILE_SHARING`` sets it for a process.
+COMPILE_SHARING_MODES = ("auto", "cache", "broadcast", "none")
+compile_sharing: str = os.environ.get("PATCH_BACKEND_COMPILE_SHARING", "auto")
+
 _lock = threading.Lock()
 _module = sys.modules[__name__]
 
@@ -61,7 +81,7 @@ def _settings() -> Dict[str, Any]:
         name: value
         for name, value in vars(_module).items()
         if not name.startswith("_") and not callable(value) and not isinstance(value, type(sys))
-        and name not in {"annotations", "COMPILE_POLICIES"}
+        and name not in {"annotations", "COMPILE_POLICIES", "COMPILE_SHARING_MODES"}
     }
 
 
@@ -73,6 +93,8 @@ def _check(name: str, value: Any) -> None:
         raise ValueError(f"config.max_variants must be an int of at least 1, got {value!r}")
     if name == "compile_policy" and value not in COMPILE_POLICIES:
         raise ValueError(f"config.compile_policy must be one of {COMPILE_POLICIES}, got {value!r}")
+    if name == "compile_sharing" and value not in COMPILE_SHARING_MODES:
+        raise ValueError(f"config.compile_sharing must be one of {COMPILE_SHARING_MODES}, got {value!r}")
 
 
 @contextlib.contextmanager

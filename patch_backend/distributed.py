@@ -14,7 +14,7 @@ Each rank then
    try/except: a failure becomes a status, never an exception that would leave the other ranks
    waiting in a collective. When some rank has not compiled the sweep's program yet, the first
    rank with cells runs its first chunk alone (compiling it) and the others then load its
-   artifacts instead of compiling the same program again (``COMPILE_SHARING``);
+   artifacts instead of compiling the same program again (``config.compile_sharing``);
 4. exchanges statuses with ``all_gather_object``. If any rank failed, every rank raises
    ``DistributedSweepError`` naming the rank and the cell; nothing is returned half-written;
 5. only then gathers the results and returns them, in cell order, on every rank. Small results
@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 import torch.distributed as dist
 
+from . import config
 from .capture.index import index_for
 
 #: Whether ``pb.sweep`` runs the unpatched prefix of the forward once per chunk (prefix reuse).
@@ -55,25 +56,6 @@ from .capture.index import index_for
 #: ``cell_costs`` says so. Set it where prefix reuse lands.
 SWEEP_SHARES_PREFIX = False
 
-#: How the ranks of a sharded sweep share the compile of its program (docs/scaling.md). In every
-#: mode all ranks declare the sweep's whole site set, so they need one and the same program.
-#:
-#: - ``"cache"``: the first rank with cells compiles first (it runs its first chunk alone); the
-#:   others wait for it and then find its graphs in Inductor's FX graph and AOTAutograd caches of
-#:   the cache directory they share (``TORCHINDUCTOR_CACHE_DIR``; ranks on one host share the
-#:   default one).
-#: - ``"broadcast"``: the same, but the compiling rank sends its artifacts
-#:   (``torch.compiler.save_cache_artifacts``, what ``pb.save_cache`` writes) to the others
-#:   through the process group and they load them: no shared filesystem needed.
-#: - ``"none"``: every rank compiles when its first chunk needs the program, all at once.
-#: - ``"auto"`` (the default): ``"cache"`` when all ranks run on one host with one cache
-#:   directory, else ``"broadcast"``.
-#:
-#: Only a sweep that some rank has not run yet in this process (same model, sites, chunk and
-#: input shapes) waits for the compiling rank; repeated sweeps run at once on every rank. The
-#: environment variable ``PATCH_BACKEND_COMPILE_SHARING`` sets it for a process.
-COMPILE_SHARING_MODES = ("auto", "cache", "broadcast", "none")
-COMPILE_SHARING = os.environ.get("PATCH_BACKEND_COMPILE_SHARING", "auto")
 
 #: Per root module: the program keys (sites, chunk, input shapes) its sharded sweeps have run in
 #: this process. A rank that has run one has its program compiled (or the dispatcher's bounded
@@ -171,7 +153,7 @@ class _Agreement:
     warm: bool = False
     #: Where this rank's compiled artifacts live: (host, Inductor cache directory).
     cache: Tuple[str, str] = ("", "")
-    #: This rank's ``COMPILE_SHARING``. Rank 0's is used by all: ranks that went different ways
+    #: This rank's ``config.compile_sharing``. Rank 0's is used by all: ranks that went different ways
     #: here would wait in different collectives.
     sharing: str = "auto"
 
@@ -419,7 +401,7 @@ class Timings:
     status_seconds: float
     gather_seconds: float
     #: Of ``shard_seconds``: waiting for the compiling rank and loading its artifacts (0 when
-    #: nothing was shared: every rank warm, one rank, or ``COMPILE_SHARING="none"``).
+    #: nothing was shared: every rank warm, one rank, or ``config.compile_sharing="none"``).
     share_seconds: float = 0.0
     #: How compiles were shared in this sweep: ``"cache"``, ``"broadcast"`` or ``"none"``.
     sharing: str = "none"
@@ -475,11 +457,11 @@ def sharded_sweep(
     try:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
-        if COMPILE_SHARING not in COMPILE_SHARING_MODES:
+        if config.compile_sharing not in config.COMPILE_SHARING_MODES:
             # A planning failure, so that every rank raises, also when only this rank's is wrong.
             raise ValueError(
-                f"patch_backend.distributed.COMPILE_SHARING (PATCH_BACKEND_COMPILE_SHARING) must be one of "
-                f"{COMPILE_SHARING_MODES}, got {COMPILE_SHARING!r}"
+                f"pb.config.compile_sharing (PATCH_BACKEND_COMPILE_SHARING) must be one of "
+                f"{config.COMPILE_SHARING_MODES}, got {config.compile_sharing!r}"
             )
         compiled, root = local.compiled_model(model)
         batch = local.batch_size(inputs)
@@ -498,7 +480,7 @@ def sharded_sweep(
 
     agreements: List[Optional[_Agreement]] = [None] * world
     mine = _Agreement(
-        _fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location(), COMPILE_SHARING
+        _fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location(), config.compile_sharing
     )
     dist.all_gather_object(agreements, mine)
     agreed = time.perf_counter()

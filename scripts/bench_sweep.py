@@ -365,7 +365,7 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--layers", type=int, default=6, help="with --ranks")
     parser.add_argument("--positions", type=int, default=64, help="with --ranks")
     parser.add_argument("--share", default="auto", choices=("auto", "cache", "broadcast", "none"),
-                        help="with --ranks: how ranks share compiles (patch_backend.distributed.COMPILE_SHARING)")
+                        help="with --ranks: how ranks share compiles (pb.config.compile_sharing)")
     parser.add_argument("--rounds", type=int, default=3, help="with --ranks: interleaved 1-rank/N-rank rounds")
     parser.add_argument(
         "--session-per-rank", action="store_true",
