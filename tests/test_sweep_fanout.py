@@ -203,14 +203,15 @@ def test_fan_out_refuses_graphs_that_do_not_line_up() -> None:
 
 
 @pytest.mark.transformers
-def test_gpt2_fans_out_through_its_mask_code() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gpt2_fans_out_through_its_mask_code(batch: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16, bos_token_id=0,
                         eos_token_id=0, use_cache=False)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
-    ids = torch.randint(0, 64, (2, 8))
+    ids = torch.randint(0, 64, (batch, 8))
     compiled = torch.compile(model, backend="graphpatch_eager")
     cells = [{f"transformer.h_{layer}.output": ReplacePatch(value=torch.randn(32), slice=(slice(None), p))}
              for layer in (2, 0, 1) for p in (0, 5, -1)]

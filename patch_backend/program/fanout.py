@@ -8,8 +8,11 @@ insertion pass) for the rest. Each value crossing the cut is repeated K times al
 has the batch dimension, and passed as it is otherwise (parameters, masks without a batch).
 
 Both graphs keep their own shape constants (a ``view(x, [K·B, T, 4, 64])`` stays right for its
-side), so nothing is rewritten. The fan-out is refused, and the caller keeps the full-repeat
-program, whenever the two graphs do not line up node for node before the cut, when a crossing
+side), so nothing is rewritten. The nodes before the cut are matched in graph order by op,
+target and arguments (ints aside); a node absent at B is accepted only where it is the identity
+there (Dynamo drops ``expand(1, -1)`` of a [1, T] tensor at batch 1, and later names shift).
+The fan-out is refused, and the caller keeps the full-repeat program, whenever the two graphs
+do not line up like that before the cut, when a crossing
 value's shape is not its base shape with K times the rows, or when an op before the cut makes
 a batch dimension from nothing batched (``arange(batch)``: its K·B value is not K copies of its
 B value). ``FanOutRefused`` says why.
@@ -99,16 +102,17 @@ def _relation(batched: Any, base: Any, copies: int) -> str:
         return "other"
 
 
-def _same_args(a: Any, b: Any) -> bool:
-    """Equal argument structure; ints may differ (each graph's own shape constants)."""
+def _same_args(a: Any, b: Any, twin_of: Dict[str, torch.fx.Node]) -> bool:
+    """Equal argument structure, nodes by their twins; ints may differ (each graph's own
+    shape constants)."""
     if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
-        return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.name == b.name
+        return isinstance(a, torch.fx.Node) and twin_of.get(a.name) is b
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same_args(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same_args(x, y, twin_of) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_args(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same_args(a[k], b[k], twin_of) for k in a)
     if isinstance(a, slice) and isinstance(b, slice):
-        return all(_same_args(x, y) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
+        return all(_same_args(x, y, twin_of) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
     if isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and not isinstance(b, bool):
         return True
     return type(a) is type(b) and a == b
@@ -137,23 +141,31 @@ def fan_out(batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str,
     start = position[cut]
     base_nodes = {node.name: node for node in base.graph.nodes}
     base_inputs = [node.name for node in base.graph.nodes if node.op == "placeholder"]
+    base_body = [node for node in base.graph.nodes if node.op not in ("placeholder", "output")]
     inputs = [node for node in nodes if node.op == "placeholder"]
     if [node.name for node in inputs[: len(base_inputs)]] != base_inputs:
         raise FanOutRefused("the base graph's inputs differ from the batched graph's")
     before = [node for node in nodes[:start] if node.op != "placeholder"]
     relation: Dict[str, str] = {}
+    #: Batched node name → the base node computing its value at B (matched in graph order).
+    twin_of: Dict[str, torch.fx.Node] = {}
     #: ``arange(batch)`` and its reshapes: legal only as the leading index of a batched tensor.
     batch_index: Set[str] = set()
     for node in inputs[: len(base_inputs)]:
+        twin_of[node.name] = base_nodes[node.name]
         relation[node.name] = _relation(_value(node), _value(base_nodes[node.name]), copies)
+    matched = 0
     for node in before:
-        twin = base_nodes.get(node.name)
-        if twin is None or twin.op != node.op or twin.target != node.target:
-            raise FanOutRefused(f"node {node.name!r} differs between the base and the batched graph")
-        if not _same_args(node.args, twin.args) or not _same_args(node.kwargs, twin.kwargs):
-            raise FanOutRefused(f"node {node.name!r} has other arguments in the base graph")
-        if node.op == "get_attr" and _attribute(batched, node.target) is not _attribute(base, node.target):
-            raise FanOutRefused(f"constant {node.target!r} differs between the base and the batched graph")
+        twin = base_body[matched] if matched < len(base_body) else None
+        if twin is not None and _matches(node, twin, twin_of, batched, base):
+            matched += 1
+        elif _elided(node, twin_of, copies):
+            # At B this op is the identity (``expand(1, -1)`` of a [1, T] tensor): Dynamo left
+            # it out of the base graph, whose later node names then shift.
+            twin = twin_of[node.args[0].name]
+        else:
+            raise FanOutRefused(f"node {node.name!r} has no counterpart in the base graph")
+        twin_of[node.name] = twin
         kind = _relation(_value(node), _value(twin), copies)
         relation[node.name] = kind
         if any(arg.name in batch_index for arg in node.all_input_nodes):
@@ -190,28 +202,52 @@ def fan_out(batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str,
     part: Dict[str, torch.fx.Node] = {}
 
     def base_value(arg: torch.fx.Node) -> torch.fx.Node:
+        """The new graph's node for a base node (an input's first B rows on first use)."""
         if arg.name not in part:
-            # Only inputs are resolved lazily (nodes before the cut are copied in order).
             value = full[arg.name]
             if relation[arg.name] == "rows":
-                rows = _value(base_nodes[arg.name]).shape[0]
-                value = graph.call_function(torch.narrow, (value, 0, 0, rows))
+                value = graph.call_function(torch.narrow, (value, 0, 0, _value(arg).shape[0]))
             part[arg.name] = value
         return part[arg.name]
 
-    for node in before:
-        part[node.name] = graph.node_copy(base_nodes[node.name], base_value)
+    for node in base_body[:matched]:
+        part[node.name] = graph.node_copy(node, base_value)
     repeated = []
     for name in crossing:
+        value = base_value(twin_of[name])
         if relation[name] == "rows":
-            full[name] = graph.call_function(repeat_rows, (part[name], copies))
+            full[name] = graph.call_function(repeat_rows, (value, copies))
             repeated.append(name)
         else:
-            full[name] = part[name]
+            full[name] = value
     for node in nodes[start:]:
         full[node.name] = graph.node_copy(node, lambda arg: full[arg.name])
     graph.lint()
     return FanOut(torch.fx.GraphModule(batched, graph), cut, tuple(repeated))
+
+
+#: Ops Dynamo leaves out where they are the identity (same shape in, same shape out).
+_ELIDABLE = frozenset({"expand", "expand_as", "broadcast_to", "view", "reshape", "contiguous", "to"})
+
+
+def _elided(node: torch.fx.Node, twin_of: Dict[str, torch.fx.Node], copies: int) -> bool:
+    if node.op not in ("call_function", "call_method") or _target_name(node) not in _ELIDABLE or not node.args:
+        return False
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.name not in twin_of:
+        return False
+    return _relation(_value(node), _value(twin_of[source.name]), copies) in ("same", "rows")
+
+
+def _matches(
+    node: torch.fx.Node, twin: torch.fx.Node, twin_of: Dict[str, torch.fx.Node],
+    batched: torch.fx.GraphModule, base: torch.fx.GraphModule,
+) -> bool:
+    if twin.op != node.op or twin.target != node.target:
+        return False
+    if not _same_args(node.args, twin.args, twin_of) or not _same_args(node.kwargs, twin.kwargs, twin_of):
+        return False
+    return node.op != "get_attr" or _attribute(batched, node.target) is _attribute(base, node.target)
 
 
 def _indexes_rows(node: torch.fx.Node, batch_index: Set[str], relation: Dict[str, str]) -> str:
