@@ -33,7 +33,7 @@ from .context import (
 )
 from .capture.index import RootIndex, index_for
 from .capture.capture import GraphCapture
-from .program.fanout import cut_for
+from .program.fanout import FanOutRefused, cut_for, fan_out
 from .program.prepared import (
     CellEntries,
     SweepProgram,
@@ -78,6 +78,8 @@ class SweepPlan:
         self.cuts: Dict[Any, Optional[str]] = {}
         #: (cut, why a fan-out was refused) of each program a chunk ran, for ``last_sweep_report``.
         self.programs_run: List[Tuple[Optional[str], Optional[str]]] = []
+        #: Why fan-outs were refused (``_cut``).
+        self.refusals: List[str] = []
 
     def entries_for(self, cell: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> CellEntries:
         key = (cell, name)
@@ -162,7 +164,7 @@ class SweepSpec:
             patched = [name for name in here if any(name in cell for cell in self.cells)]
             if patched:
                 earliest = min(patched, key=lambda name: order[sites[name].node])
-                cut = _cut(plan, capture, sites[earliest].node)
+                cut = _cut(plan, capture, base, sites[earliest].node)
             if cut is not None:
                 included = [name for name in here if order[sites[name].node] >= order[cut]]
         chosen = [sites[name] for name in included]
@@ -219,10 +221,20 @@ class SweepSpec:
         return inputs
 
 
-def _cut(plan: SweepPlan, capture: GraphCapture, node: str) -> Optional[str]:
+def _cut(plan: SweepPlan, capture: GraphCapture, base: GraphCapture, node: str) -> Optional[str]:
+    """The fan-out cut for a chunk whose earliest patched site is ``node``; None where the
+    fan-out is refused (tried once per cut on the captured graphs, so that refused cuts share
+    the one full-repeat program instead of compiling one each)."""
     key = (capture.uid, node)
     if key not in plan.cuts:
-        plan.cuts[key] = cut_for(capture.gm, node)
+        cut = cut_for(capture.gm, node)
+        if cut is not None:
+            try:
+                fan_out(capture.gm, base.gm, cut, plan.chunk)
+            except FanOutRefused as error:
+                plan.refusals.append(str(error))
+                cut = None
+        plan.cuts[key] = cut
     return plan.cuts[key]
 
 
@@ -493,6 +505,8 @@ class SweepReport:
     #: Per patched name, the length of its lean slot's (keep, fill, index): the most positions
     #: one chunk's cells patch there.
     capacities: Dict[str, int]
+    #: Fan-outs refused before a program was built (the chunk then ran the full repeat).
+    refused: Tuple[str, ...] = ()
 
     @property
     def cuts(self) -> Tuple[Optional[str], ...]:
@@ -500,7 +514,7 @@ class SweepReport:
 
     @property
     def refusals(self) -> Tuple[str, ...]:
-        return tuple(sorted({reason for _, reason in self.programs if reason}))
+        return tuple(sorted({reason for _, reason in self.programs if reason} | set(self.refused)))
 
 
 _last_report: List[SweepReport] = []
@@ -513,7 +527,8 @@ def last_sweep_report() -> Optional[SweepReport]:
 
 def _report(plan: SweepPlan, cell_by_cell: bool) -> None:
     _last_report[:] = [SweepReport(
-        len(plan.cells), plan.chunk, tuple(plan.programs_run), cell_by_cell, dict(plan.capacities)
+        len(plan.cells), plan.chunk, tuple(plan.programs_run), cell_by_cell, dict(plan.capacities),
+        tuple(plan.refusals),
     )]
 
 
