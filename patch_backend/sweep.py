@@ -143,8 +143,9 @@ class SweepSpec:
         if self.base:
             if found is not None:
                 self.plan.base_graphs.append(capture)
-            # The base call need not compile the plain variant at the base batch.
-            return uncompiled(graph)
+            # Name discovery need not compile the plain variant; a sweep's base call runs it (the
+            # graph the user runs: compiled once, and cheaper than interpreting it every sweep).
+            return uncompiled(graph) if not self.plan.names else None
         sites = found or {}
         here = [name for name in self.plan.names if name in sites]
         if not here:
@@ -225,17 +226,26 @@ def _cut(plan: SweepPlan, capture: GraphCapture, base: GraphCapture, node: str) 
     """The fan-out cut for a chunk whose earliest patched site is ``node``; None where the
     fan-out is refused (tried once per cut on the captured graphs, so that refused cuts share
     the one full-repeat program instead of compiling one each)."""
-    key = (capture.uid, node)
-    if key not in plan.cuts:
-        cut = cut_for(capture.gm, node)
+    key = (capture.uid, base.uid, node, plan.chunk)
+    if key not in _CUTS:
+        cut, refused = cut_for(capture.gm, node), None
         if cut is not None:
             try:
-                fan_out(capture.gm, base.gm, cut, plan.chunk)
+                fan_out(capture.gm, base.gm, cut, plan.chunk, check_only=True)
             except FanOutRefused as error:
-                plan.refusals.append(str(error))
-                cut = None
-        plan.cuts[key] = cut
-    return plan.cuts[key]
+                cut, refused = None, str(error)
+        if len(_CUTS) >= 4096:
+            _CUTS.clear()
+        _CUTS[key] = (cut, refused)
+    cut, refused = _CUTS[key]
+    if refused is not None:
+        plan.refusals.append(refused)
+    return cut
+
+
+#: (batched graph, base graph, earliest site node, chunk) → (cut, why refused): graphs are
+#: immutable and their uids never reused, so a later sweep need not check again.
+_CUTS: Dict[Any, Tuple[Optional[str], Optional[str]]] = {}
 
 
 def _uncompiled(gm: Any, example: Sequence[Any]) -> Callable:

@@ -9,7 +9,7 @@ has the batch dimension, and passed as it is otherwise (parameters, masks withou
 
 Both graphs keep their own shape constants (a ``view(x, [K·B, T, 4, 64])`` stays right for its
 side), so nothing is rewritten. The nodes before the cut are matched in graph order by op,
-target and arguments (ints aside); a node absent at B is accepted only where it is the identity
+target and arguments (an int may be K times its base value: a size with the batch in it); a node absent at B is accepted only where it is the identity
 there (Dynamo drops ``expand(1, -1)`` of a [1, T] tensor at batch 1, and later names shift).
 The fan-out is refused, and the caller keeps the full-repeat program, whenever the two graphs
 do not line up like that before the cut, when a crossing
@@ -102,19 +102,20 @@ def _relation(batched: Any, base: Any, copies: int) -> str:
         return "other"
 
 
-def _same_args(a: Any, b: Any, twin_of: Dict[str, torch.fx.Node]) -> bool:
-    """Equal argument structure, nodes by their twins; ints may differ (each graph's own
-    shape constants)."""
+def _same_args(a: Any, b: Any, twin_of: Dict[str, torch.fx.Node], copies: int) -> bool:
+    """Equal argument structure, nodes by their twins; an int of the batched graph may be K
+    times the base graph's (each graph's own shape constants)."""
     if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
         return isinstance(a, torch.fx.Node) and twin_of.get(a.name) is b
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same_args(x, y, twin_of) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same_args(x, y, twin_of, copies) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_args(a[k], b[k], twin_of) for k in a)
+        return a.keys() == b.keys() and all(_same_args(a[k], b[k], twin_of, copies) for k in a)
     if isinstance(a, slice) and isinstance(b, slice):
-        return all(_same_args(x, y, twin_of) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
+        return all(_same_args(x, y, twin_of, copies) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
     if isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and not isinstance(b, bool):
-        return True
+        # Equal, or a size with the batch in it (``view(x, [K·B·T, d])`` against ``[B·T, d]``).
+        return a == b or a == copies * b
     return type(a) is type(b) and a == b
 
 
@@ -124,13 +125,16 @@ def _target_name(node: torch.fx.Node) -> str:
     return str(name).split(".")[-1]
 
 
-def fan_out(batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str, copies: int) -> FanOut:
+def fan_out(
+    batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str, copies: int, check_only: bool = False
+) -> Optional[FanOut]:
     """The program: ``base``'s nodes before ``cut`` at batch B, ``batched``'s from ``cut`` on.
 
     ``batched`` is the K·B graph after the insertion pass (its extra placeholders are the
     slots'); ``base`` the captured graph of the same code at B. The result takes ``batched``'s
     inputs: batched inputs reach the part before the cut as their first B rows (the sweep's
-    inputs are K copies of the base inputs). Raises ``FanOutRefused``.
+    inputs are K copies of the base inputs). Raises ``FanOutRefused``; with ``check_only``
+    returns None once the checks pass, building nothing (a GraphModule's codegen is not free).
     """
     if copies < 2:
         raise FanOutRefused("one cell per chunk: nothing to reuse")
@@ -157,7 +161,7 @@ def fan_out(batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str,
     matched = 0
     for node in before:
         twin = base_body[matched] if matched < len(base_body) else None
-        if twin is not None and _matches(node, twin, twin_of, batched, base):
+        if twin is not None and _matches(node, twin, twin_of, batched, base, copies):
             matched += 1
         elif _elided(node, twin_of, copies):
             # At B this op is the identity (``expand(1, -1)`` of a [1, T] tensor): Dynamo left
@@ -195,6 +199,8 @@ def fan_out(batched: torch.fx.GraphModule, base: torch.fx.GraphModule, cut: str,
                     relation[arg.name] == "rows" and not isinstance(_value(arg), torch.Tensor)
                 ):
                     raise FanOutRefused(f"value {arg.name!r} crosses the cut with a shape that is not K x its base rows")
+    if check_only:
+        return None
     graph = torch.fx.Graph()
     full: Dict[str, torch.fx.Node] = {}
     for node in inputs:
@@ -241,11 +247,11 @@ def _elided(node: torch.fx.Node, twin_of: Dict[str, torch.fx.Node], copies: int)
 
 def _matches(
     node: torch.fx.Node, twin: torch.fx.Node, twin_of: Dict[str, torch.fx.Node],
-    batched: torch.fx.GraphModule, base: torch.fx.GraphModule,
+    batched: torch.fx.GraphModule, base: torch.fx.GraphModule, copies: int,
 ) -> bool:
     if twin.op != node.op or twin.target != node.target:
         return False
-    if not _same_args(node.args, twin.args, twin_of) or not _same_args(node.kwargs, twin.kwargs, twin_of):
+    if not _same_args(node.args, twin.args, twin_of, copies) or not _same_args(node.kwargs, twin.kwargs, twin_of, copies):
         return False
     return node.op != "get_attr" or _attribute(batched, node.target) is _attribute(base, node.target)
 

@@ -326,8 +326,9 @@ def build_sweep_program(
     used_cut = None
     if base is not None and cut is not None:
         try:
-            gm = fan_out(gm, base, cut, copies).gm
-            used_cut = cut
+            fanned = fan_out(gm, base, cut, copies)
+            assert fanned is not None
+            gm, used_cut = fanned.gm, cut
         except FanOutRefused as error:
             refused = str(error)
     program = SweepProgram(slots, inserted.original_outputs, used_cut, refused)
