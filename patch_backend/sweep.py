@@ -33,7 +33,7 @@ from .context import (
 )
 from .capture.index import RootIndex, index_for
 from .capture.capture import GraphCapture
-from .program.fanout import FanOutRefused, cut_for, fan_out
+from .program.fanout import FanOutRefused, cut_for_site, fan_out, first_use
 from .program.prepared import (
     CellEntries,
     SweepProgram,
@@ -75,7 +75,6 @@ class SweepPlan:
         self.eager_programs: Dict[Any, Any] = {}
         #: Per chunk, the keys of the programs its graph calls ran (``sweep`` verifies new ones).
         self.keys_run: List[Any] = []
-        self.cuts: Dict[Any, Optional[str]] = {}
         #: (cut, why a fan-out was refused) of each program a chunk ran, for ``last_sweep_report``.
         self.programs_run: List[Tuple[Optional[str], Optional[str]]] = []
         #: Why fan-outs were refused (``_cut``).
@@ -161,13 +160,17 @@ class SweepSpec:
         cut = None
         included = here
         if base is not None:
-            order = {node.name: position for position, node in enumerate(capture.gm.graph.nodes)}
+            gm = capture.gm
+            order = {node.name: position for position, node in enumerate(gm.graph.nodes)}
             patched = [name for name in here if any(name in cell for cell in self.cells)]
-            if patched:
-                earliest = min(patched, key=lambda name: order[sites[name].node])
-                cut = _cut(plan, capture, base, sites[earliest].node)
+            cuts = [_site_cut(capture, sites[name]) for name in patched]
+            known = [c for c in cuts if c is not None]
+            if patched and len(known) == len(cuts):
+                cut = _checked_cut(plan, capture, base, min(known, key=lambda c: order[c]))
             if cut is not None:
-                included = [name for name in here if order[sites[name].node] >= order[cut]]
+                # Every site whose patched value is read only after the cut (the others are
+                # patched by no cell of this chunk, whose sites are all read after it).
+                included = [name for name in here if _first_use(capture, sites[name]) >= order[cut]]
         chosen = [sites[name] for name in included]
         key = (
             "sweep",
@@ -222,30 +225,44 @@ class SweepSpec:
         return inputs
 
 
-def _cut(plan: SweepPlan, capture: GraphCapture, base: GraphCapture, node: str) -> Optional[str]:
-    """The fan-out cut for a chunk whose earliest patched site is ``node``; None where the
-    fan-out is refused (tried once per cut on the captured graphs, so that refused cuts share
-    the one full-repeat program instead of compiling one each)."""
-    key = (capture.uid, base.uid, node, plan.chunk)
+def _site_cut(capture: GraphCapture, site: Any) -> Optional[str]:
+    key = ("cut", capture.uid, site.node, site.consumers)
     if key not in _CUTS:
-        cut, refused = cut_for(capture.gm, node), None
-        if cut is not None:
-            try:
-                fan_out(capture.gm, base.gm, cut, plan.chunk, check_only=True)
-            except FanOutRefused as error:
-                cut, refused = None, str(error)
-        if len(_CUTS) >= 4096:
-            _CUTS.clear()
-        _CUTS[key] = (cut, refused)
-    cut, refused = _CUTS[key]
+        _CUTS[key] = cut_for_site(capture.gm, site.node, site.consumers)
+    return _CUTS[key]
+
+
+def _first_use(capture: GraphCapture, site: Any) -> int:
+    key = ("use", capture.uid, site.node, site.consumers)
+    if key not in _CUTS:
+        use = first_use(capture.gm, site.node, site.consumers)
+        nodes = list(capture.gm.graph.nodes)
+        _CUTS[key] = nodes.index(use) if use is not None else 0
+    return _CUTS[key]
+
+
+def _checked_cut(plan: SweepPlan, capture: GraphCapture, base: GraphCapture, cut: str) -> Optional[str]:
+    """``cut`` if the fan-out there passes its checks (tried once per cut on the captured
+    graphs, so that refused cuts share the one full-repeat program instead of compiling one
+    each), else None."""
+    key = ("check", capture.uid, base.uid, cut, plan.chunk)
+    if key not in _CUTS:
+        refused = None
+        try:
+            fan_out(capture.gm, base.gm, cut, plan.chunk, check_only=True)
+        except FanOutRefused as error:
+            refused = str(error)
+        _CUTS[key] = refused
+    refused = _CUTS[key]
     if refused is not None:
         plan.refusals.append(refused)
+        return None
     return cut
 
 
-#: (batched graph, base graph, earliest site node, chunk) → (cut, why refused): graphs are
-#: immutable and their uids never reused, so a later sweep need not check again.
-_CUTS: Dict[Any, Tuple[Optional[str], Optional[str]]] = {}
+#: Per captured graph (uids are never reused, graphs never change): each site's cut and first
+#: use, and why a fan-out at a cut was refused (None: it was not), so later sweeps skip the work.
+_CUTS: Dict[Any, Any] = {}
 
 
 def _uncompiled(gm: Any, example: Sequence[Any]) -> Callable:

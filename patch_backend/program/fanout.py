@@ -75,6 +75,31 @@ def cut_for(gm: torch.fx.GraphModule, node: str) -> Optional[str]:
     return node
 
 
+def first_use(gm: torch.fx.GraphModule, node: str, consumers: Optional[frozenset]) -> Optional[torch.fx.Node]:
+    """The first node (graph order) that reads a site's patched value (``consumers``: the site's
+    consumers, None for every use); the output node where nothing else does."""
+    nodes = list(gm.graph.nodes)
+    target = next((n for n in nodes if n.name == node), None)
+    if target is None:
+        return None
+    users = [user for user in target.users if consumers is None or user.name in consumers]
+    if not users:
+        return nodes[-1]
+    order = {n: position for position, n in enumerate(nodes)}
+    return min(users, key=order.__getitem__)
+
+
+def cut_for_site(gm: torch.fx.GraphModule, node: str, consumers: Optional[frozenset]) -> Optional[str]:
+    """Where rows must fan out for a site: at the block of the first node that reads its patched
+    value (a block's output patched fans out at the next block, so the block itself runs at B)."""
+    use = first_use(gm, node, consumers)
+    if use is None:
+        return None
+    if use.op == "output":
+        return use.name
+    return cut_for(gm, use.name)
+
+
 def _value(node: torch.fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -143,6 +168,9 @@ def fan_out(
     if cut not in position:
         raise FanOutRefused(f"cut node {cut!r} is not in the batched graph")
     start = position[cut]
+    while start > 0 and nodes[start - 1].op != "placeholder" and not nodes[start - 1].meta:
+        # Patch ops inserted just before the cut node read the patched value: they run at K·B.
+        start -= 1
     base_nodes = {node.name: node for node in base.graph.nodes}
     base_inputs = [node.name for node in base.graph.nodes if node.op == "placeholder"]
     base_body = [node for node in base.graph.nodes if node.op not in ("placeholder", "output")]
