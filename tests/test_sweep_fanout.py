@@ -94,6 +94,7 @@ def test_fanout_matches_loop_mixed_cuts_padded_chunk(batch: int) -> None:
     assert len({cut for cut in report.cuts if cut is not None}) >= 3
 
 
+@pytest.mark.slow
 def test_fanout_compiled_matches_loop() -> None:
     torch.manual_seed(0)
     model = Stack(layers=3).eval()
