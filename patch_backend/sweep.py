@@ -226,6 +226,8 @@ class SweepSpec:
 
 
 def _site_cut(capture: GraphCapture, site: Any) -> Optional[str]:
+    if len(_CUTS) >= 4096:
+        _CUTS.clear()  # a memo: dropping it costs a recheck, never a wrong row
     key = ("cut", capture.uid, site.node, site.consumers)
     if key not in _CUTS:
         _CUTS[key] = cut_for_site(capture.gm, site.node, site.consumers)
@@ -503,6 +505,8 @@ def sweep(
                 return _cell_by_cell(compiled, inputs, normalized, metric, bar)
             if check:
                 verified = True
+                if len(_VERIFIED) >= 4096:
+                    _VERIFIED.clear()
                 _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
             results.append(values.detach())
             if bar is not None:
