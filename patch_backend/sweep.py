@@ -12,7 +12,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +32,17 @@ from .context import (
     raise_if_unapplied,
 )
 from .capture.index import RootIndex, index_for
-from .prepare import prepared_key
-from .program.prepared import build_prepared, compose, site_key
+from .capture.capture import GraphCapture
+from .program.fanout import FanOutRefused, cut_for_site, fan_out, first_use
+from .program.prepared import (
+    CellEntries,
+    SweepProgram,
+    build_sweep_program,
+    cell_entries,
+    lean_inputs,
+    site_key,
+    slot_shapes,
+)
 from .runtime.requests import GraphFacts, Request, uncompiled
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
@@ -45,48 +54,217 @@ _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
 CPU_BUDGET_BYTES = 1 << 30
 
 
+class SweepPlan:
+    """What every chunk of one ``pb.sweep`` call shares: the cells (in run order), the per-cell
+    compacted patches, each slot's capacity, the base-batch graphs and the programs it ran.
+
+    Mutable and local to one sweep call (never shared between threads)."""
+
+    def __init__(self, index: RootIndex, batch: int, chunk: int, names: Sequence[str], cells: Sequence[Dict]) -> None:
+        self.index = index
+        self.batch = batch
+        self.chunk = chunk
+        self.names = tuple(names)
+        self.cells = list(cells)
+        #: (cell, name) → its compacted patches (``prepared.cell_entries``).
+        self.entries: Dict[Tuple[int, str], CellEntries] = {}
+        self.capacities: Dict[str, int] = {}
+        #: The graphs the base-batch call ran, in call order: fan-out needs exactly one.
+        self.base_graphs: List[GraphCapture] = []
+        #: The prepared programs' eager forms (nothing compiled), built once per sweep.
+        self.eager_programs: Dict[Any, Any] = {}
+        #: Per chunk, the keys of the programs its graph calls ran (``sweep`` verifies new ones).
+        self.keys_run: List[Any] = []
+        #: (cut, why a fan-out was refused) of each program a chunk ran, for ``last_sweep_report``.
+        self.programs_run: List[Tuple[Optional[str], Optional[str]]] = []
+        #: Why fan-outs were refused (``_cut``).
+        self.refusals: List[str] = []
+
+    def entries_for(self, cell: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> CellEntries:
+        key = (cell, name)
+        if key not in self.entries:
+            self.entries[key] = cell_entries(self.cells[cell][name], shape, dtype, device)
+        return self.entries[key]
+
+    def capacity(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> int:
+        """The most positions any chunk patches at ``name`` (at least 1): every chunk's slot
+        inputs have this length, so one compiled program serves all of them."""
+        if name not in self.capacities:
+            most = 1
+            for start in range(0, len(self.cells), self.chunk):
+                total = sum(
+                    self.entries_for(cell, name, shape, dtype, device).index.numel()
+                    for cell in range(start, min(start + self.chunk, len(self.cells)))
+                    if name in self.cells[cell]
+                )
+                most = max(most, total)
+            self.capacities[name] = most
+        return self.capacities[name]
+
+    def base_graph(self, capture: GraphCapture) -> Optional[GraphCapture]:
+        """The same code's graph at the base batch, when the base call ran exactly one graph
+        and both are static (a graph after a break gets rows already patched differently)."""
+        if len(self.base_graphs) != 1:
+            return None
+        base = self.base_graphs[0]
+        if base is capture or base.code_key != capture.code_key or base.dynamic or capture.dynamic:
+            return None
+        return base
+
+
 @dataclass(frozen=True)
 class SweepSpec:
-    """pb.sweep's front-end for one chunk: set as the active state's by ``row_patches``."""
+    """pb.sweep's front-end for one chunk (or, with ``base``, for the base-batch call)."""
 
-    index: RootIndex
-    rows_per_cell: int
-    names: Tuple[str, ...]
-    #: Zero/Add/Replace patches only: _check_cells refuses the others before any chunk runs.
+    plan: SweepPlan
+    #: The chunk's first cell (in the plan's run order).
+    start: int
+    #: The chunk's cells, padded with empty ones to the plan's chunk size.
     cells: Tuple[Dict[str, Tuple[Union[ZeroPatch, AddPatch, ReplacePatch], ...]], ...]
+    #: The base-batch call: records its graphs, runs them uncompiled, patches nothing.
+    base: bool = False
     #: Which names ran in this chunk's forward (checked on leaving ``row_patches``).
     log: RunLog = field(default_factory=RunLog, compare=False)
-    #: The prepared programs' eager forms, built once per sweep (shared by its chunks).
-    eager_programs: Dict[Any, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def index(self) -> RootIndex:
+        return self.plan.index
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return () if self.base else self.plan.names
 
     def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
-        """This graph's sites that cells patch, as slots of one prepared program; each call
-        feeds every slot a (keep, fill) pair whose row blocks hold their cells' patches."""
+        """This graph's sites that cells patch, as lean slots of one program per fan-out cut."""
         capture = graph.capture
         found = self.index.sites_for(capture, instance)
         note_sweep_graph(self, found)
+        if self.base:
+            if found is not None:
+                self.plan.base_graphs.append(capture)
+            # Name discovery need not compile the plain variant; a sweep's base call runs it (the
+            # graph the user runs: compiled once, and cheaper than interpreting it every sweep).
+            return uncompiled(graph) if not self.plan.names else None
         sites = found or {}
-        here = [sites[name] for name in self.names if name in sites]
+        here = [name for name in self.plan.names if name in sites]
         if not here:
-            # The name-discovery call captures; it need not compile the plain variant, which
-            # the sweep itself (at another batch size) never runs.
-            return uncompiled(graph) if not self.names else None
-        key = prepared_key(here)
+            return None
+        plan = self.plan
+        shapes = slot_shapes(capture, [sites[name] for name in here], args)
+        capacities = {}
+        for name in here:
+            shape, dtype, device = shapes[site_key(sites[name])]
+            per_cell = (shape[0] // plan.chunk,) + tuple(shape[1:])
+            capacities[site_key(sites[name])] = plan.capacity(name, per_cell, dtype, device)
+        base = plan.base_graph(capture)
+        cut = None
+        included = here
+        if base is not None:
+            gm = capture.gm
+            order = {node.name: position for position, node in enumerate(gm.graph.nodes)}
+            patched = [name for name in here if any(name in cell for cell in self.cells)]
+            cuts = [_site_cut(capture, sites[name]) for name in patched]
+            known = [c for c in cuts if c is not None]
+            if patched and len(known) == len(cuts):
+                cut = _checked_cut(plan, capture, base, min(known, key=lambda c: order[c]))
+            if cut is not None:
+                # Every site whose patched value is read only after the cut (the others are
+                # patched by no cell of this chunk, whose sites are all read after it).
+                included = [name for name in here if _first_use(capture, sites[name]) >= order[cut]]
+        chosen = [sites[name] for name in included]
+        key = (
+            "sweep",
+            frozenset((site_key(site), capacities[site_key(site)]) for site in chosen),
+            cut,
+            None if base is None or cut is None else base.uid,
+        )
+        plan.keys_run.append(key)
+        base_gm = None if base is None or cut is None else base.gm
+        chunk = plan.chunk
+
+        def build(compile_fn: Callable, call_args: Sequence[Any]) -> SweepProgram:
+            return build_sweep_program(capture, chosen, capacities, call_args, compile_fn, base_gm, cut, chunk)
+
         return Request(
             key=key,
-            build=lambda compile_fn, args: build_prepared(capture, here, args, compile_fn),
-            interpret=lambda args: self._eager_program(graph, here, key, args),
-            run=lambda program, args: program.call(args, slot_inputs(self, program, sites))[0],
+            build=build,
+            interpret=lambda call_args: self._eager_program(graph, key, build, call_args),
+            run=lambda program, call_args: self._run(program, call_args, sites, included),
             owners=(self.index,),
         )
 
-    def _eager_program(self, graph: GraphFacts, here: List[Any], key: Any, args: Sequence[Any]) -> Any:
-        """The prepared program run as the FX graph's Python code (nothing compiled)."""
+    def _run(self, program: SweepProgram, args: Sequence[Any], sites: Dict[str, Any], names: Sequence[str]) -> Any:
+        self.plan.programs_run.append((program.cut, program.refused))
+        return program.call(args, self.slot_inputs(program, sites, names))
+
+    def _eager_program(self, graph: GraphFacts, key: Any, build: Callable, args: Sequence[Any]) -> Any:
+        """The program run as the FX graph's Python code (nothing compiled)."""
         memo_key = (graph.capture.uid, key, graph.shape_key(args))
-        program = self.eager_programs.get(memo_key)
+        program = self.plan.eager_programs.get(memo_key)
         if program is None:
-            program = self.eager_programs[memo_key] = build_prepared(graph.capture, here, args, _uncompiled)
+            program = self.plan.eager_programs[memo_key] = build(_uncompiled, args)
         return program
+
+    def slot_inputs(self, program: SweepProgram, sites: Dict[str, Any], names: Sequence[str]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(keep, fill, index) per slot this chunk patches; the others get cached identities."""
+        inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for name in names:
+            position = program.slot_index.get(site_key(sites[name]))
+            if position is None:
+                continue
+            slot = program.slots[position]
+            per_cell = (slot.shape[0] // self.plan.chunk,) + tuple(slot.shape[1:])
+            block = math.prod(per_cell)
+            parts = [
+                (k * block, self.plan.entries_for(self.start + k, name, per_cell, slot.dtype, slot.device))
+                for k, cell in enumerate(self.cells)
+                if name in cell
+            ]
+            if parts:
+                inputs[position] = lean_inputs(slot, parts)
+        return inputs
+
+
+def _site_cut(capture: GraphCapture, site: Any) -> Optional[str]:
+    if len(_CUTS) >= 4096:
+        _CUTS.clear()  # a memo: dropping it costs a recheck, never a wrong row
+    key = ("cut", capture.uid, site.node, site.consumers)
+    if key not in _CUTS:
+        _CUTS[key] = cut_for_site(capture.gm, site.node, site.consumers)
+    return _CUTS[key]
+
+
+def _first_use(capture: GraphCapture, site: Any) -> int:
+    key = ("use", capture.uid, site.node, site.consumers)
+    if key not in _CUTS:
+        use = first_use(capture.gm, site.node, site.consumers)
+        nodes = list(capture.gm.graph.nodes)
+        _CUTS[key] = nodes.index(use) if use is not None else 0
+    return _CUTS[key]
+
+
+def _checked_cut(plan: SweepPlan, capture: GraphCapture, base: GraphCapture, cut: str) -> Optional[str]:
+    """``cut`` if the fan-out there passes its checks (tried once per cut on the captured
+    graphs, so that refused cuts share the one full-repeat program instead of compiling one
+    each), else None."""
+    key = ("check", capture.uid, base.uid, cut, plan.chunk)
+    if key not in _CUTS:
+        refused = None
+        try:
+            fan_out(capture.gm, base.gm, cut, plan.chunk, check_only=True)
+        except FanOutRefused as error:
+            refused = str(error)
+        _CUTS[key] = refused
+    refused = _CUTS[key]
+    if refused is not None:
+        plan.refusals.append(refused)
+        return None
+    return cut
+
+
+#: Per captured graph (uids are never reused, graphs never change): each site's cut and first
+#: use, and why a fan-out at a cut was refused (None: it was not), so later sweeps skip the work.
+_CUTS: Dict[Any, Any] = {}
 
 
 def _uncompiled(gm: Any, example: Sequence[Any]) -> Callable:
@@ -100,19 +278,15 @@ class row_patches:
     not run in the chunk's forward raises PatchNotAppliedError.
     """
 
-    def __init__(
-        self, index: RootIndex, rows_per_cell: int, names: Sequence[str], cells: Sequence[Dict],
-        eager_programs: Optional[Dict[Any, Any]] = None,
-    ) -> None:
-        self.spec = SweepSpec(index, rows_per_cell, tuple(names), tuple(cells), eager_programs=(
-            {} if eager_programs is None else eager_programs))
+    def __init__(self, plan: SweepPlan, start: int, cells: Sequence[Dict], base: bool = False) -> None:
+        self.spec = SweepSpec(plan, start, tuple(cells), base)
 
     def __enter__(self) -> None:
         self._token = _active.set(PatchState(roots=(), frontend=self.spec))
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         _active.reset(self._token)
-        if exc_type is None:
+        if exc_type is None and not self.spec.base:
             spec = self.spec
             patched = {name: _patches_of(spec, name) for name in spec.names}
             patched = {name: patches for name, patches in patched.items() if patches}
@@ -286,7 +460,7 @@ def sweep(
     batch = _batch_size(inputs)
     index = index_for(root)
     if not index.names:
-        with torch.no_grad(), row_patches(index, batch, (), ()):
+        with torch.no_grad(), row_patches(SweepPlan(index, batch, 1, (), ()), 0, (), base=True):
             _call(compiled, inputs)
         index.refresh()
     normalized, names = _check_cells(index, cells, batch)
@@ -295,15 +469,22 @@ def sweep(
     chunk = batch_size or _chunk_size(index, batch, len(cells))
     if chunk < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+    # Cells patching late sites run together: their chunk's fan-out point is late too.
+    order = sorted(range(len(cells)), key=lambda cell: _earliest(index, normalized[cell]))
+    plan = SweepPlan(index, batch, chunk, names, [normalized[cell] for cell in order])
+    with row_patches(plan, 0, (), base=True):
+        # The graphs of one unbatched forward: the part before a chunk's cut runs them.
+        _call(compiled, inputs)
     batched = _repeat(inputs, chunk)
     results: List[torch.Tensor] = []
-    eager_programs: Dict[Any, Any] = {}
+    verified = False
     bar = _progress(len(cells), progress)
     try:
         for start in range(0, len(cells), chunk):
-            block = normalized[start : start + chunk]
+            block = plan.cells[start : start + chunk]
             padded = block + [{}] * (chunk - len(block))
-            with row_patches(index, batch, names, padded, eager_programs):
+            known = len(plan.keys_run)
+            with row_patches(plan, start, padded):
                 output = _call(compiled, batched)
             values = metric(output)
             if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != chunk * batch:
@@ -312,7 +493,9 @@ def sweep(
                     f"forward, got {getattr(values, 'shape', type(values).__name__)}"
                 )
             values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
-            if verify and start == 0 and not _rows_match_alone(compiled, inputs, block, values, metric):
+            # The first chunk, and each chunk that runs a program not yet checked (another cut).
+            check = verify and (not verified or any(key not in _VERIFIED for key in plan.keys_run[known:]))
+            if check and not _rows_match_alone(compiled, inputs, block, values, metric):
                 warnings.warn(
                     f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
                     f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
@@ -321,14 +504,77 @@ def sweep(
                     SweepBatchingWarning,
                     stacklevel=2,
                 )
+                _report(plan, True)
                 return _cell_by_cell(compiled, inputs, normalized, metric, bar)
+            if check:
+                verified = True
+                if len(_VERIFIED) >= 4096:
+                    _VERIFIED.clear()
+                _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
     finally:
         if bar is not None:
             bar.close()
-    return torch.cat(results)
+    _report(plan, False)
+    ran = torch.cat(results)
+    # Back to the caller's cell order.
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return ran[inverse.to(ran.device)]
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What the last ``pb.sweep`` of this process did (diagnostics, tests, benchmarks)."""
+
+    cells: int
+    chunk: int
+    #: Per graph call of each chunk: the first node run at the chunk's rows (None: the whole
+    #: forward ran at K·B) and why a fan-out was refused (None: not refused or not tried).
+    programs: Tuple[Tuple[Optional[str], Optional[str]], ...]
+    #: Whether the sweep fell back to one forward per cell (``SweepBatchingWarning``).
+    cell_by_cell: bool
+    #: Per patched name, the length of its lean slot's (keep, fill, index): the most positions
+    #: one chunk's cells patch there.
+    capacities: Dict[str, int]
+    #: Fan-outs refused before a program was built (the chunk then ran the full repeat).
+    refused: Tuple[str, ...] = ()
+
+    @property
+    def cuts(self) -> Tuple[Optional[str], ...]:
+        return tuple(cut for cut, _ in self.programs)
+
+    @property
+    def refusals(self) -> Tuple[str, ...]:
+        return tuple(sorted({reason for _, reason in self.programs if reason} | set(self.refused)))
+
+
+_last_report: List[SweepReport] = []
+
+
+def last_sweep_report() -> Optional[SweepReport]:
+    """The ``SweepReport`` of the last ``pb.sweep`` that finished in this process."""
+    return _last_report[-1] if _last_report else None
+
+
+def _report(plan: SweepPlan, cell_by_cell: bool) -> None:
+    _last_report[:] = [SweepReport(
+        len(plan.cells), plan.chunk, tuple(plan.programs_run), cell_by_cell, dict(plan.capacities),
+        tuple(plan.refusals),
+    )]
+
+
+#: Keys of fanned-out programs that gave a sampled cell's unbatched rows once (their exactness
+#: does not depend on values: later sweeps check only their first chunk, as without fan-out).
+_VERIFIED: Set[Any] = set()
+
+
+def _earliest(index: RootIndex, cell: Mapping[str, Any]) -> float:
+    """Where in graph order the cell's first patched site is (its chunk's fan-out point)."""
+    positions = [site.site.position for name in cell for site in index.by_name.get(name, ())]
+    return min(positions) if positions else math.inf
 
 
 def _rows_match_alone(
@@ -375,23 +621,3 @@ def _progress(total: int, enabled: bool):
     if not enabled:
         return None
     return tqdm(total=total, unit="cell", desc="sweep")
-
-
-def slot_inputs(spec: SweepSpec, variant: Any, sites: Dict[str, Any]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """(keep, fill) per slot of ``variant``, each row block patched by its own cell."""
-    inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in spec.names:
-        site = sites.get(name)
-        if site is None:
-            continue
-        position = variant.slot_index[site_key(site)]
-        if not any(name in cell for cell in spec.cells):
-            continue  # untouched in this chunk: the variant's cached identity inputs
-        keep, fill = variant.fresh(position)
-        for cell_index, cell in enumerate(spec.cells):
-            patches = cell.get(name)
-            if patches:
-                rows = slice(cell_index * spec.rows_per_cell, (cell_index + 1) * spec.rows_per_cell)
-                compose(patches, keep, fill, rows)
-        inputs[position] = (keep, fill)
-    return inputs

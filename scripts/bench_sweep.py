@@ -145,6 +145,106 @@ def run_sweep(layers: int, positions: int, width: int, device: str, chunk: int) 
     }
 
 
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond from /proc.
+
+    Run under ``MALLOC_MMAP_THRESHOLD_`` (``--s1`` re-executes itself with it): large blocks
+    are then mapped and unmapped per allocation, so RSS follows live tensors instead of
+    glibc's high-water heap, and two peers in one process can be compared.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            self._stop.wait(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_s1(layers: int, positions: int, width: int, chunk: int, rounds: int, threads: Optional[int]) -> Dict[str, object]:
+    """Targets S1/S2 of issue 14: steady-state pb.sweep against the hand-batched eager peer at
+    the same chunk size, in interleaved rounds in one process (median ratio), and the peak RSS
+    of each above its starting level."""
+    from patch_backend.sweep import last_sweep_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    vocab = 256
+    model = gpt2(layers, width, 4, vocab, positions)
+    clean, corrupt = clean_and_corrupt(vocab, positions)
+    with torch.no_grad():
+        metric = answer_metric(int(model(clean).logits[0, -1].argmax()))
+    states = clean_block_outputs(model, clean)
+    grid = [(layer, position) for layer in range(layers) for position in range(positions)]
+    cells = sweep_cells(states, grid)
+    compiled = torch.compile(model, backend="graphpatch")
+
+    def swept() -> torch.Tensor:
+        with torch.no_grad():
+            return pb.sweep(compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False)
+
+    def hand() -> torch.Tensor:
+        return hand_batched_hooks(model, corrupt, states, grid, metric, chunk)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(corrupt)
+    first = swept()
+    cold = time.perf_counter() - start
+    report = last_sweep_report()
+    reference = hand()
+    agrees = bool(torch.allclose(first.reshape(reference.shape), reference, atol=1e-4))
+    times: Dict[str, List[float]] = {"hand-batched eager hooks": [], "pb.sweep": []}
+    peaks: Dict[str, List[int]] = {"hand-batched eager hooks": [], "pb.sweep": []}
+    for _ in range(rounds):
+        for name, fn in (("hand-batched eager hooks", hand), ("pb.sweep", swept)):
+            with PeakRSS() as peak:
+                elapsed, _ = seconds(fn)
+            times[name].append(elapsed)
+            peaks[name].append(peak.bytes)
+    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    ratios = sorted(h / s for h, s in zip(times["hand-batched eager hooks"], times["pb.sweep"]))
+    peak = {name: max(values) for name, values in peaks.items()}
+    return {
+        "sweep": f"{layers} layers x {positions} positions, width {width}",
+        "cells": len(cells),
+        "chunk": chunk,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "seconds_per_round": times,
+        "median_seconds": median,
+        "S1 pb.sweep speed-up vs hand-batched eager (median of per-round ratios)": ratios[len(ratios) // 2],
+        "peak_rss_mib_above_start": {name: value / 2**20 for name, value in peak.items()},
+        "S2 pb.sweep peak RSS / hand-batched peak RSS": peak["pb.sweep"] / max(1, peak["hand-batched eager hooks"]),
+        "pb.sweep first call seconds (capture + compile + sweep)": cold,
+        "fan_out_cuts": sorted({str(cut) for cut in report.cuts}) if report else [],
+        "fan_out_refusals": list(report.refusals) if report else [],
+        "agrees_with_hand_batched": agrees,
+        "sweep_variants_compiled": pb.stats(model).variants_compiled,
+    }
+
+
 def print_table(result: Dict[str, object]) -> None:
     print(f"\n== {result['sweep']} ({result['cells']} cells, chunk {result['chunk']}, width {result['width']})")
     print(f"{'peer':28s} {'total s':>9s} {'steady s':>9s} {'cells/s':>9s}  agrees")
@@ -366,17 +466,36 @@ def main() -> List[Dict[str, object]]:
     parser.add_argument("--positions", type=int, default=64, help="with --ranks")
     parser.add_argument("--share", default="auto", choices=("auto", "cache", "broadcast", "none"),
                         help="with --ranks: how ranks share compiles (pb.config.compile_sharing)")
-    parser.add_argument("--rounds", type=int, default=3, help="with --ranks: interleaved 1-rank/N-rank rounds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds: with --ranks 1-rank/N-rank rounds (default 3), with --s1 (default 5)")
     parser.add_argument(
         "--session-per-rank", action="store_true",
         help="with --ranks: each rank in its own session, so that on a machine other jobs keep busy, Linux's "
         "autogroup scheduler gives each rank a session's share of the CPU (docs/scaling.md)",
     )
+    parser.add_argument("--s1", action="store_true",
+                        help="issue 14's S1/S2: 12 layers x 32 positions, width 256, interleaved rounds vs hand-batched")
+    parser.add_argument("--threads", type=int, default=None, help="with --s1 (default: torch's default)")
     options = parser.parse_args()
+    if options.s1:
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+            # RSS must follow live tensors (see PeakRSS): re-execute with a fixed mmap threshold.
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            os.execv(sys.executable, [sys.executable] + sys.argv)
+        layers = options.layers if options.layers != 6 else 12
+        positions = options.positions if options.positions != 64 else 32
+        width = options.width if options.width != 64 else 256
+        result = run_s1(layers, positions, width, options.chunk, options.rounds or 5, options.threads)
+        result["device"] = "cpu"
+        for name, value in result.items():
+            print(f"{name:72s} {value:.3f}" if isinstance(value, float) else f"{name:72s} {value}")
+        if options.json:
+            write_json(options.json, [result])
+        return [result]
     if options.ranks:
         result = run_ranks(
             options.ranks, options.layers, options.positions, options.width, options.chunk, options.share,
-            options.rounds, options.session_per_rank,
+            options.rounds or 3, options.session_per_rank,
         )
         result["device"] = "cpu (gloo)"
         for name, value in result.items():

@@ -58,6 +58,7 @@ import patch_backend as pb  # noqa: E402
 from bench_patching import first_call_seconds, interleaved  # noqa: E402
 from bench_util import device_name, sync, write_json  # noqa: E402
 from patch_backend import AddPatch, ReplacePatch, ZeroPatch  # noqa: E402
+from patch_backend.sweep import last_sweep_report  # noqa: E402
 from sweep_common import (  # noqa: E402
     _hidden,
     _replace,
@@ -522,6 +523,8 @@ def section_sweep(ctx: Context, entry: Entry) -> None:
 
     first, rows = seconds(run, ctx.device)
     variants = pb.stats(ctx.model).variants_compiled - before
+    report = last_sweep_report()
+    cuts = sorted({str(cut) for cut in report.cuts}) if report is not None else []
     loop = hook_loop(ctx.reference, corrupt, states, grid, metric)
     batched = hand_batched_hooks(ctx.reference, corrupt, states, grid, metric, s.chunk)
     tol = tolerance(ctx.dtype, ctx.floor)
@@ -551,6 +554,8 @@ def section_sweep(ctx: Context, entry: Entry) -> None:
                 steady["hand-batched eager hooks"] / steady["pb.sweep"],
         },
         "sweep variants compiled": variants,
+        # One compiled program per fan-out point (prefix reuse); "None": a full-repeat program.
+        "sweep fan-out cuts": cuts,
     }
 
 

@@ -11,6 +11,7 @@ from torch import nn
 import patch_backend as pb
 from fixtures import TwoLayerMLP
 from patch_backend import AddPatch, ReplacePatch, ZeroPatch
+from patch_backend.sweep import last_sweep_report
 
 
 def tiny_gpt2():
@@ -53,8 +54,8 @@ def test_sweep_matches_cells_run_alone(batch):
         swept = pb.sweep(compiled, {"input_ids": ids}, cells, metric, batch_size=4, progress=False)
     assert swept.shape == (len(cells), batch, 64)
     torch.testing.assert_close(swept, per_cell_reference(model, {"input_ids": ids}, cells, metric), rtol=1e-4, atol=1e-4)
-    # 15 cells in chunks of 4: the padded last chunk reuses the one variant.
-    assert pb.stats(compiled).variants_compiled == 1
+    # 15 cells in chunks of 4: one variant per fan-out cut (the padded last chunk reuses its own).
+    assert pb.stats(compiled).variants_compiled == len(set(last_sweep_report().cuts))
 
 
 def test_sweep_on_plain_module_and_default_chunking():

@@ -65,6 +65,25 @@ class Inserted:
 class _SlotInputs:
     keep: torch.fx.Node
     fill: torch.fx.Node
+    #: Lean slots only (``SlotForm.sparse``): the flat positions ``keep``/``fill`` apply at.
+    index: Optional[torch.fx.Node] = None
+
+
+@dataclass(frozen=True)
+class SlotForm:
+    """How ``insert`` emits a spec's slots.
+
+    ``sparse``: each slot takes ``(index, keep, fill)`` of one length, applied at the flat
+    positions ``index`` (``ops.sparse_slot``: pb.sweep ships what its patches touch), instead
+    of activation-sized ``(keep, fill)``. ``outputs``: each slot's input and result are extra
+    graph outputs (pb.prepare's probes read them; a sweep has no probes and skips them).
+    """
+
+    sparse: bool = False
+    outputs: bool = True
+
+
+DENSE_SLOTS = SlotForm()
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,8 @@ class _Outputs:
     nodes: List[torch.fx.Node] = field(default_factory=list)
     refs: List[OutputRef] = field(default_factory=list)
     probes: Dict[EntryRef, torch.fx.Node] = field(default_factory=dict)
+    #: Whether slots' inputs and results become outputs (``SlotForm.outputs``).
+    slot_outputs: bool = True
 
     def add(self, ref: OutputRef, node: torch.fx.Node) -> None:
         self.nodes.append(node)
@@ -92,16 +113,19 @@ class _Outputs:
 
 
 def insert(
-    gm: torch.fx.GraphModule, spec: ProgramSpec, calls: Optional[Mapping[EntryRef, Callable]] = None
+    gm: torch.fx.GraphModule,
+    spec: ProgramSpec,
+    calls: Optional[Mapping[EntryRef, Callable]] = None,
+    slot_form: SlotForm = DENSE_SLOTS,
 ) -> Inserted:
     """Every use of a patched value passes through its chain of sites (``spec.uses``), each
     chain prefix emitted once, before the first user; a site no use passes through is emitted
     before the output so that its probes still report. ``calls`` are the traced stand-ins of
-    the spec's custom ops (``Lowered.calls``)."""
+    the spec's custom ops (``Lowered.calls``); ``slot_form`` how slots are emitted."""
     graph = copy.deepcopy(gm.graph)
     nodes = {node.name: node for node in graph.nodes}
-    inputs = _add_placeholders(graph, spec, calls or {})
-    outputs = _Outputs()
+    inputs = _add_placeholders(graph, spec, calls or {}, slot_form)
+    outputs = _Outputs(slot_outputs=slot_form.outputs)
     uses = spec.uses(graph)
     prefixes = Prefixes(nodes.__getitem__, lambda value, site: _emit_site(graph, spec, site, value, inputs, outputs))
     order = {name: position for position, name in enumerate(nodes)}
@@ -121,7 +145,9 @@ def insert(
     return Inserted(torch.fx.GraphModule(gm, graph), len(flat), tuple(outputs.refs))
 
 
-def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[EntryRef, Callable]) -> _Inputs:
+def _add_placeholders(
+    graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[EntryRef, Callable], slot_form: SlotForm
+) -> _Inputs:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last = placeholders[-1] if placeholders else None
 
@@ -134,7 +160,15 @@ def _add_placeholders(graph: torch.fx.Graph, spec: ProgramSpec, calls: Mapping[E
     ints = placeholder("_patch_ints") if spec.ints else None
     scalars = placeholder("_patch_scalars") if spec.scalars else None
     tensors = tuple(placeholder(f"_patch_tensor_{i}") for i in range(spec.tensors))
-    slots = tuple(_SlotInputs(placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots))
+    if slot_form.sparse:
+        slots = tuple(
+            _SlotInputs(placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}"), placeholder(f"_slot_index_{i}"))
+            for i in range(spec.slots)
+        )
+    else:
+        slots = tuple(
+            _SlotInputs(placeholder(f"_slot_keep_{i}"), placeholder(f"_slot_fill_{i}")) for i in range(spec.slots)
+        )
     return _Inputs(ints, scalars, tensors, slots, calls)
 
 
@@ -173,9 +207,12 @@ def _emit(
         return graph.call_function(torch.ops.patch_backend.opaque_patch.default, (value, entry.slot))
     assert isinstance(entry, SlotOp), entry
     slot = inputs.slots[entry.slot]
-    result = graph.call_function(patch_ops.slot, (value, slot.keep, slot.fill))
+    if slot.index is not None:
+        result = graph.call_function(patch_ops.sparse_slot, (value, slot.index, slot.keep, slot.fill))
+    else:
+        result = graph.call_function(patch_ops.slot, (value, slot.keep, slot.fill))
     before = SlotValue(entry.slot, False)
-    if before not in outputs.refs:
+    if outputs.slot_outputs and before not in outputs.refs:
         # A slot's input is an output too (probes before the value patches); a graph input
         # is copied so that no output aliases it.
         outputs.add(before, graph.call_function(patch_ops.probe, (value,)) if value.op == "placeholder" else value)

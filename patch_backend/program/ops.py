@@ -209,13 +209,25 @@ def slot(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tenso
     return torch.where(keep, x + fill, fill)
 
 
+def sparse_slot(x: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A lean slot (pb.sweep): ``slot`` applied only at the flat positions ``index`` of ``x``.
+
+    ``index`` holds distinct positions (the sweep pads with untouched positions, never with
+    repeats: a gather and a scatter of one position fused in place must not see it twice), so
+    what a chunk ships scales with its patches, not with the activation.
+    """
+    flat = x.reshape(-1)
+    values = torch.where(keep, flat[index] + fill, fill)
+    return flat.index_put((index,), values).view(x.shape)
+
+
 def cache_keys() -> Dict[str, str]:
     """The patch ops a variant graph calls, each with a key that changes when their code does
     (a hash of this module's source and the torch version), for torch's on-disk compile caches
     (``_torch_compat.inductor.compile_inductor``'s ``cacheable``)."""
     if not _cache_keys:
         digest = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
-        for function in (zero, replace, add, probe, slot):
+        for function in (zero, replace, add, probe, slot, sparse_slot):
             _cache_keys[f"{function.__module__}.{function.__name__}"] = f"{digest}-{torch.__version__}"
     return _cache_keys
 

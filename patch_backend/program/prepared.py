@@ -7,6 +7,12 @@ inputs of the site's shape, ``keep`` (bool) and ``fill``, and the op
 batched sweep (sweep.py) — runs the same compiled code. The slot's input and result are also
 graph outputs, which serve ProbePatch/RecordPatch placed before or after the value patches.
 The program is a slot spec (``spec.slot_spec``) built by the same insertion pass as any variant.
+
+pb.sweep's programs (``build_sweep_program``) use *lean* slots instead: per slot a chunk ships
+``(keep, fill, index)`` at the flat positions its cells patch (``ops.sparse_slot``), padded to a
+per-sweep capacity so that every chunk runs one compiled program, and no slot outputs; and the
+part of the forward before the chunk's earliest patched block runs once at the base batch
+(program/fanout.py).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from .._torch_compat.symbolic import concrete_shape, symbol_bindings
 from ..capture.capture import GraphCapture
 from ..capture.naming import Site
 from ..patches import PROBE_PATCHES, VALUE_PATCHES, AddPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
-from .insert import OutputRef, SlotValue, insert
+from .fanout import FanOutRefused, fan_out
+from .insert import OutputRef, SlotForm, SlotValue, insert
 from .plan import Selection
 from .spec import slot_spec
 
@@ -185,3 +192,146 @@ def build_prepared(
     example_extra = [t for position in range(len(slots)) for t in variant.identity(position)]
     variant.fn = compile_fn(inserted.gm, list(args) + example_extra)
     return variant
+
+
+# -- lean slots: pb.sweep's programs -----------------------------------------------------------
+@dataclass(frozen=True)
+class CellEntries:
+    """One cell's patches at one site, compacted: the flat positions (within one row block)
+    they change, with the slot's keep and fill there. What a sweep ships scales with these."""
+
+    index: torch.Tensor
+    keep: torch.Tensor
+    fill: torch.Tensor
+
+
+def cell_entries(patches: Iterable[ValuePatch], shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> CellEntries:
+    """Composes ``patches`` with the reference ops (``compose``) on one row block's (keep, fill)
+    and keeps the positions they change: exact patch semantics, a per-cell-sized scratch only."""
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
+    fill = torch.zeros(shape, dtype=dtype, device=device)
+    compose(patches, keep, fill)
+    keep, fill = keep.reshape(-1), fill.reshape(-1)
+    changed = (~keep | (fill != 0)).nonzero().squeeze(1)
+    return CellEntries(changed, keep[changed], fill[changed])
+
+
+@dataclass(frozen=True)
+class LeanSlot:
+    key: SiteKey
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    #: Length of the slot's (index, keep, fill): the most positions any chunk patches here.
+    capacity: int
+
+
+class SweepProgram:
+    """A sweep's compiled program: lean slots at its sites, fanned out after its cut (or not).
+
+    Called with the batched graph's inputs and, per slot, ``(keep, fill, index)`` of the slot's
+    capacity; ``index`` distinct flat positions of the K·B activation.
+    """
+
+    def __init__(self, slots: List[LeanSlot], original_outputs: int, cut: Optional[str], refused: Optional[str]) -> None:
+        self.fn: Optional[Callable] = None
+        self.slots = slots
+        self.slot_index = {slot.key: position for position, slot in enumerate(slots)}
+        self.original_outputs = original_outputs
+        #: The first node run at the chunk's rows (None: every node runs at K·B).
+        self.cut = cut
+        #: Why the fan-out was refused, if it was tried and refused.
+        self.refused = refused
+        self._identity: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def identity(self, position: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An untouched slot's inputs: keep everything at positions 0..capacity-1."""
+        if position not in self._identity:
+            slot = self.slots[position]
+            self._identity[position] = (
+                torch.ones(slot.capacity, dtype=torch.bool, device=slot.device),
+                torch.zeros(slot.capacity, dtype=slot.dtype, device=slot.device),
+                torch.arange(slot.capacity, dtype=torch.int64, device=slot.device),
+            )
+        return self._identity[position]
+
+    def call(self, args: Sequence[Any], slot_inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> List[Any]:
+        extra: List[torch.Tensor] = []
+        for position in range(len(self.slots)):
+            extra.extend(slot_inputs.get(position) or self.identity(position))
+        if self.fn is None:
+            raise RuntimeError("patch_backend internal error: a SweepProgram was called before it was compiled")
+        outputs = self.fn(*args, *extra)
+        return list(outputs[: self.original_outputs])
+
+
+def lean_inputs(slot: LeanSlot, parts: Sequence[Tuple[int, CellEntries]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, fill, index) of one slot for one chunk: each ``(offset, entries)`` at its row
+    block's offset, padded to the capacity with untouched positions (kept, nothing added) that
+    no entry uses, so that every index is distinct."""
+    if parts:
+        index = torch.cat([entries.index + offset for offset, entries in parts])
+        keep = torch.cat([entries.keep for _, entries in parts])
+        fill = torch.cat([entries.fill.to(slot.dtype) for _, entries in parts])
+    else:
+        index = torch.zeros(0, dtype=torch.int64, device=slot.device)
+        keep = torch.zeros(0, dtype=torch.bool, device=slot.device)
+        fill = torch.zeros(0, dtype=slot.dtype, device=slot.device)
+    missing = slot.capacity - index.numel()
+    if missing < 0:
+        raise RuntimeError(f"patch_backend internal error: {index.numel()} patched positions exceed a slot of {slot.capacity}")
+    if missing:
+        # Among 0..capacity-1 at most index.numel() are taken: enough are free.
+        candidates = torch.arange(slot.capacity, dtype=torch.int64, device=slot.device)
+        free = candidates[~torch.isin(candidates, index)][:missing]
+        index = torch.cat([index, free])
+        keep = torch.cat([keep, torch.ones(missing, dtype=torch.bool, device=slot.device)])
+        fill = torch.cat([fill, torch.zeros(missing, dtype=slot.dtype, device=slot.device)])
+    return keep, fill, index
+
+
+def slot_shapes(
+    capture: GraphCapture, sites: Sequence[Site], args: Sequence[Any]
+) -> Dict[SiteKey, Tuple[Tuple[int, ...], torch.dtype, torch.device]]:
+    """Each site's concrete (shape, dtype, device) in this call of ``capture``'s graph."""
+    nodes = {node.name: node for node in capture.gm.graph.nodes}
+    placeholders = [n for n in capture.gm.graph.nodes if n.op == "placeholder"]
+    bindings = symbol_bindings([n.meta.get("example_value") for n in placeholders], args)
+    shapes = {}
+    for site in sites:
+        meta = nodes[site.node].meta.get("example_value")
+        shapes[site_key(site)] = (concrete_shape(meta.shape, bindings), meta.dtype, meta.device)
+    return shapes
+
+
+def build_sweep_program(
+    capture: GraphCapture,
+    sites: List[Site],
+    capacities: Dict[SiteKey, int],
+    args: Sequence[Any],
+    compile_fn: Callable,
+    base: Optional[torch.fx.GraphModule] = None,
+    cut: Optional[str] = None,
+    copies: int = 1,
+) -> SweepProgram:
+    """The batched graph with a lean slot at every site, fanned out at ``cut`` from ``base``
+    (the same code's graph at the base batch) when given and exact (program/fanout.py)."""
+    spec = slot_spec(sites)
+    inserted = insert(capture.gm, spec, slot_form=SlotForm(sparse=True, outputs=False))
+    shapes = slot_shapes(capture, sites, args)
+    keys = [SiteKey(site.node, site.consumers, site.rank) for site in spec.sites]
+    slots = [LeanSlot(key, *shapes[key], capacities[key]) for key in keys]
+    gm = inserted.gm
+    refused = None
+    used_cut = None
+    if base is not None and cut is not None:
+        try:
+            fanned = fan_out(gm, base, cut, copies)
+            assert fanned is not None
+            gm, used_cut = fanned.gm, cut
+        except FanOutRefused as error:
+            refused = str(error)
+    program = SweepProgram(slots, inserted.original_outputs, used_cut, refused)
+    example_extra = [t for position in range(len(slots)) for t in program.identity(position)]
+    program.fn = compile_fn(gm, list(args) + example_extra)
+    return program
