@@ -232,8 +232,8 @@ def _failures(rank: int, world: int) -> None:
 
 
 def _program_keys(model: Any) -> List[Any]:
-    """The programs cached for ``model``'s graphs, comparable across processes (a prepared key's
-    sites sorted: a frozenset's order follows string hashes, which differ per process)."""
+    """The programs cached for ``model``'s graphs, comparable across processes (a prepared or
+    sweep key's sites sorted: a frozenset's order follows string hashes, which differ per process)."""
     uids = {uid for uid, _ in index_for(model).by_occurrence}
     keys: List[Any] = []
     for capture in all_captures():
@@ -241,8 +241,8 @@ def _program_keys(model: Any) -> List[Any]:
         if capture.uid not in uids or dispatcher is None:
             continue
         for key in dispatcher.variants.keys():
-            if isinstance(key, tuple) and key and key[0] == "prepared":
-                keys.append(("prepared", tuple(sorted(repr(site) for site in key[1]))))
+            if isinstance(key, tuple) and key and key[0] in ("prepared", "sweep"):
+                keys.append((key[0], tuple(sorted(repr(site) for site in key[1])), *key[2:]))
             else:
                 keys.append(repr(key))
     return sorted(keys, key=repr)
