@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import types
+import weakref
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -220,7 +222,10 @@ def _direct_call(fn: Callable) -> Callable:
 _OPAQUE_CALLABLES: contextvars.ContextVar[Dict[int, Callable]] = contextvars.ContextVar(
     "patch_backend_opaque_callables", default={}
 )
-_WARNED: set = set()
+#: Per captured graph, the sites whose opaque custom patch was warned about: once per site
+#: and model, not once per process (another model's site of the same name warns again).
+_WARNED: "weakref.WeakKeyDictionary[Any, Set[str]]" = weakref.WeakKeyDictionary()
+_WARNED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -271,10 +276,15 @@ def is_traceable(call: Callable, probes: int, lifted: Tuple[torch.Tensor, ...], 
     return None
 
 
-def warn_opaque(site_name: str, reason: str) -> None:
-    if not config.warn_opaque_custom or site_name in _WARNED:
+def warn_opaque(graph: Any, site_name: str, reason: str) -> None:
+    """Warns once per (captured graph, site) that a custom patch runs opaque."""
+    if not config.warn_opaque_custom:
         return
-    _WARNED.add(site_name)
+    with _WARNED_LOCK:
+        warned = _WARNED.setdefault(graph, set())
+        if site_name in warned:
+            return
+        warned.add(site_name)
     warnings.warn(
         f"patch_backend: the CustomPatch at {site_name!r} could not be traced ({reason}); it runs as an "
         "opaque op (eagerly, between compiled kernels); gradients do not flow through it",

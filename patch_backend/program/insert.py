@@ -296,7 +296,7 @@ def _resolve_opaque(gm: torch.fx.GraphModule, lowered: Lowered) -> ProgramSpec:
                 call = lowered.calls[EntryRef(site_index, position)]
                 reason = is_traceable(call, len(entry.probes), tuple(tensors[s] for s in entry.tensors), _example(meta))
                 if reason is not None:
-                    warn_opaque(site.name, reason)
+                    warn_opaque(gm, site.name, reason)
                     entry = OpaqueOp(next(_opaque_slots))
             entries.append(entry)
         sites.append(replace(site, entries=tuple(entries)))
