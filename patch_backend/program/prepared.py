@@ -217,11 +217,7 @@ def cell_entries(patches: Iterable[ValuePatch], shape: Tuple[int, ...], dtype: t
 
 
 @dataclass(frozen=True)
-class LeanSlot:
-    key: SiteKey
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
+class LeanSlot(SlotInfo):
     #: Length of the slot's (index, keep, fill): the most positions any chunk patches here.
     capacity: int
 
