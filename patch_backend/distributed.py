@@ -50,13 +50,11 @@ import torch.distributed as dist
 from . import config
 from .capture.index import index_for
 
-#: Whether a rank's share runs the unpatched prefix of the forward once per chunk (prefix reuse).
-#: A single-process ``pb.sweep`` does (its chunks fan out at their earliest patched block), but a
-#: rank's share does not yet: fan-out cuts and lean slot lengths follow the cells, so ranks with
-#: different cells would build different programs and each pay its own compile (sweep.py's
-#: ``uniform`` plan). Every cell then costs the same; set this where shards get fan-out too, and
-#: ``cell_costs`` weighs a cell patching a late node as the rest of the forward from it.
-SWEEP_SHARES_PREFIX = False
+#: Whether ``pb.sweep`` runs the unpatched prefix of the forward once per chunk (prefix reuse):
+#: it does, each chunk fanning out at its cells' earliest patched block (sweep.py), so a cell
+#: patching a late node costs only the rest of the forward from that node on, and ``cell_costs``
+#: weighs it so: ranks get shards of equal estimated cost, not equal cell counts.
+SWEEP_SHARES_PREFIX = True
 
 
 #: Per root module: the program keys (sites, chunk, input shapes) its sharded sweeps have run in
@@ -523,7 +521,7 @@ def sharded_sweep(
             pieces.append(
                 local.sweep(
                     compiled, inputs, cells[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
-                    distributed=False, _sites=sites, _uniform=True,
+                    distributed=False, _sites=sites,
                 )
             )
         except Exception as error:

@@ -60,14 +60,8 @@ class SweepPlan:
 
     Mutable and local to one sweep call (never shared between threads)."""
 
-    def __init__(
-        self, index: RootIndex, batch: int, chunk: int, names: Sequence[str], cells: Sequence[Dict], uniform: bool = False
-    ) -> None:
+    def __init__(self, index: RootIndex, batch: int, chunk: int, names: Sequence[str], cells: Sequence[Dict]) -> None:
         self.index = index
-        #: A rank's share of a sharded sweep (distributed.py): every rank must build the same
-        #: programs from different cells, so no fan-out (its cut follows the cells) and slots as
-        #: long as the whole activation of a chunk (their length would follow the cells too).
-        self.uniform = uniform
         self.batch = batch
         self.chunk = chunk
         self.names = tuple(names)
@@ -95,8 +89,6 @@ class SweepPlan:
     def capacity(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> int:
         """The most positions any chunk patches at ``name`` (at least 1): every chunk's slot
         inputs have this length, so one compiled program serves all of them."""
-        if name not in self.capacities and self.uniform:
-            self.capacities[name] = self.chunk * math.prod(shape)
         if name not in self.capacities:
             most = 1
             for start in range(0, len(self.cells), self.chunk):
@@ -164,7 +156,7 @@ class SweepSpec:
             shape, dtype, device = shapes[site_key(sites[name])]
             per_cell = (shape[0] // plan.chunk,) + tuple(shape[1:])
             capacities[site_key(sites[name])] = plan.capacity(name, per_cell, dtype, device)
-        base = None if plan.uniform else plan.base_graph(capture)
+        base = plan.base_graph(capture)
         cut = None
         included = here
         if base is not None:
@@ -422,7 +414,6 @@ def sweep(
     verify: bool = True,
     distributed: bool = True,
     _sites: Sequence[str] = (),
-    _uniform: bool = False,
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -480,7 +471,7 @@ def sweep(
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
     # Cells patching late sites run together: their chunk's fan-out point is late too.
     order = sorted(range(len(cells)), key=lambda cell: _earliest(index, normalized[cell]))
-    plan = SweepPlan(index, batch, chunk, names, [normalized[cell] for cell in order], uniform=_uniform)
+    plan = SweepPlan(index, batch, chunk, names, [normalized[cell] for cell in order])
     with row_patches(plan, 0, (), base=True):
         # The graphs of one unbatched forward: the part before a chunk's cut runs them.
         _call(compiled, inputs)
