@@ -190,8 +190,14 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
-def plan_shards(costs: Sequence[float], world_size: int) -> ShardPlan:
-    """Contiguous shards, one per rank, whose costs are as equal as cell boundaries allow.
+def plan_shards(costs: Sequence[float], world_size: int, chunk: int = 1) -> ShardPlan:
+    """Contiguous shards, one per rank, whose costs are as equal as chunk boundaries allow.
+
+    With ``chunk`` > 1 the shards hold whole chunks of ``chunk`` cells (all but the last shard):
+    a rank pads its last chunk to the full chunk, so a boundary inside a chunk would make two
+    ranks each run a padded chunk, and with prefix reuse a chunk costs its rows from its
+    earliest cell's fan-out point on, so a chunk is planned at ``chunk`` times its costliest
+    cell.
 
     Boundary k is the cell boundary nearest to where the running cost reaches k/world of the
     total, so no shard is off by more than about one cell's cost. Contiguous (not greedy) keeps
@@ -203,6 +209,17 @@ def plan_shards(costs: Sequence[float], world_size: int) -> ShardPlan:
         raise ValueError(f"plan_shards needs at least one rank, got world_size={world_size}")
     if any(not cost > 0 for cost in costs):
         raise ValueError(f"cell costs must be positive numbers, got {[c for c in costs if not c > 0][:3]}")
+    if chunk > 1:
+        starts = range(0, len(costs), chunk)
+        units = plan_shards([max(costs[i : i + chunk]) * chunk for i in starts], world_size)
+        cells = len(costs)
+        return ShardPlan(
+            tuple(
+                Shard(unit.rank, min(unit.start * chunk, cells), min(unit.stop * chunk, cells), unit.cost)
+                for unit in units.shards
+            ),
+            cells,
+        )
     prefix = [0.0, *itertools.accumulate(float(cost) for cost in costs)]
     total = prefix[-1]
     bounds = [0]
@@ -450,6 +467,7 @@ def sharded_sweep(
     cells = list(cells)
     plan = plan_shards([1.0] * len(cells), world)
     compiled, index, batch, chunk = model, None, 0, batch_size or 1
+    costs: Sequence[float] = [1.0] * len(cells)
     sites: Tuple[str, ...] = ()
     warm = False
     root: Any = None
@@ -470,7 +488,8 @@ def sharded_sweep(
             with torch.no_grad():
                 local.call(compiled, inputs)
             index.refresh()
-        plan = plan_shards(cell_costs(index.names, cells, SWEEP_SHARES_PREFIX), world)
+        costs = cell_costs(index.names, cells, SWEEP_SHARES_PREFIX)
+        plan = plan_shards(costs, world)
         chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
         sites = _site_set(local.check_cells, index, cells, batch)
         warm = _program_key(sites, chunk, inputs) in _WARM.get(root, ())
@@ -500,6 +519,8 @@ def sharded_sweep(
     # site set: rank 0's (the ranks resolved the same cells, so they agree unless a name
     # resolves differently on some rank, which then raises where its shard runs).
     chunk = min(a.chunk for a in everyone)
+    # Shards of whole chunks, now that the chunk is agreed (every rank computes the same plan).
+    plan = plan_shards(costs, world, chunk)
     sites = everyone[0].sites
     sharing = _sharing_mode(everyone)
     # The first rank with cells compiles; the others wait for it only when someone would compile.

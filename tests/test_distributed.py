@@ -72,6 +72,27 @@ def test_plan_covers_every_cell_once_and_within_one_cell_of_the_ideal(cells, wor
     assert max(shard.cost for shard in plan.shards) <= ideal + max(costs) + 1e-9
 
 
+def test_plan_in_whole_chunks_balances_chunk_costs():
+    # Six early-layer cells (cost 3) then ten late ones (cost 1), chunks of 4 cells: a chunk costs
+    # its rows from its earliest cell's fan-out point on, so the second chunk costs 4 x 3.
+    costs = [3.0] * 6 + [1.0] * 10
+    plan = plan_shards(costs, 2, chunk=4)
+    assert [(shard.start, shard.stop) for shard in plan.shards] == [(0, 4), (4, 16)]
+    assert [shard.cost for shard in plan.shards] == [12.0, 20.0]
+    # Split by cells, the boundary falls inside the second chunk (each rank would pad its own).
+    assert [(shard.start, shard.stop) for shard in plan_shards(costs, 2).shards] == [(0, 5), (5, 16)]
+
+
+@pytest.mark.parametrize("cells", [1, 5, 10, 64, 383])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_plan_in_whole_chunks_covers_every_cell_once(cells, world):
+    costs = [1.0 + (index % 5) / 4 for index in range(cells)]
+    plan = plan_shards(costs, world, chunk=4)
+    assert plan.shards[0].start == 0 and plan.shards[-1].stop == cells
+    assert all(a.stop == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+    assert all(shard.stop % 4 == 0 or shard.stop == cells for shard in plan.shards)
+
+
 def test_plan_rejects_bad_costs():
     with pytest.raises(ValueError, match="cell costs must be positive"):
         plan_shards([1.0, 0.0], 2)
@@ -191,7 +212,7 @@ def _failures(rank: int, world: int) -> None:
     with torch.no_grad():
         compiled(x)  # the node order, which the shards' cost estimate reads
     costs = cell_costs(index_for(model).names, cells, SWEEP_SHARES_PREFIX)
-    last_start = plan_shards(costs, world).shards[last].start
+    last_start = plan_shards(costs, world, chunk=2).shards[last].start  # the sweeps' batch_size
 
     # A bad cell (a slice beyond the 5 positions) on the last rank: refused there before its
     # shard runs, every rank raises naming that rank and the cell's index in the whole sweep.
@@ -221,7 +242,7 @@ def _failures(rank: int, world: int) -> None:
         return metric(output)
 
     _expect_rank_error(
-        rf"rank {last} failed in the chunk of cells {last_start + 2}\.\.{last_start + 3} .*metric failed",
+        rf"rank {last} failed in the chunk of cells {last_start + 2}\.\.{min(last_start + 3, len(cells) - 1)} .*metric failed",
         lambda: pb.sweep(compiled, (x,), cells, flaky, batch_size=2, progress=False, verify=False),
     )
 
@@ -313,8 +334,9 @@ def _programs_split_over_ranks(rank: int, world: int) -> None:
 
 
 def _inductor(rank: int, world: int) -> None:
-    """Inductor, in fresh cache directories: the leader compiles the program, the other ranks
-    load its graphs from torch's caches (compile nothing), all build the same programs."""
+    """Inductor, in fresh cache directories: the leader compiles first; the other ranks build
+    the programs of their own fan-out cuts, loading from torch's caches what the leader compiled
+    (the shared block regions, any program of a cut both hold)."""
     model, x, cells, metric = _split_site_cells()
     compiled = torch.compile(model, backend="graphpatch")
     with torch.no_grad():
@@ -326,15 +348,12 @@ def _inductor(rank: int, world: int) -> None:
         alone = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
     torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
     assert timings is not None
-    everyone = _gathered((pb.stats(model).variants_compiled, _program_keys(model), timings.sharing), world)
-    assert all(entry == everyone[0] for entry in everyone), everyone
-    assert everyone[0][0] == 1
     assert timings.sharing == os.environ["EXPECTED_SHARING"]
     if rank == 0:
-        assert caches["fxgraph_cache_miss"] >= 1  # the leader compiled
+        assert caches["fxgraph_cache_miss"] >= 1, caches  # the leader compiled
     else:
-        # The others found every graph the leader compiled: no Inductor compile of their own.
-        assert caches["fxgraph_cache_miss"] == 0 and caches["fxgraph_cache_hit"] >= 1, caches
+        # The others found graphs the leader compiled instead of compiling them again.
+        assert caches["fxgraph_cache_hit"] >= 1, caches
 
 
 def _two_rank_scenarios(rank: int, world: int) -> None:
