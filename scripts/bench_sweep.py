@@ -182,6 +182,19 @@ def _rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _layer_position_problem(layers: int, positions: int, width: int):
+    """The layer x position restoration sweep both S1 and the ranks run: (model, corrupted ids,
+    metric, clean block outputs, grid, cells)."""
+    vocab = 256
+    model = gpt2(layers, width, 4, vocab, positions)
+    clean, corrupt = clean_and_corrupt(vocab, positions)
+    with torch.no_grad():
+        metric = answer_metric(int(model(clean).logits[0, -1].argmax()))
+    states = clean_block_outputs(model, clean)
+    grid = [(layer, position) for layer in range(layers) for position in range(positions)]
+    return model, corrupt, metric, states, grid, sweep_cells(states, grid)
+
+
 def run_s1(layers: int, positions: int, width: int, chunk: int, rounds: int, threads: Optional[int]) -> Dict[str, object]:
     """Targets S1/S2 of issue 14: steady-state pb.sweep against the hand-batched eager peer at
     the same chunk size, in interleaved rounds in one process (median ratio), and the peak RSS
@@ -190,14 +203,7 @@ def run_s1(layers: int, positions: int, width: int, chunk: int, rounds: int, thr
 
     if threads:
         torch.set_num_threads(threads)
-    vocab = 256
-    model = gpt2(layers, width, 4, vocab, positions)
-    clean, corrupt = clean_and_corrupt(vocab, positions)
-    with torch.no_grad():
-        metric = answer_metric(int(model(clean).logits[0, -1].argmax()))
-    states = clean_block_outputs(model, clean)
-    grid = [(layer, position) for layer in range(layers) for position in range(positions)]
-    cells = sweep_cells(states, grid)
+    model, corrupt, metric, states, grid, cells = _layer_position_problem(layers, positions, width)
     compiled = torch.compile(model, backend="graphpatch")
 
     def swept() -> torch.Tensor:
@@ -279,13 +285,7 @@ def _rank_sweep(
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
-    vocab = 256
-    model = gpt2(layers, width, 4, vocab, positions)
-    clean, corrupt = clean_and_corrupt(vocab, positions)
-    with torch.no_grad():
-        metric = answer_metric(int(model(clean).logits[0, -1].argmax()))
-    states = clean_block_outputs(model, clean)
-    cells = sweep_cells(states, [(layer, position) for layer in range(layers) for position in range(positions)])
+    model, corrupt, metric, _, _, cells = _layer_position_problem(layers, positions, width)
     compiled = torch.compile(model, backend="graphpatch")
     with torch.no_grad():
         compiled(corrupt)  # capture (Dynamo + the unpatched graph) is not part of the sweep's compile
@@ -399,7 +399,6 @@ def run_ranks(
     compile_summed = sum(rank["compile_seconds"] for rank in many["ranks"])
     compile_cpu_summed = sum(rank["compile_cpu_seconds"] for rank in many["ranks"])
     variant_summed = sum(rank["variant_compile_seconds (pb.stats)"] for rank in many["ranks"])
-    busiest_cpu = max(rank["steady_cpu"] for rank in many["ranks"])
     leader = many["ranks"][0]["interleaved"]
     rounds_d1 = [
         entry["alone_wall"] / max(other["interleaved"][k]["sharded_wall"] for other in many["ranks"])
