@@ -11,7 +11,7 @@ forward hooks on the eager model.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, FrozenSet, List
+from typing import Any, Dict, FrozenSet, List
 
 import expecttest
 import pytest
@@ -105,6 +105,16 @@ def _hook_reference(model: Model, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         for handle in handles:
             handle.remove()
     return {"logits": result["logits"] + 3.0, "hidden": result["hidden"]}
+
+
+def _output_with_hooks(model: nn.Module, x: torch.Tensor, handles: List[Any]) -> Any:
+    """``model(x)`` with the hooks behind ``handles`` registered, which are removed after."""
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _compiled_run(model: Model, backend: str, x: torch.Tensor):
@@ -354,13 +364,8 @@ def test_model_around_an_lstm_is_named_and_patchable(backend: str) -> None:
         sequence[0] = 0
         return sequence, state
 
-    handles = [model.emb.register_forward_hook(emb_hook), model.lstm.register_forward_hook(lstm_hook)]
-    try:
-        with torch.no_grad():
-            expected = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [model.emb.register_forward_hook(emb_hook), model.lstm.register_forward_hook(lstm_hook)]
+    expected = _output_with_hooks(model, x, hooks)
     torch.testing.assert_close(patched, expected)
     # Other backends keep Dynamo's own setting: the forward still runs eagerly there.
     assert torch._dynamo.config.allow_rnn is False
@@ -509,13 +514,8 @@ def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None
         zeroed[0] = 0
         return (zeroed,)
 
-    handles = [model.register_forward_pre_hook(pre_hook), model.mlp.register_forward_pre_hook(mlp_pre_hook)]
-    try:
-        with torch.no_grad():
-            expected = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [model.register_forward_pre_hook(pre_hook), model.mlp.register_forward_pre_hook(mlp_pre_hook)]
+    expected = _output_with_hooks(model, x, hooks)
     torch.testing.assert_close(patched, expected)
     torch.testing.assert_close(broken_patched, expected)
 
