@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-demo
 
 # `make test` skips the tests marked slow and runs the rest on two worker processes (pytest-xdist,
 # one test file per worker at a time);
-# CI runs everything, in one process, with `make test PYTEST_SELECT=` (see .ci/run). Select others
+# CI runs everything, also on two workers, with `make test PYTEST_SELECT="-n 2 --dist loadfile"` (see .ci/run). Select others
 # with e.g. PYTEST_SELECT='-m transformers'.
 PYTEST_SELECT ?= -m "not slow" -n 2 --dist loadfile
 

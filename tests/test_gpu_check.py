@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("transformers")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py")
+# Every test here reads one run of the script (about a minute on the CPU machine): CI runs them.
+pytestmark = pytest.mark.slow
 SECTIONS = {"forward", "reduce_overhead", "bench", "sweep", "generate"}
 
 
@@ -27,7 +29,6 @@ def tiny_run(tmp_path_factory):
     return proc, path
 
 
-@pytest.mark.slow
 def test_tiny_run_passes_and_exits_zero(tiny_run):
     proc, path = tiny_run
     assert proc.returncode == 0, proc.stderr[-6000:]
