@@ -559,12 +559,8 @@ class _OccurrenceNamer:
                 self._add_value(name, float(len(self.nodes)))
                 continue
             node = self.by_name.get(leaf_node)
-            if node is None:
-                continue
-            # A graph input returned as it is (a passed-through argument) is listed with the
-            # result, not among the inputs.
-            position = self.order[self.output_node.name] - 0.5 + 0.001 * len(self.sites) if node.op == "placeholder" else None
-            self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output", position)
+            if node is not None:
+                self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output")
         for rank, scope in enumerate(self._returning_caller_scopes(), start=1):
             for path, leaf_node in leaves:
                 name = join(scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
