@@ -11,7 +11,7 @@ forward hooks on the eager model.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, FrozenSet, List
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import expecttest
 import pytest
@@ -525,6 +525,8 @@ def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None
     [
         ("_probe_wrap_module", "install_rnn_tracing", "nn.RNN/GRU/LSTM"),
         ("_probe_graph_break_log", "install_eager_fallback_log", "runs eagerly"),
+        ("_probe_return_codegen", "install_returned_inputs_through_graph", "does not reach what the forward returns"),
+        ("_probe_frame_return", "install_empty_return_graphs", "'output' is not named"),
     ],
 )
 def test_frame_hooks_fallback_warns_once(monkeypatch, probe: str, install: str, words: str) -> None:
@@ -574,3 +576,317 @@ def test_root_break_keeps_parameters_whatever_self_is_called() -> None:
         torch.testing.assert_close(out, model.linear.bias.expand(2, 3).detach())
     assert listed[0] == listed[1] == ["x", "mul", "linear.input", "linear.weight", "linear.bias", "linear.linear",
                                       "linear.output", "output|logits"]
+
+
+# -- inputs named after the forward's parameters, passed-through inputs, returned results ----
+
+
+class _T5Block(nn.Module):
+    """Like T5's block: the first computes the position bias, later ones receive it as their
+    second input and return it unchanged; ``breaks`` puts a graph break in the forward."""
+
+    def __init__(self, first: bool, breaks: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.rel = nn.Linear(4, 4) if first else None
+        self.breaks = breaks
+
+    def forward(self, hidden: torch.Tensor, position_bias: Optional[torch.Tensor] = None):
+        if self.rel is not None:
+            position_bias = self.rel(hidden).sigmoid()
+        h = self.lin(hidden)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return h + position_bias, position_bias
+
+
+class T5Blocks(nn.Module):
+    """Three blocks called one by one (a loop around a breaking call would make Dynamo run the
+    whole forward eagerly); the last gets the bias as a keyword argument."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.block = nn.ModuleList([_T5Block(index == 0, breaks) for index in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0, b0 = self.block[0](x)
+        h1, b1 = self.block[1](h0, b0)
+        h2, b2 = self.block[2](h1, position_bias=b1)
+        return h2 * b2
+
+
+def _bias_pre_hook(change):
+    """A forward pre-hook replacing the ``position_bias`` argument (positional or keyword)."""
+
+    def hook(module: nn.Module, args, kwargs):
+        if "position_bias" in kwargs:
+            return args, {**kwargs, "position_bias": change(kwargs["position_bias"])}
+        return (args[0], change(args[1])) + tuple(args[2:]), kwargs
+
+    return hook
+
+
+def _result_hook(index: int, change):
+    def hook(module: nn.Module, args, output):
+        edited = list(output)
+        edited[index] = change(edited[index])
+        return tuple(edited)
+
+    return hook
+
+
+def _zero_row(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[0] = 0
+    return t
+
+
+#: (patch map, [(block index, "pre" or "post", hook)]): the same edits as forward hooks.
+_T5_CASES = [
+    ({"block_1.position_bias": pb.AddPatch(value=1.0)}, [(1, "pre", _bias_pre_hook(lambda t: t + 1.0))]),
+    ({"block_2.position_bias": pb.ZeroPatch()}, [(2, "pre", _bias_pre_hook(torch.zeros_like))]),
+    ({"block_0.output|sub_1": pb.AddPatch(value=2.0)}, [(0, "post", _result_hook(1, lambda t: t + 2.0))]),
+    ({"block_1.output|sub_1": pb.ZeroPatch()}, [(1, "post", _result_hook(1, torch.zeros_like))]),
+    # The input patch comes first, then the result's: the value flows in, then out.
+    (
+        {"block_1.position_bias": pb.AddPatch(value=1.0), "block_1.output|sub_1": pb.ZeroPatch(slice=(0,))},
+        [(1, "pre", _bias_pre_hook(lambda t: t + 1.0)), (1, "post", _result_hook(1, _zero_row))],
+    ),
+]
+
+
+def _t5_hooked(model: T5Blocks, x: torch.Tensor, hooks) -> torch.Tensor:
+    handles = []
+    for index, kind, hook in hooks:
+        block = model.block[index]
+        if kind == "pre":
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            handles.append(block.register_forward_hook(hook))
+    return _output_with_hooks(model, x, handles)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_inputs_named_after_parameters_with_and_without_break(backend: str) -> None:
+    """Gaps 1 and 2 of issue 9: an inlined module's inputs are named after its forward's
+    parameters (``block_1.position_bias``, graphpatch's convention), exactly as when a graph
+    break makes the block's forward its own frame; a patch on an input the block returns
+    unchanged reaches what it returns (and so the next blocks), as a forward pre-hook does; a
+    patch on a passed-through result reaches the caller also when the block's forward broke."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    reference = T5Blocks(False)
+    listed, results = [], []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = T5Blocks(breaks)
+        model.load_state_dict(reference.state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            listed.append(set(pb.nodes(compiled)))
+            outputs = []
+            for patches, _ in _T5_CASES:
+                with torch.no_grad(), pb.patch(compiled, patches):
+                    outputs.append(compiled(x))
+        results.append(outputs)
+    unbroken, broken = listed
+    assert broken == unbroken
+    assert {"block_1.hidden", "block_1.position_bias", "block_2.position_bias"} <= unbroken
+    assert not any(".input_" in name for name in unbroken)
+    assert "block_0.position_bias" not in unbroken  # block 0 got None and computed its own
+    plain = reference(x)
+    for case, (patches, hooks) in enumerate(_T5_CASES):
+        expected = _t5_hooked(reference, x, hooks)
+        assert not torch.allclose(expected, plain), patches
+        torch.testing.assert_close(results[0][case], expected, msg=lambda m: f"unbroken {patches}: {m}")
+        torch.testing.assert_close(results[1][case], expected, msg=lambda m: f"broken {patches}: {m}")
+
+
+class _Carry(nn.Module):
+    """Returns its second input unchanged without using it."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.breaks = breaks
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor):
+        h = self.lin(x)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return h * 2, extra
+
+
+class CarryModel(nn.Module):
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.carry = _Carry(breaks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, extra = self.carry(x, x.sin())
+        return h + extra
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_unused_input_returned_unchanged(backend: str) -> None:
+    """Gap 2: an input the module only returns: ``carry.extra`` patches what the module
+    returns (a pre-hook replacing the argument), with and without a break in its forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    reference = CarryModel(False)
+    listed, results = [], []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = CarryModel(breaks)
+        model.load_state_dict(reference.state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            listed.append(set(pb.nodes(compiled)))
+            with torch.no_grad(), pb.patch(compiled, {"carry.extra": pb.AddPatch(value=1.0)}):
+                results.append(compiled(x))
+    assert listed[0] == listed[1] and {"carry.x", "carry.extra", "carry.output|sub_1"} <= listed[0]
+
+    def pre_hook(module: nn.Module, args):
+        return args[0], args[1] + 1.0
+
+    expected = _output_with_hooks(reference, x, [reference.carry.register_forward_pre_hook(pre_hook)])
+    for result in results:
+        torch.testing.assert_close(result, expected)
+
+
+class _ReturnsMlp(nn.Module):
+    """``return self.mlp(x)``: nothing of this forward follows the call."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class ReturnsInner(nn.Module):
+    """Two levels returning a breaking forward's result directly, after an op of their own."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.inner = _ReturnsMlp(breaks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * 2)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("model_class", [_ReturnsMlp, ReturnsInner])
+def test_root_output_when_the_last_call_breaks(model_class, backend: str) -> None:
+    """Gap 3: ``return self.mlp(x)`` where ``mlp``'s forward breaks leaves no graph after the
+    call; the model's ``output`` (and every caller's on the way) still exists, and patches
+    there apply after ``mlp.output``'s, as forward hooks on the eager model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    reference = model_class(False)
+    listed, results = [], []
+    patches = {"output": pb.AddPatch(value=1.0), "mlp.output": pb.ZeroPatch(slice=(0,))}
+    if model_class is ReturnsInner:
+        patches = {"output": pb.AddPatch(value=1.0), "inner.output": pb.AddPatch(value=2.0),
+                   "inner.mlp.output": pb.ZeroPatch(slice=(0,))}
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = model_class(breaks)
+        model.load_state_dict(reference.state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            listed.append(pb.nodes(compiled))
+            with torch.no_grad(), pb.patch(compiled, dict(patches)):
+                results.append(compiled(x))
+    assert set(listed[1]) == set(listed[0]) and "output" in listed[1]
+    mlp = reference.inner.mlp if model_class is ReturnsInner else reference.mlp
+    hooks = [mlp.register_forward_hook(lambda m, a, out: _zero_row(out)),
+             reference.register_forward_hook(lambda m, a, out: out + 1.0)]
+    if model_class is ReturnsInner:
+        hooks.append(reference.inner.register_forward_hook(lambda m, a, out: out + 2.0))
+    expected = _output_with_hooks(reference, x, hooks)
+    for result in results:
+        torch.testing.assert_close(result, expected)
+
+
+class _UserContext:
+    def __enter__(self) -> "_UserContext":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+class CtxBreak(nn.Module):
+    """A graph break under a user-defined context manager: Dynamo cannot resume inside it and
+    runs the whole forward eagerly (torch 2.13)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            print("", end="")
+            return self.lin(x) * 2
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_forward_skipped_for_a_context_manager_is_never_silent(backend: str) -> None:
+    """Gap 4: a forward Dynamo skips for another reason than a loop or an RNN still says which
+    module and why (names cannot be made: no graph, and no record of its module calls)."""
+    x = torch.randn(2, 3)
+    compiled = torch.compile(CtxBreak(), backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        with pytest.raises(RuntimeError, match=r"Dynamo ran CtxBreak\.forward eagerly \(.*[Cc]ontext.*\)"):
+            pb.nodes(compiled)
+        with pytest.raises(pb.PatchNotAppliedError, match=r"'lin.output' \(ZeroPatch\)"):
+            with pb.patch(compiled, {"lin.output": pb.ZeroPatch()}):
+                compiled(x)
+
+
+class ReturnsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self.lin(x), y, {"k": x}
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_root_result_that_is_an_input(backend: str) -> None:
+    """A forward returning its own input as it is: Dynamo would reload it from the frame's
+    locals, so a patch on ``output|sub_1`` reached nothing; it now leaves through the graph,
+    the patch equals a forward hook, and the unpatched result is still the input object."""
+    torch.manual_seed(0)
+    model, x, y = ReturnsItsInput(), torch.randn(2, 3), torch.randn(2, 3)
+    compiled = torch.compile(model, backend=backend)
+    plain = compiled(x, y)
+    assert plain[1] is y and plain[2]["k"] is x
+    # Listed just after the value they are (an input: among the inputs), as without a break.
+    assert sorted(pb.nodes(compiled, "output*")) == ["output|sub_0", "output|sub_1", "output|sub_2.k"]
+    with torch.no_grad(), pb.patch(compiled, {"output|sub_1": pb.AddPatch(value=1.0), "output|sub_2.k": pb.ZeroPatch()}):
+        patched = compiled(x, y)
+
+    def hook(module: nn.Module, args, output):
+        return output[0], output[1] + 1.0, {"k": torch.zeros_like(output[2]["k"])}
+
+    handle = model.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = model(x, y)
+    finally:
+        handle.remove()
+    for got, want in zip((patched[0], patched[1], patched[2]["k"]), (expected[0], expected[1], expected[2]["k"])):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(y, plain[1])  # the input itself was not modified

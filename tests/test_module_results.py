@@ -272,7 +272,7 @@ def test_unreadable_module_result_falls_back_to_graph_order(monkeypatch) -> None
     passed-through element unnamed), with one warning: degraded, never silent."""
     gates.reset_warnings()
 
-    def unreadable(tx: Any, stack: Any, result: Any) -> None:
+    def unreadable(tx: Any, stack: Any, result: Any, *arguments: Any) -> None:
         raise LookupError("simulated")
 
     monkeypatch.setattr(frame, "_record_return", unreadable)

@@ -329,3 +329,100 @@ a.b_2.c.output""")
         compiled = torch.compile(LinearModel(), backend="graphpatch")
         with self.assertRaisesRegex(RuntimeError, "has been captured yet"):
             pb.nodes(compiled)
+
+
+class _C(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_linear = torch.nn.Linear(4, 4)
+
+    def forward(self, c_inputs, inputs_2=None, inputs_3=None, inputs_4=None):
+        return self.c_linear(c_inputs + inputs_2 + inputs_3 + inputs_4)
+
+
+class _B(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b_linear = torch.nn.Linear(4, 4)
+        self.c = _C()
+
+    def forward(self, b_inputs, a_inputs):
+        b_outputs = self.c(b_inputs, inputs_3=torch.ones_like(b_inputs), inputs_2=b_inputs * 2, inputs_4=a_inputs)
+        return self.b_linear(b_outputs)
+
+
+class _A(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a_linear = torch.nn.Linear(4, 4)
+        self.grandchildren_b = torch.nn.ModuleList([_B() for _ in range(2)])
+
+    def forward(self, a_inputs):
+        b_outputs = a_inputs
+        for b in self.grandchildren_b:
+            b_outputs = b(b_outputs, a_inputs)
+        return self.a_linear(b_outputs)
+
+
+class GraphpatchNested(torch.nn.Module):
+    """The shape of graphpatch 0.2.3's ``nested_module`` fixture (smaller): inputs passed by
+    position and by keyword, in another order than the parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.root_linear = torch.nn.Linear(4, 4)
+        self.child_a = _A()
+
+    def forward(self, root_inputs):
+        return self.root_linear(self.child_a(root_inputs))
+
+
+class InputNamesTest(expecttest.TestCase):
+    def test_graphpatch_nested_input_names(self):
+        """Every input is named after the forward parameter it was bound to, as graphpatch's
+        recorded tree for its nested fixture shows (``b_inputs``, ``a_inputs``, ``c_inputs``,
+        ``inputs_2`` ... ``inputs_4``), never ``input_<k>``."""
+        pg = pb.PatchableGraph(GraphpatchNested(), torch.randn(1, 4), _backend="graphpatch_eager")
+        self.assertExpectedInline("\n".join(pb.nodes(pg, "child_a.grandchildren_b_0.**")), """\
+child_a.grandchildren_b_0.b_inputs
+child_a.grandchildren_b_0.a_inputs
+child_a.grandchildren_b_0.ones_like
+child_a.grandchildren_b_0.mul
+child_a.grandchildren_b_0.c.c_inputs
+child_a.grandchildren_b_0.c.inputs_2
+child_a.grandchildren_b_0.c.inputs_3
+child_a.grandchildren_b_0.c.inputs_4
+child_a.grandchildren_b_0.c.add
+child_a.grandchildren_b_0.c.add_1
+child_a.grandchildren_b_0.c.add_2
+child_a.grandchildren_b_0.c.c_linear.input
+child_a.grandchildren_b_0.c.c_linear.weight
+child_a.grandchildren_b_0.c.c_linear.bias
+child_a.grandchildren_b_0.c.c_linear.linear
+child_a.grandchildren_b_0.c.c_linear.output
+child_a.grandchildren_b_0.c.output
+child_a.grandchildren_b_0.b_linear.input
+child_a.grandchildren_b_0.b_linear.weight
+child_a.grandchildren_b_0.b_linear.bias
+child_a.grandchildren_b_0.b_linear.linear
+child_a.grandchildren_b_0.b_linear.output
+child_a.grandchildren_b_0.output""")
+        for backend in ("graphpatch_eager", "graphpatch"):
+            torch._dynamo.reset()
+            model = GraphpatchNested()
+            x = torch.randn(1, 4)
+            compiled = torch.compile(model, backend=backend)
+            compiled(x)
+            with torch.no_grad(), pb.patch(compiled, {"child_a.grandchildren_b_1.c.inputs_3": pb.ZeroPatch()}):
+                patched = compiled(x)
+
+            def pre_hook(module, args, kwargs):
+                return args, {**kwargs, "inputs_3": torch.zeros_like(kwargs["inputs_3"])}
+
+            handle = model.child_a.grandchildren_b[1].c.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    expected = model(x)
+            finally:
+                handle.remove()
+            torch.testing.assert_close(patched, expected)

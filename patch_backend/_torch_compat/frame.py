@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type, Union
 
 import torch
 
@@ -49,6 +49,9 @@ _FLAT_RESULT = "a returned structure is named output|sub_<k> instead of after it
 #: A leaf of a returned structure: its path (``("sub_1", "sub_0")``, ``("logits",)``) and the fx
 #: node holding it, or None for a non-tensor leaf (a number, None, a size).
 ReturnLeaf = Tuple[Tuple[str, ...], Optional[str]]
+#: A leaf of a module call's arguments: (position or keyword, path inside the argument, fx node
+#: name or None).
+ArgumentLeaf = Tuple[Union[int, str], Tuple[str, ...], Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class ModuleReturn:
     #: Name of the graph's last node when the call returned ("" if the graph was empty): uses
     #: after it see the returned values, uses before it cannot.
     last_node: str
+    #: The call's tensor arguments as the caller passed them: (position, or keyword name; path
+    #: inside a structured argument; fx node name, or None for a non-tensor leaf). Dynamo keeps
+    #: no record of which parameter a value was bound to once the call is inlined; the module's
+    #: inputs are named from this (``c.inputs_2``), as for a forward compiled as its own frame.
+    arguments: Tuple[ArgumentLeaf, ...] = ()
+    #: When the call started and returned, in one sequence per traced frame: a value a module
+    #: passes through meets the patches of each module it flows through in this order.
+    call_order: int = 0
+    return_order: int = 0
 
 
 @dataclass
@@ -164,8 +176,12 @@ def current_frame_info() -> FrameInfo:
         fallback("frame", _FRAME_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
         return FrameInfo()
     info.module_returns = [
-        ModuleReturn(stack, tuple(_named(leaves)), getattr(last, "name", ""))
-        for stack, leaves, last in getattr(tx.output, _RETURNS_ATTRIBUTE, ())
+        ModuleReturn(
+            stack, tuple(_named(leaves)), getattr(last, "name", ""),
+            tuple((key, path, node.name if node is not None else None) for key, path, node in arguments),
+            call_order, return_order,
+        )
+        for stack, leaves, last, arguments, call_order, return_order in getattr(tx.output, _RETURNS_ATTRIBUTE, ())
     ]
     reason = _probe_return_reason(tx)
     if reason is None:
@@ -329,6 +345,8 @@ def _walk_dict(items: Dict[Any, Any], path: Tuple[str, ...], out: list, depth: i
 #: tracers) holding its ModuleReturn records: a restarted trace starts from a fresh OutputGraph,
 #: so records of an abandoned attempt never reach the backend.
 _RETURNS_ATTRIBUTE = "_patch_backend_module_returns"
+#: Attribute on the same OutputGraph counting module call and return events (ModuleReturn orders).
+_EVENTS_ATTRIBUTE = "_patch_backend_module_events"
 _RETURNS_FALLBACK = (
     "cannot read what inlined module calls return ({reason}); a module's several results are "
     "named output|sub_<k> in graph order, and a result it passes through unchanged has no name"
@@ -379,18 +397,30 @@ def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
     return record_nn_module_stack
 
 
+def _next_event(tx: Any) -> int:
+    """The next number in the traced frame's sequence of module call and return events."""
+    output = tx.output
+    count = getattr(output, _EVENTS_ATTRIBUTE, 0)
+    setattr(output, _EVENTS_ATTRIBUTE, count + 1)
+    return int(count)
+
+
 def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
     def call_function(self: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         slots = _call_slots()
         module = getattr(self, "value", None)
         slots.append([None, id(module) if isinstance(module, torch.nn.Module) else None])
         try:
+            call_order = _next_event(tx)
+        except Exception:  # never break a trace for a name
+            call_order = 0
+        try:
             result = original(self, tx, args, kwargs)
         finally:
             stack = slots.pop()[0]
         if stack is not None:
             try:
-                _record_return(tx, stack, result)
+                _record_return(tx, stack, result, args, kwargs, call_order)
             except Exception as error:  # never break a trace for a name
                 # Reading the result's structure is the frame result's reader too (_walk): one
                 # cause, one warning (gate "frame_return").
@@ -404,11 +434,26 @@ def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
     return call_function
 
 
-def _record_return(tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any) -> None:
-    """Keeps (stack, leaves with fx nodes, the graph's last node) on the OutputGraph; nodes, not
-    names, because Dynamo renames nodes later (current_frame_info reads the final names)."""
+def _record_return(
+    tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any, args: Any = (), kwargs: Any = None, call_order: int = 0
+) -> None:
+    """Keeps (stack, leaves with fx nodes, the graph's last node, the call's argument leaves,
+    call and return order) on the OutputGraph; nodes, not names, because Dynamo renames nodes
+    later (current_frame_info reads the final names). Arguments are read after the call, so an
+    argument the module used is realized; one it never touched is not (and has no node)."""
     leaves: List[Tuple[Tuple[str, ...], Any]] = []
     _walk(result, (), leaves, depth=0, realize=False)
+    arguments: List[Tuple[Union[int, str], Tuple[str, ...], Any]] = []
+    keyed: List[Tuple[Union[int, str], Any]] = list(enumerate(args or ()))
+    keyed += [(str(key), value) for key, value in (kwargs or {}).items()]
+    for key, value in keyed:
+        found: List[Tuple[Tuple[str, ...], Any]] = []
+        try:
+            _walk(value, (), found, depth=0, realize=False)
+        except Exception as error:  # an argument that cannot be read stays unnamed (input_<k>)
+            logger.debug("argument %r of a module call not read: %r", key, error)
+            continue
+        arguments.extend((key, path, node) for path, node in found)
     output = tx.output
     last = None
     for node in reversed(output.graph.nodes):
@@ -418,7 +463,7 @@ def _record_return(tx: Any, stack: Tuple[Tuple[str, str], ...], result: Any) -> 
     if records is None:
         records = []
         setattr(output, _RETURNS_ATTRIBUTE, records)
-    records.append((stack, leaves, last))
+    records.append((stack, leaves, last, arguments, call_order, _next_event(tx)))
 
 
 def install_return_recorder() -> bool:
@@ -507,6 +552,149 @@ def install_rnn_tracing() -> bool:
 
     wrap_module.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
     setattr(builder, "wrap_module", wrap_module)
+    return True
+
+
+# -- returned inputs leave through the graph --------------------------------------------------
+
+_PASSTHROUGH_FALLBACK = (
+    "cannot make a frame return its unchanged inputs through the graph ({reason}); a patch on "
+    "a value a forward compiled as its own frame returns unchanged (an input, or a value of an "
+    "earlier graph) does not reach what the forward returns"
+)
+#: Per thread: True while Dynamo generates the return of a frame compiled for this package.
+_returning = threading.local()
+
+
+def _probe_return_codegen() -> Optional[Tuple[type, type]]:
+    """(Dynamo's OutputGraph, PyCodegen) where ``compile_subgraph`` and ``restore_stack`` with
+    its ``value_from_source`` flag exist, else None."""
+    try:
+        from torch._dynamo.codegen import PyCodegen
+        from torch._dynamo.output_graph import OutputGraph
+    except ImportError:
+        return None
+    restore = PyCodegen.__dict__.get("restore_stack")
+    if not callable(OutputGraph.__dict__.get("compile_subgraph")) or not callable(restore):
+        return None
+    if "value_from_source" not in inspect.signature(restore).parameters:
+        return None
+    return OutputGraph, PyCodegen
+
+
+def install_returned_inputs_through_graph() -> bool:
+    """Makes a frame compiled for this package return tensors it did not compute (its inputs,
+    passed through unchanged) as outputs of its graph, as ``torch.export`` does
+    (``restore_stack(value_from_source=False)``), instead of reloading them from the frame's
+    locals. Only so can a patch on such a value reach what the frame returns: a T5 block whose
+    forward graph-breaks returns the ``position_bias`` it received, and ``block_1.output|sub_1``
+    (or ``block_1.position_bias``) must change what the caller gets, exactly as when the block
+    is inlined. Only frames returning (not graph breaks), only for this package's backends; an
+    unpatched graph returns the input object itself (AOTAutograd keeps an output that is an
+    input). Idempotent; False (after warning once) where this torch lacks the hooks."""
+    probed = _probe_return_codegen()
+    if probed is None:
+        fallback("passthrough", _PASSTHROUGH_FALLBACK.format(reason="OutputGraph.compile_subgraph or "
+                                                             "PyCodegen.restore_stack changed"))
+        return False
+    output_graph, codegen = probed
+    compile_subgraph = output_graph.__dict__["compile_subgraph"]
+    restore_stack = codegen.__dict__["restore_stack"]
+    if getattr(compile_subgraph, "__wrapped_by_patch_backend__", False):
+        return True
+
+    def wrapped_compile_subgraph(self: Any, tx: Any, reason: Any, *args: Any, **kwargs: Any) -> Any:
+        returning = False
+        try:
+            returning = getattr(reason, "reason", None) == "return_value" and _compiling_for_this_package(tx)
+        except Exception as error:  # never break a trace for a name
+            logger.debug("return codegen not adjusted: %r", error)
+        previous = getattr(_returning, "active", False)
+        _returning.active = returning
+        try:
+            return compile_subgraph(self, tx, reason, *args, **kwargs)
+        finally:
+            _returning.active = previous
+
+    def wrapped_restore_stack(self: Any, stack_values: Any, *, value_from_source: bool = True) -> Any:
+        if getattr(_returning, "active", False):
+            value_from_source = False
+        return restore_stack(self, stack_values, value_from_source=value_from_source)
+
+    wrapped_compile_subgraph.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    wrapped_restore_stack.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(codegen, "restore_stack", wrapped_restore_stack)
+    setattr(output_graph, "compile_subgraph", wrapped_compile_subgraph)
+    return True
+
+
+# -- a forward ending in ``return self.sub(x)`` keeps its result ------------------------------
+
+_EMPTY_RETURN_FALLBACK = (
+    "cannot let Dynamo compile the empty remainder of a forward that returns a submodule's "
+    "result directly ({reason}); when that submodule's forward graph-breaks, the forward's own "
+    "'output' is not named (the submodule's '<scope>.output' holds the same value)"
+)
+
+
+def _probe_frame_return() -> Optional[Tuple[type, Any]]:
+    """(Dynamo's InstructionTranslator, its config) where ``_return`` and ``allow_empty_graphs``
+    exist, else None."""
+    try:
+        from torch._dynamo import config
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+    except ImportError:
+        return None
+    if not callable(InstructionTranslator.__dict__.get("_return")) or not hasattr(config, "allow_empty_graphs"):
+        return None
+    return InstructionTranslator, config
+
+
+def _returns_a_tensor(tx: Any) -> bool:
+    leaves: List[Tuple[Tuple[str, ...], Any]] = []
+    if not getattr(tx, "stack", None):
+        return False
+    _walk(tx.stack[-1], (), leaves, depth=0, realize=False)
+    return any(node is not None for _, node in leaves)
+
+
+def install_empty_return_graphs() -> bool:
+    """Lets Dynamo compile (``config.allow_empty_graphs``) the remainder of a module's forward
+    that only returns what the call before it returned: ``return self.mlp(x)`` where ``mlp``'s
+    forward graph-breaks leaves the caller a resume function with no op, which Dynamo would run
+    eagerly, so the caller's (the model's) ``output`` would have no graph to be named in. The
+    graph compiled instead has the returned tensors as inputs and outputs (the returned inputs
+    leave through the graph: install_returned_inputs_through_graph), so ``output`` is named
+    and a patch there reaches what the model returns. Only graph-break resume functions, only
+    those returning a tensor, only for this package's backends."""
+    probed = _probe_frame_return()
+    if probed is None:
+        fallback("empty_return", _EMPTY_RETURN_FALLBACK.format(reason="InstructionTranslator._return or "
+                                                               "config.allow_empty_graphs is gone"))
+        return False
+    translator, config = probed
+    original = translator.__dict__["_return"]
+    if getattr(original, "__wrapped_by_patch_backend__", False):
+        return True
+
+    def _return(self: Any, inst: Any) -> Any:
+        allow = False
+        try:
+            allow = (
+                not config.allow_empty_graphs
+                and str(getattr(getattr(self, "f_code", None), "co_name", "")).startswith("torch_dynamo_resume_in_")
+                and _compiling_for_this_package(self)
+                and _returns_a_tensor(self)
+            )
+        except Exception as error:  # never break a trace for a name
+            logger.debug("empty return graph not allowed: %r", error)
+        if allow:
+            with config.patch(allow_empty_graphs=True):
+                return original(self, inst)
+        return original(self, inst)
+
+    _return.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
+    setattr(translator, "_return", _return)
     return True
 
 
@@ -640,6 +828,94 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
     return None
 
 
+def continued_frame_locals(original_code: Any, depth: int = 64) -> Optional[Dict[str, Any]]:
+    """The locals of the suspended frame that a graph-break resume function continues: the
+    frame running (Dynamo's rewrite of) ``original_code``, which called the resume function.
+
+    Dynamo passes the live values to the resume function as arguments and leaves the original
+    frame's own slots as the call bound them, so a forward parameter there still holds the
+    argument the forward received. None when no such frame is on the stack. Only plain Python
+    frame introspection, called from the backend while the frame is suspended."""
+    if original_code is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        code = frame.f_code
+        if (
+            code.co_name == original_code.co_name
+            and code.co_filename == original_code.co_filename
+            and code.co_firstlineno == original_code.co_firstlineno
+        ):
+            return dict(frame.f_locals)
+    return None
+
+
+#: Instructions that may stand between a call and the ``RETURN_VALUE`` returning its result
+#: (Dynamo's code for a frame that breaks at a call and then only returns pops what is below
+#: the result): anything else uses the result or returns something else.
+_STACK_ONLY = frozenset({"NOP", "CACHE", "SWAP", "POP_TOP", "EXTENDED_ARG"})
+
+
+def _returns_call_result(frame: Any) -> bool:
+    """Whether the frame, suspended in a call, returns that call's result as it is."""
+    code, lasti = frame.f_code, frame.f_lasti
+    found = False
+    for instruction in dis.get_instructions(code):
+        if not found:
+            found = instruction.offset == lasti
+            continue
+        if instruction.opname == "RETURN_VALUE":
+            return True
+        if instruction.opname not in _STACK_ONLY:
+            return False
+    return False
+
+
+def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96) -> List[torch.nn.Module]:
+    """The modules whose forward returns, as it is, what ``module``'s forward returns: its
+    caller if that forward's statement is ``return self.<module>(...)``, that caller's caller if
+    it does the same, and so on. Without a graph break in ``module``'s forward its result and the
+    callers' are one value in one graph; with the break, Dynamo compiles nothing after the call
+    in the callers (no op is left), so only ``module``'s last graph holds the callers' results.
+    Only plain Python frame introspection, called while the callers are suspended in the call:
+    from the backend (``module`` is the one whose forward is being compiled), or from a graph
+    of that forward as it runs (None: the innermost module forward on the stack is ``module``).
+    """
+    chain: List[torch.nn.Module] = []
+    current = module
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            break
+        filename = frame.f_code.co_filename
+        if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
+            continue
+        code = frame.f_code
+        name = code.co_name
+        while name.startswith("torch_dynamo_resume_in_"):
+            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
+        if name != "forward" or not code.co_argcount:
+            break  # not a module's forward (f_locals is not touched on such frames: see find_caller)
+        owner = frame.f_locals.get(code.co_varnames[0])
+        if not isinstance(owner, torch.nn.Module):
+            break
+        if current is None:
+            current = owner
+        if owner is current:
+            continue  # the forward being compiled (or its rewrite calling the resume function)
+        if not any(child is current for child in owner.modules()):
+            break
+        if not _returns_call_result(frame):
+            break
+        chain.append(owner)
+        current = owner
+    return chain
+
+
 _stores_cache: "weakref.WeakKeyDictionary[Any, frozenset]" = weakref.WeakKeyDictionary()
 
 
@@ -677,4 +953,6 @@ def dynamo_wraps_top_frame() -> bool:
 
 install_return_recorder()
 install_rnn_tracing()
+install_returned_inputs_through_graph()
+install_empty_return_graphs()
 install_eager_fallback_log()

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.frame import FrameInfo, assigned_locals, find_caller
+from .._torch_compat.frame import FrameInfo, assigned_locals, continued_frame_locals, find_caller, returning_callers
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -66,6 +66,14 @@ class GraphCapture:
     #: Weak reference to the backend's dispatcher (stats, variants): Dynamo owns the dispatcher,
     #: so when it drops a graph (``torch._dynamo.reset()``, a deleted model) the capture goes too.
     dispatcher_ref: Optional[weakref.ref] = None
+    #: Resume graphs: per instance key, the input locals holding the forward's own argument
+    #: (``_resume_arguments``; None where that could not be read).
+    resume_held: Dict[Any, Optional[frozenset]] = field(default_factory=dict)
+    #: Graphs returning from a module's forward: per instance key, the callers (innermost first)
+    #: returning that result as it is (``frame.returning_callers``): their ``output`` is named here.
+    returned_by: Dict[Any, Tuple["weakref.ref[torch.nn.Module]", ...]] = field(default_factory=dict)
+    #: The module whose forward is being compiled, while capture_graph records the first call.
+    compiling: Optional[torch.nn.Module] = field(default=None, repr=False)
 
     @property
     def dispatcher(self):
@@ -109,6 +117,12 @@ class GraphCapture:
             _track_frames(self, key)
         if self.anchor_index is not None:
             _open_frames.last = ("after", self.uid, key)
+        if frame.is_resume and key not in self.resume_held:
+            self.resume_held[key] = _resume_arguments(frame, self.placeholders, args)
+        if frame.returns and key not in self.returned_by and (frame.self_module is not None or frame.is_resume):
+            # Read per instance (one graph of a block's forward serves every block, and not
+            # every caller returns its result directly), on the first call of each.
+            self.returned_by[key] = tuple(weakref.ref(m) for m in returning_callers(self.compiling))
         if key not in self.occurrences:
             with _registry_lock:
                 self.occurrences.setdefault(key, next(_sequence))
@@ -203,7 +217,11 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         anchor_path=anchor_path,
         dynamic=any(is_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
-    capture.record_call(example_inputs)
+    capture.compiling = frame.self_module
+    try:
+        capture.record_call(example_inputs)
+    finally:
+        capture.compiling = None
     with _registry_lock:
         _captures.add(capture)
         _version[0] += 1
@@ -245,6 +263,28 @@ def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo]
     if links:
         frame.caller_module_ref = weakref.ref(caller.module)
         frame.caller_arguments = links
+
+
+def _resume_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], args: Sequence[object]) -> Optional[frozenset]:
+    """For a resume function of a module's forward: which input locals still hold the argument
+    the forward received (the same tensor object as the suspended forward's own slot for that
+    parameter). A parameter the forward reassigned before the break (T5's ``position_bias =
+    self.rel(...)`` in the first block only) holds a value of an earlier graph there, not an
+    input. Read per instance: one resume graph serves every block. None where the suspended
+    forward is not found on the stack."""
+    if not frame.is_resume or frame.original_code is None:
+        return None
+    continued = continued_frame_locals(frame.original_code)
+    if continued is None:
+        return None
+    held = set()
+    for info in placeholders:
+        if info.kind != "input" or info.path or info.index >= len(args):
+            continue
+        value = continued.get(info.local)
+        if isinstance(value, torch.Tensor) and value is args[info.index]:
+            held.add(info.local)
+    return frozenset(held)
 
 
 def all_captures() -> List[GraphCapture]:

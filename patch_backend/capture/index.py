@@ -138,10 +138,10 @@ class RootIndex:
         for _, capture, instance, prefix in pending:
             group = (capture.code_key, prefix)
             if group in group_start:
-                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot())
+                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot(), instance)
             else:
                 group_start[group] = counters.snapshot()
-                sites = name_occurrence(capture, root, prefix, counters)
+                sites = name_occurrence(capture, root, prefix, counters, instance)
             named.append((capture, instance, prefix, sites))
         return named, counters.calls
 

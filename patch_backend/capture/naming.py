@@ -191,9 +191,11 @@ def name_occurrence(
     root: nn.Module,
     prefix: Tuple[str, ...],
     counters: ScopeCounters,
+    instance: Any = None,
 ) -> List[Site]:
-    """Names every tensor-valued node of ``capture`` running as the module at ``prefix``."""
-    return _OccurrenceNamer(capture, root, tuple(prefix), counters).name()
+    """Names every tensor-valued node of ``capture`` running as the module at ``prefix`` (for
+    the call recorded under ``instance``)."""
+    return _OccurrenceNamer(capture, root, tuple(prefix), counters, instance).name()
 
 
 #: Ranks of module results named from what the module returned sort before every other result
@@ -206,8 +208,10 @@ class _OccurrenceNamer:
     ops, frame inputs, parameters, module boundaries (inputs and results), the frame's result;
     the order matters only through the shared per-scope counters (ops are counted first)."""
 
-    def __init__(self, capture: GraphCapture, root: nn.Module, prefix: Tuple[str, ...], counters: ScopeCounters) -> None:
+    def __init__(self, capture: GraphCapture, root: nn.Module, prefix: Tuple[str, ...], counters: ScopeCounters,
+                 instance: Any = None) -> None:
         self.capture, self.root, self.prefix, self.counters = capture, root, prefix, counters
+        self.instance = instance
         self.frame_scope = format_module_path(root, prefix)
         self.frame_module = module_at(root, prefix)
         self.nodes = list(capture.gm.graph.nodes)
@@ -235,14 +239,15 @@ class _OccurrenceNamer:
     # -- helpers -----------------------------------------------------------------------------
 
     def _add(self, name: str, node: torch.fx.Node, consumers: Optional[FrozenSet[str]], rank: Tuple[int, int],
-             kind: str, position: Optional[float] = None) -> None:
+             kind: str, position: Optional[float] = None, depth: Optional[int] = None) -> None:
         """A site for ``node`` if it holds a tensor; ``position`` orders the listing (by default
-        inputs and parameters just before their first consumer, results just after the node)."""
+        inputs and parameters just before their first consumer, results just after the node;
+        ``depth``, by default ``rank[1]``, orders an invocation's before its inner ones')."""
         is_tensor, shape, dtype = _tensor_meta(node)
         if not is_tensor:
             return
         if position is None:
-            depth = rank[1]
+            depth = rank[1] if depth is None else depth
             order = self.order
             if kind in ("input", "param") and consumers:
                 position = min(order[c] for c in consumers) - 0.5 + 0.001 * depth + (0.0005 if kind == "param" else 0)
@@ -359,7 +364,11 @@ class _OccurrenceNamer:
             if wrapped:
                 local, path = _unwrap_argument(frame, local, path, named_params, varargs)
             name = join(self.frame_scope, _input_name(local, path, varargs, varkw))
-            if frame.is_resume and (local not in arguments or (name in self.counters.inputs and local in assigned)):
+            held = self.capture.resume_held.get(self.instance) if frame.is_resume else None
+            if held is not None and local in arguments and local in assigned:
+                if info.local not in held:
+                    continue  # reassigned before the break: a value of an earlier graph
+            elif frame.is_resume and (local not in arguments or (name in self.counters.inputs and local in assigned)):
                 # Named by an earlier graph of the forward, and the forward may have assigned
                 # the local since. A parameter the forward never assigns is the argument in every
                 # graph of it, so each graph names (and patches) its own uses.
@@ -439,6 +448,15 @@ class _OccurrenceNamer:
                 self._name_escaping(inv, inside, inside_names)
 
     def _name_invocation_inputs(self, inv: _Invocation, inside: List[torch.fx.Node], inside_names: Set[str]) -> None:
+        """An invocation's inputs: values from outside it that its ops use, or that it returns
+        unchanged. Named after the forward parameter the caller bound them to (``c.inputs_2``,
+        ``foos.sub_0``, ``bars.a``: graphpatch's names, and the names the same module gets when
+        its forward is its own frame), read off the tracer (ModuleReturn.arguments); a value the
+        call did not receive as an argument (a closure, a global) is ``input_<k>``.
+
+        A patch on an input reaches the uses inside the invocation and, for an input the module
+        returns unchanged, what it returned (the uses after the call): as a forward pre-hook
+        replacing the argument would."""
         external: List[torch.fx.Node] = []
         external_users: Dict[str, set] = defaultdict(set)
         for member in inside:
@@ -453,10 +471,43 @@ class _OccurrenceNamer:
                 if source not in external:
                     external.append(source)
                 external_users[source.name].add(member.name)
-        parameter_names = forward_parameters(module_at(self.root, inv.raw_path))[0]
+        module = module_at(self.root, inv.raw_path)
+        parameter_names = forward_parameters(module)[0]
+        recorded = self.returns.get(inv.keys)
+        if recorded is None or not _has_arguments(recorded[1]):
+            for position, source in enumerate(external):
+                leaf = parameter_names[0] if position == 0 and parameter_names else f"input_{position}"
+                self._add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
+            return
+        record = recorded[1]
+        rank = (1, _RETURNED_RANK_BASE + record.call_order)
+        bound = _bound_arguments(record, module)
+        marker = self._marker_position(record, inv.keys)
+        returned = {leaf for _, leaf in record.leaves if leaf is not None}
+        argument_nodes = [
+            node for node in dict.fromkeys(n for _, n in bound)
+            if node in self.by_name and getattr(self.placeholders.get(node), "kind", "") != "param"
+        ]
+        # Listed together where the invocation starts (its first use of an input), in the
+        # forward's parameter order.
+        first_uses = [self.order[user] for users in external_users.values() for user in users]
+        start = (min(first_uses) if first_uses else marker) - 0.5 + 0.001 * inv.depth
+        for node_name in argument_nodes:
+            node = self.by_name[node_name]
+            users = set(external_users.get(node_name, ()))
+            if node_name in returned and node_name not in inside_names:
+                # Passed through: what the module returned is the input, so the patched input
+                # is what the caller receives (the uses after the call).
+                users |= {u.name for u in node.users if u.name not in inside_names and self.order[u.name] > marker}
+            if not users:
+                continue  # neither used nor returned by the module: nothing sees it
+            for leaf, _ in (item for item in bound if item[1] == node_name):
+                listed = start + 0.00001 * (bound.index((leaf, node_name)) + 1)
+                self._add(join(inv.scope, leaf), node, frozenset(users), rank, "input", listed)
         for position, source in enumerate(external):
-            leaf = parameter_names[0] if position == 0 and parameter_names else f"input_{position}"
-            self._add(join(inv.scope, leaf), source, frozenset(external_users[source.name]), (2, inv.depth), "input")
+            if source.name not in argument_nodes:
+                self._add(join(inv.scope, f"input_{position}"), source, frozenset(external_users[source.name]), rank, "input",
+                          depth=inv.depth)
 
     def _name_returned(self, inv: _Invocation, inside_names: Set[str], index: int, record: ModuleReturn) -> None:
         """The invocation's results as it returned them: ``output`` for a single tensor, else
@@ -465,7 +516,7 @@ class _OccurrenceNamer:
         the uses outside the module that come after the call returned."""
         marker = self._marker_position(record, inv.keys)
         count = len(self.capture.frame.module_returns) + 1
-        rank = (1, _RETURNED_RANK_BASE + index)
+        rank = (1, _RETURNED_RANK_BASE + (record.return_order if _has_arguments(record) else index))
         for leaf_index, (path, leaf_node) in enumerate(record.leaves):
             name = join(inv.scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
             # Listed just after the return, before what follows it; inner calls return first.
@@ -510,6 +561,73 @@ class _OccurrenceNamer:
             node = self.by_name.get(leaf_node)
             if node is not None:
                 self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output")
+        for rank, scope in enumerate(self._returning_caller_scopes(), start=1):
+            for path, leaf_node in leaves:
+                name = join(scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
+                node = self.by_name.get(leaf_node) if leaf_node is not None else None
+                if leaf_node is None:
+                    self._add_value(name, float(len(self.nodes)) + 0.01 * rank)
+                elif node is not None:
+                    self._add(name, node, frozenset({self.output_node.name}), (1, rank), "output",
+                              self.order[node.name] + 0.5 + 0.01 * rank)
+
+    def _returning_caller_scopes(self) -> List[str]:
+        """Scopes of the callers returning this frame's result as it is (``return self.mlp(x)``
+        in the model, where ``mlp``'s forward graph-breaks): no graph of theirs follows the
+        call, so their ``output`` is this frame's result. Stops at a caller that is not an
+        ancestor on this frame's path, or is called several times (which call, the frame does
+        not say)."""
+        scopes = []
+        end = len(self.prefix)
+        for reference in self.capture.returned_by.get(self.instance, ()):
+            caller = reference()
+            for candidate in range(end - 1, -1, -1):
+                if module_at(self.root, self.prefix[:candidate]) is caller:
+                    break
+            else:
+                break
+            scope = format_module_path(self.root, self.prefix[:candidate])
+            if scope and self.counters.totals.get(scope, 1) > 1:
+                break
+            scopes.append(scope)
+            end = candidate
+        return scopes
+
+
+def _has_arguments(record: ModuleReturn) -> bool:
+    """Whether the record holds the call's arguments and event order (a recorder that read
+    them); a call with no tensor argument still has its orders set."""
+    return record.return_order > record.call_order
+
+
+def _bound_arguments(record: ModuleReturn, module: Optional[nn.Module]) -> List[Tuple[str, str]]:
+    """(input name, fx node) per tensor leaf of the call's arguments, the argument bound to
+    the forward's parameter as Python binds it: ``foos.sub_0`` for ``*foos``, ``bars.a`` for
+    ``**bars``, ``x|a.sub_0`` inside a structured argument. In the forward's parameter order
+    (graphpatch lists inputs so), whatever order the caller passed keywords in."""
+    named, varargs, varkw = forward_parameters(module)
+    bound: List[Tuple[str, str]] = []
+    order: List[Tuple[int, int]] = []
+    for key, path, node in record.arguments:
+        if node is None:
+            continue
+        if isinstance(key, int):
+            if key < len(named):
+                local, full = named[key], path
+            elif varargs is not None:
+                local, full = varargs, (str(key - len(named)),) + path
+            else:
+                continue
+        elif key in named:
+            local, full = key, path
+        elif varkw is not None:
+            local, full = varkw, (key,) + path
+        else:
+            continue
+        position = named.index(local) if local in named else len(named) + (0 if local == varargs else 1)
+        order.append((position, len(bound)))
+        bound.append((_input_name(local, full, varargs, varkw), node))
+    return [bound[index] for _, index in sorted(order)]
 
 
 def _assigned_in_forward(module: Optional[nn.Module]) -> FrozenSet[str]:
