@@ -349,7 +349,7 @@ def test_compiled_calls_while_the_worker_traces(model_and_input, traced_gate):
 
 def test_a_new_capture_waits_for_the_worker(model_and_input, traced_gate):
     """A Dynamo compile (another model's first call) does not trace while the worker traces: it
-    waits for the worker's compile, then captures the same graph, with the same names, as ever."""
+    waits for the worker's trace (not its whole compile), then captures the same graph, with the same names, as ever."""
     _, x, compiled, _ = model_and_input
     gate, inside, started = traced_gate
     other, y = NestedModel(), torch.randn(2, 100)
@@ -360,7 +360,7 @@ def test_a_new_capture_waits_for_the_worker(model_and_input, traced_gate):
         assert inside.wait(timeout=300)
         opener = threading.Timer(0.5, gate.set)
         opener.start()
-        result = fresh(y)  # Dynamo's compile start waits until the worker's compile is done
+        result = fresh(y)  # Dynamo's compile start waits until the worker's trace is done
         assert gate.is_set()
         opener.join()
         assert pb.wait_for_compiles(timeout=300)
@@ -495,3 +495,81 @@ def test_a_process_exits_cleanly_while_the_worker_compiles():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "in flight at exit: 2" in done.stdout
     assert "terminate called" not in done.stderr and "failed" not in done.stderr
+
+
+def _in_thread(fn):
+    """Runs ``fn`` in a new thread; returns (thread, outcome) where outcome gets "result" or
+    "error" when it ends."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, outcome
+
+
+def test_another_threads_compiled_calls_while_the_worker_traces(model_and_input, traced_gate):
+    """A thread that never submitted a compile calls compiled code while the worker is inside an
+    FX trace: an already-captured model runs, and a model's first call (a new Dynamo capture)
+    waits for the trace to end; neither raises Dynamo's "FX to symbolically trace" error
+    (torch 2.13 raised it in such a thread before the flag became process-wide)."""
+    from patch_backend.runtime import worker
+
+    model, x, compiled, eager = model_and_input
+    gate, inside, started = traced_gate
+    other, y = NestedModel(), torch.randn(2, 100)
+    fresh = torch.compile(other, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert inside.wait(timeout=300) and torch.fx._symbolic_trace.is_fx_tracing()
+        waits = worker.dynamo_waits()
+        thread, outcome = _in_thread(lambda: (compiled(x), _run(compiled, x, _patches())))
+        thread.join(timeout=300)
+        assert "error" not in outcome, outcome.get("error")
+        assert not gate.is_set()  # it ran while the worker traced
+        thread, fresh_outcome = _in_thread(lambda: fresh(y))
+        assert worker.wait_for_dynamo_waiters(waits + 1, timeout=300)  # waiting, not failing
+        assert thread.is_alive() and not fresh_outcome
+        gate.set()
+        thread.join(timeout=300)
+        assert pb.wait_for_compiles(timeout=300)
+    assert "error" not in fresh_outcome, fresh_outcome.get("error")
+    plain, (patched, probe) = outcome["result"]
+    torch.testing.assert_close(plain, model(x))
+    expected, expected_probe = _run(eager, x, _patches())
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(probe, expected_probe)
+    torch.testing.assert_close(fresh_outcome["result"], other(y))
+    assert "a.b_1.c.linear.output" in pb.nodes(fresh)
+
+
+def test_a_new_capture_does_not_wait_for_a_compile_outside_a_trace(model_and_input, gated_compiler):
+    """While the worker compiles but is not inside an FX trace (here: held before it starts,
+    as in Inductor's lowering and code generation), another model's first call captures at
+    once: the compile never opens the gate, and no Dynamo compile waited."""
+    from patch_backend.runtime import worker
+
+    _, x, compiled, _ = model_and_input
+    gate, started = gated_compiler
+    other, y = NestedModel(), torch.randn(2, 100)
+    fresh = torch.compile(other, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert started.reach(1) == 1
+        waits = worker.dynamo_waits()
+        thread, outcome = _in_thread(lambda: fresh(y))
+        thread.join(timeout=300)
+        assert not gate.is_set() and not thread.is_alive()
+        assert worker.dynamo_waits() == waits
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    torch.testing.assert_close(outcome["result"], other(y))
+    assert "a.b_1.c.linear.output" in pb.nodes(fresh)
