@@ -573,3 +573,61 @@ def test_a_new_capture_does_not_wait_for_a_compile_outside_a_trace(model_and_inp
     assert "error" not in outcome, outcome.get("error")
     torch.testing.assert_close(outcome["result"], other(y))
     assert "a.b_1.c.linear.output" in pb.nodes(fresh)
+
+
+def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_input, gated_compiler, monkeypatch):
+    """While a compile is in flight the eager tier runs with one intra-op thread fewer (the
+    compile keeps a core busy); the caller's count is restored after the call, and the worker
+    keeps the submitter's count (Inductor writes it into the kernels it generates)."""
+    from patch_backend import CustomPatch
+
+    _, x, compiled, eager = model_and_input
+    gate, started = gated_compiler
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        in_worker = []
+        real = dispatcher_module.compile_graph
+
+        def counting(gm, example, options):
+            in_worker.append(torch.get_num_threads())
+            return real(gm, example, options)
+
+        monkeypatch.setattr(dispatcher_module, "compile_graph", counting)
+
+        def record(value):
+            seen.append(torch.get_num_threads())
+            return value * 2
+
+        patches = {"layers_0.output": CustomPatch(custom_op=record)}
+        with pb.config.patch(compile_policy="background"):
+            with pb.patch(compiled, patches):
+                result = compiled(x)
+            assert started.reach(1) == 1
+            assert torch.get_num_threads() == 2
+            gate.set()
+            assert pb.wait_for_compiles(timeout=300)
+        with pb.patch(eager, {"layers_0.output": CustomPatch(custom_op=lambda value: value * 2)}):
+            expected = eager(x)
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 1  # the eager tier's call, beside the compile
+    assert in_worker == [2]
+    torch.testing.assert_close(result, expected)
+
+
+def test_the_worker_builds_the_name_table_after_the_plain_compile():
+    """The first pb.patch of a model finds its node-name table built: the worker built it after
+    the model's plain program (else that call pays for it before its forward)."""
+    from patch_backend.capture import index as index_module
+    from patch_backend.capture.capture import registry_version
+
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+    table = index_module._indexes.get(model)
+    assert table is not None and table._version == registry_version()
+    assert "layers_0.output" in table.by_name

@@ -20,6 +20,15 @@ Why a thread, and what keeps it safe (torch 2.13, ``_torch_compat/threads.py``):
   GIL around every op, so a forward of a few hundred ops would wait seconds. While a compile is
   in flight the switch interval is ``SWITCH_INTERVAL``; the default is restored after.
 
+* Cores: Inductor's compile keeps one core busy, and an eager form that runs meanwhile with
+  every intra-op (OpenMP/MKL) thread waits at each op's barrier for a thread that shares that
+  core: on a 2-core machine an eager forward took 10x as long with 2 threads as with 1 beside
+  a busy thread (docs/performance.md, run R3). ``fewer_threads`` runs the eager tier with one
+  intra-op thread fewer while a compile runs. torch's thread count is per thread once a thread
+  has run an op, but a new thread takes the process-wide value, so the worker sets its own
+  count (the submitter's) when it starts: Inductor writes that count into the C++ kernels
+  it generates.
+
 One worker: compiles run one at a time, in the order they were asked, and leave the other core
 (if any) to the callers. At interpreter exit, compiles still queued are dropped (a script that
 got its results does not wait for compiles no call will use) and the one running is waited for:
@@ -34,17 +43,22 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import queue
 import sys
 import threading
 import time
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Iterator, Optional, Set, Tuple
+
+import torch
 
 from .._torch_compat import threads as torch_threads
 
 #: The GIL switch interval (seconds) while a background compile runs (see the docstring).
 SWITCH_INTERVAL = 0.0002
+#: Whether eager forms beside a running compile use one intra-op thread fewer (``fewer_threads``).
+FEWER_THREADS = True
 
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
@@ -93,8 +107,12 @@ def submit(job: Callable[[], None]) -> concurrent.futures.Future:
     future: concurrent.futures.Future = concurrent.futures.Future()
     with _lock:
         if _thread is None:
-            _thread = threading.Thread(target=_serve, name="patch_backend-compile", daemon=True)
+            ready = threading.Event()
+            _thread = threading.Thread(
+                target=_serve, args=(torch.get_num_threads(), ready), name="patch_backend-compile", daemon=True
+            )
             _thread.start()
+            ready.wait()  # its thread count is set before this thread may lower its own
         if not _in_flight:
             torch_threads.compiled_calls_during_traces(True)
         _in_flight.add(future)
@@ -103,8 +121,11 @@ def submit(job: Callable[[], None]) -> concurrent.futures.Future:
     return future
 
 
-def _serve() -> None:
+def _serve(threads: int, ready: threading.Event) -> None:
     global _running
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    ready.set()
     while True:
         future, context, job = _jobs.get()
         with _changed:
@@ -234,6 +255,22 @@ def wait_for_dynamo_waiters(count: int, timeout: Optional[float] = None) -> bool
     """Waits until ``dynamo_waits()`` reaches ``count`` (tests: a capture is waiting)."""
     with _changed:
         return _changed.wait_for(lambda: _dynamo_waits >= count, timeout=timeout)
+
+
+@contextlib.contextmanager
+def fewer_threads() -> Iterator[None]:
+    """One intra-op thread fewer for the calling thread while compiles are in flight (see
+    the module docstring); nothing otherwise. torch's MKL thread count is process-wide, so
+    another thread's MKL calls run with the lower count meanwhile."""
+    threads = torch.get_num_threads() if FEWER_THREADS and _in_flight and not _is_worker() else 1
+    if threads <= 1:
+        yield
+        return
+    torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def exiting() -> bool:
