@@ -349,7 +349,7 @@ def test_compiled_calls_while_the_worker_traces(model_and_input, traced_gate):
 
 def test_a_new_capture_waits_for_the_worker(model_and_input, traced_gate):
     """A Dynamo compile (another model's first call) does not trace while the worker traces: it
-    waits for the worker's compile, then captures the same graph, with the same names, as ever."""
+    waits for the worker's trace (not its whole compile), then captures the same graph, with the same names, as ever."""
     _, x, compiled, _ = model_and_input
     gate, inside, started = traced_gate
     other, y = NestedModel(), torch.randn(2, 100)
@@ -360,7 +360,7 @@ def test_a_new_capture_waits_for_the_worker(model_and_input, traced_gate):
         assert inside.wait(timeout=300)
         opener = threading.Timer(0.5, gate.set)
         opener.start()
-        result = fresh(y)  # Dynamo's compile start waits until the worker's compile is done
+        result = fresh(y)  # Dynamo's compile start waits until the worker's trace is done
         assert gate.is_set()
         opener.join()
         assert pb.wait_for_compiles(timeout=300)
@@ -495,3 +495,139 @@ def test_a_process_exits_cleanly_while_the_worker_compiles():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "in flight at exit: 2" in done.stdout
     assert "terminate called" not in done.stderr and "failed" not in done.stderr
+
+
+def _in_thread(fn):
+    """Runs ``fn`` in a new thread; returns (thread, outcome) where outcome gets "result" or
+    "error" when it ends."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, outcome
+
+
+def test_another_threads_compiled_calls_while_the_worker_traces(model_and_input, traced_gate):
+    """A thread that never submitted a compile calls compiled code while the worker is inside an
+    FX trace: an already-captured model runs, and a model's first call (a new Dynamo capture)
+    waits for the trace to end; neither raises Dynamo's "FX to symbolically trace" error
+    (torch 2.13 raised it in such a thread before the flag became process-wide)."""
+    from patch_backend.runtime import worker
+
+    model, x, compiled, eager = model_and_input
+    gate, inside, started = traced_gate
+    other, y = NestedModel(), torch.randn(2, 100)
+    fresh = torch.compile(other, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert inside.wait(timeout=300) and torch.fx._symbolic_trace.is_fx_tracing()
+        waits = worker.dynamo_waits()
+        thread, outcome = _in_thread(lambda: (compiled(x), _run(compiled, x, _patches())))
+        thread.join(timeout=300)
+        assert "error" not in outcome, outcome.get("error")
+        assert not gate.is_set()  # it ran while the worker traced
+        thread, fresh_outcome = _in_thread(lambda: fresh(y))
+        assert worker.wait_for_dynamo_waiters(waits + 1, timeout=300)  # waiting, not failing
+        assert thread.is_alive() and not fresh_outcome
+        gate.set()
+        thread.join(timeout=300)
+        assert pb.wait_for_compiles(timeout=300)
+    assert "error" not in fresh_outcome, fresh_outcome.get("error")
+    plain, (patched, probe) = outcome["result"]
+    torch.testing.assert_close(plain, model(x))
+    expected, expected_probe = _run(eager, x, _patches())
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(probe, expected_probe)
+    torch.testing.assert_close(fresh_outcome["result"], other(y))
+    assert "a.b_1.c.linear.output" in pb.nodes(fresh)
+
+
+def test_a_new_capture_does_not_wait_for_a_compile_outside_a_trace(model_and_input, gated_compiler):
+    """While the worker compiles but is not inside an FX trace (here: held before it starts,
+    as in Inductor's lowering and code generation), another model's first call captures at
+    once: the compile never opens the gate, and no Dynamo compile waited."""
+    from patch_backend.runtime import worker
+
+    _, x, compiled, _ = model_and_input
+    gate, started = gated_compiler
+    other, y = NestedModel(), torch.randn(2, 100)
+    fresh = torch.compile(other, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8))}):
+            compiled(x)
+        assert started.reach(1) == 1
+        waits = worker.dynamo_waits()
+        thread, outcome = _in_thread(lambda: fresh(y))
+        thread.join(timeout=300)
+        assert not gate.is_set() and not thread.is_alive()
+        assert worker.dynamo_waits() == waits
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    torch.testing.assert_close(outcome["result"], other(y))
+    assert "a.b_1.c.linear.output" in pb.nodes(fresh)
+
+
+def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_input, gated_compiler, monkeypatch):
+    """While a compile is in flight the eager tier runs with one intra-op thread fewer (the
+    compile keeps a core busy); the caller's count is restored after the call, and the worker
+    keeps the submitter's count (Inductor writes it into the kernels it generates)."""
+    from patch_backend import CustomPatch
+
+    _, x, compiled, eager = model_and_input
+    gate, started = gated_compiler
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        in_worker = []
+        real = dispatcher_module.compile_graph
+
+        def counting(gm, example, options):
+            in_worker.append(torch.get_num_threads())
+            return real(gm, example, options)
+
+        monkeypatch.setattr(dispatcher_module, "compile_graph", counting)
+
+        def record(value):
+            seen.append(torch.get_num_threads())
+            return value * 2
+
+        patches = {"layers_0.output": CustomPatch(custom_op=record)}
+        with pb.config.patch(compile_policy="background"):
+            with pb.patch(compiled, patches):
+                result = compiled(x)
+            assert started.reach(1) == 1
+            assert torch.get_num_threads() == 2
+            gate.set()
+            assert pb.wait_for_compiles(timeout=300)
+        with pb.patch(eager, {"layers_0.output": CustomPatch(custom_op=lambda value: value * 2)}):
+            expected = eager(x)
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 1  # the eager tier's call, beside the compile
+    assert in_worker == [2]
+    torch.testing.assert_close(result, expected)
+
+
+def test_the_worker_builds_the_name_table_after_the_plain_compile():
+    """The first pb.patch of a model finds its node-name table built: the worker built it after
+    the model's plain program (else that call pays for it before its forward)."""
+    from patch_backend.capture import index as index_module
+    from patch_backend.capture.capture import registry_version
+
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"):
+        compiled(x)
+        assert pb.wait_for_compiles(timeout=300)
+    table = index_module._indexes.get(model)
+    assert table is not None and table._version == registry_version()
+    assert "layers_0.output" in table.by_name

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Set
 import torch
 
 from .. import config
+from ..capture.index import index_for
 from ..program.dynamic import ShapeGuard, SymbolicCompile
 from ..stats import Stats
 from . import worker
@@ -124,7 +125,8 @@ class Tiers:
     def _run_eager(self, request: Request, key: Hashable, args: Sequence[Any]) -> Any:
         """The eager form: while the compile is pending, after it failed, or under "never"."""
         self.stats.eager_calls += 1
-        return request.run(request.interpret(args), args)
+        with worker.fewer_threads():
+            return request.run(request.interpret(args), args)
 
     def _build(self, request: Request, key: Hashable, guarded: bool, args: Sequence[Any]) -> Any:
         """Compiles the request's program (in the call, or in the worker) and caches it."""
@@ -185,9 +187,28 @@ class Tiers:
         False: the caller compiles in the call, as before."""
         if policy() != "background":
             return False
-        self._in_background(PLAIN, build, "the plain program")
+
+        def build_then_name() -> None:
+            build()
+            self._name_in_background()
+
+        self._in_background(PLAIN, build_then_name, "the plain program")
         self.stats.plain_eager_calls += 1
         return True
+
+    def _name_in_background(self) -> None:
+        """Builds the node-name table of the graph's frame module (the model, for a model's
+        own forward) on the worker, after its plain compile: else the first ``pb.patch`` of
+        the model builds it in the call (a quarter of a second at 12 GPT-2 layers, most of
+        that first call beyond its forward). The table refreshes itself when a later capture
+        changes it, so this only saves work; it never decides a name."""
+        root = self.graph.capture.frame.self_module
+        if root is None:
+            return
+        try:
+            index_for(root)
+        except Exception:  # noqa: BLE001 - a warm-up: the call that needs the table reports errors
+            pass
 
     def _fail(self, key: Hashable, error: BaseException, what: str = "a patched program") -> None:
         """A background compile raised: warn once per graph, and run the program eagerly."""

@@ -5,16 +5,29 @@ Why a thread, and what keeps it safe (torch 2.13, ``_torch_compat/threads.py``):
 * The worker compiles in a *copy of the submitting thread's context*: torch's config overrides
   (Inductor's and Dynamo's) are per thread, so without the copy a background compile would
   ignore the user's ``torch._inductor.config`` settings and key torch's caches differently.
-* While a compile is in flight, the submitting thread may call compiled code although the
-  worker's ``make_fx`` trace sets torch.fx's process-wide tracing flag (``allow_compiled_calls``).
-* Dynamo compiles in any thread and the worker's compiles exclude each other: a Dynamo compile
-  that starts while the worker compiles waits for it, and the worker starts a compile only
-  when no Dynamo compile runs. Dynamo would otherwise trace through the ``nn.Module.__call__``
-  that make_fx patches for the whole process.
+* While a compile is in flight, every thread may call compiled code although the worker's
+  ``make_fx`` trace sets torch.fx's process-wide tracing flag (``compiled_calls_during_traces``).
+* Dynamo compiles in any thread and the worker's *FX traces* exclude each other: a Dynamo
+  compile that starts while the worker is inside a ``Tracer.trace`` (AOTAutograd's make_fx,
+  an Inductor pattern-matcher replacement) waits for that trace to end, and the worker enters
+  a trace only when no Dynamo compile runs or waits. Dynamo would otherwise trace through the
+  ``nn.Module.__call__`` that make_fx patches for the whole process, and copy the worker's
+  node meta into its own nodes. The rest of a compile (Inductor's lowering, scheduling, code
+  generation and C++ build) runs beside Dynamo compiles: a new capture in the caller's thread
+  waits at most for one trace of the worker, never for a whole compile.
 * Python's GIL: Inductor's compile is mostly Python, and a thread waiting for the GIL gets it
   only after the holder's switch interval (5 ms by default). Eager forms release and retake the
   GIL around every op, so a forward of a few hundred ops would wait seconds. While a compile is
   in flight the switch interval is ``SWITCH_INTERVAL``; the default is restored after.
+
+* Cores: Inductor's compile keeps one core busy, and an eager form that runs meanwhile with
+  every intra-op (OpenMP/MKL) thread waits at each op's barrier for a thread that shares that
+  core: on a 2-core machine an eager forward took 10x as long with 2 threads as with 1 beside
+  a busy thread (docs/performance.md, run R3). ``fewer_threads`` runs the eager tier with one
+  intra-op thread fewer while a compile runs. torch's thread count is per thread once a thread
+  has run an op, but a new thread takes the process-wide value, so the worker sets its own
+  count (the submitter's) when it starts: Inductor writes that count into the C++ kernels
+  it generates.
 
 One worker: compiles run one at a time, in the order they were asked, and leave the other core
 (if any) to the callers. At interpreter exit, compiles still queued are dropped (a script that
@@ -30,17 +43,22 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import queue
 import sys
 import threading
 import time
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Iterator, Optional, Set, Tuple
+
+import torch
 
 from .._torch_compat import threads as torch_threads
 
 #: The GIL switch interval (seconds) while a background compile runs (see the docstring).
 SWITCH_INTERVAL = 0.0002
+#: Whether eager forms beside a running compile use one intra-op thread fewer (``fewer_threads``).
+FEWER_THREADS = True
 
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
@@ -50,9 +68,16 @@ _exiting = False
 #: Whether the worker is running a job (the exit hook waits for it).
 _running = False
 _in_flight: Set[concurrent.futures.Future] = set()
-#: Dynamo compiles running in other threads, and whether the worker is compiling.
+#: Dynamo compiles running in other threads, those waiting for a worker trace to end, how many
+#: ever waited, and how deep the worker is in FX traces.
 _dynamo_compiles = 0
-_compiling = False
+_dynamo_waiting = 0
+_dynamo_waits = 0
+_tracing = 0
+#: The worker's outermost FX traces: how many, their seconds in all, and when the open one began.
+_traces = 0
+_trace_seconds = 0.0
+_trace_began = 0.0
 _saved_interval: Optional[float] = None
 _worker = threading.local()
 _hooks: Optional[bool] = None
@@ -63,8 +88,10 @@ def supported() -> bool:
     global _hooks
     with _lock:
         if _hooks is None:
-            _hooks = torch_threads.background_supported() and torch_threads.on_dynamo_compile(
-                _dynamo_start, _dynamo_end
+            _hooks = (
+                torch_threads.background_supported()
+                and torch_threads.on_dynamo_compile(_dynamo_start, _dynamo_end)
+                and torch_threads.on_worker_traces(_is_worker, _trace_start, _trace_end)
             )
             if _hooks:
                 torch_threads.warm_up()
@@ -76,21 +103,29 @@ def submit(job: Callable[[], None]) -> concurrent.futures.Future:
     compiled code meanwhile."""
     global _thread
     context = contextvars.copy_context()
-    torch_threads.allow_compiled_calls()
     torch_threads.on_dynamo_compile(_dynamo_start, _dynamo_end)
     future: concurrent.futures.Future = concurrent.futures.Future()
     with _lock:
         if _thread is None:
-            _thread = threading.Thread(target=_serve, name="patch_backend-compile", daemon=True)
+            ready = threading.Event()
+            _thread = threading.Thread(
+                target=_serve, args=(torch.get_num_threads(), ready), name="patch_backend-compile", daemon=True
+            )
             _thread.start()
+            ready.wait()  # its thread count is set before this thread may lower its own
+        if not _in_flight:
+            torch_threads.compiled_calls_during_traces(True)
         _in_flight.add(future)
     future.add_done_callback(_finished)
     _jobs.put((future, context, job))
     return future
 
 
-def _serve() -> None:
+def _serve(threads: int, ready: threading.Event) -> None:
     global _running
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    ready.set()
     while True:
         future, context, job = _jobs.get()
         with _changed:
@@ -131,50 +166,111 @@ else:  # pragma: no cover - Pythons without threading's exit hooks
 
 
 def _in_worker(job: Callable[[], None]) -> None:
-    global _compiling, _saved_interval
+    global _saved_interval
     _worker.active = True
     torch_threads.forbid_compiled_calls()
     with _changed:
-        _changed.wait_for(lambda: _dynamo_compiles == 0)
-        _compiling = True
         if _saved_interval is None:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(_saved_interval, SWITCH_INTERVAL))
-    try:
-        job()
-    finally:
-        with _changed:
-            _compiling = False
-            _changed.notify_all()
+    job()
+
+
+def _is_worker() -> bool:
+    return getattr(_worker, "active", False)
+
+
+def _trace_start() -> None:
+    """The worker enters an FX trace: after the Dynamo compiles running or waiting."""
+    global _tracing, _traces, _trace_began
+    with _changed:
+        if _tracing == 0:
+            _changed.wait_for(lambda: _dynamo_compiles == 0 and _dynamo_waiting == 0)
+            _traces += 1
+            _trace_began = time.perf_counter()
+        _tracing += 1
+
+
+def _trace_end() -> None:
+    global _tracing, _trace_seconds
+    with _changed:
+        _tracing -= 1
+        if _tracing == 0:
+            _trace_seconds += time.perf_counter() - _trace_began
+        _changed.notify_all()
+
+
+def trace_report() -> Tuple[int, float]:
+    """(outermost FX traces the worker ran, seconds spent in them): the only part of a
+    background compile that a capture in another thread can wait for."""
+    with _lock:
+        return _traces, _trace_seconds
 
 
 def _finished(future: concurrent.futures.Future) -> None:
     global _saved_interval
     with _changed:
         _in_flight.discard(future)
-        if not _in_flight and _saved_interval is not None:
-            sys.setswitchinterval(_saved_interval)
-            _saved_interval = None
+        if not _in_flight:
+            torch_threads.compiled_calls_during_traces(False)
+            if _saved_interval is not None:
+                sys.setswitchinterval(_saved_interval)
+                _saved_interval = None
         _changed.notify_all()
 
 
 def _dynamo_start(args: object = None) -> None:
-    global _dynamo_compiles
-    if getattr(_worker, "active", False):
+    global _dynamo_compiles, _dynamo_waiting, _dynamo_waits
+    if _is_worker():
         return  # the worker's own compile never waits for itself
     with _changed:
-        _changed.wait_for(lambda: not _compiling)
+        if _tracing:
+            _dynamo_waiting += 1
+            _dynamo_waits += 1
+            _changed.notify_all()
+            try:
+                _changed.wait_for(lambda: not _tracing)
+            finally:
+                _dynamo_waiting -= 1
         _dynamo_compiles += 1
 
 
 def _dynamo_end(args: object = None) -> None:
     global _dynamo_compiles
-    if getattr(_worker, "active", False):
+    if _is_worker():
         return
     with _changed:
         # Dynamo may call the end of a compile whose start ran before the hooks were registered.
         _dynamo_compiles = max(0, _dynamo_compiles - 1)
         _changed.notify_all()
+
+
+def dynamo_waits() -> int:
+    """How many Dynamo compiles (captures in other threads) have waited for a worker trace."""
+    with _lock:
+        return _dynamo_waits
+
+
+def wait_for_dynamo_waiters(count: int, timeout: Optional[float] = None) -> bool:
+    """Waits until ``dynamo_waits()`` reaches ``count`` (tests: a capture is waiting)."""
+    with _changed:
+        return _changed.wait_for(lambda: _dynamo_waits >= count, timeout=timeout)
+
+
+@contextlib.contextmanager
+def fewer_threads() -> Iterator[None]:
+    """One intra-op thread fewer for the calling thread while compiles are in flight (see
+    the module docstring); nothing otherwise. torch's MKL thread count is process-wide, so
+    another thread's MKL calls run with the lower count meanwhile."""
+    threads = torch.get_num_threads() if FEWER_THREADS and _in_flight and not _is_worker() else 1
+    if threads <= 1:
+        yield
+        return
+    torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def exiting() -> bool:
@@ -195,6 +291,4 @@ def wait_for_compiles(timeout: Optional[float] = None) -> bool:
         done = _changed.wait_for(
             lambda: not _in_flight, timeout=None if deadline is None else max(0.0, deadline - time.monotonic())
         )
-    if done:
-        torch_threads.forbid_compiled_calls()
     return done
