@@ -10,11 +10,12 @@ import torch
 
 import patch_backend as pb
 from fixtures import NestedModel
-from patch_backend import AddPatch, ZeroPatch
+from patch_backend import AddPatch, ReplacePatch, ZeroPatch
 from patch_backend._torch_compat.inductor import compile_inductor
 from patch_backend.program import regions
 from patch_backend.program.regions import compile_regional, parse_module_path
 from patch_backend.runtime import dispatcher as dispatcher_module
+from patch_backend.sweep import last_sweep_report
 
 WIDTH, HEADS, VOCAB, TOKENS = 32, 4, 64, 8
 
@@ -184,3 +185,40 @@ def test_patched_block_compiles_once_and_is_reused_across_layers(monkeypatch):
         patched_block = compile_fn.graphs[3]
         names = [n.name for n in patched_block.graph.nodes if n.op == "placeholder"]
         assert len(names) > len([n for n in compile_fn.graphs[1].graph.nodes if n.op == "placeholder"])
+
+
+def test_layer_position_sweep_compiles_one_block_variant_whatever_its_cuts(monkeypatch):
+    """T5: a layers x positions sweep fans out at a different block per chunk; the row repeats at
+    each cut sit between blocks, so every cut shares one slotted block artifact (before, the
+    first block after a cut was its own variant, one more for the last block's cut)."""
+    compile_fn = Counting(inductor=False)
+
+    def regional(gm, example, options):
+        return compile_regional(gm, example, compile_fn, options=options)
+
+    monkeypatch.setattr(dispatcher_module, "compile_graph", regional)
+    layers = 6
+    model, ids = tiny_gpt2(layers), torch.randint(0, VOCAB, (1, TOKENS))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="graphpatch")
+    eager = torch.compile(model, backend="graphpatch_eager")
+    torch.manual_seed(1)
+    cells = [{f"transformer.h_{layer}.output": ReplacePatch(value=torch.randn(WIDTH), slice=(slice(None), position))}
+             for layer in range(layers) for position in range(TOKENS)]
+
+    def metric(out):
+        return out.logits[:, -1].log_softmax(-1)
+
+    with torch.no_grad(), pb.config.patch(compile_policy="sync"):
+        compiled(ids)
+        plain = len(compile_fn.graphs)
+        rows = pb.sweep(compiled, (ids,), cells, metric, batch_size=2 * TOKENS, progress=False)
+        cuts = {cut for cut in last_sweep_report().cuts}
+        want = pb.sweep(eager, (ids,), cells, metric, batch_size=2 * TOKENS, progress=False)
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+    assert None not in cuts and len(cuts) == layers // 2
+    labels = [entry.label for entry in regions.region_report().history]
+    assert plain == 3 and labels[:plain] == ["before transformer.h", "transformer.h[*]", "after transformer.h"]
+    swept = labels[plain:]
+    assert swept.count("transformer.h[*]") == 1, swept
+    assert swept.count("between transformer.h") == 1, swept  # the row repeats, one artifact for every cut

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx
 
-from .regions import find_blocks
+from .regions import find_blocks, mark_outside_blocks
 
 
 class FanOutRefused(Exception):
@@ -250,7 +250,7 @@ def fan_out(
     for name in crossing:
         value = base_value(twin_of[name])
         if relation[name] == "rows":
-            full[name] = graph.call_function(repeat_rows, (value, copies))
+            full[name] = mark_outside_blocks(graph.call_function(repeat_rows, (value, copies)))
             repeated.append(name)
         else:
             full[name] = value

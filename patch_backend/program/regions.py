@@ -194,13 +194,27 @@ def _module_paths(node: torch.fx.Node) -> List[Tuple[str, ...]]:
     return [parse_module_path(path) for _, path in module_stack(node)]
 
 
+#: ``node.meta`` key of a node inserted after capture that belongs to no block: ``_assign``
+#: would otherwise join it to the next captured node's block. The fan-out's row repeats carry it:
+#: inside the first fanned-out block they made one block variant per cut (its outputs depend on
+#: which later blocks read the repeated mask), outside it every cut shares the block's artifact.
+OUTSIDE_BLOCKS = "patch_backend_outside_blocks"
+
+
+def mark_outside_blocks(node: torch.fx.Node) -> torch.fx.Node:
+    """Places an inserted ``node`` in a region of its own between blocks (see ``OUTSIDE_BLOCKS``)."""
+    node.meta[OUTSIDE_BLOCKS] = True
+    return node
+
+
 def find_blocks(gm: torch.fx.GraphModule) -> Tuple[Optional[Tuple[str, ...]], Dict[torch.fx.Node, Optional[int]]]:
     """The container whose numbered children repeat most often, and each node's block index in it.
 
     A container is a module path followed by an integer segment (``transformer.h.3``). The one
     with the most distinct indices wins (ties: the outermost), and needs at least two. Nodes with
     no metadata at all (patch ops inserted after capture) are placed later (``_assign``); Dynamo's
-    nodes outside every module (the root's own ops) are outside the blocks.
+    nodes outside every module (the root's own ops) and nodes marked ``OUTSIDE_BLOCKS`` are
+    outside the blocks.
     """
     indices: Dict[Tuple[str, ...], set] = {}
     for node in gm.graph.nodes:
