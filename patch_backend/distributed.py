@@ -591,13 +591,13 @@ def sharded_sweep(
     start = shard.start
 
     # One check per sweep of whether batching keeps rows exact, as in one process: the leader's,
-    # on its first chunk. The other ranks (and the leader after that chunk) check only programs
+    # on its first chunk. The other ranks check only programs
     # their process has not verified; when any check fails, every rank redoes its shard one
     # forward per cell (step 4), as the single-process sweep does after a failed check.
     fell_back = False
     checks = 0
 
-    def run(stop: int, cell_by_cell: bool = False) -> None:
+    def run(stop: int, cell_by_cell: bool = False, after_first_chunk: Optional[Callable[[], None]] = None) -> None:
         nonlocal start, failure, fell_back, checks
         if failure is not None or stop <= start:
             return
@@ -605,8 +605,8 @@ def sharded_sweep(
             pieces.append(
                 local.sweep(
                     compiled, inputs, cells[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
-                    distributed=False, _sites=sites, _trusted=rank != leader or start != shard.start,
-                    _cell_by_cell=cell_by_cell or fell_back,
+                    distributed=False, _sites=sites, _trusted=rank != leader,
+                    _cell_by_cell=cell_by_cell or fell_back, _after_first_chunk=after_first_chunk,
                 )
             )
             report = local.report()
@@ -620,14 +620,20 @@ def sharded_sweep(
             failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)), start)
         start = stop
 
-    if sharing != "none":
-        # The leader compiles the program by running its first chunk; then it hands over.
-        if rank == leader:
-            run(min(shard.start + chunk, shard.stop))
-            if failure is None:
-                # Under compile_policy "background" the chunk ran on the eager tier while the
-                # worker compiles: hand over only once the artifacts exist.
-                wait_for_compiles()
+    handed_over = sharing == "none"
+
+    def hand_over() -> None:
+        """The leader compiles the program by running its first chunk; then it hands over
+        (called from inside its shard's sweep after that chunk, so that the shard runs as one
+        sweep with the same programs as every later sweep; or after it, when it failed)."""
+        nonlocal handed_over, share_seconds, start
+        if handed_over:
+            return
+        handed_over = True
+        if rank == leader and failure is None:
+            # Under compile_policy "background" the chunk ran on the eager tier while the
+            # worker compiles: hand over only once the artifacts exist.
+            wait_for_compiles()
         waited = time.perf_counter()
         handed = _hand_over(sharing, leader, rank, failure is None)
         if rank != leader:
@@ -639,7 +645,11 @@ def sharded_sweep(
                 except Exception:
                     pass  # artifacts this torch cannot load: this rank compiles for itself
         share_seconds = time.perf_counter() - waited
-    run(shard.stop)
+
+    if rank != leader:
+        hand_over()
+    run(shard.stop, after_first_chunk=hand_over if rank == leader else None)
+    hand_over()  # the leader, when its shard failed before the hook ran
     values: Optional[torch.Tensor] = None
     if failure is None and pieces:
         values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)

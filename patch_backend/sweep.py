@@ -418,6 +418,7 @@ def sweep(
     _sites: Sequence[str] = (),
     _trusted: bool = False,
     _cell_by_cell: bool = False,
+    _after_first_chunk: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -449,6 +450,8 @@ def sweep(
     this sweep's once-per-sweep check (on its first chunk), so this call checks only the programs
     this process has not verified before; the caller must redo these cells with
     ``_cell_by_cell`` when that check fails there. ``_cell_by_cell``: the fallback, at once.
+    ``_after_first_chunk``: called once the first chunk's rows are in (the leader hands its
+    compiled programs over to the other ranks there).
 
     Example::
 
@@ -543,6 +546,8 @@ def sweep(
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
+            if _after_first_chunk is not None and start == 0:
+                _after_first_chunk()
     finally:
         if bar is not None:
             bar.close()
