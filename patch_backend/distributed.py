@@ -49,12 +49,21 @@ import torch.distributed as dist
 
 from . import config
 from .capture.index import index_for
+from .runtime.tiers import wait_for_compiles
 
 #: Whether ``pb.sweep`` runs the unpatched prefix of the forward once per chunk (prefix reuse):
 #: it does, each chunk fanning out at its cells' earliest patched block (sweep.py), so a cell
 #: patching a late node costs only the rest of the forward from that node on, and ``cell_costs``
 #: weighs it so: ranks get shards of equal estimated cost, not equal cell counts.
 SWEEP_SHARES_PREFIX = True
+
+#: What a chunk costs besides its rows after the cut, per cell of the chunk, as a fraction of one
+#: row block's whole forward: the host work per cell (checks, slot inputs), the metric, the
+#: region calls of the unbatched prefix. Measured on the 6-layer GPT-2 shape of
+#: ``scripts/bench_sweep.py --ranks`` (width 64, chunk 64): the last layer's chunk, whose rows
+#: run only the head, costs 0.16 of the first layer's, where the rows-after-the-cut estimate
+#: alone gives 0.03. It moves a shard boundary by at most about one chunk.
+CHUNK_OVERHEAD = 0.15
 
 
 #: Per root module: the program keys (sites, chunk, input shapes) its sharded sweeps have run in
@@ -170,6 +179,9 @@ class _Status:
     #: The rows themselves (on the CPU) when they are small (``INLINE_RESULT_ELEMENTS``): then
     #: step 5 needs no collective of its own.
     values: Optional[torch.Tensor] = None
+    #: Whether this rank's one-cell check found that batching changes rows (its shard then
+    #: ran one forward per cell): every other rank redoes its shard so too.
+    cell_by_cell: bool = False
 
 
 #: Results of at most this many elements per rank travel with the status (one collective less
@@ -190,14 +202,21 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
-def plan_shards(costs: Sequence[float], world_size: int, chunk: int = 1) -> ShardPlan:
+def plan_shards(
+    costs: Sequence[float], world_size: int, chunk: int = 1, overhead: float = 0.0, unbatched_prefix: bool = False,
+    leader_extra: float = 0.0,
+) -> ShardPlan:
     """Contiguous shards, one per rank, whose costs are as equal as chunk boundaries allow.
 
     With ``chunk`` > 1 the shards hold whole chunks of ``chunk`` cells (all but the last shard):
     a rank pads its last chunk to the full chunk, so a boundary inside a chunk would make two
     ranks each run a padded chunk, and with prefix reuse a chunk costs its rows from its
     earliest cell's fan-out point on, so a chunk is planned at ``chunk`` times its costliest
-    cell.
+    cell. A chunk also costs ``overhead`` (its fixed work) and, with ``unbatched_prefix`` (costs are
+    fractions of one row block's forward, as ``cell_costs`` gives them), the part of the forward
+    before its cut, run once at the unbatched rows: ``1 - `` its costliest cell.
+    ``leader_extra``: work only the first rank with cells does (the sweep's one-cell check on
+    the eager interpreter), in the same units, so that it gets correspondingly less.
 
     Boundary k is the cell boundary nearest to where the running cost reaches k/world of the
     total, so no shard is off by more than about one cell's cost. Contiguous (not greedy) keeps
@@ -209,13 +228,27 @@ def plan_shards(costs: Sequence[float], world_size: int, chunk: int = 1) -> Shar
         raise ValueError(f"plan_shards needs at least one rank, got world_size={world_size}")
     if any(not cost > 0 for cost in costs):
         raise ValueError(f"cell costs must be positive numbers, got {[c for c in costs if not c > 0][:3]}")
-    if chunk > 1:
+    if chunk > 1 or overhead or leader_extra:
+        chunk = max(1, chunk)
         starts = range(0, len(costs), chunk)
-        units = plan_shards([max(costs[i : i + chunk]) * chunk for i in starts], world_size)
+        unit_costs = []
+        for i in starts:
+            costliest = max(costs[i : i + chunk])
+            unit_costs.append(costliest * chunk + overhead + (max(0.0, 1.0 - costliest) if unbatched_prefix else 0.0))
+        # The leader's extra work, as a unit that only rank 0 can hold (it is first).
+        lead = 1 if leader_extra > 0 and unit_costs else 0
+        units = plan_shards([leader_extra] * lead + unit_costs, world_size)
         cells = len(costs)
+
+        def cell(unit: int) -> int:
+            return min(max(0, unit - lead) * chunk, cells)
+
         return ShardPlan(
             tuple(
-                Shard(unit.rank, min(unit.start * chunk, cells), min(unit.stop * chunk, cells), unit.cost)
+                Shard(
+                    unit.rank, cell(unit.start), cell(unit.stop),
+                    unit.cost - (leader_extra if lead and unit.start == 0 < unit.stop else 0.0),
+                )
                 for unit in units.shards
             ),
             cells,
@@ -235,6 +268,16 @@ def plan_shards(costs: Sequence[float], world_size: int, chunk: int = 1) -> Shar
         for rank in range(world_size)
     )
     return ShardPlan(shards, len(costs))
+
+
+def sweep_shards(costs: Sequence[float], world_size: int, chunk: int, verify: bool) -> ShardPlan:
+    """The shards a sharded ``pb.sweep`` runs: whole chunks, each costing its rows after its cut
+    (``cell_costs``), its fixed work (``CHUNK_OVERHEAD``) and its unbatched prefix; the leader
+    also runs the sweep's one-cell check (``verify``: about one row block's forward on the eager
+    interpreter, counted as the fixed work of one chunk)."""
+    overhead = chunk * CHUNK_OVERHEAD if SWEEP_SHARES_PREFIX else 0.0
+    extra = chunk * CHUNK_OVERHEAD if verify else 0.0
+    return plan_shards(costs, world_size, chunk, overhead, SWEEP_SHARES_PREFIX, extra)
 
 
 def cell_costs(names: Sequence[str], cells: Sequence[Mapping[str, Any]], shares_prefix: bool) -> Tuple[float, ...]:
@@ -422,6 +465,14 @@ class Timings:
     share_seconds: float = 0.0
     #: How compiles were shared in this sweep: ``"cache"``, ``"broadcast"`` or ``"none"``.
     sharing: str = "none"
+    #: CPU seconds of this process (all its threads) per phase: plan, agree, shard, status,
+    #: gather. On a machine shared with other jobs wall clock follows the load; these do not.
+    cpu_seconds: Tuple[float, ...] = ()
+    #: The same for the calling thread alone: more CPU than this in ``cpu_seconds`` is other
+    #: threads' (a background compile, the backend's).
+    thread_cpu_seconds: Tuple[float, ...] = ()
+    #: One-cell batching checks this rank ran (``SweepReport.checks`` of its shard's sweeps).
+    checks: int = 0
 
 
 _LAST: Dict[str, Timings] = {}
@@ -446,6 +497,8 @@ class LocalSweep:
     call: Callable[[Callable[..., Any], Any], Any]
     chunk_size: Callable[[Any, int, int], int]
     check_cells: Callable[..., Any]
+    #: ``last_sweep_report``: whether a shard's sweep fell back to one forward per cell.
+    report: Callable[[], Any] = lambda: None
 
 
 def sharded_sweep(
@@ -462,6 +515,7 @@ def sharded_sweep(
     rank, world = dist.get_rank(), dist.get_world_size()
     serial = next(_SWEEPS)
     clock = time.perf_counter()
+    cpu = [(time.process_time(), time.thread_time())]
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
     cells = list(cells)
@@ -496,6 +550,7 @@ def sharded_sweep(
     except Exception as error:
         planning = _failure(rank, plan.shards[rank], "planning", error, None)
     planned = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
 
     agreements: List[Optional[_Agreement]] = [None] * world
     mine = _Agreement(
@@ -503,6 +558,7 @@ def sharded_sweep(
     )
     dist.all_gather_object(agreements, mine)
     agreed = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
     failures = [a.failure for a in agreements if a is not None and a.failure is not None]
     if failures:
         raise DistributedSweepError(failures, world)
@@ -520,7 +576,7 @@ def sharded_sweep(
     # resolves differently on some rank, which then raises where its shard runs).
     chunk = min(a.chunk for a in everyone)
     # Shards of whole chunks, now that the chunk is agreed (every rank computes the same plan).
-    plan = plan_shards(costs, world, chunk)
+    plan = sweep_shards(costs, world, chunk, verify)
     sites = everyone[0].sites
     sharing = _sharing_mode(everyone)
     # The first rank with cells compiles; the others wait for it only when someone would compile.
@@ -534,17 +590,28 @@ def sharded_sweep(
     share_seconds = 0.0
     start = shard.start
 
-    def run(stop: int) -> None:
-        nonlocal start, failure
+    # One check per sweep of whether batching keeps rows exact, as in one process: the leader's,
+    # on its first chunk. The other ranks check only programs
+    # their process has not verified; when any check fails, every rank redoes its shard one
+    # forward per cell (step 4), as the single-process sweep does after a failed check.
+    fell_back = False
+    checks = 0
+
+    def run(stop: int, cell_by_cell: bool = False, after_first_chunk: Optional[Callable[[], None]] = None) -> None:
+        nonlocal start, failure, fell_back, checks
         if failure is not None or stop <= start:
             return
         try:
             pieces.append(
                 local.sweep(
                     compiled, inputs, cells[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
-                    distributed=False, _sites=sites,
+                    distributed=False, _sites=sites, _trusted=rank != leader,
+                    _cell_by_cell=cell_by_cell or fell_back, _after_first_chunk=after_first_chunk,
                 )
             )
+            report = local.report()
+            fell_back = fell_back or bool(getattr(report, "cell_by_cell", False))
+            checks += int(getattr(report, "checks", 0))
         except Exception as error:
             cell = None
             if not _CELL_IN_MESSAGE.search(str(error)):
@@ -553,10 +620,20 @@ def sharded_sweep(
             failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)), start)
         start = stop
 
-    if sharing != "none":
-        # The leader compiles the program by running its first chunk; then it hands over.
-        if rank == leader:
-            run(min(shard.start + chunk, shard.stop))
+    handed_over = sharing == "none"
+
+    def hand_over() -> None:
+        """The leader compiles the program by running its first chunk; then it hands over
+        (called from inside its shard's sweep after that chunk, so that the shard runs as one
+        sweep with the same programs as every later sweep; or after it, when it failed)."""
+        nonlocal handed_over, share_seconds, start
+        if handed_over:
+            return
+        handed_over = True
+        if rank == leader and failure is None:
+            # Under compile_policy "background" the chunk ran on the eager tier while the
+            # worker compiles: hand over only once the artifacts exist.
+            wait_for_compiles()
         waited = time.perf_counter()
         handed = _hand_over(sharing, leader, rank, failure is None)
         if rank != leader:
@@ -568,7 +645,11 @@ def sharded_sweep(
                 except Exception:
                     pass  # artifacts this torch cannot load: this rank compiles for itself
         share_seconds = time.perf_counter() - waited
-    run(shard.stop)
+
+    if rank != leader:
+        hand_over()
+    run(shard.stop, after_first_chunk=hand_over if rank == leader else None)
+    hand_over()  # the leader, when its shard failed before the hook ran
     values: Optional[torch.Tensor] = None
     if failure is None and pieces:
         values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -576,20 +657,23 @@ def sharded_sweep(
         if root is not None:
             _WARM.setdefault(root, set()).add(_program_key(sites, chunk, inputs))
     ran = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
 
-    status = _Status(
-        rows=len(shard),
-        shape=None if values is None else tuple(values.shape[1:]),
-        dtype=None if values is None else values.dtype,
-        seconds=ran - agreed,
-        failure=failure,
-        values=(
-            values.detach().cpu() if values is not None and values.numel() <= INLINE_RESULT_ELEMENTS else None
-        ),
-    )
-    statuses: List[Optional[_Status]] = [None] * world
-    dist.all_gather_object(statuses, status)
+    statuses = _exchange_status(len(shard), values, ran - agreed, failure, fell_back, world)
+    if not any(s.failure for s in statuses) and any(s.cell_by_cell for s in statuses):
+        # A rank found that batching changes rows: no rank's batched rows are to be trusted (a
+        # rank that trusted the leader's check did not check its own chunks). The ranks that
+        # ran batched redo their shards one forward per cell; all exchange statuses again.
+        if not fell_back:
+            pieces.clear()
+            start = shard.start
+            run(shard.stop, cell_by_cell=True)
+            values = None
+            if failure is None and pieces:
+                values = pieces[0]
+        statuses = _exchange_status(len(shard), values, time.perf_counter() - agreed, failure, True, world)
     reported = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
     bar.finish(sum(s.rows for s in statuses if s is not None and s.failure is None))
     failures = [s.failure for s in statuses if s is not None and s.failure is not None]
     if failures:
@@ -614,10 +698,35 @@ def sharded_sweep(
     else:
         result = _gather(values, plan, shape, dtype, device)
     gathered = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
     _LAST["last"] = Timings(
-        planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing
+        planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing,
+        tuple(later[0] - earlier[0] for earlier, later in zip(cpu, cpu[1:])),
+        tuple(later[1] - earlier[1] for earlier, later in zip(cpu, cpu[1:])),
+        checks,
     )
     return result
+
+
+def _exchange_status(
+    rows: int, values: Optional[torch.Tensor], seconds: float, failure: Optional[RankFailure], cell_by_cell: bool,
+    world: int,
+) -> List[_Status]:
+    """Step 4: every rank's status (with its rows when small), on every rank."""
+    status = _Status(
+        rows=rows,
+        shape=None if values is None else tuple(values.shape[1:]),
+        dtype=None if values is None else values.dtype,
+        seconds=seconds,
+        failure=failure,
+        values=(
+            values.detach().cpu() if values is not None and values.numel() <= INLINE_RESULT_ELEMENTS else None
+        ),
+        cell_by_cell=cell_by_cell,
+    )
+    statuses: List[Optional[_Status]] = [None] * world
+    dist.all_gather_object(statuses, status)
+    return [s for s in statuses if s is not None]
 
 
 def _site_set(check: Callable[..., Any], index: Any, cells: Sequence[Mapping], batch: int) -> Tuple[str, ...]:

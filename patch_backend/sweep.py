@@ -79,6 +79,8 @@ class SweepPlan:
         self.programs_run: List[Tuple[Optional[str], Optional[str]]] = []
         #: Why fan-outs were refused (``_cut``).
         self.refusals: List[str] = []
+        #: One-cell checks against the eager interpreter this sweep ran (``_rows_match_alone``).
+        self.checks = 0
 
     def entries_for(self, cell: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> CellEntries:
         key = (cell, name)
@@ -414,6 +416,9 @@ def sweep(
     verify: bool = True,
     distributed: bool = True,
     _sites: Sequence[str] = (),
+    _trusted: bool = False,
+    _cell_by_cell: bool = False,
+    _after_first_chunk: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """Runs every patch map in ``cells`` on ``inputs``; returns ``metric`` per cell, ``[cells, B, ...]``.
 
@@ -441,6 +446,13 @@ def sweep(
         DistributedSweepError: on every rank, when a rank's shard failed (row 26).
     Warns ``SweepBatchingWarning`` when batching would change rows (row 23).
 
+    ``_trusted`` and ``_cell_by_cell`` are for distributed.py. ``_trusted``: another rank runs
+    this sweep's once-per-sweep check (on its first chunk), so this call checks only the programs
+    this process has not verified before; the caller must redo these cells with
+    ``_cell_by_cell`` when that check fails there. ``_cell_by_cell``: the fallback, at once.
+    ``_after_first_chunk``: called once the first chunk's rows are in (the leader hands its
+    compiled programs over to the other ranks there).
+
     Example::
 
         cells = [{f"transformer.h_{layer}.output": pb.ReplacePatch(value=clean[layer][:, pos], slice=(slice(None), pos))}
@@ -449,7 +461,9 @@ def sweep(
         # scores: [len(cells), batch]
     """
     if _distributed.active(distributed):
-        local = _distributed.LocalSweep(sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells)
+        local = _distributed.LocalSweep(
+            sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells, last_sweep_report
+        )
         return _distributed.sharded_sweep(local, model, inputs, cells, metric, batch_size, progress, verify)
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
@@ -475,10 +489,20 @@ def sweep(
     with row_patches(plan, 0, (), base=True):
         # The graphs of one unbatched forward: the part before a chunk's cut runs them.
         _call(compiled, inputs)
+    bar = _progress(len(cells), progress)
+    if _cell_by_cell:
+        try:
+            _report(plan, True)
+            return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
+        finally:
+            if bar is not None:
+                bar.close()
     batched = _repeat(inputs, chunk)
     results: List[torch.Tensor] = []
-    verified = False
-    bar = _progress(len(cells), progress)
+    # The sweep's one check of its inputs' first chunk (another rank's, when trusted).
+    verified = _trusted
+    # Programs checked in this sweep (those without fan-out never enter _VERIFIED).
+    checked: Set[Any] = set()
     try:
         for start in range(0, len(cells), chunk):
             block = plan.cells[start : start + chunk]
@@ -494,7 +518,14 @@ def sweep(
                 )
             values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
             # The first chunk, and each chunk that runs a program not yet checked (another cut).
-            check = verify and (not verified or any(key not in _VERIFIED for key in plan.keys_run[known:]))
+            new = [key for key in plan.keys_run[known:] if key not in checked and key not in _VERIFIED]
+            if _trusted:
+                # The trusting rank's unverified programs are those with a fan-out cut: whether a
+                # full-repeat program batches exactly is what the other rank's check is about.
+                new = [key for key in new if key[2] is not None]
+            check = verify and (not verified or bool(new))
+            if check:
+                plan.checks += 1
             if check and not _rows_match_alone(compiled, inputs, block, values, metric):
                 warnings.warn(
                     f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
@@ -505,15 +536,18 @@ def sweep(
                     stacklevel=2,
                 )
                 _report(plan, True)
-                return _cell_by_cell(compiled, inputs, normalized, metric, bar)
+                return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
             if check:
                 verified = True
+                checked.update(plan.keys_run[known:])
                 if len(_VERIFIED) >= 4096:
                     _VERIFIED.clear()
                 _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
+            if _after_first_chunk is not None and start == 0:
+                _after_first_chunk()
     finally:
         if bar is not None:
             bar.close()
@@ -541,6 +575,10 @@ class SweepReport:
     capacities: Dict[str, int]
     #: Fan-outs refused before a program was built (the chunk then ran the full repeat).
     refused: Tuple[str, ...] = ()
+    #: One-cell checks run on the eager interpreter (``verify``): the first chunk's, and one
+    #: per fanned-out program this process had not verified; none for a trusting rank's
+    #: programs verified before (docs/scaling.md).
+    checks: int = 0
 
     @property
     def cuts(self) -> Tuple[Optional[str], ...]:
@@ -562,7 +600,7 @@ def last_sweep_report() -> Optional[SweepReport]:
 def _report(plan: SweepPlan, cell_by_cell: bool) -> None:
     _last_report[:] = [SweepReport(
         len(plan.cells), plan.chunk, tuple(plan.programs_run), cell_by_cell, dict(plan.capacities),
-        tuple(plan.refusals),
+        tuple(plan.refusals), plan.checks,
     )]
 
 
@@ -602,7 +640,7 @@ def _close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
     return bool(torch.allclose(actual.to(expected.dtype), expected, rtol=5e-2 if loose else 1e-3, atol=tolerance))
 
 
-def _cell_by_cell(
+def _cell_by_cell_run(
     compiled: Callable, inputs: Inputs, cells: Sequence[Dict], metric: Callable, bar: Any
 ) -> torch.Tensor:
     """The fallback: one patched forward per cell (cells of one structure share a variant)."""

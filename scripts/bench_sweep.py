@@ -17,9 +17,16 @@ with 1 thread (a fresh process and cache directory of its own). Printed, and wri
   compiled program) while the others wait, then all ranks run it sharded; the median of the
   rounds' ratios. Interleaving puts both under the same load from other processes. The ratio
   against the separate 1-rank process and the CPU-seconds ratio (what D1 is with a free core
-  per rank) are printed too.
+  per rank) are printed too: ``D1_cpu`` is rank 0's CPU seconds alone over the busiest rank's
+  CPU seconds sharded, per round (process CPU seconds, all threads; on a machine shared with
+  other jobs wall clock follows their load, CPU seconds much less). Every timed sweep runs with
+  its programs compiled: the cold sweep waits for the background compile worker
+  (``pb.wait_for_compiles``), and rank 0 runs the whole sweep alone once before the rounds.
+  The baseline and the ranks run the same chunk size and the same fan-out cuts (checked:
+  ``same chunk and fan-out cuts as 1 rank``).
 - D2 (<= 5%): coordination overhead, the part of the sharded sweep's wall time that is not the
-  slowest rank's shard.
+  slowest rank's shard; ``D2_cpu``: the busiest rank's CPU seconds outside its shard (plan,
+  agreement, status, gather: ``Timings.cpu_seconds``) over all its CPU seconds in the sweep.
 - D3 (<= 1.3x): compile seconds summed over ranks against one rank's. A rank's compile seconds
   are its first (cold) shard's time minus its steady-state shard time, less the time it waited
   for the compiling rank (``--share``: docs/scaling.md), in wall-clock and in CPU seconds (the
@@ -276,6 +283,7 @@ def _rank_sweep(
     import torch.distributed as dist
     from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.distributed import last_timings
+    from patch_backend.sweep import last_sweep_report
 
     torch.set_num_threads(1)
     if os.environ.get("BENCH_SESSION_PER_RANK") == "1":
@@ -290,37 +298,61 @@ def _rank_sweep(
     with torch.no_grad():
         compiled(corrupt)  # capture (Dynamo + the unpatched graph) is not part of the sweep's compile
 
-    def timed(distributed: bool = True) -> Tuple[float, float, float, object, torch.Tensor]:
+    thread_cpu: List[float] = []
+
+    def timed(
+        distributed: bool = True, wait: bool = False, everyone: bool = False
+    ) -> Tuple[float, float, float, object, torch.Tensor]:
         if world > 1:
             dist.barrier()
-        start, cpu = time.perf_counter(), _cpu_seconds()
+        start, cpu, main = time.perf_counter(), _cpu_seconds(), time.thread_time()
         values = None
-        if distributed or rank == 0:
+        if distributed or rank == 0 or everyone:
             with torch.no_grad():
                 values = pb.sweep(
                     compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False, distributed=distributed
                 )
+        if wait:
+            # Under compile_policy "background" (the default) the cold sweep's chunks may run on
+            # the eager tier while the worker compiles: its compile ends here, not when it returns.
+            pb.wait_for_compiles()
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        thread_cpu.append(time.thread_time() - main)
         timings = last_timings() if world > 1 and distributed else None
         return wall, (timings.shard_seconds if timings else wall), cpu, timings, values
 
     dynamo = _dynamo_seconds()
     variant_seconds = pb.stats(model).compile_seconds
     caches = fx_graph_cache_counters()
-    cold_wall, cold_shard, cold_cpu, cold_timings, values = timed()
+    cold_wall, cold_shard, cold_cpu, cold_timings, values = timed(wait=True)
     dynamo = _dynamo_seconds() - dynamo
     variant_seconds = pb.stats(model).compile_seconds - variant_seconds
     caches = {name: count - caches[name] for name, count in fx_graph_cache_counters().items()}
     shared = getattr(cold_timings, "share_seconds", 0.0)
     steady = [timed() for _ in range(2)]
     wall, shard, cpu, timings, _ = min(steady, key=lambda item: item[0])
+    # What this process's steady sweep ran: its chunks' fan-out cuts (the 1-rank baseline and
+    # the ranks together must run the same ones, at the same chunk size, for D1 to be fair).
+    report = last_sweep_report()
+    cuts = sorted({str(cut) for cut in report.cuts}) if report is not None else []
     interleaved = []
     if world > 1:
+        # Rank 0 alone runs every chunk's program, some of which only other ranks ran so far:
+        # compile them before the rounds, so that no round times a compile.
+        timed(distributed=False, wait=True, everyone=True)
         for _ in range(rounds):
             alone_wall, _, alone_cpu, _, _ = timed(distributed=False)
-            sharded_wall, _, sharded_cpu, _, _ = timed()
-            interleaved.append({"alone_wall": alone_wall, "alone_cpu": alone_cpu,
-                                "sharded_wall": sharded_wall, "sharded_cpu": sharded_cpu})
+            alone_thread = thread_cpu[-1]
+            sharded_wall, _, sharded_cpu, sharded_timings, _ = timed()
+            sharded_thread = thread_cpu[-1]
+            # Every rank runs the whole sweep alone at once: its CPU seconds under the same
+            # contention between the ranks as the sharded sweep's (on a loaded machine, CPU
+            # seconds grow with contention too).
+            _, _, contended_cpu, _, _ = timed(distributed=False, everyone=True)
+            interleaved.append({"alone_wall": alone_wall, "alone_cpu": alone_cpu, "alone_thread_cpu": alone_thread,
+                                "sharded_wall": sharded_wall, "sharded_cpu": sharded_cpu,
+                                "sharded_thread_cpu": sharded_thread, "contended_alone_cpu": contended_cpu,
+                                "sharded_timings": dataclasses.asdict(sharded_timings) if sharded_timings else None})
     mine = {
         "rank": rank,
         "cold_wall": cold_wall,
@@ -337,6 +369,9 @@ def _rank_sweep(
         "steady_wall": wall,
         "steady_shard": shard,
         "steady_cpu": cpu,
+        "steady_thread_cpu": min(thread_cpu[1:3]),
+        "steady_cuts": cuts,
+        "steady_chunk": report.chunk if report is not None else None,
         "timings": None if timings is None else dataclasses.asdict(timings),
         "interleaved": interleaved,
     }
@@ -348,6 +383,14 @@ def _rank_sweep(
         everyone = [mine]
     if rank == 0:
         torch.save({"ranks": everyone, "values": values, "cells": len(cells)}, out)
+
+
+def _coordination_cpu(ranks: List[Dict[str, object]], round_: int) -> float:
+    """Of the busiest rank's CPU seconds in one sharded round, the percentage spent outside its
+    shard (planning, agreeing, status, gather: ``Timings.cpu_seconds``)."""
+    phases = [rank["interleaved"][round_]["sharded_timings"]["cpu_seconds"] for rank in ranks]  # type: ignore[index]
+    busiest = max(phases, key=sum)
+    return 100 * (sum(busiest) - busiest[2]) / sum(busiest)
 
 
 def _dynamo_seconds() -> float:
@@ -425,6 +468,19 @@ def run_ranks(
         # What D1 would be with a core per rank: the busiest rank's CPU seconds against the
         # single rank's. Other processes on the machine lower the wall-clock ratio, not this one.
         "CPU-seconds ratio (rank 0 alone / busiest rank, interleaved, median)": statistics.median(rounds_cpu),
+        "D1_cpu (CPU seconds: rank 0 alone / busiest rank, interleaved, median)": statistics.median(rounds_cpu),
+        "D1_cpu per round": rounds_cpu,
+        "D1_cpu contention-matched (every rank alone at once / busiest rank sharded, median over ranks and rounds)":
+        statistics.median(
+            rank["interleaved"][k]["contended_alone_cpu"]
+            / max(other["interleaved"][k]["sharded_cpu"] for other in many["ranks"])
+            for rank in many["ranks"] for k in range(len(leader))
+        ),
+        "D1_cpu (CPU seconds: separate 1-rank process / busiest rank, steady)": single["steady_cpu"]
+        / max(rank["steady_cpu"] for rank in many["ranks"]),
+        "D2_cpu coordination % of the busiest rank's sweep CPU seconds (interleaved, median)": statistics.median(
+            _coordination_cpu(many["ranks"], k) for k in range(len(leader))
+        ),
         "D2 coordination overhead % of sweep time": 100 * (wall - slowest_shard) / wall,
         "shard imbalance % (slowest vs fastest shard)": 100 * (slowest_shard - fastest_shard) / slowest_shard,
         "compile_seconds_1_rank": single["compile_seconds"],
@@ -447,6 +503,14 @@ def run_ranks(
         / single["variant_compile_seconds (pb.stats)"],
         "waiting for the compiling rank, s (per rank)": [rank["waiting_for_leader_seconds"] for rank in many["ranks"]],
         "variants compiled per rank": [rank["variants_compiled"] for rank in many["ranks"]],
+        "one-cell checks per rank in a steady sharded sweep": [
+            (rank["timings"] or {}).get("checks") for rank in many["ranks"]
+        ],
+        # The 1-rank baseline and the ranks do the same work: the same chunk size and the same
+        # fan-out cuts (each chunk's program), split between the ranks.
+        "same chunk and fan-out cuts as 1 rank": single["steady_chunk"] == chunk
+        and all(rank["steady_chunk"] == chunk for rank in many["ranks"])
+        and sorted({cut for rank in many["ranks"] for cut in rank["steady_cuts"]}) == single["steady_cuts"],
         "agrees_with_1_rank": bool(torch.allclose(many["values"], one["values"], atol=1e-4)),
         "per_rank": many["ranks"],
         "baseline": single,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,6 +27,7 @@ from patch_backend import ZeroPatch
 from patch_backend._torch_compat.inductor import fx_graph_cache_counters
 from patch_backend.capture.capture import all_captures
 from patch_backend.capture.index import index_for
+from patch_backend.sweep import _VERIFIED, SweepBatchingWarning
 from patch_backend.distributed import (
     DistributedSweepError,
     RankFailure,
@@ -35,6 +37,7 @@ from patch_backend.distributed import (
     cell_costs,
     last_timings,
     plan_shards,
+    sweep_shards,
 )
 
 
@@ -83,14 +86,46 @@ def test_plan_in_whole_chunks_balances_chunk_costs():
     assert [(shard.start, shard.stop) for shard in plan_shards(costs, 2).shards] == [(0, 5), (5, 16)]
 
 
+def test_plan_counts_each_chunks_fixed_work():
+    # Two costly chunks, then four whose rows run almost nothing after their cut: counted by
+    # their rows alone the cheap ones are nearly free and rank 1 takes one costly chunk and all
+    # four; with a fixed cost per chunk (host work, metric, head) the four weigh as much as one.
+    costs = [0.5] * 8 + [0.02] * 16
+    assert [(s.start, s.stop) for s in plan_shards(costs, 2, chunk=4).shards] == [(0, 4), (4, 24)]
+    plan = plan_shards(costs, 2, chunk=4, overhead=1.0)
+    assert [(s.start, s.stop) for s in plan.shards] == [(0, 8), (8, 24)]
+    assert [round(s.cost, 6) for s in plan.shards] == [6.0, 4.32]
+
+
+def test_plan_counts_each_chunks_unbatched_prefix():
+    # Costs are fractions of one row block's forward: a chunk also runs the part before its cut
+    # once, unbatched (1 - its costliest cell).
+    costs = [0.75] * 4 + [0.25] * 4
+    plan = plan_shards(costs, 1, chunk=4, unbatched_prefix=True)
+    assert plan.shards[0].cost == pytest.approx(4 * 0.75 + 0.25 + 4 * 0.25 + 0.75)
+
+
+def test_plan_gives_the_leader_less_for_its_extra_work():
+    costs = [1.0] * 10
+    assert [(s.start, s.stop) for s in plan_shards(costs, 2).shards] == [(0, 5), (5, 10)]
+    plan = plan_shards(costs, 2, leader_extra=2.0)
+    assert [(s.start, s.stop) for s in plan.shards] == [(0, 4), (4, 10)]
+    # Shard costs are the cells' (the extra work is not a cell).
+    assert [s.cost for s in plan.shards] == [4.0, 6.0]
+    # The sweep's plan: the leader runs the one-cell check only with verify.
+    checked = sweep_shards(costs, 2, 1, verify=True)
+    unchecked = sweep_shards(costs, 2, 1, verify=False)
+    assert len(checked.shards[0]) <= len(unchecked.shards[0])
+
+
 @pytest.mark.parametrize("cells", [1, 5, 10, 64, 383])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_plan_in_whole_chunks_covers_every_cell_once(cells, world):
     costs = [1.0 + (index % 5) / 4 for index in range(cells)]
-    plan = plan_shards(costs, world, chunk=4)
-    assert plan.shards[0].start == 0 and plan.shards[-1].stop == cells
-    assert all(a.stop == b.start for a, b in zip(plan.shards, plan.shards[1:]))
-    assert all(shard.stop % 4 == 0 or shard.stop == cells for shard in plan.shards)
+    for plan in (plan_shards(costs, world, chunk=4), sweep_shards(costs, world, 4, verify=True)):
+        assert plan.shards[0].start == 0 and plan.shards[-1].stop == cells
+        assert all(a.stop == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+        assert all(shard.stop % 4 == 0 or shard.stop == cells for shard in plan.shards)
 
 
 def test_plan_rejects_bad_costs():
@@ -212,7 +247,9 @@ def _failures(rank: int, world: int) -> None:
     with torch.no_grad():
         compiled(x)  # the node order, which the shards' cost estimate reads
     costs = cell_costs(index_for(model).names, cells, SWEEP_SHARES_PREFIX)
-    last_start = plan_shards(costs, world, chunk=2).shards[last].start  # the sweeps' batch_size
+    # The shards of the sweeps below (batch_size 2), with and without the leader's one-cell check.
+    last_start = sweep_shards(costs, world, 2, verify=True).shards[last].start
+    last_start_unverified = sweep_shards(costs, world, 2, verify=False).shards[last].start
 
     # A bad cell (a slice beyond the 5 positions) on the last rank: refused there before its
     # shard runs, every rank raises naming that rank and the cell's index in the whole sweep.
@@ -242,7 +279,8 @@ def _failures(rank: int, world: int) -> None:
         return metric(output)
 
     _expect_rank_error(
-        rf"rank {last} failed in the chunk of cells {last_start + 2}\.\.{min(last_start + 3, len(cells) - 1)} .*metric failed",
+        rf"rank {last} failed in the chunk of cells {last_start_unverified + 2}\.\."
+        rf"{min(last_start_unverified + 3, len(cells) - 1)} .*metric failed",
         lambda: pb.sweep(compiled, (x,), cells, flaky, batch_size=2, progress=False, verify=False),
     )
 
@@ -356,7 +394,71 @@ def _inductor(rank: int, world: int) -> None:
         assert caches["fxgraph_cache_hit"] >= 1, caches
 
 
+def _checks_once_per_sweep(rank: int, world: int) -> None:
+    """The one-cell batching check runs once per sweep, on the leader, plus once per program a
+    process never verified: a rank does not re-verify programs it verified in earlier sweeps."""
+    model, x, cells, metric = _split_site_cells()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    with torch.no_grad():
+        alone = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False, distributed=False)
+        _VERIFIED.clear()  # as in a fresh process: no program verified yet
+        first = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        first_checks = last_timings().checks
+        again = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        again_checks = last_timings().checks
+    everyone = _gathered((first_checks, again_checks), world)
+    # First sweep: every rank with cells checks each of its new programs (at least one each).
+    assert all(entry[0] >= 1 for entry in everyone), everyone
+    # Again: the leader checks the sweep's inputs once; the others check nothing.
+    assert [entry[1] for entry in everyone] == [1] + [0] * (world - 1), everyone
+    torch.testing.assert_close(first, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, alone, rtol=1e-5, atol=1e-5)
+
+
+class _Branchy(torch.nn.Module):
+    """Its Python reads a value across the batch (tests/test_sweep_verify.py): batched rows
+    take the branch of the whole chunk's sum, a cell alone that of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.c = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) if h.sum() > 0 else self.c(h)
+
+
+def _batching_broken_on_the_leader(rank: int, world: int) -> None:
+    """The leader's check fails: every rank redoes its shard one forward per cell, also a rank
+    whose own batched rows would have passed its own check but are wrong for another cell."""
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    x = torch.randn(1, 4)
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    metric = lambda output: output.sum(-1)  # noqa: E731
+    # Chunks of 2: the leader's first cell alone takes c, its chunk b; rank 1's chunk takes b,
+    # which is right for +3 and wrong for -1 (alone: c).
+    values = (-10.0, 20.0, 3.0, -1.0)
+    cells = [{"a.output": pb.AddPatch(value=value)} for value in values]
+    expected = []
+    with torch.no_grad():
+        for cell in cells:
+            with pb.patch(compiled, cell):
+                expected.append(metric(compiled(x)))
+        batched = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False, distributed=False, verify=False)
+    assert not torch.allclose(batched[3], expected[3])  # unchecked batching gets rank 1's -1 wrong
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SweepBatchingWarning)
+        with torch.no_grad():
+            rows = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+    torch.testing.assert_close(rows, torch.stack(expected))
+
+
 def _two_rank_scenarios(rank: int, world: int) -> None:
+    _checks_once_per_sweep(rank, world)
+    _batching_broken_on_the_leader(rank, world)
     _programs_split_over_ranks(rank, world)
     _matches_single_process(rank, world)
     _causal_trace(rank, world)
@@ -364,6 +466,7 @@ def _two_rank_scenarios(rank: int, world: int) -> None:
 
 
 def _three_rank_scenarios(rank: int, world: int) -> None:
+    _checks_once_per_sweep(rank, world)
     _programs_split_over_ranks(rank, world)
     _matches_single_process(rank, world)
     _failures(rank, world)
