@@ -5,7 +5,7 @@ than one rank, every rank calls ``pb.sweep`` with the same arguments, as it woul
 Each rank then
 
 1. captures the model (one unpatched forward if it has not run yet), estimates a cost per cell
-   from the model's node order and plans the same contiguous, cost-balanced shards
+   from the model's node order and plans the same cost-balanced shards of whole chunks
    (``plan_shards``: a pure function, so every rank computes the same plan without talking);
 2. checks with the others that they all hold the same cells (a fingerprint of names, patch types,
    slices and value shapes) and agrees on one chunk size and on the sweep's whole site set, so
@@ -93,14 +93,42 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Contiguous shards in rank order: concatenating their results gives cell order."""
+    """Shards in rank order, contiguous in ``order``: concatenating their results gives the cells
+    in that order, which ``restore`` turns back into the caller's."""
 
     shards: Tuple[Shard, ...]
     cells: int
+    #: ``order[k]``: the caller's index of the k-th cell of the shards' layout; None when the
+    #: shards are contiguous in the caller's order. Whole chunks dealt to the ranks by cost
+    #: (``plan_shards``) need not be.
+    order: Optional[Tuple[int, ...]] = None
 
     @property
     def longest(self) -> int:
         return max(len(shard) for shard in self.shards)
+
+    def caller_index(self, position: int) -> int:
+        """The caller's index of the cell at ``position`` of the shards' layout."""
+        return position if self.order is None else self.order[position]
+
+    def caller_ranges(self, start: int, stop: int) -> Tuple[Tuple[int, int], ...]:
+        """Cells ``start:stop`` of the layout as runs ``(first, last + 1)`` of caller indices."""
+        runs: List[Tuple[int, int]] = []
+        for position in range(start, stop):
+            index = self.caller_index(position)
+            if runs and runs[-1][1] == index:
+                runs[-1] = (runs[-1][0], index + 1)
+            else:
+                runs.append((index, index + 1))
+        return tuple(runs)
+
+    def restore(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows in the shards' layout → rows in the caller's cell order."""
+        if self.order is None:
+            return rows
+        result = torch.empty_like(rows)
+        result[torch.tensor(self.order, device=rows.device)] = rows
+        return result
 
 
 @dataclass(frozen=True)
@@ -108,30 +136,35 @@ class RankFailure:
     """What one rank reported instead of results."""
 
     rank: int
-    #: The cell (global index) the error is about, when it could be named.
+    #: The cell (the caller's index) the error is about, when it could be named.
     cell: Optional[int]
-    #: The rank's shard, ``start:stop``.
-    start: int
-    stop: int
+    #: The rank's shard: runs ``(first, last + 1)`` of the caller's cell indices (one run unless
+    #: chunks were dealt by cost, ``ShardPlan.order``).
+    cells: Tuple[Tuple[int, int], ...]
     #: ``planning`` (capture, cost estimate) or ``shard`` (running its cells).
     stage: str
     error_type: str
     message: str
     traceback: str
-    #: When no single cell could be named: the cells ``start:stop`` of the chunk that was running.
-    chunk: Optional[Tuple[int, int]] = None
+    #: When no single cell could be named: the cells of the chunk that was running, as runs.
+    chunk: Optional[Tuple[Tuple[int, int], ...]] = None
 
     def describe(self) -> str:
         if self.cell is not None:
             where = f"at cell {self.cell}"
         elif self.stage == "planning":
             where = "while planning (capturing the model, estimating costs)"
-        elif self.chunk is not None:
-            where = f"in the chunk of cells {self.chunk[0]}..{self.chunk[1] - 1}"
+        elif self.chunk:
+            where = f"in the chunk of cells {_runs(self.chunk)}"
         else:
             where = "in its shard"
-        shard = f"its cells {self.start}..{self.stop - 1}" if self.stop > self.start else "no cells"
+        shard = f"its cells {_runs(self.cells)}" if self.cells else "no cells"
         return f"rank {self.rank} failed {where} ({shard}): {self.error_type}: {self.message}"
+
+
+def _runs(runs: Tuple[Tuple[int, int], ...]) -> str:
+    """``((0, 4), (8, 10))`` → ``0..3, 8..9``."""
+    return ", ".join(f"{first}..{stop - 1}" for first, stop in runs)
 
 
 class DistributedSweepError(RuntimeError):
@@ -206,7 +239,7 @@ def plan_shards(
     costs: Sequence[float], world_size: int, chunk: int = 1, overhead: float = 0.0, unbatched_prefix: bool = False,
     leader_extra: float = 0.0,
 ) -> ShardPlan:
-    """Contiguous shards, one per rank, whose costs are as equal as chunk boundaries allow.
+    """Shards, one per rank, whose costs are as equal as chunk boundaries allow.
 
     With ``chunk`` > 1 the shards hold whole chunks of ``chunk`` cells (all but the last shard):
     a rank pads its last chunk to the full chunk, so a boundary inside a chunk would make two
@@ -218,8 +251,12 @@ def plan_shards(
     ``leader_extra``: work only the first rank with cells does (the sweep's one-cell check on
     the eager interpreter), in the same units, so that it gets correspondingly less.
 
-    Boundary k is the cell boundary nearest to where the running cost reaches k/world of the
-    total, so no shard is off by more than about one cell's cost. Contiguous (not greedy) keeps
+    Whole chunks are either cut into contiguous shards or, where that balances strictly better
+    (chunks of very different costs: a layer sweep's early and late layers), dealt to the ranks
+    costliest first (``_deal_chunks``); the plan's ``order`` then says where each cell went.
+
+    Without chunks, boundary k is the cell boundary nearest to where the running cost reaches
+    k/world of the total, so no shard is off by more than about one cell's cost. Contiguous (not greedy) keeps
     neighbouring cells, which patch nearby sites, on one rank (they share chunks and fan-out
     points) and makes the gathered result a plain concatenation in rank order. Ranks beyond the
     number of cells get empty shards.
@@ -243,7 +280,7 @@ def plan_shards(
         def cell(unit: int) -> int:
             return min(max(0, unit - lead) * chunk, cells)
 
-        return ShardPlan(
+        contiguous = ShardPlan(
             tuple(
                 Shard(
                     unit.rank, cell(unit.start), cell(unit.stop),
@@ -253,6 +290,12 @@ def plan_shards(
             ),
             cells,
         )
+        dealt = _deal_chunks(unit_costs, world_size, chunk, cells, leader_extra)
+        contiguous_load = max(shard.cost + (leader_extra if shard.rank == 0 else 0.0) for shard in contiguous.shards)
+        dealt_load = max(shard.cost + (leader_extra if shard.rank == 0 else 0.0) for shard in dealt.shards)
+        # Contiguous unless dealing chunks balances strictly better (contiguous keeps each
+        # rank's result a plain slice of the caller's order, and ties are common: equal chunks).
+        return dealt if dealt_load < contiguous_load * (1 - 1e-9) else contiguous
     prefix = [0.0, *itertools.accumulate(float(cost) for cost in costs)]
     total = prefix[-1]
     bounds = [0]
@@ -268,6 +311,30 @@ def plan_shards(
         for rank in range(world_size)
     )
     return ShardPlan(shards, len(costs))
+
+
+def _deal_chunks(
+    unit_costs: Sequence[float], world_size: int, chunk: int, cells: int, leader_extra: float
+) -> ShardPlan:
+    """Whole chunks dealt costliest first to the rank with the least work so far (rank 0 starts
+    with ``leader_extra``); each rank keeps its chunks in cell order, so a padded last chunk stays
+    last in its shard. The longest-processing-time rule: within 4/3 of the best split."""
+    loads = [0.0] * world_size
+    if unit_costs:
+        loads[0] = leader_extra
+    held: List[List[int]] = [[] for _ in range(world_size)]
+    for unit in sorted(range(len(unit_costs)), key=lambda u: (-unit_costs[u], u)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        held[rank].append(unit)
+        loads[rank] += unit_costs[unit]
+    order: List[int] = []
+    shards = []
+    for rank, units in enumerate(held):
+        start = len(order)
+        for unit in sorted(units):
+            order.extend(range(unit * chunk, min((unit + 1) * chunk, cells)))
+        shards.append(Shard(rank, start, len(order), sum(unit_costs[u] for u in units)))
+    return ShardPlan(tuple(shards), cells, tuple(order))
 
 
 def sweep_shards(costs: Sequence[float], world_size: int, chunk: int, verify: bool) -> ShardPlan:
@@ -342,18 +409,32 @@ def _failure(
     cell: Optional[int],
     chunk: Optional[Tuple[int, int]] = None,
     offset: Optional[int] = None,
+    plan: Optional[ShardPlan] = None,
 ) -> RankFailure:
-    """``offset``: the global index of the first cell of the sweep call that raised (default the
-    shard's first), so a ``sweep cell k`` in its message becomes the whole sweep's index."""
+    """``offset``: the index of the first cell of the sweep call that raised (default the shard's
+    first), so a ``sweep cell k`` in its message becomes the whole sweep's index. Positions are
+    in ``plan``'s layout of the cells; the report says the caller's indices."""
+    layout = plan or ShardPlan((shard,), shard.stop)
     message = str(error.args[0]) if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
     found = _CELL_IN_MESSAGE.search(message)
     if found and stage == "shard":
-        # The shard's sweep counts from its own first cell: say the global index.
+        # The shard's sweep counts from its own first cell: say the caller's index.
         base = shard.start if offset is None else offset
         cell = base + int(found.group(1))
-        message = _CELL_IN_MESSAGE.sub(lambda match: f"sweep cell {base + int(match.group(1))}", message)
+        message = _CELL_IN_MESSAGE.sub(
+            lambda match: f"sweep cell {layout.caller_index(base + int(match.group(1)))}", message
+        )
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return RankFailure(rank, cell, shard.start, shard.stop, stage, type(error).__name__, message, text, chunk)
+    return RankFailure(
+        rank,
+        None if cell is None else layout.caller_index(cell),
+        layout.caller_ranges(shard.start, shard.stop),
+        stage,
+        type(error).__name__,
+        message,
+        text,
+        None if chunk is None else layout.caller_ranges(*chunk),
+    )
 
 
 def _invalid_cell(
@@ -582,6 +663,8 @@ def sharded_sweep(
     # The first rank with cells compiles; the others wait for it only when someone would compile.
     leader = next(shard.rank for shard in plan.shards if len(shard))
 
+    # The shards' layout of the cells (the caller's order unless chunks were dealt by cost).
+    laid_out = cells if plan.order is None else [cells[i] for i in plan.order]
     shard = plan.shards[rank]
     bar = _Progress(progress, rank, len(cells), serial)
     counted = _CountingMetric(metric, chunk * batch, chunk, len(shard), bar)
@@ -604,7 +687,7 @@ def sharded_sweep(
         try:
             pieces.append(
                 local.sweep(
-                    compiled, inputs, cells[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
+                    compiled, inputs, laid_out[start:stop], counted, batch_size=chunk, progress=False, verify=verify,
                     distributed=False, _sites=sites, _trusted=rank != leader,
                     _cell_by_cell=cell_by_cell or fell_back, _after_first_chunk=after_first_chunk,
                 )
@@ -615,9 +698,11 @@ def sharded_sweep(
         except Exception as error:
             cell = None
             if not _CELL_IN_MESSAGE.search(str(error)):
-                cell = _invalid_cell(local.check_cells, index, cells[start:stop], batch, start)
+                cell = _invalid_cell(local.check_cells, index, laid_out[start:stop], batch, start)
             first = shard.start + counted.done
-            failure = _failure(rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)), start)
+            failure = _failure(
+                rank, shard, "shard", error, cell, (first, min(first + chunk, shard.stop)), start, plan
+            )
         start = stop
 
     handed_over = sharing == "none"
@@ -697,6 +782,7 @@ def sharded_sweep(
         result = torch.cat([s.values for s in sent if s.values is not None]).to(device=device, dtype=dtype)
     else:
         result = _gather(values, plan, shape, dtype, device)
+    result = plan.restore(result)
     gathered = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
     _LAST["last"] = Timings(

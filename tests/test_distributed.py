@@ -80,21 +80,37 @@ def test_plan_in_whole_chunks_balances_chunk_costs():
     # its rows from its earliest cell's fan-out point on, so the second chunk costs 4 x 3.
     costs = [3.0] * 6 + [1.0] * 10
     plan = plan_shards(costs, 2, chunk=4)
-    assert [(shard.start, shard.stop) for shard in plan.shards] == [(0, 4), (4, 16)]
-    assert [shard.cost for shard in plan.shards] == [12.0, 20.0]
+    # Chunks of 12, 12, 4, 4: contiguous shards at best split 12 | 20; dealt costliest first to
+    # the rank with less work, 16 | 16, each rank keeping its chunks in cell order.
+    assert [shard.cost for shard in plan.shards] == [16.0, 16.0]
+    assert [plan.caller_ranges(s.start, s.stop) for s in plan.shards] == [((0, 4), (8, 12)), ((4, 8), (12, 16))]
+    assert plan.order == (*range(0, 4), *range(8, 12), *range(4, 8), *range(12, 16))
+    # The gathered rows (in the shards' layout) come back in the caller's order.
+    layout = torch.tensor(plan.order, dtype=torch.float32)[:, None]
+    assert plan.restore(layout)[:, 0].tolist() == list(range(16))
     # Split by cells, the boundary falls inside the second chunk (each rank would pad its own).
     assert [(shard.start, shard.stop) for shard in plan_shards(costs, 2).shards] == [(0, 5), (5, 16)]
 
 
+def test_plan_keeps_contiguous_shards_unless_dealing_balances_better():
+    # Equal chunks: dealing cannot beat contiguous shards, which keep each rank's rows one slice.
+    plan = plan_shards([1.0] * 16, 2, chunk=4)
+    assert plan.order is None
+    assert [(s.start, s.stop) for s in plan.shards] == [(0, 8), (8, 16)]
+
+
 def test_plan_counts_each_chunks_fixed_work():
     # Two costly chunks, then four whose rows run almost nothing after their cut: counted by
-    # their rows alone the cheap ones are nearly free and rank 1 takes one costly chunk and all
-    # four; with a fixed cost per chunk (host work, metric, head) the four weigh as much as one.
+    # their rows alone the cheap ones are nearly free; with a fixed cost per chunk (host work,
+    # metric, head) each of them weighs a third of a costly one, in the shards' costs too.
     costs = [0.5] * 8 + [0.02] * 16
-    assert [(s.start, s.stop) for s in plan_shards(costs, 2, chunk=4).shards] == [(0, 4), (4, 24)]
+    plan = plan_shards(costs, 2, chunk=4)
+    assert [round(s.cost, 6) for s in plan.shards] == [2.16, 2.16]
     plan = plan_shards(costs, 2, chunk=4, overhead=1.0)
-    assert [(s.start, s.stop) for s in plan.shards] == [(0, 8), (8, 24)]
-    assert [round(s.cost, 6) for s in plan.shards] == [6.0, 4.32]
+    assert [round(s.cost, 6) for s in plan.shards] == [5.16, 5.16]
+    assert [plan.caller_ranges(s.start, s.stop) for s in plan.shards] == [
+        ((0, 4), (8, 12), (16, 20)), ((4, 8), (12, 16), (20, 24))
+    ]
 
 
 def test_plan_counts_each_chunks_unbatched_prefix():
@@ -123,9 +139,15 @@ def test_plan_gives_the_leader_less_for_its_extra_work():
 def test_plan_in_whole_chunks_covers_every_cell_once(cells, world):
     costs = [1.0 + (index % 5) / 4 for index in range(cells)]
     for plan in (plan_shards(costs, world, chunk=4), sweep_shards(costs, world, 4, verify=True)):
+        # Contiguous in the shards' layout, which holds every cell once.
         assert plan.shards[0].start == 0 and plan.shards[-1].stop == cells
         assert all(a.stop == b.start for a, b in zip(plan.shards, plan.shards[1:]))
-        assert all(shard.stop % 4 == 0 or shard.stop == cells for shard in plan.shards)
+        assert sorted(plan.order or range(cells)) == list(range(cells))
+        for shard in plan.shards:
+            runs = plan.caller_ranges(shard.start, shard.stop)
+            # Whole chunks only (no two ranks each pad a split one); the short last one last.
+            assert all(first % 4 == 0 and (stop % 4 == 0 or stop == cells) for first, stop in runs)
+            assert all(stop != cells for _, stop in runs[:-1])
 
 
 def test_plan_rejects_bad_costs():
@@ -144,15 +166,20 @@ def test_cell_costs_from_node_order():
 
 
 def test_error_names_rank_and_cell():
-    failure = RankFailure(1, 8, 6, 11, "shard", "ValueError", "sweep cell 8: bad slice", "trace")
+    failure = RankFailure(1, 8, ((6, 11),), "shard", "ValueError", "sweep cell 8: bad slice", "trace")
     error = DistributedSweepError([failure], 2)
     assert str(error).startswith(
         "pb.sweep on 2 ranks: rank 1 failed at cell 8 (its cells 6..10): ValueError: sweep cell 8: bad slice. "
         "Every rank raises this error"
     )
-    chunk = RankFailure(0, None, 0, 6, "shard", "RuntimeError", "boom", "trace", (4, 6))
+    chunk = RankFailure(0, None, ((0, 6),), "shard", "RuntimeError", "boom", "trace", ((4, 6),))
     assert "rank 0 failed in the chunk of cells 4..5 (its cells 0..5): RuntimeError: boom" in str(
         DistributedSweepError([chunk], 2)
+    )
+    # Shards of chunks dealt by cost: the rank's cells are several runs of the caller's indices.
+    dealt = RankFailure(1, None, ((4, 8), (12, 16)), "shard", "RuntimeError", "boom", "trace", ((12, 16),))
+    assert "rank 1 failed in the chunk of cells 12..15 (its cells 4..7, 12..15)" in str(
+        DistributedSweepError([dealt], 2)
     )
 
 
@@ -247,25 +274,28 @@ def _failures(rank: int, world: int) -> None:
     with torch.no_grad():
         compiled(x)  # the node order, which the shards' cost estimate reads
     costs = cell_costs(index_for(model).names, cells, SWEEP_SHARES_PREFIX)
-    # The shards of the sweeps below (batch_size 2), with and without the leader's one-cell check.
-    last_start = sweep_shards(costs, world, 2, verify=True).shards[last].start
-    last_start_unverified = sweep_shards(costs, world, 2, verify=False).shards[last].start
+    # The shards of the sweeps below (batch_size 2), with and without the leader's one-cell check:
+    # the last rank's cells, as the caller's indices (chunks may be dealt out of cell order).
+    checked = sweep_shards(costs, world, 2, verify=True)
+    shard = checked.shards[last]
+    mine = [checked.caller_index(position) for position in range(shard.start, shard.stop)]
+    runs = ", ".join(rf"{first}\.\.{stop - 1}" for first, stop in checked.caller_ranges(shard.start, shard.stop))
 
     # A bad cell (a slice beyond the 5 positions) on the last rank: refused there before its
     # shard runs, every rank raises naming that rank and the cell's index in the whole sweep.
     bad = list(cells)
-    bad[last_start + 1] = {"layers_0.up.output": ZeroPatch(slice=(slice(None), 9))}
+    bad[mine[1]] = {"layers_0.up.output": ZeroPatch(slice=(slice(None), 9))}
     _expect_rank_error(
-        rf"rank {last} failed at cell {last_start + 1} \(its cells {last_start}\.\.10\)",
+        rf"rank {last} failed at cell {mine[1]} \(its cells {runs}\)",
         lambda: pb.sweep(compiled, (x,), bad, metric, batch_size=2, progress=False),
     )
 
     # An unknown node name: the error does not say which cell; the rank finds it.
     typo = list(cells)
-    typo[last_start] = {"layers_0.up.outptu": ZeroPatch()}
+    typo[mine[0]] = {"layers_0.up.outptu": ZeroPatch()}
     _expect_rank_error(
         # (a name that is no node counts from the start of the forward, which can move the shards)
-        rf"rank \d+ failed at cell {last_start} .*KeyError",
+        rf"rank \d+ failed at cell {mine[0]} .*KeyError",
         lambda: pb.sweep(compiled, (x,), typo, metric, batch_size=2, progress=False),
     )
 
@@ -278,9 +308,12 @@ def _failures(rank: int, world: int) -> None:
             raise RuntimeError("metric failed on this rank")
         return metric(output)
 
+    unverified = sweep_shards(costs, world, 2, verify=False)
+    shard = unverified.shards[last]
+    second = unverified.caller_ranges(shard.start + 2, min(shard.start + 4, shard.stop))
     _expect_rank_error(
-        rf"rank {last} failed in the chunk of cells {last_start_unverified + 2}\.\."
-        rf"{min(last_start_unverified + 3, len(cells) - 1)} .*metric failed",
+        rf"rank {last} failed in the chunk of cells "
+        + ", ".join(rf"{first}\.\.{stop - 1}" for first, stop in second) + " .*metric failed",
         lambda: pb.sweep(compiled, (x,), cells, flaky, batch_size=2, progress=False, verify=False),
     )
 
