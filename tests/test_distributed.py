@@ -248,6 +248,20 @@ def _matches_single_process(rank: int, world: int) -> None:
         # One cell on several ranks: the others have empty shards.
         one = pb.sweep(compiled, (x,), cells[3:4], metric, batch_size=4, progress=False)
         torch.testing.assert_close(one, alone[3:4], rtol=1e-5, atol=1e-5)
+        # Early-layer cells first: their chunks cost about twice the late ones', so the ranks are
+        # dealt chunks out of cell order; the rows still come back in cell order.
+        layered = sorted(range(len(cells)), key=lambda k: "layers_1" in next(iter(cells[k])))
+        costs = cell_costs(index_for(model).names, [cells[k] for k in layered], SWEEP_SHARES_PREFIX)
+        assert sweep_shards(costs, world, 2, verify=True).order is not None
+        dealt = pb.sweep(compiled, (x,), [cells[k] for k in layered], metric, batch_size=2, progress=False)
+        torch.testing.assert_close(dealt, alone[layered], rtol=1e-5, atol=1e-5)
+        # A bad cell is named by its index in the caller's cells, wherever it was dealt.
+        bad = [cells[k] for k in layered]
+        bad[9] = {"layers_1.up.output": ZeroPatch(slice=(slice(None), 9))}
+        _expect_rank_error(
+            r"rank \d+ failed at cell 9 \(its cells .*9",
+            lambda: pb.sweep(compiled, (x,), bad, metric, batch_size=2, progress=False),
+        )
 
 
 def _causal_trace(rank: int, world: int) -> None:
