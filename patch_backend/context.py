@@ -12,11 +12,13 @@ model ran outside its compiled graphs). On a normal exit, ``patch()`` raises
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import contextvars
 import dataclasses
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -33,7 +35,7 @@ from .program.dynamic import check_call_shapes
 from .program.eager import Interpreted
 from .program.insert import build_variant
 from .program.plan import Selection, SitePatches
-from .program.spec import lower
+from .program.spec import Walked, walk
 from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .validation import check_name_syntax, check_patch_kind, unknown_name_error
@@ -155,7 +157,7 @@ def active_state() -> PatchState:
 
 def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
     """Checks the map's shape (not its names): raises ValueError/KeyError before anything runs."""
-    if not isinstance(patch_map, Mapping):
+    if not isinstance(patch_map, collections.abc.Mapping):  # not typing's: its isinstance is slow
         raise ValueError(
             f"patch map must be a dict of node name -> Patch or list of Patches, got {type(patch_map).__name__}"
         )
@@ -210,6 +212,9 @@ def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]], defe
 def _check_reuse(roots: Sequence["RootPatches"]) -> None:
     """A patch object may stand in one place at a time, across nodes and across patched models:
     its state (``ProbePatch.activation``, a RecordPatch's list) would mix two places."""
+    ids = [id(patch) for entry in roots for patches in entry.by_name.values() for patch in patches]
+    if len(set(ids)) == len(ids):
+        return  # the common case, in one pass: no object twice
     placed: Dict[int, Tuple[int, str]] = {}
     for position, entry in enumerate(roots):
         for name, patches in entry.by_name.items():
@@ -297,35 +302,6 @@ def _entered_roots(
 
 
 # -- never silent: what ran, and the check at exit ---------------------------------------------
-
-
-def graph_marks(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> GraphMarks:
-    """Which patched models and names one graph occurrence stands for under ``state``."""
-    roots: List[RootKey] = []
-    returns: List[RootKey] = []
-    applied: Set[Tuple[RootKey, str]] = set()
-    for entry in state.roots:
-        index = entry.index.refresh()
-        sites = index.sites_for(capture, instance)
-        if sites is None:
-            continue  # a graph of another model
-        key = id(index)
-        roots.append(key)
-        if (capture.uid, instance) in index.root_returns:
-            returns.append(key)
-        applied.update((key, name) for name in entry.by_name if name in sites)
-    return GraphMarks(tuple(roots), tuple(returns), frozenset(applied))
-
-
-def note_graph_run(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> None:
-    """Called by the dispatcher for each graph call under patches: one memo lookup and one
-    increment, the marks being computed once per (state, occurrence, name-table version)."""
-    memo_key = ("ran", capture.uid, instance, registry_version())
-    marks = state.memo.get(memo_key)
-    if marks is None:
-        marks = state.memo[memo_key] = graph_marks(state, capture, instance)
-        state.log.marks.append(marks)
-    marks.calls += 1
 
 
 def raise_if_unapplied(
@@ -558,12 +534,19 @@ class Patches:
 
     def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
         capture = graph.capture
-        selection = select(state, capture, instance)
-        note_graph_run(state, capture, instance)  # for pb.patch's check at exit
+        selection, marks = occurrence(state, graph, instance)
+        marks.calls += 1  # for pb.patch's check at exit
         if not selection:
             return None
+        walked = walk(selection)  # this call's structure and values, read once
         if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
             check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
+        elif walked is not None:
+            # Checked once per graph and structure with these slice numbers, whichever context.
+            checked = (walked.key, walked.values.ints)
+            if checked not in graph.checked:
+                check_call_shapes(None, capture, selection, args, state.memo)
+                graph.remember_checked(checked, tuple(entry.site for entry in selection))
         elif ("checked", id(selection)) not in state.memo:
             signature = check_signature(selection)
             if signature is None or signature not in graph.checked:
@@ -576,7 +559,7 @@ class Patches:
             request = prepared_request(state, graph, instance, selection, owners)
             if request is not None:
                 return request
-        return variant_request(graph, selection, owners)
+        return variant_request(graph, selection, owners, walked)
 
 
 _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
@@ -638,42 +621,86 @@ def _slice_signature(tensor_slice: Any) -> Any:
     return tuple(out)
 
 
-def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:
-    """The variant of ``selection``'s structure: one program per structure, every size."""
+def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], walked: Optional[Walked] = None) -> Request:
+    """The variant of ``selection``'s structure: one program per structure, every size. With
+    ``walked`` (this call's ``spec.walk``), a structure seen before is not lowered again."""
     capture = graph.capture
-    lowered = lower(selection)  # the key and this call's runtime values, in one walk
+    lowered = graph.lowerings.lower(selection, walked)  # the key and this call's runtime values
+    values = lowered.values
     return Request(
         key=lowered.spec,
         build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
         interpret=lambda args: Interpreted(capture.gm),
-        run=lambda program, args: program.run_lowered(selection, lowered.values, args),
+        run=lambda program, args: program.run_lowered(selection, values, args),
         owners=owners,
         symbolic=True,
     )
 
 
-def select(state: PatchState, capture: GraphCapture, instance: Optional[int]) -> Selection:
-    """The active patches that land in this graph occurrence, in graph order of their sites."""
-    if not state.memo.get("validated"):
-        state.memo["validated"] = validate_pending(state, (capture.uid, instance))
-    found: List[SitePatches] = []
-    keys = []
-    for entry in state.roots:
-        index = entry.index.refresh()
-        memo_key = (capture.uid, instance, id(index), index._version)
-        cached = state.memo.get(memo_key)
-        if cached is None:
-            sites = index.sites_for(capture, instance) or {}
-            cached = tuple(
-                SitePatches(sites[name], patches) for name, patches in entry.by_name.items() if name in sites
-            )
-            state.memo[memo_key] = cached
-        found.extend(cached)
-        keys.append(memo_key)
-    # The same tuple on every call of this occurrence under this state, so that per-call memos
-    # keyed by the selection (dynamic.check_call_shapes) hit instead of growing with each call.
-    return state.memo.setdefault(("selection", tuple(keys)), tuple(found))
+def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> Tuple[Selection, GraphMarks]:
+    """The active patches that land in this graph occurrence, and the marks that count its runs
+    for the never-ran check: one memo lookup per call, computed once per state and occurrence.
 
+    What they derive from (which patched names have sites here, which models the occurrence
+    belongs to and returns from) depends on the patched names, not the patches, so it is kept
+    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it.
+    """
+    memo = state.memo
+    if not memo.get("validated"):
+        memo["validated"] = validate_pending(state, (graph.capture.uid, instance))
+    memo_key = (graph.capture.uid, instance, registry_version())
+    found = memo.get(memo_key)
+    if found is None:
+        shape = _occurrence_shape(state, graph, instance)
+        selection = tuple(
+            SitePatches(site, entry.by_name[name]) for entry, sites in zip(state.roots, shape.sites) for name, site in sites
+        )
+        marks = GraphMarks(shape.roots, shape.returns, shape.applied)
+        state.log.marks.append(marks)
+        found = memo[memo_key] = (selection, marks)
+    return found
+
+
+@dataclass(frozen=True)
+class OccurrenceShape:
+    """What ``occurrence`` derives from the patched names of a state on one graph occurrence."""
+
+    #: Per patched model (in ``PatchState.roots`` order), its patched names with a site here.
+    sites: Tuple[Tuple[Tuple[str, Any], ...], ...]
+    roots: Tuple[RootKey, ...]
+    returns: Tuple[RootKey, ...]
+    applied: FrozenSet[Tuple[RootKey, str]]
+    #: The name tables it was read from, weakly (a model's deletion frees them): a hit whose
+    #: tables are gone or others (an id reused) is rebuilt.
+    indexes: Tuple["weakref.ref[RootIndex]", ...]
+
+
+def _occurrence_shape(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> OccurrenceShape:
+    capture = graph.capture
+    indexes = [entry.index.refresh() for entry in state.roots]
+    key = (instance, registry_version(), tuple((id(index), tuple(entry.by_name)) for index, entry in zip(indexes, state.roots)))
+    shape = graph.occurrences.get(key)
+    if shape is not None and all(ref() is index for ref, index in zip(shape.indexes, indexes)):
+        return shape
+    sites: List[Tuple[Tuple[str, Any], ...]] = []
+    roots: List[RootKey] = []
+    returns: List[RootKey] = []
+    applied: Set[Tuple[RootKey, str]] = set()
+    for index, entry in zip(indexes, state.roots):
+        found = index.sites_for(capture, instance)
+        if found is None:
+            sites.append(())
+            continue  # a graph of another model
+        sites.append(tuple((name, found[name]) for name in entry.by_name if name in found))
+        root_key = id(index)
+        roots.append(root_key)
+        if (capture.uid, instance) in index.root_returns:
+            returns.append(root_key)
+        applied.update((root_key, name) for name in entry.by_name if name in found)
+    shape = OccurrenceShape(
+        tuple(sites), tuple(roots), tuple(returns), frozenset(applied), tuple(weakref.ref(i) for i in indexes)
+    )
+    return graph.occurrences.put(key, shape)
 
 
 #: The front-end of every pb.patch state (it holds no state of its own).
