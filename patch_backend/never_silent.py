@@ -144,8 +144,8 @@ def watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
 
 def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
     """torch.compile traces a torch.nn class's hooks (``wrap_inline``), a user class's not."""
-    top_frame = dynamo_wraps_top_frame()
-    return not top_frame and type(root).__module__.split(".")[0] != "torch"
+    # The class first: the config flag is a slower read, and every pb.patch entry asks.
+    return type(root).__module__.split(".")[0] != "torch" and not dynamo_wraps_top_frame()
 
 
 def _acquire(module: nn.Module, register: Callable[[], List[Any]]) -> None:
