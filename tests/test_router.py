@@ -303,3 +303,46 @@ def _added(model, x, site, delta, row=None):
             return model(x)
     finally:
         handle.remove()
+
+
+def test_walk_reads_what_lower_reads():
+    """``spec.walk`` (the per-call read of a known structure) gives the values ``lower`` gives,
+    slot for slot, and structures ``lower`` tells apart get different keys."""
+    from patch_backend import ProbePatch, RecordPatch, ReplacePatch
+    from patch_backend.capture.index import index_for
+    from patch_backend.program.plan import SitePatches
+    from patch_backend.program.spec import Lowerings, lower, walk
+
+    model = TwoLayerMLP()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    compiled(torch.randn(2, 8))
+    index = index_for(model)
+    a, b = (index.by_name[name][0].site for name in ("layers_0.output", "layers_1.output"))
+    selections = [
+        (SitePatches(a, (AddPatch(value=torch.ones(8)),)),),
+        (SitePatches(a, (ZeroPatch(slice=(1, slice(2, None))), ProbePatch())),),
+        (SitePatches(a, (ReplacePatch(value=2.5, slice=(slice(0, 2, 1), 3)),)), SitePatches(b, (RecordPatch(),))),
+        (SitePatches(a, (AddPatch(value=3, slice=(Ellipsis, 4)),)),),
+        (SitePatches(a, (AddPatch(value=torch.ones(8, requires_grad=True)),)),),
+    ]
+    lowerings = Lowerings()
+    keys = set()
+    for selection in selections:
+        walked = walk(selection)
+        assert walked is not None
+        expected = lower(selection)
+        assert walked.values.ints == expected.values.ints
+        assert walked.values.scalars == expected.values.scalars
+        assert all(x is y for x, y in zip(walked.values.tensors, expected.values.tensors))
+        assert len(walked.values.tensors) == len(expected.values.tensors)
+        assert lowerings.lower(selection, walked).spec == expected.spec
+        assert lowerings.lower(selection, walk(selection)).spec == expected.spec  # from the memo
+        keys.add(walked.key)
+    assert len(keys) == len(selections) and lowerings.builds == len(selections)
+    # Numbers are values, not structure; what lower cannot read cheaply is not walked.
+    assert walk((SitePatches(a, (ZeroPatch(slice=(0, slice(5, None))),)),)).key == walk(
+        (SitePatches(a, (ZeroPatch(slice=(1, slice(2, None))),)),)
+    ).key
+    assert walk((SitePatches(a, (ZeroPatch(slice=([0, 1],)),)),)) is None
+    assert walk((SitePatches(a, (ZeroPatch(slice=(None, 1)),)),)) is None
+    assert walk((SitePatches(a, (AddPatch(value=2**60),)),)) is None
