@@ -134,11 +134,11 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     new_names = resolve_aliases(root, normalize_map(patch_map))  # TransformerLens names (aliases.py)
     index = index_for(root)
     previous = _active.get()
-    roots = _entered_roots(previous, index, new_names)
+    known = bool(index.names)  # the model ran: its names are checked now (else at its first call)
+    roots = _entered_roots(previous, index, new_names, known)
     _check_reuse(roots)
-    if index.names:
-        validate_entered(index, new_names)
-        roots = [RootPatches(r.index, r.by_name, True) if r.index is index else r for r in roots]
+    if known:
+        validate_entered(index, new_names)  # raises before the state exists, as the roots do
     state = PatchState(tuple(roots), PATCHES)
     release = watch_eager_calls(model, root)
     token = _active.set(state)
@@ -153,9 +153,10 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
 
 
 def _entered_roots(
-    previous: PatchState, index: RootIndex, new_names: Dict[str, Tuple[Patch, ...]]
+    previous: PatchState, index: RootIndex, new_names: Dict[str, Tuple[Patch, ...]], validated: bool
 ) -> List[RootPatches]:
-    """The previous roots with ``new_names`` appended to ``index``'s map (outer patches first)."""
+    """The previous roots with ``new_names`` appended to ``index``'s map (outer patches first);
+    ``index``'s entry is marked ``validated`` (its caller checks all its names before use)."""
     roots: List[RootPatches] = []
     merged = False
     for entry in previous.roots:
@@ -163,12 +164,12 @@ def _entered_roots(
             by_name = dict(entry.by_name)
             for name, patches in new_names.items():
                 by_name[name] = by_name.get(name, ()) + patches
-            roots.append(RootPatches(index, by_name, entry.validated and bool(index.names)))
+            roots.append(RootPatches(index, by_name, validated))
             merged = True
         else:
             roots.append(entry)
     if not merged:
-        roots.append(RootPatches(index, new_names, False))
+        roots.append(RootPatches(index, new_names, validated))
     return roots
 
 
