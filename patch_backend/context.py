@@ -1,161 +1,65 @@
-"""The patch context: which patches are active, per root model, in this thread/task.
+"""``pb.patch``: the patch context and its front-end.
 
-State lives in a ContextVar, so threads and asyncio tasks patching the same compiled model each
-see only their own patches. Every ``patch()`` builds a new immutable ``PatchState`` (outer
-patches first, then inner) and restores the previous one on exit, exception or not.
+``patch()`` checks a map on entry, makes the new ``PatchState`` (state.py: outer patches first,
+then inner) active for its block and restores the previous one on exit, exception or not; at
+a normal exit it runs the never-ran check (never_silent.py). While the state is active, the
+dispatcher asks its front-end, ``Patches``, which program each graph call runs: the sites of the
+active maps in that graph occurrence, lowered to a program spec whose values are runtime inputs.
 
-Never silent: each state carries a ``RunLog`` of what ran under it (which patched names were in
-a graph that ran, how many graphs and forwards of each patched model ran, and which calls of the
-model ran outside its compiled graphs). On a normal exit, ``patch()`` raises
-``PatchNotAppliedError`` for every name it added whose node never ran although the model did.
+What a front-end derives from a patch *structure* (the sites of the patched names, the run
+marks, the spec, the shape check) is kept per graph (``GraphFacts``), so that a loop of new
+contexts of one structure, with new values, derives it once: only the values are read again.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
-import contextvars
 import dataclasses
-import functools
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
-from torch import nn
 
-from ._torch_compat.frame import dynamo_wraps_top_frame
 from .aliases import resolve_aliases
-from .capture.capture import GraphCapture, registry_version
+from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
+from .never_silent import PatchNotAppliedError, raise_if_unapplied, unapplied_message, watch_eager_calls
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
 from .program.eager import Interpreted
 from .program.insert import build_variant
 from .program.plan import Selection, SitePatches
-from .program.spec import lower
+from .program.spec import Walked, walk
 from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
-from .validation import check_name_syntax, check_patch_kind, unknown_name_error
+from .state import GraphMarks, PatchState, PendingValidation, RootKey, RootPatches, RunLog, _active, active_state
+from .validation import check_name_syntax, validate_entered, validate_names
+
+__all__ = [
+    # Re-exported: the never-ran check and the state types are part of what front-ends
+    # (sweep.py) build on.
+    "PatchNotAppliedError",
+    "PatchState",
+    "PendingValidation",
+    "RunLog",
+    "active_state",
+    "eager_tier",
+    "normalize_map",
+    "patch",
+    "raise_if_unapplied",
+    "unapplied_message",
+    "validate_names",
+]
 
 PatchMap = Mapping[Any, Any]
-#: A patched model in a run log: ``id`` of its RootIndex (the state holds the index alive).
-RootKey = int
-
-
-class PatchNotAppliedError(RuntimeError):
-    """A patch whose node never ran in its context's forwards (docs/errors.md, issue 9).
-
-    Raised when a ``pb.patch`` block (or a ``pb.sweep`` chunk) exits normally; for a model
-    patched through its torch.compile wrapper, also at the second call of the uncompiled model
-    in a block where none of its compiled graphs ran yet (``compiled.generate``). A silently
-    ignored patch would look like a patch that changed nothing.
-    """
-
-
-@dataclass(eq=False)
-class GraphMarks:
-    """One graph occurrence as a RunLog sees it, computed once per PatchState. Its runs are
-    counted here, so that a graph call costs one memo lookup and one increment."""
-
-    #: Patched models the occurrence belongs to.
-    roots: Tuple[RootKey, ...]
-    #: Of those, the models whose own ``forward`` this graph returns from (one per forward).
-    returns: Tuple[RootKey, ...]
-    #: (model, name) of every patched name whose site is in this occurrence.
-    applied: FrozenSet[Tuple[RootKey, str]]
-    #: Runs not yet folded into the RunLog's totals (``RunLog.settle``).
-    calls: int = 0
-
-
-@dataclass(eq=False)
-class RunLog:
-    """What ran under one PatchState: the facts the never-ran check needs.
-
-    The totals hold what ``settle`` folded in from the marks, what inner contexts merged in, and
-    what a sweep records directly; read them after ``settle()``.
-    """
-
-    marks: List[GraphMarks] = field(default_factory=list)
-    applied: Set[Tuple[RootKey, str]] = field(default_factory=set)
-    graph_calls: Dict[RootKey, int] = field(default_factory=dict)
-    forwards: Dict[RootKey, int] = field(default_factory=dict)
-    #: Calls of the model itself that ran outside torch.compile (seen by ``_root_called``).
-    eager_calls: Dict[RootKey, int] = field(default_factory=dict)
-
-    def settle(self) -> "RunLog":
-        """Folds the marks' run counters into the totals (idempotent: the counters restart)."""
-        for marks in self.marks:
-            calls = marks.calls
-            if not calls:
-                continue
-            marks.calls = 0
-            self.applied |= marks.applied
-            _add(self.graph_calls, marks.roots, calls)
-            _add(self.forwards, marks.returns, calls)
-        return self
-
-    def merge_into(self, outer: "RunLog") -> None:
-        """An inner context's runs are runs of the enclosing context too."""
-        self.settle()
-        outer.applied |= self.applied
-        for mine, theirs in (
-            (self.graph_calls, outer.graph_calls),
-            (self.forwards, outer.forwards),
-            (self.eager_calls, outer.eager_calls),
-        ):
-            for key, count in mine.items():
-                theirs[key] = theirs.get(key, 0) + count
-
-
-def _add(counts: Dict[RootKey, int], keys: Sequence[RootKey], number: int) -> None:
-    for key in keys:
-        counts[key] = counts.get(key, 0) + number
-
-
-@dataclass(frozen=True)
-class RootPatches:
-    index: RootIndex
-    by_name: Dict[str, Tuple[Patch, ...]]
-    #: False until the names could be checked (a compiled model that has not run yet).
-    validated: bool
-
-
-@dataclass(frozen=True, eq=False)
-class PatchState:
-    roots: Tuple[RootPatches, ...] = ()
-    #: Answers the dispatcher for each graph call under this state (runtime/requests.py):
-    #: ``PATCHES`` for pb.patch, a sweep chunk's spec, ``EagerTier``; None runs graphs plain.
-    frontend: Optional[FrontEnd] = None
-    #: Per-state memo for program.plan and validation: (capture uid, instance, index version)
-    #: → selection, call-shape checks, the graph marks of the never-ran check.
-    memo: Dict[Any, Any] = field(default_factory=dict)
-    #: What ran under this state (mutable: the state is shared by the calls it patches).
-    log: RunLog = field(default_factory=RunLog)
-    #: Validation of maps entered before the model ran (``validate_pending``).
-    pending: "PendingValidation" = field(default_factory=lambda: PendingValidation())
-
-
-@dataclass(eq=False)
-class PendingValidation:
-    """Where ``validate_pending`` stands for one state: the graph occurrence the state ran
-    first and how often it ran (a second run means the forward started over)."""
-
-    first_occurrence: Any = None
-    first_runs: int = 0
-
-
-_EMPTY = PatchState()
-_active: contextvars.ContextVar[PatchState] = contextvars.ContextVar("patch_backend_patches", default=_EMPTY)
-
-
-def active_state() -> PatchState:
-    return _active.get()
 
 
 def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
     """Checks the map's shape (not its names): raises ValueError/KeyError before anything runs."""
-    if not isinstance(patch_map, Mapping):
+    if not isinstance(patch_map, collections.abc.Mapping):  # not typing's: its isinstance is slow
         raise ValueError(
             f"patch map must be a dict of node name -> Patch or list of Patches, got {type(patch_map).__name__}"
         )
@@ -176,40 +80,12 @@ def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
         normalized[key] = normalized.get(key, ()) + tuple(patches)
     return normalized
 
-
-def validate_names(index: RootIndex, by_name: Dict[str, Tuple[Patch, ...]], defer_unknown: bool = False) -> bool:
-    """Raises KeyError for unknown names, ValueError for patches that cannot apply there whatever
-    the shapes (non-tensor node, value type or dtype, custom_op not callable).
-
-    Whether a patch fits its node (slice in range, value broadcasts, dtype) is checked per call,
-    against that call's shapes, before the graph runs (``dynamic.check_call_shapes``): a name
-    has one shape per captured graph (prompt lengths, prefill and decode), and the next call may
-    bring a length not seen yet.
-
-    With ``defer_unknown``, names not captured yet are skipped; returns whether all were found.
-    """
-    index.refresh()
-    found_all = True
-    for name, patches in by_name.items():
-        named_sites = index.by_name.get(name)
-        if not named_sites:
-            if name in index.non_tensor:
-                raise ValueError(
-                    f"{type(patches[0]).__name__} at {name!r}: the node holds no tensor (a number, None or "
-                    "size in the result, kept outside the graph); patch_backend patches tensor values only"
-                )
-            if defer_unknown:
-                found_all = False
-                continue
-            raise unknown_name_error(name, index)
-        for patch in patches:
-            check_patch_kind(name, named_sites[0].site, patch)
-    return found_all
-
-
 def _check_reuse(roots: Sequence["RootPatches"]) -> None:
     """A patch object may stand in one place at a time, across nodes and across patched models:
     its state (``ProbePatch.activation``, a RecordPatch's list) would mix two places."""
+    ids = [id(patch) for entry in roots for patches in entry.by_name.values() for patch in patches]
+    if len(set(ids)) == len(ids):
+        return  # the common case, in one pass: no object twice
     placed: Dict[int, Tuple[int, str]] = {}
     for position, entry in enumerate(roots):
         for name, patches in entry.by_name.items():
@@ -258,13 +134,13 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     new_names = resolve_aliases(root, normalize_map(patch_map))  # TransformerLens names (aliases.py)
     index = index_for(root)
     previous = _active.get()
-    roots = _entered_roots(previous, index, new_names)
+    known = bool(index.names)  # the model ran: its names are checked now (else at its first call)
+    roots = _entered_roots(previous, index, new_names, known)
     _check_reuse(roots)
-    if index.names:
-        validate_names(index, new_names)
-        roots = [RootPatches(r.index, r.by_name, True) if r.index is index else r for r in roots]
+    if known:
+        validate_entered(index, new_names)  # raises before the state exists, as the roots do
     state = PatchState(tuple(roots), PATCHES)
-    release = _watch_eager_calls(model, root)
+    release = watch_eager_calls(model, root)
     token = _active.set(state)
     try:
         yield
@@ -277,9 +153,10 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
 
 
 def _entered_roots(
-    previous: PatchState, index: RootIndex, new_names: Dict[str, Tuple[Patch, ...]]
+    previous: PatchState, index: RootIndex, new_names: Dict[str, Tuple[Patch, ...]], validated: bool
 ) -> List[RootPatches]:
-    """The previous roots with ``new_names`` appended to ``index``'s map (outer patches first)."""
+    """The previous roots with ``new_names`` appended to ``index``'s map (outer patches first);
+    ``index``'s entry is marked ``validated`` (its caller checks all its names before use)."""
     roots: List[RootPatches] = []
     merged = False
     for entry in previous.roots:
@@ -287,249 +164,13 @@ def _entered_roots(
             by_name = dict(entry.by_name)
             for name, patches in new_names.items():
                 by_name[name] = by_name.get(name, ()) + patches
-            roots.append(RootPatches(index, by_name, entry.validated and bool(index.names)))
+            roots.append(RootPatches(index, by_name, validated))
             merged = True
         else:
             roots.append(entry)
     if not merged:
-        roots.append(RootPatches(index, new_names, False))
+        roots.append(RootPatches(index, new_names, validated))
     return roots
-
-
-# -- never silent: what ran, and the check at exit ---------------------------------------------
-
-
-def graph_marks(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> GraphMarks:
-    """Which patched models and names one graph occurrence stands for under ``state``."""
-    roots: List[RootKey] = []
-    returns: List[RootKey] = []
-    applied: Set[Tuple[RootKey, str]] = set()
-    for entry in state.roots:
-        index = entry.index.refresh()
-        sites = index.sites_for(capture, instance)
-        if sites is None:
-            continue  # a graph of another model
-        key = id(index)
-        roots.append(key)
-        if (capture.uid, instance) in index.root_returns:
-            returns.append(key)
-        applied.update((key, name) for name in entry.by_name if name in sites)
-    return GraphMarks(tuple(roots), tuple(returns), frozenset(applied))
-
-
-def note_graph_run(state: PatchState, capture: GraphCapture, instance: Optional[Any]) -> None:
-    """Called by the dispatcher for each graph call under patches: one memo lookup and one
-    increment, the marks being computed once per (state, occurrence, name-table version)."""
-    memo_key = ("ran", capture.uid, instance, registry_version())
-    marks = state.memo.get(memo_key)
-    if marks is None:
-        marks = state.memo[memo_key] = graph_marks(state, capture, instance)
-        state.log.marks.append(marks)
-    marks.calls += 1
-
-
-def raise_if_unapplied(
-    log: RunLog, index: RootIndex, names: Mapping[str, Tuple[Patch, ...]], where: str = "this pb.patch context"
-) -> None:
-    """The exit check of one context: only its own names, only if the model ran in it."""
-    log.settle()
-    key = id(index)
-    graphs = log.graph_calls.get(key, 0)
-    if not graphs and not log.eager_calls.get(key, 0):
-        return  # the model never ran in this context: nothing was expected to apply
-    missing = {name: patches for name, patches in names.items() if (key, name) not in log.applied}
-    if not missing:
-        return
-    if graphs:
-        validate_names(index, missing)  # a name no graph holds is a KeyError, as on entry
-    raise PatchNotAppliedError(unapplied_message(log, index, missing, where))
-
-
-def _describe(patches_by_name: Mapping[str, Tuple[Patch, ...]]) -> str:
-    return ", ".join(
-        f"{name!r} ({', '.join(dict.fromkeys(type(patch).__name__ for patch in patches))})"
-        for name, patches in patches_by_name.items()
-    )
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
-def _model_name(index: RootIndex) -> str:
-    root = index._root()
-    return type(root).__name__ if root is not None else "the model"
-
-
-_EAGER_HINT = (
-    "The model itself was called, not its torch.compile result (e.g. `compiled.generate(...)` calls "
-    "the uncompiled `forward`), or Dynamo ran the forward without compiling it. To generate, use "
-    "`pb.PatchableGraph(model, example_ids).generate(...)`, or compile the forward "
-    "(`model.forward = torch.compile(model.forward, backend=\"graphpatch\")`) and patch the model "
-    "(docs/transformers.md); otherwise call the compiled model."
-)
-
-
-def unapplied_message(
-    log: RunLog, index: RootIndex, missing: Mapping[str, Tuple[Patch, ...]], where: str = "this pb.patch context"
-) -> str:
-    """Names the nodes and patches, and says why they did not run."""
-    key = id(index)
-    model = _model_name(index)
-    graphs = log.graph_calls.get(key, 0)
-    eager = log.eager_calls.get(key, 0)
-    head = f"{_describe(missing)} never ran in {where}: "
-    if not graphs:
-        ran = f"{model}'s forward ran {_count(eager, 'time')}, always outside its compiled graphs. "
-        return head + ran + _EAGER_HINT
-    forwards = log.forwards.get(key, 0)
-    runs = _count(graphs, "graph call")
-    if forwards:
-        runs = f"{_count(forwards, 'forward')} ({runs})"
-    its, was, node = ("its graph", "was", "node") if len(missing) == 1 else ("their graphs", "were", "nodes")
-    message = (
-        head + f"{its} {was} not entered in any of the {runs} of {model} that ran in it; the {node} {was} "
-        "captured in another call (a branch, input shape or argument these forwards did not take)."
-    )
-    if eager:
-        message += f" {_count(eager, 'call')} of {model} also ran outside its compiled graphs. " + _EAGER_HINT
-    return message
-
-
-# -- calls of the uncompiled model ----------------------------------------------------------
-
-_watch_lock = threading.Lock()
-#: id(module) → (hook handles, number of active contexts using them).
-_watched: Dict[int, Tuple[List[Any], int]] = {}
-#: ``calls``: this thread's watched wrapper calls in progress (``_wrapper_calls``).
-_inside = threading.local()
-
-
-def _watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
-    """While a context patches ``root`` through a wrapper (its torch.compile result or a
-    PatchableGraph), hooks tell calls of the uncompiled ``root`` made outside the wrapper (such
-    as ``compiled.generate``'s) from the wrapper's own; returns the function that stops watching.
-
-    The wrapper's hooks count, per thread, the wrapper calls in progress; the root's pre-hook
-    (hidden from Dynamo, so nothing is traced or recompiled for it) counts a call of the root
-    made outside them. Not done for a plain module: it may be called inside another compiled
-    function, whose trace would meet the hook (a graph break and a recompile per context), as
-    would torch's own module classes compiled directly.
-    """
-    if model is root or not isinstance(model, nn.Module):
-        return _nothing
-    with _watch_lock:
-        # Already watched by an enclosing or concurrent context: the check was made then.
-        if id(model) not in _watched and not _hooks_run_outside_dynamo(root):
-            return _nothing
-        _acquire(root, lambda: [root.register_forward_pre_hook(_root_called)])
-        _acquire(
-            model,
-            lambda: [
-                model.register_forward_pre_hook(functools.partial(_enter_wrapper, root)),
-                model.register_forward_hook(functools.partial(_leave_wrapper, root), always_call=True),
-            ],
-        )
-    return functools.partial(_release, root, model)
-
-
-def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
-    """torch.compile traces a torch.nn class's hooks (``wrap_inline``), a user class's not."""
-    top_frame = dynamo_wraps_top_frame()
-    return not top_frame and type(root).__module__.split(".")[0] != "torch"
-
-
-def _acquire(module: nn.Module, register: Callable[[], List[Any]]) -> None:
-    """Registers ``module``'s hooks for the first context using them (caller holds the lock)."""
-    handles, users = _watched.get(id(module), (None, 0))
-    _watched[id(module)] = (handles if handles is not None else register(), users + 1)
-
-
-def _release(*modules: nn.Module) -> None:
-    with _watch_lock:
-        for module in modules:
-            handles, users = _watched[id(module)]
-            if users > 1:
-                _watched[id(module)] = (handles, users - 1)
-                continue
-            for handle in handles:
-                handle.remove()
-            del _watched[id(module)]
-
-
-def _nothing() -> None:
-    return None
-
-
-def _wrapper_calls() -> List[Optional[int]]:
-    """This thread's wrapper calls in progress, innermost last: each holds the model's graph
-    calls in the active context when it started (None: the model is not patched there)."""
-    calls = getattr(_inside, "calls", None)
-    if calls is None:
-        calls = _inside.calls = []
-    return calls
-
-
-def _enter_wrapper(root: nn.Module, wrapper: nn.Module, args: Any) -> None:
-    _wrapper_calls().append(_graph_calls_of(root))
-
-
-def _leave_wrapper(root: nn.Module, wrapper: nn.Module, args: Any, output: Any) -> None:
-    """Also runs when the call raised (``always_call``); pops nothing should a pre-hook
-    registered before ``_enter_wrapper`` have raised.
-
-    A wrapper call in which no graph of the model ran was a forward Dynamo ran eagerly (it gives
-    up on a whole forward it cannot trace, e.g. around an ``nn.LSTM``): no patch applied in it,
-    so it counts as a call outside the compiled graphs."""
-    calls = _wrapper_calls()
-    if calls:
-        before = calls.pop()
-        if before is not None and _graph_calls_of(root) == before:
-            _note_eager_call(root)
-
-
-def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
-    """The active context's patches on ``root``, if it is patched."""
-    for entry in state.roots:
-        if entry.index._root() is root:
-            return entry
-    return None
-
-
-def _graph_calls_of(root: nn.Module) -> Optional[int]:
-    """Graph calls of ``root`` so far in the active context (None when it is not patched)."""
-    state = _active.get()
-    entry = _entry_of(state, root)
-    return None if entry is None else state.log.settle().graph_calls.get(id(entry.index), 0)
-
-
-@torch.compiler.disable
-def _root_called(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook on a watched root: a call outside every watched wrapper call ran the
-    uncompiled model."""
-    if _wrapper_calls():
-        return None
-    _note_eager_call(module)
-    return None
-
-
-def _note_eager_call(module: nn.Module) -> None:
-    """Counts an uncompiled call of a patched model; raises at the second one if no compiled
-    graph of the model ran in this context yet (``compiled.generate`` fails at its second step
-    rather than after the whole generation)."""
-    state = _active.get()
-    entry = _entry_of(state, module)
-    if entry is None:
-        return
-    key = id(entry.index)
-    log = state.log.settle()
-    if log.eager_calls.get(key, 0) and not log.graph_calls.get(key, 0):
-        raise PatchNotAppliedError(
-            f"{type(module).__name__} was called again outside its compiled graphs: its previous "
-            f"forward in this pb.patch context ran none of them, so {_describe(entry.by_name)} did not "
-            "apply there. " + _EAGER_HINT
-        )
-    log.eager_calls[key] = log.eager_calls.get(key, 0) + 1
 
 
 @contextlib.contextmanager
@@ -558,12 +199,19 @@ class Patches:
 
     def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
         capture = graph.capture
-        selection = select(state, capture, instance)
-        note_graph_run(state, capture, instance)  # for pb.patch's check at exit
+        selection, marks = occurrence(state, graph, instance)
+        marks.calls += 1  # for pb.patch's check at exit
         if not selection:
             return None
+        walked = walk(selection)  # this call's structure and values, read once
         if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
             check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
+        elif walked is not None:
+            # Checked once per graph and structure with these slice numbers, whichever context.
+            checked = (walked.key, walked.values.ints)
+            if checked not in graph.checked:
+                check_call_shapes(None, capture, selection, args, state.memo)
+                graph.remember_checked(checked, tuple(entry.site for entry in selection))
         elif ("checked", id(selection)) not in state.memo:
             signature = check_signature(selection)
             if signature is None or signature not in graph.checked:
@@ -576,7 +224,7 @@ class Patches:
             request = prepared_request(state, graph, instance, selection, owners)
             if request is not None:
                 return request
-        return variant_request(graph, selection, owners)
+        return variant_request(graph, selection, owners, walked)
 
 
 _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
@@ -638,42 +286,86 @@ def _slice_signature(tensor_slice: Any) -> Any:
     return tuple(out)
 
 
-def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...]) -> Request:
-    """The variant of ``selection``'s structure: one program per structure, every size."""
+def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], walked: Optional[Walked] = None) -> Request:
+    """The variant of ``selection``'s structure: one program per structure, every size. With
+    ``walked`` (this call's ``spec.walk``), a structure seen before is not lowered again."""
     capture = graph.capture
-    lowered = lower(selection)  # the key and this call's runtime values, in one walk
+    lowered = graph.lowerings.lower(selection, walked)  # the key and this call's runtime values
+    values = lowered.values
     return Request(
         key=lowered.spec,
         build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
         interpret=lambda args: Interpreted(capture.gm),
-        run=lambda program, args: program.run_lowered(selection, lowered.values, args),
+        run=lambda program, args: program.run_lowered(selection, values, args),
         owners=owners,
         symbolic=True,
     )
 
 
-def select(state: PatchState, capture: GraphCapture, instance: Optional[int]) -> Selection:
-    """The active patches that land in this graph occurrence, in graph order of their sites."""
-    if not state.memo.get("validated"):
-        state.memo["validated"] = validate_pending(state, (capture.uid, instance))
-    found: List[SitePatches] = []
-    keys = []
-    for entry in state.roots:
-        index = entry.index.refresh()
-        memo_key = (capture.uid, instance, id(index), index._version)
-        cached = state.memo.get(memo_key)
-        if cached is None:
-            sites = index.sites_for(capture, instance) or {}
-            cached = tuple(
-                SitePatches(sites[name], patches) for name, patches in entry.by_name.items() if name in sites
-            )
-            state.memo[memo_key] = cached
-        found.extend(cached)
-        keys.append(memo_key)
-    # The same tuple on every call of this occurrence under this state, so that per-call memos
-    # keyed by the selection (dynamic.check_call_shapes) hit instead of growing with each call.
-    return state.memo.setdefault(("selection", tuple(keys)), tuple(found))
+def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> Tuple[Selection, GraphMarks]:
+    """The active patches that land in this graph occurrence, and the marks that count its runs
+    for the never-ran check: one memo lookup per call, computed once per state and occurrence.
 
+    What they derive from (which patched names have sites here, which models the occurrence
+    belongs to and returns from) depends on the patched names, not the patches, so it is kept
+    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it.
+    """
+    memo = state.memo
+    if not memo.get("validated"):
+        memo["validated"] = validate_pending(state, (graph.capture.uid, instance))
+    memo_key = (graph.capture.uid, instance, registry_version())
+    found = memo.get(memo_key)
+    if found is None:
+        shape = _occurrence_shape(state, graph, instance)
+        selection = tuple(
+            SitePatches(site, entry.by_name[name]) for entry, sites in zip(state.roots, shape.sites) for name, site in sites
+        )
+        marks = GraphMarks(shape.roots, shape.returns, shape.applied)
+        state.log.marks.append(marks)
+        found = memo[memo_key] = (selection, marks)
+    return found
+
+
+@dataclass(frozen=True)
+class OccurrenceShape:
+    """What ``occurrence`` derives from the patched names of a state on one graph occurrence."""
+
+    #: Per patched model (in ``PatchState.roots`` order), its patched names with a site here.
+    sites: Tuple[Tuple[Tuple[str, Any], ...], ...]
+    roots: Tuple[RootKey, ...]
+    returns: Tuple[RootKey, ...]
+    applied: FrozenSet[Tuple[RootKey, str]]
+    #: The name tables it was read from, weakly (a model's deletion frees them): a hit whose
+    #: tables are gone or others (an id reused) is rebuilt.
+    indexes: Tuple["weakref.ref[RootIndex]", ...]
+
+
+def _occurrence_shape(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> OccurrenceShape:
+    capture = graph.capture
+    indexes = [entry.index.refresh() for entry in state.roots]
+    key = (instance, registry_version(), tuple((id(index), tuple(entry.by_name)) for index, entry in zip(indexes, state.roots)))
+    shape = graph.occurrences.get(key)
+    if shape is not None and all(ref() is index for ref, index in zip(shape.indexes, indexes)):
+        return shape
+    sites: List[Tuple[Tuple[str, Any], ...]] = []
+    roots: List[RootKey] = []
+    returns: List[RootKey] = []
+    applied: Set[Tuple[RootKey, str]] = set()
+    for index, entry in zip(indexes, state.roots):
+        found = index.sites_for(capture, instance)
+        if found is None:
+            sites.append(())
+            continue  # a graph of another model
+        sites.append(tuple((name, found[name]) for name in entry.by_name if name in found))
+        root_key = id(index)
+        roots.append(root_key)
+        if (capture.uid, instance) in index.root_returns:
+            returns.append(root_key)
+        applied.update((root_key, name) for name in entry.by_name if name in found)
+    shape = OccurrenceShape(
+        tuple(sites), tuple(roots), tuple(returns), frozenset(applied), tuple(weakref.ref(i) for i in indexes)
+    )
+    return graph.occurrences.put(key, shape)
 
 
 #: The front-end of every pb.patch state (it holds no state of its own).

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional, Set, Tuple, Union
+import threading
+import weakref
+from typing import Any, Dict, Hashable, List, Optional, Set, Tuple, Union
 
 import torch
 
-from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch, normalize_slice
+from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch, normalize_slice
 
 #: The built-in patches that index their target with ``slice`` (the shape checks apply to them).
 SlicedPatch = Union[ZeroPatch, AddPatch, ReplacePatch]
@@ -157,3 +159,82 @@ def check_patch_for_site(name: str, site: Any, patch: Patch) -> None:
     target_shape = sliced_shape(name, patch, site.shape)
     if isinstance(patch, (AddPatch, ReplacePatch)):
         check_value(name, patch, target_shape, site.dtype)
+
+
+def validate_names(index: Any, by_name: Dict[str, Tuple[Patch, ...]], defer_unknown: bool = False) -> bool:
+    """Raises KeyError for unknown names, ValueError for patches that cannot apply there whatever
+    the shapes (non-tensor node, value type or dtype, custom_op not callable).
+
+    Whether a patch fits its node (slice in range, value broadcasts, dtype) is checked per call,
+    against that call's shapes, before the graph runs (``dynamic.check_call_shapes``): a name
+    has one shape per captured graph (prompt lengths, prefill and decode), and the next call may
+    bring a length not seen yet.
+
+    With ``defer_unknown``, names not captured yet are skipped; returns whether all were found.
+    """
+    index.refresh()
+    found_all = True
+    for name, patches in by_name.items():
+        named_sites = index.by_name.get(name)
+        if not named_sites:
+            if name in index.non_tensor:
+                raise ValueError(
+                    f"{type(patches[0]).__name__} at {name!r}: the node holds no tensor (a number, None or "
+                    "size in the result, kept outside the graph); patch_backend patches tensor values only"
+                )
+            if defer_unknown:
+                found_all = False
+                continue
+            raise unknown_name_error(name, index)
+        for patch in patches:
+            check_patch_kind(name, named_sites[0].site, patch)
+    return found_all
+
+
+def validate_entered(index: Any, by_name: Dict[str, Tuple[Patch, ...]]) -> None:
+    """``validate_names`` for a map entered once the model's names are known, done once per
+    model, name-table version and map structure: a loop of ``pb.patch`` contexts that differ
+    only in their values checks the first map. The structure holds everything the checks read
+    (names, patch types, value kinds and dtypes, whether a number fits float64); a map it cannot
+    stand for (a custom patch's callable, an unusual value) is checked every time."""
+    index.refresh()
+    key = _entry_key(index, by_name)
+    if key is not None:
+        with _PASSED_LOCK:
+            passed = _PASSED.get(index)
+            if passed is not None and key in passed:
+                return
+    validate_names(index, by_name)
+    if key is not None:
+        with _PASSED_LOCK:
+            passed = _PASSED.setdefault(index, set())
+            if len(passed) >= 1024:
+                passed.clear()
+            passed.add(key)
+
+
+#: Per name table (weakly: it goes with its model), the entry structures that passed.
+_PASSED: "weakref.WeakKeyDictionary[Any, Set[Hashable]]" = weakref.WeakKeyDictionary()
+_PASSED_LOCK = threading.Lock()
+
+
+def _entry_key(index: Any, by_name: Dict[str, Tuple[Patch, ...]]) -> Optional[Hashable]:
+    parts = []
+    for name, patches in by_name.items():
+        kinds: List[Any] = []
+        for patch in patches:
+            kind = type(patch)
+            if kind is AddPatch or kind is ReplacePatch:
+                value = patch.value  # type: ignore[attr-defined]
+                if isinstance(value, torch.Tensor):
+                    kinds.append((kind, value.dtype, value.is_meta))
+                elif type(value) in (bool, int, float):
+                    kinds.append((kind, type(value), type(value) is int and abs(value) > 2**53))
+                else:
+                    return None
+            elif kind is ZeroPatch or kind is ProbePatch or kind is RecordPatch:
+                kinds.append(kind)
+            else:
+                return None
+        parts.append((name, tuple(kinds)))
+    return (index._version, tuple(parts))

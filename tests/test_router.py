@@ -6,6 +6,7 @@ import pathlib
 import threading
 import warnings
 
+import pytest
 import torch
 
 import patch_backend as pb
@@ -177,3 +178,171 @@ def test_dispatcher_keeps_its_programs_on_itself():
 
     gc.collect()
     assert len(dispatcher.variants) == 0
+
+
+def _graph_facts(model):
+    """The GraphFacts of ``model``'s patched graph (the one whose dispatcher built a program)."""
+    from patch_backend.capture.capture import all_captures
+    from patch_backend.capture.index import index_for
+
+    uids = {uid for uid, _ in index_for(model).by_occurrence}
+    (dispatcher,) = [
+        c.dispatcher for c in all_captures() if c.uid in uids and c.dispatcher is not None and c.dispatcher.variants
+    ]
+    return dispatcher.graph
+
+
+def _builds(graph):
+    return graph.occurrences.builds, graph.lowerings.builds, graph.checked.builds
+
+
+def test_a_new_context_of_a_known_structure_derives_nothing_again(backend):
+    """pb.patch's per-structure memos live on the graph: a loop of new contexts with new values
+    builds the sites, the spec and the shape check once; a new structure builds them again."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    site = "layers_0.output"
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(8))}):
+        compiled(x)
+    graph = _graph_facts(model)
+    first = _builds(graph)
+    assert first == (1, 1, 1)
+    variants = pb.stats(compiled).variants_compiled
+    for step in range(5):
+        delta = torch.full((8,), float(step))
+        with pb.patch(compiled, {site: AddPatch(value=delta)}):
+            got = compiled(x)
+        assert torch.allclose(got, _added(model, x, site, delta))
+    assert _builds(graph) == first
+    assert pb.stats(compiled).variants_compiled == variants
+
+    # Another slice position: the same spec (positions are runtime values), a new shape check.
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(8), slice=(1,))}):
+        compiled(x)
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(8), slice=(0,))}):
+        got = compiled(x)
+    assert torch.allclose(got, _added(model, x, site, torch.ones(8), row=0))
+    assert _builds(graph) == (1, 2, 3)
+    # Another value shape, another site: each is a new structure.
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(2, 8))}):
+        compiled(x)
+    assert _builds(graph) == (1, 3, 4)
+    with pb.patch(compiled, {"layers_1.output": ZeroPatch()}):
+        compiled(x)
+    assert _builds(graph) == (2, 4, 5)
+
+
+def test_a_known_structure_still_checks_each_context(backend):
+    """Memos per structure keep every check: a bad slice raises before the model runs, and a
+    name whose node never ran raises at exit, in the tenth context as in the first."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    for _ in range(3):
+        with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8), slice=(1,))}):
+            compiled(x)
+    calls = []
+    handle = model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(IndexError, match="layers_0.output"):
+            with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(8), slice=(5,))}):
+                compiled(x)
+        with pytest.raises(ValueError, match="does not broadcast"):
+            with pb.patch(compiled, {"layers_0.output": AddPatch(value=torch.ones(3), slice=(1,))}):
+                compiled(x)
+    finally:
+        handle.remove()
+    assert calls == []  # neither call reached the model
+
+
+class _Gated(torch.nn.Module):
+    """``extra`` runs only when ``flag`` is True."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.extra = torch.nn.Linear(3, 3)
+
+    def forward(self, x, flag=False):
+        x = self.linear(x)
+        return self.extra(x) if flag else x
+
+
+def test_a_known_structure_still_raises_for_a_node_that_never_ran(backend):
+    """The run marks of a structure are shared by its contexts, their run counts are not: each
+    context whose branch skips the patched node raises at its own exit."""
+    model, x = _Gated(), torch.randn(2, 3)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x, True)
+    compiled(x, False)
+    for flag in (True, False, True, False):
+        if flag:
+            with pb.patch(compiled, {"extra.output": AddPatch(value=torch.ones(3))}):
+                compiled(x, True)
+        else:
+            with pytest.raises(pb.PatchNotAppliedError, match="'extra.output' \\(AddPatch\\) never ran"):
+                with pb.patch(compiled, {"extra.output": AddPatch(value=torch.ones(3))}):
+                    compiled(x, False)
+
+
+def _added(model, x, site, delta, row=None):
+    """The model's output with ``delta`` added at a layer's output, by hand (a forward hook)."""
+    layer = model.layers[int(site.split("_")[1].split(".")[0])]
+
+    def hook(module, args, output):
+        output = output.clone()
+        if row is None:
+            return output + delta
+        output[row] += delta
+        return output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+def test_walk_reads_what_lower_reads():
+    """``spec.walk`` (the per-call read of a known structure) gives the values ``lower`` gives,
+    slot for slot, and structures ``lower`` tells apart get different keys."""
+    from patch_backend import ProbePatch, RecordPatch, ReplacePatch
+    from patch_backend.capture.index import index_for
+    from patch_backend.program.plan import SitePatches
+    from patch_backend.program.spec import Lowerings, lower, walk
+
+    model = TwoLayerMLP()
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    compiled(torch.randn(2, 8))
+    index = index_for(model)
+    a, b = (index.by_name[name][0].site for name in ("layers_0.output", "layers_1.output"))
+    selections = [
+        (SitePatches(a, (AddPatch(value=torch.ones(8)),)),),
+        (SitePatches(a, (ZeroPatch(slice=(1, slice(2, None))), ProbePatch())),),
+        (SitePatches(a, (ReplacePatch(value=2.5, slice=(slice(0, 2, 1), 3)),)), SitePatches(b, (RecordPatch(),))),
+        (SitePatches(a, (AddPatch(value=3, slice=(Ellipsis, 4)),)),),
+        (SitePatches(a, (AddPatch(value=torch.ones(8, requires_grad=True)),)),),
+    ]
+    lowerings = Lowerings()
+    keys = set()
+    for selection in selections:
+        walked = walk(selection)
+        assert walked is not None
+        expected = lower(selection)
+        assert walked.values.ints == expected.values.ints
+        assert walked.values.scalars == expected.values.scalars
+        assert all(x is y for x, y in zip(walked.values.tensors, expected.values.tensors))
+        assert len(walked.values.tensors) == len(expected.values.tensors)
+        assert lowerings.lower(selection, walked).spec == expected.spec
+        assert lowerings.lower(selection, walk(selection)).spec == expected.spec  # from the memo
+        keys.add(walked.key)
+    assert len(keys) == len(selections) and lowerings.builds == len(selections)
+    # Numbers are values, not structure; what lower cannot read cheaply is not walked.
+    assert walk((SitePatches(a, (ZeroPatch(slice=(0, slice(5, None))),)),)).key == walk(
+        (SitePatches(a, (ZeroPatch(slice=(1, slice(2, None))),)),)
+    ).key
+    assert walk((SitePatches(a, (ZeroPatch(slice=([0, 1],)),)),)) is None
+    assert walk((SitePatches(a, (ZeroPatch(slice=(None, 1)),)),)) is None
+    assert walk((SitePatches(a, (AddPatch(value=2**60),)),)) is None

@@ -16,8 +16,9 @@ Three readers share the spec: ``insert.insert`` (the FX pass behind every compil
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Hashable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.fx
@@ -29,7 +30,9 @@ from ..patches import (
     AddPatch,
     Patch,
     ProbePatch,
+    RecordPatch,
     ReplacePatch,
+    ZeroPatch,
     normalize_slice,
 )
 from .custom import callable_structure, lower_custom, patch_function
@@ -387,6 +390,137 @@ def lower(selection: "Selection") -> Lowered:
     )
     spec = ProgramSpec(sites, len(values.ints), len(values.scalars), len(values.tensors))
     return Lowered(spec, RuntimeValues(tuple(values.ints), tuple(values.scalars), tuple(values.tensors)), calls)
+
+
+# -- lowering a selection of a known structure ---------------------------------------------------
+#: The patch types whose structure ``_walk`` reads (exact types: a subclass may override ``op``).
+_WALKED = {AddPatch: PatchKind.ADD, ReplacePatch: PatchKind.REPLACE, ZeroPatch: PatchKind.ZERO}
+_SCALAR_TYPES = (int, float, bool)
+
+
+@dataclass(frozen=True)
+class Walked:
+    """A selection read without building its spec: ``key`` is its structure (the sites, and per
+    patch its type, clone flag, slice form without the numbers, value shape, dtype, device and
+    grad flag), ``values`` its runtime values in the slot order ``lower`` assigns."""
+
+    key: Hashable
+    values: RuntimeValues
+
+
+def walk(selection: "Selection") -> Optional[Walked]:
+    """The structure and values of a selection in one cheap walk; None where the structure
+    holds something only ``lower`` can read (custom ops, index lists or tensors, None/bool
+    elements, non-positive steps, a number too large for float64): such a selection is lowered
+    in full at every call, as before.
+
+    A site stands in the key by ``id``: ``Lowerings`` keeps the sites of every key alive, so an
+    id there is never another site's.
+    """
+    ints: List[int] = []
+    scalars: List[float] = []
+    tensors: List[torch.Tensor] = []
+    parts: List[Any] = []
+    for entry in selection:
+        patches: List[Any] = []
+        for patch in entry.patches:
+            kind = type(patch)
+            if kind is ProbePatch or kind is RecordPatch:
+                patches.append((kind, patch.requires_clone))
+                continue
+            if kind not in _WALKED:
+                return None
+            form = _walk_slice(patch.slice, ints)  # type: ignore[attr-defined]
+            if form is _UNWALKED:
+                return None
+            if kind is ZeroPatch:
+                value_part: Any = None
+            else:
+                value = patch.value  # type: ignore[attr-defined]
+                if isinstance(value, torch.Tensor):
+                    value_part = (tuple(value.shape), value.dtype, value.device, value.requires_grad, value.is_meta)
+                    tensors.append(value)
+                elif type(value) in _SCALAR_TYPES and not (type(value) is int and abs(value) > 2**53):
+                    value_part = type(value)
+                    scalars.append(float(value))
+                else:
+                    return None
+            patches.append((kind, patch.requires_clone, form, value_part))
+        parts.append((id(entry.site), tuple(patches)))
+    return Walked(tuple(parts), RuntimeValues(tuple(ints), tuple(scalars), tuple(tensors)))
+
+
+_UNWALKED = object()
+
+
+def _walk_slice(tensor_slice: Any, ints: List[int]) -> Any:
+    """A slice's form for ``walk`` (its numbers go to ``ints``, in ``_slice_form``'s order)."""
+    if tensor_slice is None:
+        return None
+    form: List[Any] = []
+    for element in tensor_slice if isinstance(tensor_slice, (list, tuple)) else (tensor_slice,):
+        if type(element) is int:
+            ints.append(element)
+            form.append(int)
+        elif element is Ellipsis:
+            form.append(Ellipsis)
+        elif type(element) is slice:
+            bounds = (element.start, element.stop, element.step)
+            for bound in bounds:
+                if bound is not None:
+                    if type(bound) is not int:
+                        return _UNWALKED
+                    ints.append(bound)
+            if element.step is not None and element.step <= 0:
+                return _UNWALKED
+            form.append(tuple(bound is None for bound in bounds))
+        else:
+            return _UNWALKED
+    return tuple(form)
+
+
+class Lowerings:
+    """One graph's specs by selection structure (``walk``): a loop of new patch maps of one
+    structure lowers the first in full and only reads the values of the others.
+
+    Bounded (emptied when full: a lowering is cheap to redo) and thread-safe. ``builds``
+    counts full lowerings whose spec was stored, for tests.
+    """
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self._specs: Dict[Hashable, Tuple[ProgramSpec, Tuple[Site, ...]]] = {}
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def lower(self, selection: "Selection", walked: Optional[Walked]) -> Lowered:
+        """``lower(selection)``, from the memo when ``walked`` (this call's walk) is known."""
+        if walked is None:
+            return lower(selection)
+        with self._lock:
+            known = self._specs.get(walked.key)
+        if known is not None:
+            return Lowered(known[0], walked.values, {})
+        lowered = lower(selection)
+        values = lowered.values
+        if (len(values.ints), len(values.scalars), len(values.tensors)) != (
+            len(walked.values.ints), len(walked.values.scalars), len(walked.values.tensors)
+        ) or lowered.calls:
+            raise RuntimeError(
+                "patch_backend internal error: spec.walk and spec.lower read a selection differently "
+                f"({walked.key!r})"
+            )
+        with self._lock:
+            if len(self._specs) >= self.MAX_ENTRIES:
+                self._specs.clear()
+            self._specs[walked.key] = (lowered.spec, tuple(entry.site for entry in selection))
+            self.builds += 1
+        return lowered
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._specs)
 
 
 def slot_spec(sites: Sequence[Site]) -> ProgramSpec:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from .. import config
 from ..stats import Stats
@@ -160,3 +160,39 @@ class ProgramCache:
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._entries
+
+
+class BoundedMemo:
+    """A small bounded, thread-safe memo (emptied when full: an entry is cheap to rebuild).
+
+    For what a front-end derives from a patch *structure* once per graph rather than once per
+    patch context (context.py): ``builds`` counts the entries made, which tests assert.
+    """
+
+    __slots__ = ("_entries", "_lock", "_bound", "builds")
+
+    def __init__(self, bound: int = 1024) -> None:
+        self._entries: Dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self._bound = bound
+        self.builds = 0
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            return self._entries.get(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        with self._lock:
+            if len(self._entries) >= self._bound:
+                self._entries.clear()
+            self._entries[key] = value
+            self.builds += 1
+        return value
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)

@@ -11,13 +11,15 @@ front-end is a new producer of requests rather than another branch in the dispat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.fx
 
 from ..capture.capture import GraphCapture
 from ..program.dynamic import Layout, SymbolicInputs, symbolic_layout
+from ..program.spec import Lowerings
+from .cache import BoundedMemo
 
 #: ``compile_fn(gm, example_inputs) -> callable``: Inductor, or a graph's own forward.
 CompileFn = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]
@@ -66,9 +68,11 @@ class FrontEnd(Protocol):
 
 class GraphFacts:
     """What front-ends may ask about the graph a call runs: its capture, whether the backend
-    compiles, and its symbolic sizes (computed once per graph, not per call)."""
+    compiles, and its symbolic sizes (computed once per graph, not per call); and the memos a
+    front-end keeps per patch *structure* on this graph, so that a new patch context of a
+    structure seen before derives nothing again (only its values are new)."""
 
-    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs", "checked")
+    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs", "checked", "lowerings", "occurrences")
 
     #: Bound on ``checked``: emptied when it fills (a check is cheap to redo).
     MAX_CHECKED = 4096
@@ -79,13 +83,16 @@ class GraphFacts:
         self._layout: Any = ...
         self._symbolic_inputs: Any = ...
         #: Patch signatures a front-end has already checked against this graph's shapes (a
-        #: patch loop checks the first map, not each new map of the same shapes).
-        self.checked: Set[Hashable] = set()
+        #: patch loop checks the first map, not each new map of the same shapes), each with
+        #: what its signature refers to by ``id`` (held, so that the id stays its own).
+        self.checked = BoundedMemo(self.MAX_CHECKED)
+        #: Program specs by selection structure (program/spec.py).
+        self.lowerings = Lowerings()
+        #: pb.patch's sites and run marks per (instance, name tables, patched names).
+        self.occurrences = BoundedMemo(256)
 
-    def remember_checked(self, signature: Hashable) -> None:
-        if len(self.checked) >= self.MAX_CHECKED:
-            self.checked.clear()
-        self.checked.add(signature)
+    def remember_checked(self, signature: Hashable, holds: Any = None) -> None:
+        self.checked.put(signature, holds if holds is not None else True)
 
     @property
     def layout(self) -> Optional[Layout]:

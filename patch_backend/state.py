@@ -1,0 +1,121 @@
+"""The active patches: which maps are active, per root model, in this thread or task.
+
+State lives in a ContextVar, so threads and asyncio tasks patching the same compiled model each
+see only their own patches. Every ``pb.patch`` builds a new immutable ``PatchState`` (outer
+patches first, then inner) and restores the previous one on exit (context.py). Each state
+carries a ``RunLog`` of what ran under it, which the never-ran check reads (never_silent.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+
+from .capture.index import RootIndex
+from .patches import Patch
+from .runtime.requests import FrontEnd
+
+#: A patched model in a run log: ``id`` of its RootIndex (the state holds the index alive).
+RootKey = int
+
+
+@dataclass(eq=False)
+class GraphMarks:
+    """One graph occurrence as a RunLog sees it, one per PatchState and occurrence (its fields
+    come from the graph's memo of the patched names, ``context.occurrence``). Its runs are
+    counted here, so that a graph call costs one memo lookup and one increment."""
+
+    #: Patched models the occurrence belongs to.
+    roots: Tuple[RootKey, ...]
+    #: Of those, the models whose own ``forward`` this graph returns from (one per forward).
+    returns: Tuple[RootKey, ...]
+    #: (model, name) of every patched name whose site is in this occurrence.
+    applied: FrozenSet[Tuple[RootKey, str]]
+    #: Runs not yet folded into the RunLog's totals (``RunLog.settle``).
+    calls: int = 0
+
+
+@dataclass(eq=False)
+class RunLog:
+    """What ran under one PatchState: the facts the never-ran check needs.
+
+    The totals hold what ``settle`` folded in from the marks, what inner contexts merged in, and
+    what a sweep records directly; read them after ``settle()``.
+    """
+
+    marks: List[GraphMarks] = field(default_factory=list)
+    applied: Set[Tuple[RootKey, str]] = field(default_factory=set)
+    graph_calls: Dict[RootKey, int] = field(default_factory=dict)
+    forwards: Dict[RootKey, int] = field(default_factory=dict)
+    #: Calls of the model itself that ran outside torch.compile (seen by ``_root_called``).
+    eager_calls: Dict[RootKey, int] = field(default_factory=dict)
+
+    def settle(self) -> "RunLog":
+        """Folds the marks' run counters into the totals (idempotent: the counters restart)."""
+        for marks in self.marks:
+            calls = marks.calls
+            if not calls:
+                continue
+            marks.calls = 0
+            self.applied |= marks.applied
+            _add(self.graph_calls, marks.roots, calls)
+            _add(self.forwards, marks.returns, calls)
+        return self
+
+    def merge_into(self, outer: "RunLog") -> None:
+        """An inner context's runs are runs of the enclosing context too."""
+        self.settle()
+        outer.applied |= self.applied
+        for mine, theirs in (
+            (self.graph_calls, outer.graph_calls),
+            (self.forwards, outer.forwards),
+            (self.eager_calls, outer.eager_calls),
+        ):
+            for key, count in mine.items():
+                theirs[key] = theirs.get(key, 0) + count
+
+
+def _add(counts: Dict[RootKey, int], keys: Sequence[RootKey], number: int) -> None:
+    for key in keys:
+        counts[key] = counts.get(key, 0) + number
+
+
+@dataclass(frozen=True)
+class RootPatches:
+    index: RootIndex
+    by_name: Dict[str, Tuple[Patch, ...]]
+    #: False until the names could be checked (a compiled model that has not run yet).
+    validated: bool
+
+
+@dataclass(frozen=True, eq=False)
+class PatchState:
+    roots: Tuple[RootPatches, ...] = ()
+    #: Answers the dispatcher for each graph call under this state (runtime/requests.py):
+    #: ``PATCHES`` for pb.patch, a sweep chunk's spec, ``EagerTier``; None runs graphs plain.
+    frontend: Optional[FrontEnd] = None
+    #: Per-state memo: (capture uid, instance, name-table version) → the selection and graph
+    #: marks of that occurrence (``context.occurrence``), and the checks of dynamic shapes.
+    memo: Dict[Any, Any] = field(default_factory=dict)
+    #: What ran under this state (mutable: the state is shared by the calls it patches).
+    log: RunLog = field(default_factory=RunLog)
+    #: Validation of maps entered before the model ran (``validate_pending``).
+    pending: "PendingValidation" = field(default_factory=lambda: PendingValidation())
+
+
+@dataclass(eq=False)
+class PendingValidation:
+    """Where ``validate_pending`` stands for one state: the graph occurrence the state ran
+    first and how often it ran (a second run means the forward started over)."""
+
+    first_occurrence: Any = None
+    first_runs: int = 0
+
+
+_EMPTY = PatchState()
+_active: contextvars.ContextVar[PatchState] = contextvars.ContextVar("patch_backend_patches", default=_EMPTY)
+
+
+def active_state() -> PatchState:
+    return _active.get()
