@@ -25,6 +25,7 @@ from ..program import ops
 from ..program.regions import compile_regional
 from ..stats import Stats
 from .requests import GraphFacts
+from . import worker
 from .tiers import COMPILE_LOCK, Tiers
 
 
@@ -99,8 +100,10 @@ class Dispatcher:
 
     def _compile_plain_on_first_call(self, *args: Any) -> Any:
         if self.tiers.plain_in_background(lambda: self._install_plain(args)):
-            # compile_policy "background": the captured graph, run eagerly, is the same program.
-            return self.capture.gm.forward(*args)
+            # compile_policy "background": the captured graph, run eagerly, is the same program
+            # (with one intra-op thread fewer, as the eager tier runs beside a compile).
+            with worker.fewer_threads():
+                return self.capture.gm.forward(*args)
         return self._install_plain(args)(*args)
 
     def _install_plain(self, args: Sequence[Any]) -> Callable:
