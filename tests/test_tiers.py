@@ -576,9 +576,11 @@ def test_a_new_capture_does_not_wait_for_a_compile_outside_a_trace(model_and_inp
 
 
 def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_input, gated_compiler, monkeypatch):
-    """While a compile is in flight the eager tier runs with one intra-op thread fewer (the
-    compile keeps a core busy); the caller's count is restored after the call, and the worker
-    keeps the submitter's count (Inductor writes it into the kernels it generates)."""
+    """The call that asks for a compile runs first, alone, with every thread (the compile
+    starts after it: ``worker.foreground``); while a compile runs the eager tier runs with one
+    intra-op thread fewer (the compile keeps a core busy); the caller's count is restored after
+    the call, and the worker keeps the submitter's count (Inductor writes it into the kernels
+    it generates)."""
     from patch_backend import CustomPatch
 
     _, x, compiled, eager = model_and_input
@@ -596,8 +598,11 @@ def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_in
 
         monkeypatch.setattr(dispatcher_module, "compile_graph", counting)
 
+        compiles_started = started.__len__
+
         def record(value):
-            seen.append(torch.get_num_threads())
+            if threading.current_thread() is threading.main_thread():  # not the worker's traces
+                seen.append((torch.get_num_threads(), compiles_started()))
             return value * 2
 
         patches = {"layers_0.output": CustomPatch(custom_op=record)}
@@ -605,6 +610,8 @@ def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_in
             with pb.patch(compiled, patches):
                 result = compiled(x)
             assert started.reach(1) == 1
+            with pb.patch(compiled, patches):
+                compiled(x)  # beside the running compile (held at the gate)
             assert torch.get_num_threads() == 2
             gate.set()
             assert pb.wait_for_compiles(timeout=300)
@@ -612,8 +619,10 @@ def test_the_eager_tier_runs_with_one_thread_fewer_beside_a_compile(model_and_in
             expected = eager(x)
     finally:
         torch.set_num_threads(before)
-    assert seen[0] == 1  # the eager tier's call, beside the compile
-    assert in_worker == [2]
+    # (threads, compiles started) in each eager call: the first ran before its compile started.
+    assert seen[:2] == [(2, 0), (1, 1)], seen
+    # (``record``'s key reads its closure's values, so the second call compiles its own program.)
+    assert in_worker and set(in_worker) == {2}
     torch.testing.assert_close(result, expected)
 
 

@@ -102,7 +102,7 @@ class Dispatcher:
         if self.tiers.plain_in_background(lambda: self._install_plain(args)):
             # compile_policy "background": the captured graph, run eagerly, is the same program
             # (with one intra-op thread fewer, as the eager tier runs beside a compile).
-            with worker.fewer_threads():
+            with worker.foreground(), worker.fewer_threads():
                 return self.capture.gm.forward(*args)
         return self._install_plain(args)(*args)
 

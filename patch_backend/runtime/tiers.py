@@ -125,7 +125,7 @@ class Tiers:
     def _run_eager(self, request: Request, key: Hashable, args: Sequence[Any]) -> Any:
         """The eager form: while the compile is pending, after it failed, or under "never"."""
         self.stats.eager_calls += 1
-        with worker.fewer_threads():
+        with worker.foreground(), worker.fewer_threads():
             return request.run(request.interpret(args), args)
 
     def _build(self, request: Request, key: Hashable, guarded: bool, args: Sequence[Any]) -> Any:
