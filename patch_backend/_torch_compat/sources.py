@@ -9,6 +9,7 @@ Naming needs only (frame local, attribute path) pairs, so that is what it hands 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any, List, Optional, Tuple
@@ -29,9 +30,12 @@ _STACK_INDEX = re.compile(r"\.(\d+)(?=\.|\[|$)")
 SourcePath = Tuple[str, Tuple[str, ...]]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_source_path(source_name: str) -> Optional[SourcePath]:
     """``L['self']._modules['h']._modules['0']._parameters['weight']`` → ('self', ('h','0','weight')).
 
+    Memoised: every node's module stack is parsed again by each pass that reads it (naming,
+    regions, fan-out), and a model repeats a handful of paths thousands of times.
     None for a source that is not under a frame local (a global, a constant, a derived value).
     """
     match = _ROOT_LOCAL.match(source_name)
@@ -90,6 +94,7 @@ def module_stack(node: torch.fx.Node) -> List[Tuple[Any, str]]:
     return [(key, value[0] if isinstance(value, tuple) else str(value)) for key, value in stack.items()]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stack_path(path_text: str) -> Optional[Tuple[str, ...]]:
     """A module-stack path text → its attribute path below the frame local (``('h', '0')``)."""
     match = _STACK_LOCAL.match(path_text)
