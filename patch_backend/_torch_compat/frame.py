@@ -376,6 +376,22 @@ def _probe_module_call_sites() -> Optional[Tuple[Any, List[type]]]:
     return nn_module, [cls for cls in classes if cls is not None]
 
 
+def _ours(function: Any) -> bool:
+    """Whether ``function`` is one of this module's wrappers (the installs are idempotent)."""
+    return bool(getattr(function, "__wrapped_by_patch_backend__", False))
+
+
+def _mark(wrapper: Any) -> Any:
+    """Marks ``wrapper`` as ours (``_ours``) and returns it."""
+    wrapper.__wrapped_by_patch_backend__ = True
+    return wrapper
+
+
+def _install(owner: Any, name: str, wrapper: Any) -> None:
+    """Puts the marked ``wrapper`` in place of ``owner.name``."""
+    setattr(owner, name, _mark(wrapper))
+
+
 def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
     @contextlib.contextmanager
     def record_nn_module_stack(module_key: str, source: Any, tx: Any, mod: Any) -> Iterator[None]:
@@ -393,8 +409,7 @@ def _recording_stack(original: Callable[..., Any]) -> Callable[..., Any]:
                     fallback("module_returns", _RETURNS_FALLBACK.format(reason=f"{type(error).__name__}: {error}"))
             yield
 
-    record_nn_module_stack.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    return record_nn_module_stack
+    return _mark(record_nn_module_stack)
 
 
 def _next_event(tx: Any) -> int:
@@ -430,8 +445,7 @@ def _recording_call(original: Callable[..., Any]) -> Callable[..., Any]:
                 ))
         return result
 
-    call_function.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    return call_function
+    return _mark(call_function)
 
 
 def _record_return(
@@ -475,11 +489,11 @@ def install_return_recorder() -> bool:
         fallback("module_returns", _RETURNS_FALLBACK.format(reason="torch._dynamo.variables.nn_module changed"))
         return False
     module, classes = probed
-    if not getattr(module.record_nn_module_stack, "__wrapped_by_patch_backend__", False):
+    if not _ours(module.record_nn_module_stack):
         module.record_nn_module_stack = _recording_stack(module.record_nn_module_stack)
     for cls in classes:
         original = cls.__dict__.get("call_function")
-        if original is not None and not getattr(original, "__wrapped_by_patch_backend__", False):
+        if original is not None and not _ours(original):
             setattr(cls, "call_function", _recording_call(original))
     return True
 
@@ -537,7 +551,7 @@ def install_rnn_tracing() -> bool:
         return False
     builder, config = probed
     original = builder.__dict__.get("wrap_module")
-    if original is None or getattr(original, "__wrapped_by_patch_backend__", False):
+    if original is None or _ours(original):
         return original is not None
 
     def wrap_module(self: Any, value: Any) -> Any:
@@ -550,8 +564,7 @@ def install_rnn_tracing() -> bool:
                 return original(self, value)
         return original(self, value)
 
-    wrap_module.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    setattr(builder, "wrap_module", wrap_module)
+    _install(builder, "wrap_module", wrap_module)
     return True
 
 
@@ -600,7 +613,7 @@ def install_returned_inputs_through_graph() -> bool:
     output_graph, codegen = probed
     compile_subgraph = output_graph.__dict__["compile_subgraph"]
     restore_stack = codegen.__dict__["restore_stack"]
-    if getattr(compile_subgraph, "__wrapped_by_patch_backend__", False):
+    if _ours(compile_subgraph):
         return True
 
     def wrapped_compile_subgraph(self: Any, tx: Any, reason: Any, *args: Any, **kwargs: Any) -> Any:
@@ -621,10 +634,8 @@ def install_returned_inputs_through_graph() -> bool:
             value_from_source = False
         return restore_stack(self, stack_values, value_from_source=value_from_source)
 
-    wrapped_compile_subgraph.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    wrapped_restore_stack.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    setattr(codegen, "restore_stack", wrapped_restore_stack)
-    setattr(output_graph, "compile_subgraph", wrapped_compile_subgraph)
+    _install(codegen, "restore_stack", wrapped_restore_stack)
+    _install(output_graph, "compile_subgraph", wrapped_compile_subgraph)
     return True
 
 
@@ -674,7 +685,7 @@ def install_empty_return_graphs() -> bool:
         return False
     translator, config = probed
     original = translator.__dict__["_return"]
-    if getattr(original, "__wrapped_by_patch_backend__", False):
+    if _ours(original):
         return True
 
     def _return(self: Any, inst: Any) -> Any:
@@ -693,8 +704,7 @@ def install_empty_return_graphs() -> bool:
                 return original(self, inst)
         return original(self, inst)
 
-    _return.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    setattr(translator, "_return", _return)
+    _install(translator, "_return", _return)
     return True
 
 
@@ -737,7 +747,7 @@ def install_eager_fallback_log() -> bool:
                  "reported as not called yet")
         return False
     original = cls.__dict__["log_graph_break"]
-    if getattr(original, "__wrapped_by_patch_backend__", False):
+    if _ours(original):
         return True
 
     def log_graph_break(self: Any, code_options: Any, reason: str, exc: Any) -> Any:
@@ -756,8 +766,7 @@ def install_eager_fallback_log() -> bool:
             logger.debug("eager fallback not recorded: %r", error)
         return original(self, code_options, reason, exc)
 
-    log_graph_break.__wrapped_by_patch_backend__ = True  # type: ignore[attr-defined]
-    setattr(cls, "log_graph_break", log_graph_break)
+    _install(cls, "log_graph_break", log_graph_break)
     return True
 
 
