@@ -600,64 +600,26 @@ def sharded_sweep(
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
     cells = list(cells)
-    plan = plan_shards([1.0] * len(cells), world)
-    compiled, index, batch, chunk = model, None, 0, batch_size or 1
-    costs: Sequence[float] = [1.0] * len(cells)
-    sites: Tuple[str, ...] = ()
-    warm = False
-    root: Any = None
-    planning: Optional[RankFailure] = None
-    try:
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
-        if config.compile_sharing not in config.COMPILE_SHARING_MODES:
-            # A planning failure, so that every rank raises, also when only this rank's is wrong.
-            raise ValueError(
-                f"pb.config.compile_sharing (PATCH_BACKEND_COMPILE_SHARING) must be one of "
-                f"{config.COMPILE_SHARING_MODES}, got {config.compile_sharing!r}"
-            )
-        compiled, root = local.compiled_model(model)
-        batch = local.batch_size(inputs)
-        index = index_for(root)
-        if not index.names:
-            with torch.no_grad():
-                local.call(compiled, inputs)
-            index.refresh()
-        costs = cell_costs(index.names, cells, SWEEP_SHARES_PREFIX)
-        plan = plan_shards(costs, world)
-        chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
-        sites = _site_set(local.check_cells, index, cells, batch)
-        warm = _program_key(sites, chunk, inputs) in _WARM.get(root, ())
-    except Exception as error:
-        planning = _failure(rank, plan.shards[rank], "planning", error, None)
+    local_plan = _plan_locally(local, model, inputs, cells, batch_size, rank, world)
+    compiled, root, index, batch = local_plan.compiled, local_plan.root, local_plan.index, local_plan.batch
     planned = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
 
     agreements: List[Optional[_Agreement]] = [None] * world
     mine = _Agreement(
-        _fingerprint(cells, batch_size), len(cells), chunk, planning, sites, warm, _cache_location(), config.compile_sharing
+        _fingerprint(cells, batch_size), len(cells), local_plan.chunk, local_plan.failure, local_plan.sites,
+        local_plan.warm, _cache_location(), config.compile_sharing,
     )
     dist.all_gather_object(agreements, mine)
     agreed = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
-    failures = [a.failure for a in agreements if a is not None and a.failure is not None]
-    if failures:
-        raise DistributedSweepError(failures, world)
-    fingerprints = {a.fingerprint for a in agreements if a is not None}
-    if len(fingerprints) != 1:
-        counts = ", ".join(f"rank {r}: {a.cells} cells" for r, a in enumerate(agreements) if a is not None)
-        raise ValueError(
-            f"pb.sweep on {world} ranks: the ranks passed different cells or batch_size ({counts}; fingerprints "
-            "differ), so gathered rows would not line up; build the cells identically on every rank (same "
-            "order, seeds, names)"
-        )
-    everyone = [a for a in agreements if a is not None]
+    everyone = _agreed(agreements, world)
     # Every rank compiles one chunk shape: the smallest any rank's memory budget allows; and one
     # site set: rank 0's (the ranks resolved the same cells, so they agree unless a name
     # resolves differently on some rank, which then raises where its shard runs).
     chunk = min(a.chunk for a in everyone)
     # Shards of whole chunks, now that the chunk is agreed (every rank computes the same plan).
-    plan = sweep_shards(costs, world, chunk, verify)
+    plan = sweep_shards(local_plan.costs, world, chunk, verify)
     sites = everyone[0].sites
     sharing = _sharing_mode(everyone)
     # The first rank with cells compiles; the others wait for it only when someone would compile.
@@ -760,6 +722,94 @@ def sharded_sweep(
     reported = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
     bar.finish(sum(s.rows for s in statuses if s is not None and s.failure is None))
+    result = _delivered(statuses, values, plan, inputs, world)
+    gathered = time.perf_counter()
+    cpu.append((time.process_time(), time.thread_time()))
+    _LAST["last"] = Timings(
+        planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing,
+        tuple(later[0] - earlier[0] for earlier, later in zip(cpu, cpu[1:])),
+        tuple(later[1] - earlier[1] for earlier, later in zip(cpu, cpu[1:])),
+        checks,
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class _LocalPlan:
+    """Step 1 on one rank: what it captured and estimated, or why it could not."""
+
+    compiled: Any
+    root: Any
+    index: Any
+    batch: int
+    chunk: int
+    costs: Sequence[float]
+    sites: Tuple[str, ...]
+    #: Whether this process already ran the sweep's program (no rank needs to wait for it).
+    warm: bool
+    failure: Optional[RankFailure]
+
+
+def _plan_locally(
+    local: LocalSweep, model: Any, inputs: Any, cells: Sequence[Mapping[str, Any]], batch_size: Optional[int],
+    rank: int, world: int,
+) -> _LocalPlan:
+    """Step 1 (module docstring): capture, cell costs, chunk size and site set; a failure is
+    returned, not raised, so that every rank learns of it in step 2."""
+    plan = plan_shards([1.0] * len(cells), world)
+    compiled, root, index, batch, chunk = model, None, None, 0, batch_size or 1
+    costs: Sequence[float] = [1.0] * len(cells)
+    sites: Tuple[str, ...] = ()
+    warm = False
+    try:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+        if config.compile_sharing not in config.COMPILE_SHARING_MODES:
+            # A planning failure, so that every rank raises, also when only this rank's is wrong.
+            raise ValueError(
+                f"pb.config.compile_sharing (PATCH_BACKEND_COMPILE_SHARING) must be one of "
+                f"{config.COMPILE_SHARING_MODES}, got {config.compile_sharing!r}"
+            )
+        compiled, root = local.compiled_model(model)
+        batch = local.batch_size(inputs)
+        index = index_for(root)
+        if not index.names:
+            with torch.no_grad():
+                local.call(compiled, inputs)
+            index.refresh()
+        costs = cell_costs(index.names, cells, SWEEP_SHARES_PREFIX)
+        plan = plan_shards(costs, world)
+        chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
+        sites = _site_set(local.check_cells, index, cells, batch)
+        warm = _program_key(sites, chunk, inputs) in _WARM.get(root, ())
+    except Exception as error:
+        return _LocalPlan(compiled, root, index, batch, chunk, costs, sites, warm,
+                          _failure(rank, plan.shards[rank], "planning", error, None))
+    return _LocalPlan(compiled, root, index, batch, chunk, costs, sites, warm, None)
+
+
+def _agreed(agreements: Sequence[Optional[_Agreement]], world: int) -> List[_Agreement]:
+    """Step 2's checks, the same on every rank: a rank that failed to plan, or ranks that hold
+    different cells, make every rank raise before any shard runs."""
+    failures = [a.failure for a in agreements if a is not None and a.failure is not None]
+    if failures:
+        raise DistributedSweepError(failures, world)
+    fingerprints = {a.fingerprint for a in agreements if a is not None}
+    if len(fingerprints) != 1:
+        counts = ", ".join(f"rank {r}: {a.cells} cells" for r, a in enumerate(agreements) if a is not None)
+        raise ValueError(
+            f"pb.sweep on {world} ranks: the ranks passed different cells or batch_size ({counts}; fingerprints "
+            "differ), so gathered rows would not line up; build the cells identically on every rank (same "
+            "order, seeds, names)"
+        )
+    return [a for a in agreements if a is not None]
+
+
+def _delivered(
+    statuses: Sequence[_Status], values: Optional[torch.Tensor], plan: ShardPlan, inputs: Any, world: int
+) -> torch.Tensor:
+    """Step 5: every rank's rows in the caller's cell order, once every rank reported success
+    (else every rank raises), from the statuses or gathered as tensors."""
     failures = [s.failure for s in statuses if s is not None and s.failure is not None]
     if failures:
         raise DistributedSweepError(failures, world)
@@ -782,16 +832,7 @@ def sharded_sweep(
         result = torch.cat([s.values for s in sent if s.values is not None]).to(device=device, dtype=dtype)
     else:
         result = _gather(values, plan, shape, dtype, device)
-    result = plan.restore(result)
-    gathered = time.perf_counter()
-    cpu.append((time.process_time(), time.thread_time()))
-    _LAST["last"] = Timings(
-        planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing,
-        tuple(later[0] - earlier[0] for earlier, later in zip(cpu, cpu[1:])),
-        tuple(later[1] - earlier[1] for earlier, later in zip(cpu, cpu[1:])),
-        checks,
-    )
-    return result
+    return plan.restore(result)
 
 
 def _exchange_status(
