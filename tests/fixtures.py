@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 from torch import nn
 
@@ -182,3 +184,14 @@ class TwoLayerMLP(nn.Module):
         for layer in self.layers:
             x = x + layer(x)
         return x
+
+
+def output_with_hooks(model: nn.Module, x: torch.Tensor, handles: Sequence[Any]) -> Any:
+    """``model(x)`` under no_grad with the hooks behind ``handles`` registered, which are
+    removed after: the hand-written-hooks side of the differential tests."""
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -11,7 +11,7 @@ forward hooks on the eager model.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import expecttest
 import pytest
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import patch_backend as pb
+from fixtures import output_with_hooks
 
 BREAK_MODES = ["between", "submodule", "root_start", "resume"]
 
@@ -105,16 +106,6 @@ def _hook_reference(model: Model, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         for handle in handles:
             handle.remove()
     return {"logits": result["logits"] + 3.0, "hidden": result["hidden"]}
-
-
-def _output_with_hooks(model: nn.Module, x: torch.Tensor, handles: List[Any]) -> Any:
-    """``model(x)`` with the hooks behind ``handles`` registered, which are removed after."""
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _compiled_run(model: Model, backend: str, x: torch.Tensor):
@@ -365,7 +356,7 @@ def test_model_around_an_lstm_is_named_and_patchable(backend: str) -> None:
         return sequence, state
 
     hooks = [model.emb.register_forward_hook(emb_hook), model.lstm.register_forward_hook(lstm_hook)]
-    expected = _output_with_hooks(model, x, hooks)
+    expected = output_with_hooks(model, x, hooks)
     torch.testing.assert_close(patched, expected)
     # Other backends keep Dynamo's own setting: the forward still runs eagerly there.
     assert torch._dynamo.config.allow_rnn is False
@@ -515,7 +506,7 @@ def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None
         return (zeroed,)
 
     hooks = [model.register_forward_pre_hook(pre_hook), model.mlp.register_forward_pre_hook(mlp_pre_hook)]
-    expected = _output_with_hooks(model, x, hooks)
+    expected = output_with_hooks(model, x, hooks)
     torch.testing.assert_close(patched, expected)
     torch.testing.assert_close(broken_patched, expected)
 
@@ -663,7 +654,30 @@ def _t5_hooked(model: T5Blocks, x: torch.Tensor, hooks) -> torch.Tensor:
             handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         else:
             handles.append(block.register_forward_hook(hook))
-    return _output_with_hooks(model, x, handles)
+    return output_with_hooks(model, x, handles)
+
+
+def _without_and_with_break(
+    make: Callable[[bool], nn.Module], reference: nn.Module, backend: str, x: torch.Tensor, patch_maps: List[Dict[str, Any]]
+) -> Tuple[List[List[str]], List[List[Any]]]:
+    """The model built without and with its graph break (``make(breaks)``, ``reference``'s
+    weights), compiled with ``backend``: its node names, and its output under each patch map."""
+    listed, results = [], []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = make(breaks)
+        model.load_state_dict(reference.state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            listed.append(pb.nodes(compiled))
+            outputs = []
+            for patches in patch_maps:
+                with torch.no_grad(), pb.patch(compiled, dict(patches)):
+                    outputs.append(compiled(x))
+        results.append(outputs)
+    return listed, results
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
@@ -676,22 +690,8 @@ def test_inputs_named_after_parameters_with_and_without_break(backend: str) -> N
     torch.manual_seed(0)
     x = torch.randn(2, 4)
     reference = T5Blocks(False)
-    listed, results = [], []
-    for breaks in (False, True):
-        torch._dynamo.reset()
-        model = T5Blocks(breaks)
-        model.load_state_dict(reference.state_dict())
-        compiled = torch.compile(model, backend=backend)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compiled(x)
-            listed.append(set(pb.nodes(compiled)))
-            outputs = []
-            for patches, _ in _T5_CASES:
-                with torch.no_grad(), pb.patch(compiled, patches):
-                    outputs.append(compiled(x))
-        results.append(outputs)
-    unbroken, broken = listed
+    listed, results = _without_and_with_break(T5Blocks, reference, backend, x, [patches for patches, _ in _T5_CASES])
+    unbroken, broken = (set(names) for names in listed)
     assert broken == unbroken
     assert {"block_1.hidden", "block_1.position_bias", "block_2.position_bias"} <= unbroken
     assert not any(".input_" in name for name in unbroken)
@@ -736,24 +736,15 @@ def test_unused_input_returned_unchanged(backend: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 4)
     reference = CarryModel(False)
-    listed, results = [], []
-    for breaks in (False, True):
-        torch._dynamo.reset()
-        model = CarryModel(breaks)
-        model.load_state_dict(reference.state_dict())
-        compiled = torch.compile(model, backend=backend)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compiled(x)
-            listed.append(set(pb.nodes(compiled)))
-            with torch.no_grad(), pb.patch(compiled, {"carry.extra": pb.AddPatch(value=1.0)}):
-                results.append(compiled(x))
+    names, outputs = _without_and_with_break(CarryModel, reference, backend, x, [{"carry.extra": pb.AddPatch(value=1.0)}])
+    listed = [set(found) for found in names]
+    results = [patched for patched, in outputs]
     assert listed[0] == listed[1] and {"carry.x", "carry.extra", "carry.output|sub_1"} <= listed[0]
 
     def pre_hook(module: nn.Module, args):
         return args[0], args[1] + 1.0
 
-    expected = _output_with_hooks(reference, x, [reference.carry.register_forward_pre_hook(pre_hook)])
+    expected = output_with_hooks(reference, x, [reference.carry.register_forward_pre_hook(pre_hook)])
     for result in results:
         torch.testing.assert_close(result, expected)
 
@@ -789,29 +780,19 @@ def test_root_output_when_the_last_call_breaks(model_class, backend: str) -> Non
     torch.manual_seed(0)
     x = torch.randn(2, 4)
     reference = model_class(False)
-    listed, results = [], []
     patches = {"output": pb.AddPatch(value=1.0), "mlp.output": pb.ZeroPatch(slice=(0,))}
     if model_class is ReturnsInner:
         patches = {"output": pb.AddPatch(value=1.0), "inner.output": pb.AddPatch(value=2.0),
                    "inner.mlp.output": pb.ZeroPatch(slice=(0,))}
-    for breaks in (False, True):
-        torch._dynamo.reset()
-        model = model_class(breaks)
-        model.load_state_dict(reference.state_dict())
-        compiled = torch.compile(model, backend=backend)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compiled(x)
-            listed.append(pb.nodes(compiled))
-            with torch.no_grad(), pb.patch(compiled, dict(patches)):
-                results.append(compiled(x))
+    listed, outputs = _without_and_with_break(model_class, reference, backend, x, [patches])
+    results = [patched for patched, in outputs]
     assert set(listed[1]) == set(listed[0]) and "output" in listed[1]
     mlp = reference.inner.mlp if model_class is ReturnsInner else reference.mlp
     hooks = [mlp.register_forward_hook(lambda m, a, out: _zero_row(out)),
              reference.register_forward_hook(lambda m, a, out: out + 1.0)]
     if model_class is ReturnsInner:
         hooks.append(reference.inner.register_forward_hook(lambda m, a, out: out + 2.0))
-    expected = _output_with_hooks(reference, x, hooks)
+    expected = output_with_hooks(reference, x, hooks)
     for result in results:
         torch.testing.assert_close(result, expected)
 

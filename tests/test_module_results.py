@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import patch_backend as pb
+from fixtures import output_with_hooks
 from patch_backend._torch_compat import frame, gates
 from patch_backend.errors import PatchBackendWarning
 
@@ -101,13 +102,7 @@ Hook = Callable[[nn.Module, Any, Any], Any]
 
 
 def _with_hooks(model: nn.Module, hooks: List[Tuple[nn.Module, Hook]], x: torch.Tensor) -> torch.Tensor:
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    return output_with_hooks(model, x, [module.register_forward_hook(hook) for module, hook in hooks])
 
 
 def _edit(index: int, change: Callable[[torch.Tensor], torch.Tensor]) -> Hook:
