@@ -43,6 +43,7 @@ from .program.prepared import (
     site_key,
     slot_shapes,
 )
+from .runtime import worker
 from .runtime.requests import GraphFacts, Request, uncompiled
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
@@ -467,6 +468,30 @@ def sweep(
         return _distributed.sharded_sweep(local, model, inputs, cells, metric, batch_size, progress, verify)
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
+    # Every forward of a sweep runs without autograd (its results are detached metric values):
+    # one grad mode means one Dynamo capture per batch size, and Inductor compiles an inference
+    # graph. The whole sweep is one eager-tier caller (runtime/worker.py, ``foreground``): a
+    # compile it asks for starts once the sweep has returned, or after FOREGROUND_LIMIT seconds
+    # of a long one, so a short sweep never shares the machine with a compile it will not use.
+    with torch.no_grad(), worker.foreground():
+        return _sweep_here(model, inputs, cells, metric, batch_size, progress, verify, _sites, _trusted,
+                           _cell_by_cell, _after_first_chunk)
+
+
+def _sweep_here(
+    model: Any,
+    inputs: Inputs,
+    cells: Sequence[Mapping[str, Any]],
+    metric: Callable[[Any], torch.Tensor],
+    batch_size: Optional[int],
+    progress: bool,
+    verify: bool,
+    _sites: Sequence[str],
+    _trusted: bool,
+    _cell_by_cell: bool,
+    _after_first_chunk: Optional[Callable[[], None]],
+) -> torch.Tensor:
+    """``sweep`` in this process: check the cells, run the base forward, then the chunks."""
     compiled, root = _compiled_model(model)
     state = active_state()
     if isinstance(state.frontend, SweepSpec) or any(entry.index.root is root for entry in state.roots):
@@ -474,7 +499,7 @@ def sweep(
     batch = _batch_size(inputs)
     index = index_for(root)
     if not index.names:
-        with torch.no_grad(), row_patches(SweepPlan(index, batch, 1, (), ()), 0, (), base=True):
+        with row_patches(SweepPlan(index, batch, 1, (), ()), 0, (), base=True):
             _call(compiled, inputs)
         index.refresh()
     normalized, names = _check_cells(index, cells, batch)
@@ -623,7 +648,7 @@ def _rows_match_alone(
     position = next((position for position, cell in enumerate(block) if cell), None)
     if position is None:
         return True
-    with torch.no_grad(), patch_context(compiled, block[position]), eager_tier():
+    with patch_context(compiled, block[position]), eager_tier():
         alone = metric(_call(compiled, inputs)).detach()
     return _close(alone, values[position])
 
