@@ -227,10 +227,12 @@ def test_sweep_under_never_and_background_matches_cells_alone(model_and_input, g
             with pb.patch(eager, cell):
                 reference.append(metric(eager(x)))
     reference = torch.stack(reference)
-    with pb.config.patch(compile_policy="never"):
+    # The chunks' K·B program (sweep_vmap=False: a short sweep would otherwise stay on its vmapped
+    # eager tier and compile nothing, tests/test_sweep_vmap.py).
+    with pb.config.patch(compile_policy="never", sweep_vmap=False):
         torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
     assert not started
-    with pb.config.patch(compile_policy="background"):
+    with pb.config.patch(compile_policy="background", sweep_vmap=False):
         # Three chunks on the eager form while the program waits at the gate, then compiled.
         torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
         assert started.reach(1) == 1
