@@ -597,60 +597,24 @@ def _sweep_here(
         finally:
             if bar is not None:
                 bar.close()
-    # Uncompiled chunks as vmap over the base graph's cells: no capture at K·B (program/vmapped.py).
-    # Not for a rank of a sharded sweep (distributed.py declares ``_sites``): the ranks share the
-    # compiled programs of the leader's first chunk.
-    plan.vmapped = (
-        config.sweep_vmap and policy() in ("background", "never") and not _sites
-        and len(plan.base_graphs) == 1 and not plan.base_graphs[0].dynamic
-    )
+    plan.vmapped = _vmap_chunks(plan, _sites)
     plan.input_ids = frozenset(id(value) for value in _values(inputs) if isinstance(value, torch.Tensor))
     batched = _repeat(inputs, chunk)
     began = time.perf_counter()
     results: List[torch.Tensor] = []
-    # The sweep's one check of its inputs' first chunk (another rank's, when trusted).
-    verified = _trusted
-    # Programs checked in this sweep (those without fan-out never enter _VERIFIED).
-    checked: Set[Any] = set()
+    checks = _Checks(verify, _trusted)
     try:
         for start in range(0, len(cells), chunk):
             block = plan.cells[start : start + chunk]
             padded = block + [{}] * (chunk - len(block))
             known = len(plan.keys_run)
-            output = _run_chunk(compiled, plan, start, padded, inputs, batched)
-            values = metric(output)
-            if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != chunk * batch:
-                raise ValueError(
-                    f"metric must return a tensor whose leading dim is the {chunk * batch} rows of the batched "
-                    f"forward, got {getattr(values, 'shape', type(values).__name__)}"
-                )
-            values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
-            # The first chunk, and each chunk that runs a program not yet checked (another cut).
-            new = [key for key in plan.keys_run[known:] if key not in checked and key not in _VERIFIED]
-            if _trusted:
-                # The trusting rank's unverified programs are those with a fan-out cut: whether a
-                # full-repeat program batches exactly is what the other rank's check is about.
-                new = [key for key in new if key[2] is not None]
-            check = verify and (not verified or bool(new))
-            if check:
-                plan.checks += 1
-            if check and not _rows_match_alone(compiled, inputs, block, values, metric):
-                warnings.warn(
-                    f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
-                    f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
-                    "tensor's value), so batching cells would change results; running one forward per cell "
-                    "instead (docs/errors.md)",
-                    SweepBatchingWarning,
-                    stacklevel=2,
-                )
-                _report(plan, True)
-                return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
-            if check:
-                verified = True
-                checked.update(plan.keys_run[known:])
-                if len(_VERIFIED) >= 4096:
-                    _VERIFIED.clear()
-                _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
+            values = _chunk_rows(metric(_run_chunk(compiled, plan, start, padded, inputs, batched)), plan, len(block))
+            if checks.wanted(plan, known):
+                if not _rows_match_alone(compiled, inputs, block, values, metric):
+                    _warn_batching(root)
+                    _report(plan, True)
+                    return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
+                checks.passed(plan, known)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
@@ -711,6 +675,67 @@ _last_report: List[SweepReport] = []
 def last_sweep_report() -> Optional[SweepReport]:
     """The ``SweepReport`` of the last ``pb.sweep`` that finished in this process."""
     return _last_report[-1] if _last_report else None
+
+
+def _vmap_chunks(plan: SweepPlan, sites: Sequence[str]) -> bool:
+    """Whether uncompiled chunks run as vmap over the base graph's cells (program/vmapped.py):
+    under the "background" and "never" policies, for a model whose base call ran one static
+    graph. Not for a rank of a sharded sweep (distributed.py declares ``sites``): the ranks share
+    the compiled programs of the leader's first chunk."""
+    return (
+        config.sweep_vmap and policy() in ("background", "never") and not sites
+        and len(plan.base_graphs) == 1 and not plan.base_graphs[0].dynamic
+    )
+
+
+def _chunk_rows(values: Any, plan: SweepPlan, cells: int) -> torch.Tensor:
+    """The metric's rows of one chunk as ``[cells, B, ...]`` (padding cells dropped)."""
+    rows = plan.chunk * plan.batch
+    if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != rows:
+        raise ValueError(
+            f"metric must return a tensor whose leading dim is the {rows} rows of the batched "
+            f"forward, got {getattr(values, 'shape', type(values).__name__)}"
+        )
+    return values.reshape(plan.chunk, plan.batch, *values.shape[1:])[:cells]
+
+
+class _Checks:
+    """Which chunks' first cell is run alone to check the batching (``verify``): the sweep's
+    first chunk (another rank's, when ``trusted``), and each chunk that runs a program not
+    checked yet (another fan-out cut). Programs without a fan-out never enter ``_VERIFIED``."""
+
+    def __init__(self, verify: bool, trusted: bool) -> None:
+        self.verify, self.trusted = verify, trusted
+        self.verified = trusted
+        self.checked: Set[Any] = set()
+
+    def wanted(self, plan: SweepPlan, known: int) -> bool:
+        new = [key for key in plan.keys_run[known:] if key not in self.checked and key not in _VERIFIED]
+        if self.trusted:
+            # The trusting rank's unverified programs are those with a fan-out cut: whether a
+            # full-repeat program batches exactly is what the other rank's check is about.
+            new = [key for key in new if key[2] is not None]
+        check = self.verify and (not self.verified or bool(new))
+        plan.checks += int(check)
+        return check
+
+    def passed(self, plan: SweepPlan, known: int) -> None:
+        self.verified = True
+        self.checked.update(plan.keys_run[known:])
+        if len(_VERIFIED) >= 4096:
+            _VERIFIED.clear()
+        _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
+
+
+def _warn_batching(root: nn.Module) -> None:
+    warnings.warn(
+        f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
+        f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
+        "tensor's value), so batching cells would change results; running one forward per cell "
+        "instead (docs/errors.md)",
+        SweepBatchingWarning,
+        stacklevel=4,
+    )
 
 
 def _run_chunk(compiled: Callable, plan: SweepPlan, start: int, cells: Sequence[Dict], inputs: Inputs,
