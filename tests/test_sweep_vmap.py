@@ -191,3 +191,35 @@ def test_transformers_layer_by_position_sweep_vmapped(family: str) -> None:
         assert report.vmapped == (3 if vmap else 0) and report.vmap_refused is None
         assert _captures(compiled) == (1 if vmap else 2)
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
+
+
+def test_sweep_eager_seconds_is_checked() -> None:
+    for bad in (-1, "10", True):
+        with pytest.raises(ValueError, match="sweep_eager_seconds must be a number of seconds"):
+            pb.config.set("sweep_eager_seconds", bad)
+    with pb.config.patch(sweep_eager_seconds=2.5):
+        assert pb.config.sweep_eager_seconds == 2.5
+    assert pb.config.sweep_eager_seconds == 10.0
+
+
+@pytest.mark.parametrize(
+    "mask_shape, mask_mapped",
+    [((1, 1, 8, 8), False), ((2, 1, 8, 8), False), ((5, 2, 1, 8, 8), True), ((8, 8), False), ((5, 8, 8), True), (None, False)],
+)
+@pytest.mark.parametrize("gqa", [False, True])
+def test_attention_over_cells_gives_each_cells_attention(mask_shape, mask_mapped, gqa) -> None:
+    """The vmapped graph's attention runs the K cells as K·B rows of one call: equal to one call
+    per cell, for masks that broadcast over the batch, have its rows, or differ per cell."""
+    import torch.nn.functional as F
+
+    op = torch.ops.patch_backend.attention_over_cells.default
+    torch.manual_seed(0)
+    query = torch.randn(5, 2, 4, 8, 16)
+    key = torch.randn(2, 2 if gqa else 4, 8, 16)
+    mask = None if mask_shape is None else torch.randn(*mask_shape)
+    mapped = torch.func.vmap(lambda q, m: op(q, key, key, m, False, None, gqa), in_dims=(0, 0 if mask_mapped else None))
+    expected = torch.stack([
+        F.scaled_dot_product_attention(query[k], key, key, attn_mask=mask[k] if mask_mapped else mask, enable_gqa=gqa)
+        for k in range(5)
+    ])
+    torch.testing.assert_close(mapped(query, mask), expected)

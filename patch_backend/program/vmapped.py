@@ -25,10 +25,11 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from ..capture.capture import GraphCapture
 from ..capture.naming import Site
@@ -117,12 +118,108 @@ def build_vmapped(
     built: List[torch.fx.GraphModule] = []
 
     def keep_graph(gm: torch.fx.GraphModule, example: Sequence[Any]) -> Callable:
+        _batch_attention(gm)
         built.append(gm)
         return gm.forward
 
     program = build_sweep_program(capture, sites, capacities, args, keep_graph)
     forms = output_forms(built[0], len(args), batched_inputs, program.original_outputs, _batch(args, batched_inputs))
     return VmappedProgram(program, forms, cells)
+
+
+# -- attention over cells ----------------------------------------------------------------------
+# vmap has no batching rule for CPU's fused attention kernel and runs it once per cell (about a
+# seventh of a 12-layer GPT-2 chunk's time). The cells are just more rows for it: this op's rule
+# runs one attention call over the K·B rows.
+
+
+@torch.library.custom_op("patch_backend::attention_over_cells", mutates_args=())
+def attention_over_cells(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+    is_causal: bool, scale: Optional[float], enable_gqa: bool,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` without dropout (the vmapped graph's form of it)."""
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+@attention_over_cells.register_fake
+def _attention_shape(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+@attention_over_cells.register_vmap
+def _attention_rule(info, in_dims, query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    q_dim, k_dim, v_dim, mask_dim = in_dims[:4]
+    if q_dim is None and k_dim is None and v_dim is None and mask_dim is None:
+        # Before the first patched site: one computation for every cell.
+        return attention_over_cells(query, key, value, attn_mask, is_causal, scale, enable_gqa), None
+    cells = info.batch_size
+    per_cell = query.dim() - (q_dim is not None)
+    if per_cell != 4 or (attn_mask is not None and attn_mask.dim() - (mask_dim is not None) > 4):
+        # Not [batch, heads, length, features]: one call per cell, as vmap would do.
+        def cell(k: int, t: Optional[torch.Tensor], d: Optional[int]) -> Optional[torch.Tensor]:
+            return t if t is None or d is None else t.select(d, k)
+
+        return torch.stack([
+            attention_over_cells(cell(k, query, q_dim), cell(k, key, k_dim), cell(k, value, v_dim),
+                                 cell(k, attn_mask, mask_dim), is_causal, scale, enable_gqa)
+            for k in range(cells)
+        ]), 0
+    rows = [_cells_first(t, d, cells) for t, d in ((query, q_dim), (key, k_dim), (value, v_dim))]
+    batch = max(t.shape[1] for t in rows)
+    q, k, v = (t.expand(cells, batch, *t.shape[2:]).reshape(cells * batch, *t.shape[2:]) for t in rows)
+    mask = None if attn_mask is None else _mask_rows(attn_mask, mask_dim, cells, batch)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.reshape(cells, batch, *out.shape[1:]), 0
+
+
+def _cells_first(t: torch.Tensor, dim: Optional[int], cells: int) -> torch.Tensor:
+    return t.expand(cells, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _mask_rows(mask: torch.Tensor, dim: Optional[int], cells: int, batch: int) -> torch.Tensor:
+    """A mask for the K·B rows: one that broadcasts over the batch stays as it is, else its
+    rows are cell k's at ``k*B:(k+1)*B``."""
+    if dim is None and (mask.dim() < 4 or mask.shape[0] == 1):
+        return mask
+    mask = _cells_first(mask, dim, cells)
+    while mask.dim() < 5:
+        mask = mask.unsqueeze(1)
+    mask = mask.expand(cells, batch, *mask.shape[2:])
+    return mask.reshape(cells * batch, *mask.shape[2:])
+
+
+def _batch_attention(gm: torch.fx.GraphModule) -> None:
+    """Calls of ``scaled_dot_product_attention`` without dropout become ``attention_over_cells``."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        bound = _sdpa_arguments(node)
+        if bound is None or bound.pop("dropout_p", 0.0) != 0.0:
+            continue
+        node.target = torch.ops.patch_backend.attention_over_cells.default
+        node.args = (bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+                     bound.get("is_causal", False), bound.get("scale"), bound.get("enable_gqa", False))
+        node.kwargs = {}
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_arguments(node: torch.fx.Node) -> Optional[Dict[str, Any]]:
+    if len(node.args) > len(_SDPA_PARAMETERS) or set(node.kwargs) - set(_SDPA_PARAMETERS):
+        return None
+    bound = dict(zip(_SDPA_PARAMETERS, node.args))
+    if set(bound) & set(node.kwargs):
+        return None
+    bound.update(node.kwargs)
+    return bound if {"query", "key", "value"} <= set(bound) else None
 
 
 def _batch(args: Sequence[Any], batched_inputs: FrozenSet[int]) -> int:
