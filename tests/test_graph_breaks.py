@@ -871,3 +871,132 @@ def test_root_result_that_is_an_input(backend: str) -> None:
     for got, want in zip((patched[0], patched[1], patched[2]["k"]), (expected[0], expected[1], expected[2]["k"])):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(y, plain[1])  # the input itself was not modified
+
+
+# -- forwards Dynamo runs eagerly keep their boundary names -----------------------------------
+
+
+class EagerBlock(nn.Module):
+    """A graph break Dynamo cannot resume from (under a user context manager, or inside
+    ``try``) makes it run the whole forward eagerly; ``none`` is the unbroken reference."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.act = nn.ReLU()
+        self.scale = nn.Parameter(torch.full((3,), 0.5))
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor):
+        h = self.lin(x)
+        if self.mode == "ctx":
+            with _UserContext():
+                print("", end="")
+                h = self.act(h) * 2
+        elif self.mode == "try":
+            try:
+                print("", end="")
+                h = self.act(h) * 2
+            except RuntimeError:
+                raise
+        else:
+            h = self.act(h) * 2
+        return h * self.scale, h
+
+
+class AroundEagerBlock(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = EagerBlock(mode)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, h = self.block(self.pre(x))
+        return self.post(y) + h
+
+
+def _eager_model(where: str, mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    return EagerBlock(mode) if where == "root" else AroundEagerBlock(mode)
+
+
+def _boundary_names(model: nn.Module) -> List[str]:
+    """The unbroken model's names that are not ops (inputs, parameters, results)."""
+    index = pb.capture.index.index_for(model)
+    return [name for name in index.names if index.by_name[name][0].site.kind != "op"]
+
+
+@pytest.mark.parametrize("instance", ["first", "second"])
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("where", ["root", "submodule"])
+@pytest.mark.parametrize("mode", ["ctx", "try"])
+def test_forward_run_eagerly_keeps_boundary_names(mode: str, where: str, backend: str, instance: str) -> None:
+    """A forward Dynamo runs eagerly has the unbroken model's boundary names (its inputs,
+    parameters and results, and those of the modules it calls), none of the ops of its own
+    body, and patches there equal hand-written forward hooks; no hook is left behind."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    reference = _eager_model(where, "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(reference, backend="graphpatch_eager")(x)
+        expected_names = set(_boundary_names(reference))
+        if instance == "second":
+            torch.compile(_eager_model(where, mode), backend=backend)(x)  # the code is now skipped
+        model = _eager_model(where, mode)
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+        names = set(pb.nodes(compiled))
+    prefix = "" if where == "root" else "block."
+    broken_boundary = {name for name in names if name.startswith(prefix) or where == "root"}
+    assert {name for name in expected_names if name.startswith(prefix)} <= names
+    assert names <= set(pb.nodes(reference)), names - set(pb.nodes(reference))
+    assert f"{prefix}mul" not in names and f"{prefix}lin.linear" not in names  # ops of the eager body
+    assert {f"{prefix}x", f"{prefix}scale", f"{prefix}output|sub_0", f"{prefix}output|sub_1", f"{prefix}lin.output"} <= broken_boundary
+
+    probe = pb.ProbePatch()
+    patch_map = {
+        f"{prefix}x": pb.ZeroPatch(slice=(slice(None), 0)),
+        f"{prefix}scale": pb.AddPatch(value=1.0),
+        f"{prefix}lin.output": pb.AddPatch(value=torch.full((3,), 0.25)),
+        f"{prefix}act.input": probe,
+        f"{prefix}output|sub_0": pb.ReplacePatch(value=2.0, slice=(0,)),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), pb.patch(compiled, patch_map):
+            patched = compiled(x)
+            patched_again = compiled(x)
+    block = model if where == "root" else model.block
+    assert not block._forward_hooks and not block._forward_pre_hooks
+    assert not block.lin._forward_hooks and not block.act._forward_pre_hooks
+
+    def x_hook(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[:, 0] = 0
+        return (zeroed,)
+
+    def output_hook(module: nn.Module, args, output):
+        first = output[0].clone()
+        first[0] = 2.0
+        return first, output[1]
+
+    seen: Dict[str, torch.Tensor] = {}
+    saved = block.scale.data.clone()
+    hooks = [
+        block.register_forward_pre_hook(x_hook),
+        block.register_forward_hook(output_hook),
+        block.lin.register_forward_hook(lambda m, a, out: out + 0.25),
+        block.act.register_forward_pre_hook(lambda m, a: seen.__setitem__("act", a[0].clone())),
+    ]
+    try:
+        block.scale.data += 1.0
+        expected = output_with_hooks(model, x, hooks)
+    finally:
+        block.scale.data.copy_(saved)
+    for got in (patched, patched_again):
+        for part_got, part_want in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(part_got, part_want)
+    torch.testing.assert_close(probe.activation, seen["act"])
+    torch.testing.assert_close(block.scale.data, saved)  # the parameter itself is unchanged

@@ -20,7 +20,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.frame import FrameInfo, assigned_locals, continued_frame_locals, find_caller, returning_callers
+from .._torch_compat.frame import (
+    FrameInfo,
+    assigned_locals,
+    continued_frame_locals,
+    eager_observations_version,
+    find_caller,
+    returning_callers,
+)
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -302,4 +309,6 @@ def forget(capture: GraphCapture) -> None:
 
 
 def registry_version() -> int:
-    return _version[0]
+    """Changes whenever a name table may change: a capture, a new occurrence, or a forward
+    Dynamo ran eagerly observed (its module boundaries are named, index.py)."""
+    return _version[0] + eager_observations_version()
