@@ -10,6 +10,7 @@ forward hooks on the eager model.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -377,21 +378,35 @@ class LoopBreak(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
-def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
+def test_forward_dynamo_runs_eagerly_keeps_boundaries(backend: str) -> None:
     """A forward Dynamo gives up on (a graph break inside a loop) runs eagerly with no graph at
-    all: nothing is named, and every way in says why, never silently ignoring a patch."""
-    x = torch.randn(2, 3)
-    compiled = torch.compile(LoopBreak(), backend=backend)
+    all: its boundaries and those of the modules it calls are named as without the break and
+    patch like forward hooks; the ops of its body have no name (KeyError at entry)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 3), LoopBreak()
+    compiled = torch.compile(model, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled(x)
-        with pytest.raises(RuntimeError, match=r"Dynamo ran LoopBreak.forward eagerly \(graph break in loop\)"):
-            pb.nodes(compiled)
-        with pytest.raises(pb.PatchNotAppliedError, match=r"'layers_0.output' \(ZeroPatch\)"):
-            with pb.patch(compiled, {"layers_0.output": pb.ZeroPatch()}):
+        assert set(pb.nodes(compiled)) == {
+            "x", "output", "layers_0.input", "layers_0.weight", "layers_0.bias", "layers_0.output",
+            "layers_1.input", "layers_1.weight", "layers_1.bias", "layers_1.output",
+        }
+        with pytest.raises(KeyError, match="no node named 'mul'"):
+            with pb.patch(compiled, {"mul": pb.ZeroPatch()}):
                 compiled(x)
-        with pytest.raises(RuntimeError, match="PatchableGraph captured no graph for LoopBreak: Dynamo ran LoopBreak.forward eagerly"):
-            pb.PatchableGraph(LoopBreak(), x, _backend=backend)
+        with torch.no_grad(), pb.patch(compiled, {"layers_0.output": pb.ZeroPatch(slice=(0,))}):
+            patched = compiled(x)
+        assert len(pb.PatchableGraph(model, x, _backend=backend).graph._shape) > 0
+
+    def zero_first(module: nn.Module, args, output):
+        output = output.clone()
+        output[0] = 0
+        return output
+
+    expected = output_with_hooks(model, x, [model.layers[0].register_forward_hook(zero_first)])
+    torch.testing.assert_close(patched, expected)
 
 
 def test_op_named_like_a_child_module() -> None:
@@ -805,9 +820,9 @@ class _UserContext:
         return False
 
 
-class CtxBreak(nn.Module):
-    """A graph break under a user-defined context manager: Dynamo cannot resume inside it and
-    runs the whole forward eagerly (torch 2.13)."""
+class CtxBranch(nn.Module):
+    """Dynamo runs this forward eagerly (a break under a user context manager); ``lin`` is
+    called only for a positive input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -816,23 +831,31 @@ class CtxBreak(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _UserContext():
             print("", end="")
-            return self.lin(x) * 2
+            if bool(x.sum() > 0):
+                x = self.lin(x)
+            return x * 2
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
 def test_forward_skipped_for_a_context_manager_is_never_silent(backend: str) -> None:
-    """Gap 4: a forward Dynamo skips for another reason than a loop or an RNN still says which
-    module and why (names cannot be made: no graph, and no record of its module calls)."""
-    x = torch.randn(2, 3)
-    compiled = torch.compile(CtxBreak(), backend=backend)
+    """A forward Dynamo skips for a user context manager: the ops of its body are unknown names
+    (KeyError at entry), and a boundary patch whose module did not run in the context raises at
+    exit, naming it (never silent)."""
+    torch._dynamo.reset()
+    positive = torch.ones(2, 3)
+    compiled = torch.compile(CtxBranch(), backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled(x)
-        with pytest.raises(RuntimeError, match=r"Dynamo ran CtxBreak\.forward eagerly \(.*[Cc]ontext.*\)"):
-            pb.nodes(compiled)
+        compiled(positive)
+        assert {"x", "lin.input", "lin.output", "output"} <= set(pb.nodes(compiled))
+        with pytest.raises(KeyError, match="no node named 'mul'"):
+            with pb.patch(compiled, {"mul": pb.ZeroPatch()}):
+                compiled(positive)
         with pytest.raises(pb.PatchNotAppliedError, match=r"'lin.output' \(ZeroPatch\)"):
             with pb.patch(compiled, {"lin.output": pb.ZeroPatch()}):
-                compiled(x)
+                compiled(-positive)
+        with torch.no_grad(), pb.patch(compiled, {"lin.output": pb.ZeroPatch()}):
+            assert torch.equal(compiled(positive), torch.zeros(2, 3))
 
 
 class ReturnsItsInput(nn.Module):
@@ -1000,3 +1023,86 @@ def test_forward_run_eagerly_keeps_boundary_names(mode: str, where: str, backend
             torch.testing.assert_close(part_got, part_want)
     torch.testing.assert_close(probe.activation, seen["act"])
     torch.testing.assert_close(block.scale.data, saved)  # the parameter itself is unchanged
+
+
+def test_forward_run_eagerly_unwatched_still_raises() -> None:
+    """Where the first eager run of a forward cannot be watched (a profiler is active on the
+    thread), nothing names its boundaries: pb.nodes says why, as before (errors.md row 18)."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    compiled = torch.compile(LoopBreak(), backend="graphpatch_eager")
+    previous = sys.getprofile()
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+    finally:
+        sys.setprofile(previous)
+    with pytest.raises(RuntimeError, match=r"Dynamo ran LoopBreak.forward eagerly \(graph break in loop\)"):
+        pb.nodes(compiled)
+
+
+class NoGradBreak(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.lin(x) + 1
+            if self.broken:
+                torch._dynamo.graph_break()
+            return h * 2
+
+
+class CallsAroundABreak(nn.Module):
+    """``self.post`` is loaded before ``self.inner`` breaks the graph: the resume function
+    holds it on its stack (``___stack0``), not as ``self.post``."""
+
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.inner = NoGradBreak(broken)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.inner(self.pre(x)))
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_module_on_the_resume_stack_keeps_its_names(backend: str) -> None:
+    """A module called on a value a graph break produced (``self.post(self.inner(...))``) has
+    its own names (``post.weight``, ``post.linear``), not inputs of the root (``input_1``), and
+    a patch there equals a forward hook."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    unbroken, broken = CallsAroundABreak(False), CallsAroundABreak(True)
+    broken.load_state_dict(unbroken.state_dict())
+    names = []
+    results = []
+    for model in (unbroken, broken):
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            names.append(pb.nodes(compiled))
+            with torch.no_grad(), pb.patch(compiled, {"post.weight": pb.ZeroPatch(slice=(0,)), "post.linear": pb.AddPatch(value=1.0)}):
+                results.append(compiled(x))
+    assert names[0] == names[1]
+    assert {"post.weight", "post.linear", "post.output"} <= set(names[1])
+
+    def post_pre(module: nn.Module, args):
+        module.saved = module.weight.data.clone()
+        module.weight.data[0] = 0
+
+    def post_after(module: nn.Module, args, output):
+        module.weight.data.copy_(module.saved)
+        return output + 1.0
+
+    expected = output_with_hooks(unbroken, x, [unbroken.post.register_forward_pre_hook(post_pre),
+                                               unbroken.post.register_forward_hook(post_after)])
+    for result in results:
+        torch.testing.assert_close(result, expected)

@@ -118,6 +118,12 @@ class FrameInfo:
     #: arguments, unchanged (frame local → caller's parameter name). Set by capture_graph.
     caller_module_ref: Optional["weakref.ref[torch.nn.Module]"] = field(default=None, repr=False)
     caller_arguments: Dict[str, str] = field(default_factory=dict)
+    #: For a resume function: locals holding a module (``___stack0``: ``self.post`` loaded
+    #: before the call that broke the graph, ``self.post(self.inner(x))``), weakly.
+    stack_modules: Dict[str, "weakref.ref[torch.nn.Module]"] = field(default_factory=dict, repr=False)
+    #: The same locals → the module's path below the forward's module (set by capture_graph):
+    #: their parameters and ops belong to that module, as without the break.
+    module_locals: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def caller_module(self) -> Optional[torch.nn.Module]:
@@ -223,10 +229,19 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
             info.self_module, info.self_local = value, local
             break
     else:
-        varargs = info.varargs_local
-        packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
-        if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
-            info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
+        _read_varargs_self(tx, info)
+    if info.is_resume:
+        for local, value in tx.f_locals.items():
+            if local != info.self_local and isinstance(value, torch.nn.Module):
+                info.stack_modules[local] = weakref.ref(value)
+
+
+def _read_varargs_self(tx: Any, info: FrameInfo) -> None:
+    """The module as ``args[0]`` of a ``wrapper(*args, **kwargs)`` decorator."""
+    varargs = info.varargs_local
+    packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
+    if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
+        info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
 
 
 def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:

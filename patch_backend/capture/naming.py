@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from .._torch_compat.frame import ModuleReturn, assigned_locals
-from .._torch_compat.sources import module_stack, stack_path
+from .._torch_compat.sources import module_stack, parse_source_path, stack_path
 from .capture import GraphCapture
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
@@ -267,8 +267,14 @@ class _OccurrenceNamer:
         (invocation keys, module path from the root) per level, outermost first."""
         entries = []
         keys: InvocationKeys = ()
+        module_locals = self.capture.frame.module_locals
         for key, path_text in stack:
-            relative = _stack_segments(path_text, self.capture.frame.self_prefix)
+            parsed = parse_source_path(path_text) if module_locals else None
+            if parsed is not None and parsed[0] in module_locals:
+                # A module held on a resume function's stack (``L['___stack0']``): its path.
+                relative: Optional[Tuple[str, ...]] = module_locals[parsed[0]] + parsed[1]
+            else:
+                relative = _stack_segments(path_text, self.capture.frame.self_prefix)
             if relative is None:
                 continue
             raw = self.prefix + relative
