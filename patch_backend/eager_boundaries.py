@@ -111,22 +111,23 @@ def _mark(index: RootIndex, name: str) -> None:
 @torch.compiler.disable
 def _before(index: RootIndex, path: Tuple[str, ...], module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
     state = _call_state()
-    frames = {site.frame for site in index.eager_sites.values()}
-    if path in frames:
-        # A run of the eagerly run forward starts: its calls are counted afresh, and it counts
-        # as a forward of the model for the never-ran check.
+    entry = _entry(index)
+    if any(site.frame == path for site in index.eager_sites.values()):
+        # A run of the eagerly run forward starts: its calls are counted afresh, and (in a
+        # context patching the model) it counts as a forward for the never-ran check.
         for key in [key for key in state if key[0] == id(index) and key[1] == "count" and key[2][: len(path)] == path]:
             del state[key]
-        log = _active.get().log
-        log.graph_calls[id(index)] = log.graph_calls.get(id(index), 0) + 1
-        if path == ():
-            log.forwards[id(index)] = log.forwards.get(id(index), 0) + 1
+        if entry is not None:
+            log = _active.get().log
+            log.graph_calls[id(index)] = log.graph_calls.get(id(index), 0) + 1
+            if path == ():
+                log.forwards[id(index)] = log.forwards.get(id(index), 0) + 1
     count_key = (id(index), "count", path)
     ordinal = state.get(count_key, 0)
     state[count_key] = ordinal + 1
     state.setdefault((id(index), "open", path), []).append(ordinal)
-    entry = _entry(index)
     if entry is None:
+        state.setdefault((id(index), "swapped", path), []).append([])
         return None
     swapped: List[Tuple[str, str, Any]] = []
     changed = False

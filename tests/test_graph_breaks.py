@@ -1117,3 +1117,50 @@ def test_module_on_the_resume_stack_keeps_its_names(backend: str) -> None:
                                                unbroken.post.register_forward_hook(post_after)])
     for result in results:
         torch.testing.assert_close(result, expected)
+
+
+class TwiceInEagerBody(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            if self.broken:
+                print("", end="")
+            return self.lin(self.lin(x) * 2)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_module_called_twice_in_an_eager_body(backend: str) -> None:
+    """A module the eagerly run forward calls twice gets one scope per call (``lin_0``,
+    ``lin_1``) as without the break, and a patch on one call leaves the other alone."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    unbroken, broken = TwiceInEagerBody(False), TwiceInEagerBody(True)
+    broken.load_state_dict(unbroken.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(unbroken, backend="graphpatch_eager")(x)
+        compiled = torch.compile(broken, backend=backend)
+        compiled(x)
+        expected_names = {n for n in pb.nodes(unbroken) if pb.capture.index.index_for(unbroken).by_name[n][0].site.kind != "op"}
+        assert set(pb.nodes(compiled)) == expected_names
+        assert {"lin_0.output", "lin_1.input", "lin_1.weight"} <= expected_names
+        with torch.no_grad(), pb.patch(compiled, {"lin_1.input": pb.AddPatch(value=1.0), "lin_0.weight": pb.ZeroPatch(slice=(0,))}):
+            patched = compiled(x)
+    calls = {"n": 0}
+
+    def pre(module: nn.Module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            module.saved = module.weight.data.clone()
+            module.weight.data[0] = 0
+            return None
+        module.weight.data.copy_(module.saved)
+        return (args[0] + 1.0,)
+
+    expected = output_with_hooks(unbroken, x, [unbroken.lin.register_forward_pre_hook(pre)])
+    torch.testing.assert_close(patched, expected)
