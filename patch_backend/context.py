@@ -25,6 +25,7 @@ import torch
 from .aliases import resolve_aliases
 from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
+from .eager_boundaries import install_boundary_hooks
 from .never_silent import PatchNotAppliedError, raise_if_unapplied, unapplied_message, watch_eager_calls
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
@@ -141,6 +142,9 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
         validate_entered(index, new_names)  # raises before the state exists, as the roots do
     state = PatchState(tuple(roots), PATCHES)
     release = watch_eager_calls(model, root)
+    # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
+    # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
+    unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
     token = _active.set(state)
     try:
         yield
@@ -148,6 +152,8 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
     finally:
         _active.reset(token)
         release()
+        if unhook is not None:
+            unhook()
         if previous.roots:
             state.log.merge_into(previous.log)
 
