@@ -1013,7 +1013,7 @@ def _exchange_rows(
             data = None  # e.g. a dtype without a byte view: every rank's rows travel pickled
             header = _Header(0, rows, int(cell_by_cell), _Header.PICKLED, 0, len(shape))
     fits = data is not None and data.numel() <= room
-    buffer = torch.empty(_HEADER_BYTES + room, dtype=torch.uint8, device=channel.device)
+    buffer = torch.zeros(_HEADER_BYTES + room, dtype=torch.uint8, device=channel.device)
     buffer[:_HEADER_BYTES] = torch.tensor(header.encode(), dtype=torch.int64, device=channel.device).view(torch.uint8)
     if fits and data is not None:
         buffer[_HEADER_BYTES : _HEADER_BYTES + data.numel()] = data
@@ -1030,7 +1030,7 @@ def _exchange_rows(
     else:
         # Some rank's rows did not fit the room reserved for them: every rank sends its rows
         # again, at the exact size of the largest (the headers already told everyone).
-        again = torch.empty(largest, dtype=torch.uint8, device=channel.device)
+        again = torch.zeros(largest, dtype=torch.uint8, device=channel.device)
         if data is not None:
             again[: data.numel()] = data
         payloads = tuple(tensor[: h.nbytes] for tensor, h in zip(channel.gather(again), headers))
