@@ -34,6 +34,9 @@ class Stats:
     plain_eager_calls: int = 0
     #: Background compiles that raised (their programs run eagerly; a warning says so).
     compile_failures: int = 0
+    #: Graphs with symbolic shapes captured while a background compile held the compile lock:
+    #: their unpatched calls run the captured graph uncompiled (runtime/dispatcher.py).
+    plain_uncompiled_graphs: int = 0
     evictions: int = 0
     #: Compile seconds per region label (program/regions.py: ``"transformer.h[*]"`` for a
     #: block, ``"before transformer.h"``, ``"after transformer.h"``, ``"whole graph"``), counting

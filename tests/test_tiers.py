@@ -271,6 +271,26 @@ def test_background_compiles_each_shape_specialization_once():
     assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (2, 2, 2)
 
 
+def test_a_symbolic_capture_during_a_background_compile_does_not_wait_for_it(gated_compiler):
+    """A graph with symbolic shapes compiles its plain program inside Dynamo's compile. While
+    the worker holds the compile lock (its next FX trace would wait for that Dynamo compile),
+    waiting for the lock there deadlocked: the graph's unpatched calls now run uncompiled."""
+    gate, started = gated_compiler
+    torch.manual_seed(0)
+    model = TwoLayerMLP(8)
+    compiled = torch.compile(model, backend="graphpatch")
+    with pb.config.patch(compile_policy="background"), torch.no_grad():
+        compiled(torch.randn(3, 8))  # a static capture: its plain compile waits at the gate
+        assert started.reach(1) == 1
+        # Another size: Dynamo recaptures with symbolic sizes while the worker holds the lock.
+        for rows in (5, 6):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert pb.stats(compiled).plain_uncompiled_graphs == 1
+    gate.set()
+    assert pb.wait_for_compiles(timeout=300)
+
+
 def test_shape_specializations_are_bounded():
     model = TwoLayerMLP(8)
     compiled = torch.compile(model, backend="graphpatch", dynamic=True)

@@ -9,6 +9,7 @@ no front-end: which program and which extra inputs are the front-end's answer.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -27,6 +28,8 @@ from ..stats import Stats
 from .requests import GraphFacts
 from . import worker
 from .tiers import COMPILE_LOCK, Tiers
+
+logger = logging.getLogger(__name__)
 
 
 class Dispatcher:
@@ -52,7 +55,7 @@ class Dispatcher:
             self.plain: Callable = self._compile_plain_on_first_call
         else:
             # Symbolic shapes need Dynamo's tracing context, which exists only right now.
-            self.plain = self._compile_plain(example_inputs)
+            self.plain = self._compile_symbolic_plain(example_inputs)
         capture.dispatcher_ref = weakref.ref(self)
         #: Models whose patches built programs here (see ``_owned_by``).
         self._owners: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -97,6 +100,24 @@ class Dispatcher:
         plain = self.compile(self.capture.gm, example_inputs)
         self.stats.compile_seconds += time.perf_counter() - start
         return plain
+
+    def _compile_symbolic_plain(self, example_inputs: Sequence[Any]) -> Callable:
+        """The plain program of a graph with symbolic shapes, compiled now, inside Dynamo's
+        compile, unless another thread holds the compile lock: that is the compile worker, whose
+        next FX trace waits for this Dynamo compile to end (runtime/worker.py), so waiting for
+        it here would deadlock. The graph's unpatched calls then run it uncompiled (its patched
+        programs still compile, with symbolic sizes, program/dynamic.py)."""
+        if not self.compiled:
+            return self.capture.gm.forward
+        if not COMPILE_LOCK.acquire(blocking=False):
+            logger.info("graph %s: symbolic shapes captured while a compile runs; its plain program runs uncompiled",
+                        self.capture.uid)
+            self.stats.plain_uncompiled_graphs += 1
+            return self.capture.gm.forward
+        try:
+            return self._compile_plain(example_inputs)
+        finally:
+            COMPILE_LOCK.release()
 
     def _compile_plain_on_first_call(self, *args: Any) -> Any:
         if self.tiers.plain_in_background(lambda: self._install_plain(args)):
