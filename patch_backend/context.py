@@ -192,9 +192,16 @@ class PatchContext:
             if known:  # raises before the state exists, as the roots do
                 validate_entered(index, new_names, structure if list(new_names) == list(by_name) else None)
         if previous.roots:
-            roots = _entered_roots(previous, index, new_names, known)
-        else:
-            roots = [RootPatches(index, new_names, known)]
+            roots = tuple(_entered_roots(previous, index, new_names, known))
+            shapes = None
+            pending = None
+            for entry in roots:
+                if not entry.validated:
+                    pending = PendingValidation()
+        else:  # the common case: one model, its shapes found by these names alone
+            roots = (RootPatches(index, new_names, known),)
+            shapes = handle.shapes(tuple(new_names))
+            pending = None if known else PendingValidation()
         _check_reuse(roots)
         # Nothing raises after this: the watch is released at exit.
         watch = handle.watch = watch_eager_calls(model, root, handle.watch)
@@ -203,11 +210,7 @@ class PatchContext:
             watching += (model,)
             if root not in watched_roots:
                 watched_roots += (root,)
-        pending = None
-        for entry in roots:
-            if not entry.validated:
-                pending = PendingValidation()
-        state = PatchState(tuple(roots), PATCHES, {}, RunLog(), pending, watching, watched_roots)
+        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watching, watched_roots, shapes)
         self._state, self._previous, self._watch, self._index, self._names = state, previous, watch, index, new_names
         self._token = _active.set(state)
 
@@ -231,12 +234,25 @@ class _Handle:
     entry; kept by ``id``, with a weak reference that tells the live handle from a reused id
     and drops the entry with the handle."""
 
-    __slots__ = ("ref", "index", "watch")
+    __slots__ = ("ref", "index", "watch", "_shapes")
 
     def __init__(self, ref: Optional["weakref.ref[Any]"], index: RootIndex) -> None:
         self.ref = ref
         self.index = index
         self.watch: Optional[Watch] = None
+        #: Patched names → (capture uid, instance, name-table version) → OccurrenceShape.
+        self._shapes: Dict[Tuple[str, ...], Dict[Any, OccurrenceShape]] = {}
+
+    def shapes(self, names: Tuple[str, ...]) -> Dict[Any, "OccurrenceShape"]:
+        """The occurrence shapes of a context of this model alone patching ``names``: the
+        graph memo's, found by a shorter key (``occurrence``). Bounded; a lost entry is cheap
+        to find again. Dict reads and writes are atomic, so threads may share them."""
+        found = self._shapes.get(names)
+        if found is None:
+            if len(self._shapes) >= 256:
+                self._shapes.clear()
+            found = self._shapes[names] = {}
+        return found
 
 
 def _handle_of(model: Any) -> _Handle:
@@ -317,9 +333,10 @@ class Patches:
         pending = state.pending
         if pending is not None and not pending.done:
             pending.done = validate_pending(state, (graph.capture.uid, instance))
-        found = state.memo.get((graph.capture.uid, instance, registry_version()))
+        key = (graph.capture.uid, instance, registry_version())
+        found = state.memo.get(key)
         if found is None:
-            found = occurrence(state, graph, instance)
+            found = occurrence(state, graph, instance, key)
         selection, marks, owners, declared = found
         marks.calls += 1  # for pb.patch's check at exit
         if marks.roots:
@@ -429,7 +446,7 @@ def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], 
     )
 
 
-def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> "Occurrence":
+def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int], key: Hashable) -> "Occurrence":
     """The active patches that land in this graph occurrence, the marks that count its runs for
     the never-ran check, the patched models (the programs' owners) and whether any of them
     declared sites (pb.prepare): computed at the occurrence's first call under ``state`` and
@@ -437,10 +454,21 @@ def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) ->
 
     What they derive from (which patched names have sites here, which models the occurrence
     belongs to and returns from) depends on the patched names, not the patches, so it is kept
-    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it.
+    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it;
+    a context of one model also finds it in ``state.shapes`` (its handle's, by these names),
+    by ``key`` = (capture uid, instance, name-table version) alone.
     """
     roots = state.roots
-    shape = _occurrence_shape(roots, graph, instance)
+    shapes = state.shapes
+    if shapes is not None:
+        shape = shapes.get(key)
+        if shape is None:
+            shape = _occurrence_shape(roots, graph, instance)
+            if len(shapes) >= 1024:
+                shapes.clear()
+            shapes[key] = shape
+    else:
+        shape = _occurrence_shape(roots, graph, instance)
     if len(roots) == 1:  # the common case, without the generators
         by_name = roots[0].by_name
         selection = tuple([SitePatches(site, by_name[name]) for name, site in shape.sites[0]])
@@ -455,7 +483,7 @@ def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) ->
     marks = GraphMarks(shape.roots, shape.returns, shape.applied)
     state.log.marks.append(marks)
     found: Occurrence = (selection, marks, owners, declared)
-    state.memo[(graph.capture.uid, instance, registry_version())] = found
+    state.memo[key] = found
     return found
 
 

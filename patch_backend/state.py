@@ -109,6 +109,9 @@ class PatchState:
     #: states it extends watch for the never-ran check, and their root modules (never_silent.py).
     watching: Tuple[Any, ...] = ()
     watched_roots: Tuple[Any, ...] = ()
+    #: For a state patching one model: that model's occurrence shapes of these patched names
+    #: (``context.occurrence``), shared by the contexts that patch them.
+    shapes: Optional[Dict[Any, Any]] = None
 
 
 @dataclass(eq=False)
