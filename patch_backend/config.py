@@ -52,6 +52,17 @@ compile_policy: str = os.environ.get("PATCH_BACKEND_COMPILE_POLICY", "background
 if compile_policy not in COMPILE_POLICIES:
     raise ValueError(f"PATCH_BACKEND_COMPILE_POLICY must be one of {COMPILE_POLICIES}, got {compile_policy!r}")
 
+#: pb.sweep's eager tier (program/vmapped.py): while a sweep runs its chunks uncompiled, each
+#: chunk's K cells run as ``torch.func.vmap`` over the base-batch graph, so the sweep needs no
+#: second Dynamo capture at K x the batch (seconds per model) and every op before the first
+#: patched site runs once. False: every chunk runs the graph captured at K x the batch.
+sweep_vmap: bool = True
+
+#: Under ``compile_policy="background"``, a sweep stays on the eager tier (above) while it
+#: expects to finish within this many seconds; a longer one moves to compiled programs (captured
+#: at the chunk's rows, compiled on the worker while its chunks keep running eagerly).
+sweep_eager_seconds: float = 10.0
+
 #: How the ranks of a sharded sweep share the compile of its program (docs/scaling.md). In every
 #: mode all ranks declare the sweep's whole site set, so they need one and the same program.
 #:
@@ -95,6 +106,8 @@ def _check(name: str, value: Any) -> None:
         raise ValueError(f"config.compile_policy must be one of {COMPILE_POLICIES}, got {value!r}")
     if name == "compile_sharing" and value not in COMPILE_SHARING_MODES:
         raise ValueError(f"config.compile_sharing must be one of {COMPILE_SHARING_MODES}, got {value!r}")
+    if name == "sweep_eager_seconds" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise ValueError(f"config.sweep_eager_seconds must be a number of seconds >= 0, got {value!r}")
 
 
 @contextlib.contextmanager

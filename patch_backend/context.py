@@ -27,6 +27,7 @@ import torch
 from .aliases import resolve_aliases
 from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
+from .eager_boundaries import install_boundary_hooks
 from .never_silent import PatchNotAppliedError, Watch, raise_if_unapplied, unapplied_message, watch_eager_calls
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
@@ -171,7 +172,7 @@ class PatchContext:
     forwards the host work of entering and leaving is a visible part of each call, and
     ``contextlib``'s generator machinery was a fifth of it. Single use, like that one."""
 
-    __slots__ = ("_model", "_map", "_state", "_previous", "_token", "_watch", "_index", "_names")
+    __slots__ = ("_model", "_map", "_state", "_previous", "_token", "_watch", "_unhook", "_index", "_names")
 
     def __init__(self, model: Any, patch_map: PatchMap) -> None:
         self._model = model
@@ -211,6 +212,9 @@ class PatchContext:
             if root not in watched_roots:
                 watched_roots += (root,)
         state = PatchState(roots, PATCHES, {}, RunLog(), pending, watching, watched_roots, shapes)
+        # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
+        # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
+        self._unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
         self._state, self._previous, self._watch, self._index, self._names = state, previous, watch, index, new_names
         self._token = _active.set(state)
 
@@ -223,6 +227,8 @@ class PatchContext:
             _active.reset(self._token)
             if self._watch is not None:
                 self._watch.release()
+            if self._unhook is not None:
+                self._unhook()
             if self._previous.roots:
                 state.log.merge_into(self._previous.log)
 

@@ -9,28 +9,35 @@ Each rank then
    (``plan_shards``: a pure function, so every rank computes the same plan without talking);
 2. checks with the others that they all hold the same cells (a fingerprint of names, patch types,
    slices and value shapes) and agrees on one chunk size and on the sweep's whole site set, so
-   every rank builds one and the same program (same sites, same shape), whatever its shard names;
+   every rank builds one and the same program (same sites, same shape), whatever its shard names.
+   This is one ``all_gather`` of a fixed-size int64 tensor per rank (``_Agreement``: counts,
+   flags and digests); objects travel only when some rank failed to plan (its report) or the
+   ranks resolved different site sets (rank 0's names);
 3. runs its shard as an ordinary single-process ``sweep(..., distributed=False)``, inside
    try/except: a failure becomes a status, never an exception that would leave the other ranks
    waiting in a collective. When some rank has not compiled the sweep's program yet, the first
    rank with cells runs its first chunk alone (compiling it) and the others then load its
    artifacts instead of compiling the same program again (``config.compile_sharing``);
-4. exchanges statuses with ``all_gather_object``. If any rank failed, every rank raises
-   ``DistributedSweepError`` naming the rank and the cell; nothing is returned half-written;
-5. only then gathers the results and returns them, in cell order, on every rank. Small results
-   travel with step 4's statuses (no extra collective); larger ones are gathered afterwards
-   (``all_gather`` of padded tensors).
+4. exchanges statuses and rows in one ``all_gather`` of bytes: a fixed-size header per rank
+   (``_Header``: failed or not, rows, each cell's shape and dtype) followed by its rows, padded
+   to the room agreed in step 2. If any rank failed, every rank raises
+   ``DistributedSweepError`` naming the rank and the cell (the reports follow, pickled, on that
+   path alone); nothing is returned half-written. Rows larger than their room travel in a
+   second ``all_gather`` at their exact size;
+5. only then returns every rank's rows, in cell order, on every rank.
 
-Steps 2 and 4 (and 5 for large results), and step 3's hand-over of compiled artifacts, are the
-only collectives; each is bounded by the process group's timeout
-(``init_process_group(..., timeout=...)``), which is what bounds a rank that hangs rather than
-raises. See docs/scaling.md.
+A steady sweep (every rank has run its programs before, small rows) makes two collectives,
+steps 2 and 4, and pickles nothing (``last_timings()``); a cold one adds step 3's hand-over.
+Each is bounded by the process group's timeout (``init_process_group(..., timeout=...)``),
+which is what bounds a rank that hangs rather than raises. See docs/scaling.md.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
+import pickle
 import socket
 import weakref
 import itertools
@@ -183,44 +190,104 @@ class DistributedSweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Agreement:
-    """Step 2's message: what a rank is about to run (or why it cannot)."""
+    """Step 2's message: what a rank is about to run (or that it cannot), as integers.
 
-    fingerprint: str
+    Every rank sends one fixed-size int64 tensor of these fields and gets everyone's in one
+    ``all_gather``: nothing is pickled. Texts travel as digests; the objects behind them (a
+    planning failure's report, rank 0's site names) are exchanged only on the paths that need
+    them (a rank failed, the ranks resolved different site sets)."""
+
+    #: Whether this rank failed to plan (its ``RankFailure`` follows in a second exchange).
+    failed: int
     cells: int
     chunk: int
-    failure: Optional[RankFailure]
-    #: The sweep's whole site set (resolved names, first-use order), declared by every rank.
-    sites: Tuple[str, ...] = ()
+    #: ``_fingerprint`` of the cells, two signed 64-bit halves.
+    fingerprint_high: int
+    fingerprint_low: int
+    #: Digest of the sweep's whole site set (resolved names, first-use order).
+    sites: int
     #: Whether this rank has run this sweep's program before (nothing to compile).
-    warm: bool = False
-    #: Where this rank's compiled artifacts live: (host, Inductor cache directory).
-    cache: Tuple[str, str] = ("", "")
-    #: This rank's ``config.compile_sharing``. Rank 0's is used by all: ranks that went different ways
-    #: here would wait in different collectives.
-    sharing: str = "auto"
+    warm: int
+    #: Digest of where this rank's compiled artifacts live: (host, Inductor cache directory).
+    cache: int
+    #: This rank's ``config.compile_sharing`` as its index in ``config.COMPILE_SHARING_MODES``
+    #: (-1: none of them, a planning failure). Rank 0's is used by all: ranks that went
+    #: different ways here would wait in different collectives.
+    sharing: int
+    #: Bytes per cell this rank expects a cell's metric rows to take (``_result_bytes``): the
+    #: room each rank leaves for its rows in step 4's one exchange.
+    result_bytes: int
+
+    def encode(self) -> List[int]:
+        return [int(getattr(self, item.name)) for item in dataclasses.fields(self)]
+
+    @classmethod
+    def decode(cls, row: Sequence[int]) -> "_Agreement":
+        return cls(*(int(value) for value in row))
+
+
+#: Every dtype a metric's rows may have, by position (the same table on every rank: one torch).
+_DTYPES: Tuple[torch.dtype, ...] = tuple(
+    getattr(torch, name)
+    for name in (
+        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+        "complex64", "complex128", "uint16", "uint32", "uint64",
+    )
+    if isinstance(getattr(torch, name, None), torch.dtype)
+)
+#: Dimensions of a cell's metric rows that a header carries; more travel pickled (``_Header.PICKLED``).
+_MAX_DIMS = 8
 
 
 @dataclass(frozen=True)
-class _Status:
-    """Step 4's message: a rank's shard finished (shape and dtype of its rows), or failed."""
+class _Header:
+    """Step 4's message in front of a rank's rows: its shard finished (how many rows, each
+    cell's shape and dtype, how many bytes they take) or failed. Fixed size, so the headers and
+    the rows of every rank travel in one ``all_gather`` of bytes."""
 
+    #: ``dtype`` of a rank whose rows cannot travel as raw bytes (more than ``_MAX_DIMS``
+    #: dimensions, a dtype outside ``_DTYPES``): every rank's rows then travel pickled.
+    PICKLED = -2
+
+    failed: int
     rows: int
-    shape: Optional[Tuple[int, ...]]
-    dtype: Optional[torch.dtype]
-    seconds: float
-    failure: Optional[RankFailure]
-    #: The rows themselves (on the CPU) when they are small (``INLINE_RESULT_ELEMENTS``): then
-    #: step 5 needs no collective of its own.
-    values: Optional[torch.Tensor] = None
     #: Whether this rank's one-cell check found that batching changes rows (its shard then
     #: ran one forward per cell): every other rank redoes its shard so too.
-    cell_by_cell: bool = False
+    cell_by_cell: int
+    #: Index in ``_DTYPES``; -1: no rows; ``PICKLED``.
+    dtype: int
+    nbytes: int
+    ndim: int
+    dims: Tuple[int, ...] = (0,) * _MAX_DIMS
+
+    def encode(self) -> List[int]:
+        return [self.failed, self.rows, self.cell_by_cell, self.dtype, self.nbytes, self.ndim, *self.dims]
+
+    @classmethod
+    def decode(cls, row: Sequence[int]) -> "_Header":
+        failed, rows, cell_by_cell, dtype, nbytes, ndim, *dims = (int(value) for value in row)
+        return cls(failed, rows, cell_by_cell, dtype, nbytes, ndim, tuple(dims))
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """Each cell's shape (the rows' shape without the leading cell dimension)."""
+        return tuple(self.dims[: self.ndim])
 
 
-#: Results of at most this many elements per rank travel with the status (one collective less
-#: per sweep: each costs a wake-up of every rank, which on a loaded machine is milliseconds);
-#: larger ones are gathered as tensors (``all_gather``), without pickling.
-INLINE_RESULT_ELEMENTS = 1 << 20
+#: Bytes of a header: int64 fields, a multiple of 16 so that the rows behind it can be viewed
+#: as any dtype (a view needs its offset aligned to the element size).
+_HEADER_BYTES = 8 * (6 + _MAX_DIMS)
+
+#: The most bytes per rank that step 4's one exchange reserves for rows it has not seen yet
+#: (``_result_bytes``). Rows larger than that, or larger than reserved, are sent in a second
+#: exchange at their exact size, so a sweep pays one collective for its results when they are
+#: small (each costs a wake-up of every rank, on a loaded machine milliseconds) and never pads
+#: large ones.
+INLINE_RESULT_BYTES = 1 << 22
+
+#: Bytes per cell of the last sharded sweep's rows (every rank learns the same from step 4's
+#: headers): what the next sweep reserves for its rows, expecting the same metric.
+_LEARNED_RESULT_BYTES: Dict[str, int] = {}
 
 
 def active(distributed: bool = True) -> bool:
@@ -357,45 +424,83 @@ def cell_costs(names: Sequence[str], cells: Sequence[Mapping[str, Any]], shares_
     """
     if not shares_prefix or not names:
         return tuple(1.0 for _ in cells)
-    order = {name: position for position, name in enumerate(names)}
+    order = _node_order(names)
     total = len(names)
     costs = []
     for cell in cells:
-        keys = [str(key) for key in cell] if isinstance(cell, Mapping) else []
-        first = min((order.get(key, 0) for key in keys), default=total - 1)
+        keys = cell if type(cell) is dict or isinstance(cell, Mapping) else ()
+        first = min((order.get(str(key), 0) for key in keys), default=total - 1)
         costs.append(max(total - first, 1) / total)
     return tuple(costs)
 
 
-def _fingerprint(cells: Sequence[Mapping[str, Any]], batch_size: Optional[int]) -> str:
+#: ``(names, length, positions)`` of the last node order ``cell_costs`` read: a model's index
+#: replaces its list of names when it changes (``RootIndex.refresh``), so the same list object
+#: of the same length (and last name) has the same positions, and a sweep does not rebuild a
+#: dict of every node name (thousands) per call.
+_ORDER: List[Tuple[Sequence[str], int, Dict[str, int]]] = []
+
+
+def _node_order(names: Sequence[str]) -> Dict[str, int]:
+    if _ORDER:
+        known, length, order = _ORDER[0]
+        if known is names and length == len(names) and (not names or order.get(names[-1]) == length - 1):
+            return order
+    order = {name: position for position, name in enumerate(names)}
+    _ORDER[:] = [(names, len(names), order)]
+    return order
+
+
+def _fingerprint(cells: Sequence[Mapping[str, Any]], batch_size: Optional[int]) -> Tuple[int, int]:
     """What every rank must agree on for the gathered rows to line up: the cells' names, patch
-    types, slices and value shapes (not values: ranks may compute them with GPU rounding)."""
+    types, slices and value shapes (not values: ranks may compute them with GPU rounding), as
+    two signed 64-bit halves of a 128-bit digest.
 
-    def describe(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"tensor{tuple(value.shape)}{value.dtype}"
-        return repr(value)
-
-    digest = hashlib.sha1(repr(batch_size).encode())
+    Every rank computes it over all cells each sweep, so it is kept cheap (about 2 us a cell):
+    one list of plain values, one ``repr`` and one hash, no string building per patch."""
+    parts: List[Any] = [batch_size]
+    append = parts.append
     for cell in cells:
-        if not isinstance(cell, Mapping):
-            digest.update(type(cell).__name__.encode())
+        if type(cell) is not dict and not isinstance(cell, Mapping):
+            append(type(cell).__name__)
             continue
         for key, patches in cell.items():
-            patches = patches if isinstance(patches, (list, tuple)) else [patches]
-            parts = [str(key)]
-            for patch in patches:
-                parts.append(type(patch).__name__)
+            append(str(key))
+            for patch in patches if type(patches) in (list, tuple) else (patches,):
+                append(type(patch).__name__)
                 for attribute in ("slice", "value"):
-                    if hasattr(patch, attribute):
-                        item = getattr(patch, attribute)
-                        if isinstance(item, (tuple, list)):
-                            parts.append(",".join(describe(element) for element in item))
-                        else:
-                            parts.append(describe(item))
-            digest.update("|".join(parts).encode())
-        digest.update(b";")
-    return digest.hexdigest()
+                    item = getattr(patch, attribute, _ABSENT)
+                    if item is not _ABSENT:
+                        append(_described(item))
+        append(";")
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True)
+
+
+_ABSENT = object()
+
+
+def _described(item: Any) -> Any:
+    """A patch's slice or value as the fingerprint sees it: tensors by shape and dtype."""
+    kind = type(item)
+    if kind in _PLAIN:
+        return item
+    if kind is tuple or kind is list:
+        if all(type(element) in _PLAIN for element in item):
+            return item  # the usual slice, (slice(None), 5): nothing to describe
+        return tuple(_described(element) for element in item)
+    if isinstance(item, torch.Tensor):
+        return ("tensor", item.shape, item.dtype)  # reprs: torch.Size([1, 64]), torch.float32
+    return item
+
+
+#: Types a fingerprint takes as they are (their ``repr`` is their value).
+_PLAIN = frozenset({int, float, bool, str, slice, type(None), type(Ellipsis)})
+
+
+def _digest(text: str) -> int:
+    """A signed 64-bit digest of ``text`` (fits an int64 tensor)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 _CELL_IN_MESSAGE = re.compile(r"sweep cell (\d+)")
@@ -554,6 +659,16 @@ class Timings:
     thread_cpu_seconds: Tuple[float, ...] = ()
     #: One-cell batching checks this rank ran (``SweepReport.checks`` of its shard's sweeps).
     checks: int = 0
+    #: Collectives this rank took part in (an ``all_gather_object`` or a
+    #: ``broadcast_object_list`` counts two: sizes, then the pickles). A steady sweep with
+    #: small rows: 2 (step 2's and step 4's ``all_gather``).
+    collectives: int = 0
+    #: Bytes this rank pickled for collectives (0 in a steady sweep: failures, rank 0's site
+    #: names when the ranks resolved different ones, a hand-over, and rows that cannot travel
+    #: as raw bytes are the only objects sent).
+    pickled_bytes: int = 0
+    #: Bytes of tensors this rank sent in ``all_gather``s (agreement, headers, rows with padding).
+    sent_bytes: int = 0
 
 
 _LAST: Dict[str, Timings] = {}
@@ -600,28 +715,44 @@ def sharded_sweep(
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
     cells = list(cells)
+    channel = _Channel(rank, world)
     local_plan = _plan_locally(local, model, inputs, cells, batch_size, rank, world)
     compiled, root, index, batch = local_plan.compiled, local_plan.root, local_plan.index, local_plan.batch
+    high, low = _fingerprint(cells, batch_size)
+    mine = _Agreement(
+        failed=int(local_plan.failure is not None),
+        cells=len(cells),
+        chunk=local_plan.chunk,
+        fingerprint_high=high,
+        fingerprint_low=low,
+        sites=_digest("\n".join(local_plan.sites)),
+        warm=int(local_plan.warm),
+        cache=_digest("\n".join(_cache_location())),
+        sharing=(
+            config.COMPILE_SHARING_MODES.index(config.compile_sharing)
+            if config.compile_sharing in config.COMPILE_SHARING_MODES else -1
+        ),
+        result_bytes=_LEARNED_RESULT_BYTES.get("last", 4 * max(1, batch)),
+    )
     planned = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
 
-    agreements: List[Optional[_Agreement]] = [None] * world
-    mine = _Agreement(
-        _fingerprint(cells, batch_size), len(cells), local_plan.chunk, local_plan.failure, local_plan.sites,
-        local_plan.warm, _cache_location(), config.compile_sharing,
-    )
-    dist.all_gather_object(agreements, mine)
+    everyone = _agreed(channel, mine, local_plan, world)
     agreed = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
-    everyone = _agreed(agreements, world)
-    # Every rank compiles one chunk shape: the smallest any rank's memory budget allows; and one
-    # site set: rank 0's (the ranks resolved the same cells, so they agree unless a name
-    # resolves differently on some rank, which then raises where its shard runs).
+    # Every rank compiles one chunk shape: the smallest any rank's memory budget allows.
     chunk = min(a.chunk for a in everyone)
     # Shards of whole chunks, now that the chunk is agreed (every rank computes the same plan).
     plan = sweep_shards(local_plan.costs, world, chunk, verify)
-    sites = everyone[0].sites
+    # One site set: the ranks resolved the same cells, so they agree unless a name resolves
+    # differently on some rank; then rank 0's (that rank raises where its shard runs).
+    sites = local_plan.sites
+    if len({a.sites for a in everyone}) != 1:
+        sites = channel.broadcast_object(local_plan.sites if rank == 0 else None, 0)
     sharing = _sharing_mode(everyone)
+    # Room for each rank's rows in step 4's one exchange (the same on every rank: agreed inputs).
+    room = max(a.result_bytes for a in everyone) * plan.longest
+    room = room if room <= INLINE_RESULT_BYTES else 0
     # The first rank with cells compiles; the others wait for it only when someone would compile.
     leader = next(shard.rank for shard in plan.shards if len(shard))
 
@@ -678,11 +809,12 @@ def sharded_sweep(
             return
         handed_over = True
         if rank == leader and failure is None:
-            # Under compile_policy "background" the chunk ran on the eager tier while the
-            # worker compiles: hand over only once the artifacts exist.
+            # The sweep holds the compile worker's foreground (sweep.py), so the first chunk's
+            # compile is still queued: wait_for_compiles starts it now and waits for it (it does
+            # not wait for the calls in the foreground), so the artifacts exist when handed over.
             wait_for_compiles()
         waited = time.perf_counter()
-        handed = _hand_over(sharing, leader, rank, failure is None)
+        handed = _hand_over(channel, sharing, leader, failure is None)
         if rank != leader:
             if handed is False:
                 start = shard.stop  # the leader failed: every rank raises at step 4, skip the work
@@ -706,11 +838,11 @@ def sharded_sweep(
     ran = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
 
-    statuses = _exchange_status(len(shard), values, ran - agreed, failure, fell_back, world)
-    if not any(s.failure for s in statuses) and any(s.cell_by_cell for s in statuses):
+    exchange = _exchange_rows(channel, len(shard), values, failure, fell_back, room)
+    if not any(h.failed for h in exchange.headers) and any(h.cell_by_cell for h in exchange.headers):
         # A rank found that batching changes rows: no rank's batched rows are to be trusted (a
         # rank that trusted the leader's check did not check its own chunks). The ranks that
-        # ran batched redo their shards one forward per cell; all exchange statuses again.
+        # ran batched redo their shards one forward per cell; all exchange again.
         if not fell_back:
             pieces.clear()
             start = shard.start
@@ -718,20 +850,59 @@ def sharded_sweep(
             values = None
             if failure is None and pieces:
                 values = pieces[0]
-        statuses = _exchange_status(len(shard), values, time.perf_counter() - agreed, failure, True, world)
+        exchange = _exchange_rows(channel, len(shard), values, failure, True, room)
     reported = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
-    bar.finish(sum(s.rows for s in statuses if s is not None and s.failure is None))
-    result = _delivered(statuses, values, plan, inputs, world)
+    bar.finish(sum(h.rows for h in exchange.headers if not h.failed))
+    result = _delivered(channel, exchange, failure, values, plan, inputs, world)
     gathered = time.perf_counter()
     cpu.append((time.process_time(), time.thread_time()))
     _LAST["last"] = Timings(
         planned - clock, agreed - planned, ran - agreed, reported - ran, gathered - reported, share_seconds, sharing,
         tuple(later[0] - earlier[0] for earlier, later in zip(cpu, cpu[1:])),
         tuple(later[1] - earlier[1] for earlier, later in zip(cpu, cpu[1:])),
-        checks,
+        checks, channel.collectives, channel.pickled_bytes, channel.sent_bytes,
     )
     return result
+
+
+class _Channel:
+    """The default group's collectives as one sharded sweep uses them, counted for ``Timings``
+    (a steady sweep makes two: step 2's and step 4's ``all_gather``; ``all_gather_object`` and
+    ``broadcast_object_list`` are two each, sizes then pickles)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.device = _communication_device()
+        self.collectives = 0
+        self.pickled_bytes = 0
+        self.sent_bytes = 0
+
+    def gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """Every rank's ``tensor`` (the same shape and dtype on every rank), in rank order."""
+        received = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(received, tensor)
+        self.collectives += 1
+        self.sent_bytes += tensor.numel() * tensor.element_size()
+        return received
+
+    def gather_objects(self, item: Any) -> List[Any]:
+        """Every rank's ``item``, pickled: only where objects must travel (failures, rows that
+        cannot travel as bytes)."""
+        everyone: List[Any] = [None] * self.world
+        dist.all_gather_object(everyone, item)
+        self.collectives += 2
+        self.pickled_bytes += len(pickle.dumps(item))
+        return everyone
+
+    def broadcast_object(self, item: Any, source: int) -> Any:
+        """``source``'s ``item`` on every rank."""
+        message: List[Any] = [item]
+        dist.broadcast_object_list(message, src=source)
+        self.collectives += 2
+        if self.rank == source:
+            self.pickled_bytes += len(pickle.dumps(item))
+        return message[0]
 
 
 @dataclass(frozen=True)
@@ -755,8 +926,9 @@ def _plan_locally(
     rank: int, world: int,
 ) -> _LocalPlan:
     """Step 1 (module docstring): capture, cell costs, chunk size and site set; a failure is
-    returned, not raised, so that every rank learns of it in step 2."""
-    plan = plan_shards([1.0] * len(cells), world)
+    returned, not raised, so that every rank learns of it in step 2. Only what every sweep
+    needs is computed (the shards are planned once the chunk is agreed): each rank pays it per
+    sweep whatever its share of the cells."""
     compiled, root, index, batch, chunk = model, None, None, 0, batch_size or 1
     costs: Sequence[float] = [1.0] * len(cells)
     sites: Tuple[str, ...] = ()
@@ -778,82 +950,129 @@ def _plan_locally(
                 local.call(compiled, inputs)
             index.refresh()
         costs = cell_costs(index.names, cells, SWEEP_SHARES_PREFIX)
-        plan = plan_shards(costs, world)
-        chunk = batch_size or local.chunk_size(index, batch, max(1, plan.longest))
+        chunk = batch_size or local.chunk_size(index, batch, max(1, plan_shards(costs, world).longest))
         sites = _site_set(local.check_cells, index, cells, batch)
         warm = _program_key(sites, chunk, inputs) in _WARM.get(root, ())
     except Exception as error:
+        shard = plan_shards([1.0] * len(cells), world).shards[rank]
         return _LocalPlan(compiled, root, index, batch, chunk, costs, sites, warm,
-                          _failure(rank, plan.shards[rank], "planning", error, None))
+                          _failure(rank, shard, "planning", error, None))
     return _LocalPlan(compiled, root, index, batch, chunk, costs, sites, warm, None)
 
 
-def _agreed(agreements: Sequence[Optional[_Agreement]], world: int) -> List[_Agreement]:
-    """Step 2's checks, the same on every rank: a rank that failed to plan, or ranks that hold
-    different cells, make every rank raise before any shard runs."""
-    failures = [a.failure for a in agreements if a is not None and a.failure is not None]
-    if failures:
-        raise DistributedSweepError(failures, world)
-    fingerprints = {a.fingerprint for a in agreements if a is not None}
-    if len(fingerprints) != 1:
-        counts = ", ".join(f"rank {r}: {a.cells} cells" for r, a in enumerate(agreements) if a is not None)
+def _agreed(channel: _Channel, mine: _Agreement, local_plan: _LocalPlan, world: int) -> List[_Agreement]:
+    """Step 2: one ``all_gather`` of every rank's ``_Agreement``, then its checks, the same on
+    every rank: a rank that failed to plan, or ranks that hold different cells, make every rank
+    raise before any shard runs. Only when some rank failed do the failures' reports travel
+    (pickled: a second exchange, on that path alone)."""
+    row = torch.tensor(mine.encode(), dtype=torch.int64, device=channel.device)
+    everyone = [_Agreement.decode(tensor.tolist()) for tensor in channel.gather(row)]
+    if any(agreement.failed for agreement in everyone):
+        reports = channel.gather_objects(local_plan.failure)
+        raise DistributedSweepError([report for report in reports if report is not None], world)
+    if len({(a.fingerprint_high, a.fingerprint_low, a.cells) for a in everyone}) != 1:
+        counts = ", ".join(f"rank {r}: {a.cells} cells" for r, a in enumerate(everyone))
         raise ValueError(
             f"pb.sweep on {world} ranks: the ranks passed different cells or batch_size ({counts}; fingerprints "
             "differ), so gathered rows would not line up; build the cells identically on every rank (same "
             "order, seeds, names)"
         )
-    return [a for a in agreements if a is not None]
+    return everyone
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """Step 4's outcome on one rank: every rank's header, and its rows as raw bytes (or, where
+    some rank's rows could not travel as bytes, every rank's rows as tensors, pickled)."""
+
+    headers: Tuple[_Header, ...]
+    payloads: Tuple[Optional[torch.Tensor], ...]
+    pickled: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+
+
+def _exchange_rows(
+    channel: _Channel, rows: int, values: Optional[torch.Tensor], failure: Optional[RankFailure], cell_by_cell: bool,
+    room: int,
+) -> _Exchange:
+    """Step 4 (and 5): every rank's status and rows, on every rank, in one ``all_gather`` of
+    bytes: a fixed-size ``_Header`` followed by the rows, padded to ``room`` bytes (agreed in
+    step 2). Rows that do not fit travel in a second ``all_gather`` at the exact size of the
+    largest; rows that cannot travel as bytes, pickled. A failed rank sends its header only;
+    its report travels afterwards (``_delivered``), when every rank knows that one failed."""
+    header = _Header(int(failure is not None), rows, int(cell_by_cell), -1, 0, 0)
+    data: Optional[torch.Tensor] = None
+    if failure is None and values is not None:
+        shape = tuple(values.shape[1:])
+        try:
+            if values.dtype not in _DTYPES or len(shape) > _MAX_DIMS:
+                raise TypeError(values.dtype)
+            data = values.detach().to(channel.device).contiguous().view(-1).view(torch.uint8)
+            dims = shape + (0,) * (_MAX_DIMS - len(shape))
+            header = _Header(0, rows, int(cell_by_cell), _DTYPES.index(values.dtype), data.numel(), len(shape), dims)
+        except (TypeError, RuntimeError):
+            data = None  # e.g. a dtype without a byte view: every rank's rows travel pickled
+            header = _Header(0, rows, int(cell_by_cell), _Header.PICKLED, 0, len(shape))
+    fits = data is not None and data.numel() <= room
+    buffer = torch.zeros(_HEADER_BYTES + room, dtype=torch.uint8, device=channel.device)
+    buffer[:_HEADER_BYTES] = torch.tensor(header.encode(), dtype=torch.int64, device=channel.device).view(torch.uint8)
+    if fits and data is not None:
+        buffer[_HEADER_BYTES : _HEADER_BYTES + data.numel()] = data
+    received = channel.gather(buffer)
+    headers = tuple(_Header.decode(tensor[:_HEADER_BYTES].view(torch.int64).tolist()) for tensor in received)
+    if any(h.failed for h in headers):
+        return _Exchange(headers, (None,) * len(headers))
+    if any(h.dtype == _Header.PICKLED for h in headers):
+        sent = None if values is None else values.detach().cpu()
+        return _Exchange(headers, (None,) * len(headers), tuple(channel.gather_objects(sent)))
+    largest = max(h.nbytes for h in headers)
+    if largest <= room:
+        payloads = tuple(tensor[_HEADER_BYTES : _HEADER_BYTES + h.nbytes] for tensor, h in zip(received, headers))
+    else:
+        # Some rank's rows did not fit the room reserved for them: every rank sends its rows
+        # again, at the exact size of the largest (the headers already told everyone).
+        again = torch.zeros(largest, dtype=torch.uint8, device=channel.device)
+        if data is not None:
+            again[: data.numel()] = data
+        payloads = tuple(tensor[: h.nbytes] for tensor, h in zip(channel.gather(again), headers))
+    # What the next sweep reserves per cell (every rank learns the same from the headers).
+    _LEARNED_RESULT_BYTES["last"] = max((-(-h.nbytes // h.rows) for h in headers if h.rows), default=0)
+    return _Exchange(headers, payloads)
 
 
 def _delivered(
-    statuses: Sequence[_Status], values: Optional[torch.Tensor], plan: ShardPlan, inputs: Any, world: int
+    channel: _Channel, exchange: _Exchange, failure: Optional[RankFailure], values: Optional[torch.Tensor],
+    plan: ShardPlan, inputs: Any, world: int,
 ) -> torch.Tensor:
     """Step 5: every rank's rows in the caller's cell order, once every rank reported success
-    (else every rank raises), from the statuses or gathered as tensors."""
-    failures = [s.failure for s in statuses if s is not None and s.failure is not None]
-    if failures:
-        raise DistributedSweepError(failures, world)
-    shapes = {(s.shape, s.dtype) for s in statuses if s is not None and s.rows}
-    if len(shapes) != 1:
+    (else every rank raises, with the failing ranks' reports), from step 4's bytes."""
+    headers = exchange.headers
+    if any(h.failed for h in headers):
+        reports = channel.gather_objects(failure)
+        raise DistributedSweepError([report for report in reports if report is not None], world)
+    sent = [rank for rank, h in enumerate(headers) if h.rows]
+    if exchange.pickled is not None:
+        kinds = {(tuple(rows.shape[1:]), rows.dtype) for rank in sent if (rows := exchange.pickled[rank]) is not None}
+    else:
+        kinds = {(headers[rank].shape, _DTYPES[headers[rank].dtype]) for rank in sent if headers[rank].dtype >= 0}
+    if len(kinds) != 1 or any(exchange.pickled is None and headers[rank].dtype < 0 for rank in sent):
         raise ValueError(
             f"pb.sweep on {world} ranks: ranks' metrics returned different shapes or dtypes per cell "
-            f"({sorted(str(shape) for shape in shapes)}); the metric must give every cell the same shape"
+            f"({sorted(str(kind) for kind in kinds)}); the metric must give every cell the same shape"
         )
-    (shape, dtype), = shapes
-    if shape is None or dtype is None:
-        # Only a failed rank (raised above) or an empty shard (rows 0, left out) reports no values.
-        raise RuntimeError(
-            f"pb.sweep on {world} ranks: internal error, the ranks with rows reported no result shape or dtype"
-        )
+    (shape, dtype), = kinds
     device = _input_device(inputs) if values is None else values.device
-    sent = [s for s in statuses if s is not None and s.rows]
-    if all(s.values is not None for s in sent):
-        # Every rank's rows came with its status (the same decision on every rank).
-        result = torch.cat([s.values for s in sent if s.values is not None]).to(device=device, dtype=dtype)
-    else:
-        result = _gather(values, plan, shape, dtype, device)
+    parts: List[torch.Tensor] = []
+    for rank in sent:
+        if exchange.pickled is not None:
+            rows = exchange.pickled[rank]
+            assert rows is not None
+            parts.append(rows)
+        else:
+            payload = exchange.payloads[rank]
+            assert payload is not None
+            parts.append(payload.view(dtype).reshape(headers[rank].rows, *shape))
+    result = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device=device, dtype=dtype)
     return plan.restore(result)
-
-
-def _exchange_status(
-    rows: int, values: Optional[torch.Tensor], seconds: float, failure: Optional[RankFailure], cell_by_cell: bool,
-    world: int,
-) -> List[_Status]:
-    """Step 4: every rank's status (with its rows when small), on every rank."""
-    status = _Status(
-        rows=rows,
-        shape=None if values is None else tuple(values.shape[1:]),
-        dtype=None if values is None else values.dtype,
-        seconds=seconds,
-        failure=failure,
-        values=(
-            values.detach().cpu() if values is not None and values.numel() <= INLINE_RESULT_ELEMENTS else None
-        ),
-        cell_by_cell=cell_by_cell,
-    )
-    statuses: List[Optional[_Status]] = [None] * world
-    dist.all_gather_object(statuses, status)
-    return [s for s in statuses if s is not None]
 
 
 def _site_set(check: Callable[..., Any], index: Any, cells: Sequence[Mapping], batch: int) -> Tuple[str, ...]:
@@ -869,7 +1088,7 @@ def _site_set(check: Callable[..., Any], index: Any, cells: Sequence[Mapping], b
     resolved: set = set()
     for cell in cells:
         try:
-            keys: Any = tuple(cell) if isinstance(cell, Mapping) else None
+            keys: Any = tuple(cell) if type(cell) is dict or isinstance(cell, Mapping) else None
             if keys is not None and keys in resolved:
                 continue
             found = check(index, [cell], batch)[1]
@@ -904,7 +1123,7 @@ def _cache_location() -> Tuple[str, str]:
 def _sharing_mode(agreements: Sequence[_Agreement]) -> str:
     """How this sweep shares compiles (rank 0's setting, the same decision on every rank):
     ``none`` also when every rank is warm (nothing to compile)."""
-    setting = agreements[0].sharing
+    setting = config.COMPILE_SHARING_MODES[agreements[0].sharing]
     if all(agreement.warm for agreement in agreements) or setting == "none":
         return "none"
     if setting != "auto":
@@ -912,22 +1131,20 @@ def _sharing_mode(agreements: Sequence[_Agreement]) -> str:
     return "cache" if len({agreement.cache for agreement in agreements}) == 1 else "broadcast"
 
 
-def _hand_over(sharing: str, leader: int, rank: int, ok: bool) -> Any:
-    """One collective after the leader's first chunk: False when it failed, else True or,
+def _hand_over(channel: _Channel, sharing: str, leader: int, ok: bool) -> Any:
+    """One exchange after the leader's first chunk: False when it failed, else True or,
     broadcasting, its compiled artifacts as bytes (True when torch has none to give or cannot
     serialize them: the others then compile for themselves, slower but never wrong)."""
-    message: List[Any] = [None]
-    if rank == leader:
-        payload: Any = ok
+    payload: Any = None
+    if channel.rank == leader:
+        payload = ok
         if ok and sharing == "broadcast":
             try:
                 saved = torch.compiler.save_cache_artifacts()
             except Exception:
                 saved = None
             payload = saved[0] if saved is not None else True
-        message = [payload]
-    dist.broadcast_object_list(message, src=leader)
-    return message[0]
+    return channel.broadcast_object(payload, leader)
 
 
 class _CountingMetric:
@@ -948,18 +1165,3 @@ class _CountingMetric:
             self.done += step
             self.progress.add(step)
         return values
-
-
-def _gather(
-    values: Optional[torch.Tensor], plan: ShardPlan, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Every rank's rows, in cell order: ``all_gather`` of shards padded to the longest one."""
-    comm = _communication_device()
-    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool reductions/gathers
-    padded = torch.zeros((plan.longest, *shape), dtype=wire, device=comm)
-    if values is not None and len(values):
-        padded[: len(values)] = values.detach().to(device=comm, dtype=wire)
-    received = [torch.empty_like(padded) for _ in plan.shards]
-    dist.all_gather(received, padded)
-    rows = [tensor[: len(shard)] for tensor, shard in zip(received, plan.shards)]
-    return torch.cat(rows).to(device=device, dtype=dtype)

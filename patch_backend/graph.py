@@ -282,6 +282,8 @@ class CodeSource:
         return Code("\n\n".join(f"# graph {k}\n{block}" if header else block for k, block in enumerate(blocks)))
 
     def line_of(self, named: NamedSite) -> str:
+        if named.capture is None:
+            return ""  # a module boundary no graph covers (its forward ran eagerly): no code
         lines = _lines_defining(named.capture.gm.code, {named.site.node})
         return lines[0] if lines else ""
 
@@ -289,7 +291,8 @@ class CodeSource:
     def _by_capture(sites: List[NamedSite]) -> List[Tuple[Any, Set[str]]]:
         groups: Dict[int, Tuple[Any, Set[str]]] = {}
         for named in sites:
-            groups.setdefault(named.capture.uid, (named.capture, set()))[1].add(named.site.node)
+            if named.capture is not None:
+                groups.setdefault(named.capture.uid, (named.capture, set()))[1].add(named.site.node)
         return list(groups.values())
 
 

@@ -8,16 +8,19 @@ the last one padded with empty cells — run one compiled variant.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 from torch import nn
 
+from . import config
 from . import distributed as _distributed
 from ._torch_compat import symbolic
 from .aliases import resolve_aliases
@@ -43,7 +46,9 @@ from .program.prepared import (
     site_key,
     slot_shapes,
 )
+from .program.vmapped import CellSlotInputs, VmappedProgram, VmapRefused, build_vmapped
 from .runtime import worker
+from .runtime.tiers import policy
 from .runtime.requests import GraphFacts, Request, uncompiled
 from .patches import AddPatch, Patch, ReplacePatch, ZeroPatch
 from .validation import check_patch_for_site, unknown_name_error
@@ -82,6 +87,15 @@ class SweepPlan:
         self.refusals: List[str] = []
         #: One-cell checks against the eager interpreter this sweep ran (``_rows_match_alone``).
         self.checks = 0
+        #: Whether chunks run as vmap over the base graph's cells (program/vmapped.py), how many
+        #: did, and why that stopped when it was refused.
+        self.vmapped = False
+        self.vmapped_chunks = 0
+        self.vmap_refused: Optional[str] = None
+        #: ``id`` of the sweep's input tensors: the graph inputs vmap leaves unmapped, batch first.
+        self.input_ids: FrozenSet[int] = frozenset()
+        #: Per patched name, the most positions one cell patches there (a vmapped slot's length).
+        self.cell_capacities: Dict[str, int] = {}
 
     def entries_for(self, cell: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> CellEntries:
         key = (cell, name)
@@ -103,6 +117,16 @@ class SweepPlan:
                 most = max(most, total)
             self.capacities[name] = most
         return self.capacities[name]
+
+    def cell_capacity(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> int:
+        """The most positions one cell patches at ``name`` (at least 1): every cell's slot inputs
+        in a vmapped chunk have this length."""
+        if name not in self.cell_capacities:
+            self.cell_capacities[name] = max(
+                [1] + [self.entries_for(cell, name, shape, dtype, device).index.numel()
+                       for cell in range(len(self.cells)) if name in self.cells[cell]]
+            )
+        return self.cell_capacities[name]
 
     def base_graph(self, capture: GraphCapture) -> Optional[GraphCapture]:
         """The same code's graph at the base batch, when the base call ran exactly one graph
@@ -153,6 +177,8 @@ class SweepSpec:
         if not here:
             return None
         plan = self.plan
+        if plan.vmapped:
+            return self._vmapped_request(graph, sites, here, args)
         shapes = slot_shapes(capture, [sites[name] for name in here], args)
         capacities = {}
         for name in here:
@@ -196,6 +222,33 @@ class SweepSpec:
             owners=(self.index,),
         )
 
+    def _vmapped_request(self, graph: GraphFacts, sites: Dict[str, Any], here: List[str], args: Sequence[Any]) -> Request:
+        """The chunk as vmap over its cells on the base call's graph, at the base batch's inputs:
+        run uncompiled, never compiled (program/vmapped.py)."""
+        plan, capture = self.plan, graph.capture
+        if plan.base_graphs != [capture]:
+            raise VmapRefused("the chunk's forward ran another graph than the base call's")
+        batched = frozenset(position for position, arg in enumerate(args) if id(arg) in plan.input_ids)
+        if not batched:
+            raise VmapRefused("none of the graph's inputs is one of the sweep's inputs")
+        shapes = slot_shapes(capture, [sites[name] for name in here], args)
+        capacities = {site_key(sites[name]): plan.cell_capacity(name, *shapes[site_key(sites[name])]) for name in here}
+        chosen = [sites[name] for name in here]
+        key = ("sweep-vmap", frozenset(capacities.items()), None, batched)
+        plan.keys_run.append(key)
+
+        def build(compile_fn: Callable, call_args: Sequence[Any]) -> VmappedProgram:
+            return build_vmapped(capture, chosen, capacities, call_args, batched, plan.chunk)
+
+        return Request(
+            key=key,
+            build=build,
+            interpret=lambda call_args: self._eager_program(graph, key, build, call_args),
+            run=lambda program, call_args: program.call(call_args, self.cell_slot_inputs(program, sites, here)),
+            owners=(self.index,),
+            compile=False,
+        )
+
     def _run(self, program: SweepProgram, args: Sequence[Any], sites: Dict[str, Any], names: Sequence[str]) -> Any:
         self.plan.programs_run.append((program.cut, program.refused))
         return program.call(args, self.slot_inputs(program, sites, names))
@@ -225,6 +278,25 @@ class SweepSpec:
             ]
             if parts:
                 inputs[position] = lean_inputs(slot, parts)
+        return inputs
+
+
+    def cell_slot_inputs(self, program: VmappedProgram, sites: Dict[str, Any], names: Sequence[str]) -> Dict[int, CellSlotInputs]:
+        """(keep, fill, index) per slot this chunk patches, one row per cell (vmap maps them)."""
+        inputs: Dict[int, CellSlotInputs] = {}
+        for name in names:
+            position = program.slot_index.get(site_key(sites[name]))
+            if position is None or not any(name in cell for cell in self.cells):
+                continue
+            slot = program.slots[position]
+            untouched = program.program.identity(position)
+            per_cell = [
+                lean_inputs(slot, [(0, self.plan.entries_for(self.start + k, name, slot.shape, slot.dtype, slot.device))])
+                if name in cell else untouched
+                for k, cell in enumerate(self.cells)
+            ]
+            keep, fill, index = (torch.stack(parts) for parts in zip(*per_cell))
+            inputs[position] = (keep, fill, index)
         return inputs
 
 
@@ -473,9 +545,10 @@ def sweep(
     # graph. The whole sweep is one eager-tier caller (runtime/worker.py, ``foreground``): a
     # compile it asks for starts once the sweep has returned, or after FOREGROUND_LIMIT seconds
     # of a long one, so a short sweep never shares the machine with a compile it will not use.
-    with torch.no_grad(), worker.foreground():
+    with torch.no_grad(), contextlib.ExitStack() as foreground:
+        foreground.enter_context(worker.foreground())
         return _sweep_here(model, inputs, cells, metric, batch_size, progress, verify, _sites, _trusted,
-                           _cell_by_cell, _after_first_chunk)
+                           _cell_by_cell, _after_first_chunk, foreground)
 
 
 def _sweep_here(
@@ -490,8 +563,10 @@ def _sweep_here(
     _trusted: bool,
     _cell_by_cell: bool,
     _after_first_chunk: Optional[Callable[[], None]],
+    foreground: contextlib.ExitStack,
 ) -> torch.Tensor:
-    """``sweep`` in this process: check the cells, run the base forward, then the chunks."""
+    """``sweep`` in this process: check the cells, run the base forward, then the chunks.
+    ``foreground`` holds back compiles while the sweep expects to finish on the eager tier."""
     compiled, root = _compiled_model(model)
     state = active_state()
     if isinstance(state.frontend, SweepSpec) or any(entry.index.root is root for entry in state.roots):
@@ -522,57 +597,33 @@ def _sweep_here(
         finally:
             if bar is not None:
                 bar.close()
+    plan.vmapped = _vmap_chunks(plan, _sites)
+    plan.input_ids = frozenset(id(value) for value in _values(inputs) if isinstance(value, torch.Tensor))
     batched = _repeat(inputs, chunk)
+    began = time.perf_counter()
     results: List[torch.Tensor] = []
-    # The sweep's one check of its inputs' first chunk (another rank's, when trusted).
-    verified = _trusted
-    # Programs checked in this sweep (those without fan-out never enter _VERIFIED).
-    checked: Set[Any] = set()
+    checks = _Checks(verify, _trusted)
     try:
         for start in range(0, len(cells), chunk):
             block = plan.cells[start : start + chunk]
             padded = block + [{}] * (chunk - len(block))
             known = len(plan.keys_run)
-            with row_patches(plan, start, padded):
-                output = _call(compiled, batched)
-            values = metric(output)
-            if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != chunk * batch:
-                raise ValueError(
-                    f"metric must return a tensor whose leading dim is the {chunk * batch} rows of the batched "
-                    f"forward, got {getattr(values, 'shape', type(values).__name__)}"
-                )
-            values = values.reshape(chunk, batch, *values.shape[1:])[: len(block)]
-            # The first chunk, and each chunk that runs a program not yet checked (another cut).
-            new = [key for key in plan.keys_run[known:] if key not in checked and key not in _VERIFIED]
-            if _trusted:
-                # The trusting rank's unverified programs are those with a fan-out cut: whether a
-                # full-repeat program batches exactly is what the other rank's check is about.
-                new = [key for key in new if key[2] is not None]
-            check = verify and (not verified or bool(new))
-            if check:
-                plan.checks += 1
-            if check and not _rows_match_alone(compiled, inputs, block, values, metric):
-                warnings.warn(
-                    f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
-                    f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
-                    "tensor's value), so batching cells would change results; running one forward per cell "
-                    "instead (docs/errors.md)",
-                    SweepBatchingWarning,
-                    stacklevel=2,
-                )
-                _report(plan, True)
-                return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
-            if check:
-                verified = True
-                checked.update(plan.keys_run[known:])
-                if len(_VERIFIED) >= 4096:
-                    _VERIFIED.clear()
-                _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
+            values = _chunk_rows(metric(_run_chunk(compiled, plan, start, padded, inputs, batched)), plan, len(block))
+            if checks.wanted(plan, known):
+                if not _rows_match_alone(compiled, inputs, block, values, metric):
+                    _warn_batching(root)
+                    _report(plan, True)
+                    return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
+                checks.passed(plan, known)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
             if _after_first_chunk is not None and start == 0:
                 _after_first_chunk()
+            if plan.vmapped and _long_for_eager(plan, began, start + len(block)):
+                # Compiled chunks pay off now: capture at K·B, compile on the worker meanwhile.
+                plan.vmapped = False
+                foreground.close()
     finally:
         if bar is not None:
             bar.close()
@@ -604,6 +655,10 @@ class SweepReport:
     #: per fanned-out program this process had not verified; none for a trusting rank's
     #: programs verified before (docs/scaling.md).
     checks: int = 0
+    #: Chunks run as vmap over the base graph's cells (program/vmapped.py), and why that was
+    #: refused (None: it was not).
+    vmapped: int = 0
+    vmap_refused: Optional[str] = None
 
     @property
     def cuts(self) -> Tuple[Optional[str], ...]:
@@ -622,10 +677,99 @@ def last_sweep_report() -> Optional[SweepReport]:
     return _last_report[-1] if _last_report else None
 
 
+def _vmap_chunks(plan: SweepPlan, sites: Sequence[str]) -> bool:
+    """Whether uncompiled chunks run as vmap over the base graph's cells (program/vmapped.py):
+    under the "background" and "never" policies, for a model whose base call ran one static
+    graph. Not for a rank of a sharded sweep (distributed.py declares ``sites``): the ranks share
+    the compiled programs of the leader's first chunk."""
+    return (
+        config.sweep_vmap and policy() in ("background", "never") and not sites
+        and len(plan.base_graphs) == 1 and not plan.base_graphs[0].dynamic
+    )
+
+
+def _chunk_rows(values: Any, plan: SweepPlan, cells: int) -> torch.Tensor:
+    """The metric's rows of one chunk as ``[cells, B, ...]`` (padding cells dropped)."""
+    rows = plan.chunk * plan.batch
+    if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != rows:
+        raise ValueError(
+            f"metric must return a tensor whose leading dim is the {rows} rows of the batched "
+            f"forward, got {getattr(values, 'shape', type(values).__name__)}"
+        )
+    return values.reshape(plan.chunk, plan.batch, *values.shape[1:])[:cells]
+
+
+class _Checks:
+    """Which chunks' first cell is run alone to check the batching (``verify``): the sweep's
+    first chunk (another rank's, when ``trusted``), and each chunk that runs a program not
+    checked yet (another fan-out cut). Programs without a fan-out never enter ``_VERIFIED``."""
+
+    def __init__(self, verify: bool, trusted: bool) -> None:
+        self.verify, self.trusted = verify, trusted
+        self.verified = trusted
+        self.checked: Set[Any] = set()
+
+    def wanted(self, plan: SweepPlan, known: int) -> bool:
+        new = [key for key in plan.keys_run[known:] if key not in self.checked and key not in _VERIFIED]
+        if self.trusted:
+            # The trusting rank's unverified programs are those with a fan-out cut: whether a
+            # full-repeat program batches exactly is what the other rank's check is about.
+            new = [key for key in new if key[2] is not None]
+        check = self.verify and (not self.verified or bool(new))
+        plan.checks += int(check)
+        return check
+
+    def passed(self, plan: SweepPlan, known: int) -> None:
+        self.verified = True
+        self.checked.update(plan.keys_run[known:])
+        if len(_VERIFIED) >= 4096:
+            _VERIFIED.clear()
+        _VERIFIED.update(key for key in plan.keys_run[known:] if key[2] is not None)
+
+
+def _warn_batching(root: nn.Module) -> None:
+    warnings.warn(
+        f"pb.sweep: a cell run alone differs from its rows in the batched forward of "
+        f"{type(root).__name__} (its Python code reads values across the batch, e.g. a branch on a "
+        "tensor's value), so batching cells would change results; running one forward per cell "
+        "instead (docs/errors.md)",
+        SweepBatchingWarning,
+        stacklevel=4,
+    )
+
+
+def _run_chunk(compiled: Callable, plan: SweepPlan, start: int, cells: Sequence[Dict], inputs: Inputs,
+               batched: Inputs) -> Any:
+    """One chunk's forward: vmapped at the base inputs while it may be, else at K·B rows."""
+    if plan.vmapped:
+        try:
+            with row_patches(plan, start, cells):
+                output = _call(compiled, inputs)
+        except VmapRefused as why:
+            plan.vmapped, plan.vmap_refused = False, str(why)
+        else:
+            plan.vmapped_chunks += 1
+            return output
+    with row_patches(plan, start, cells):
+        return _call(compiled, batched)
+
+
+def _long_for_eager(plan: SweepPlan, began: float, done: int) -> bool:
+    """Under the "background" policy: whether the cells left would take longer on the eager tier
+    than ``config.sweep_eager_seconds``, at the pace of the cells done."""
+    if policy() != "background" or done >= len(plan.cells):
+        return False
+    return (time.perf_counter() - began) / done * (len(plan.cells) - done) > config.sweep_eager_seconds
+
+
+def _values(inputs: Inputs) -> List[Any]:
+    return list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+
+
 def _report(plan: SweepPlan, cell_by_cell: bool) -> None:
     _last_report[:] = [SweepReport(
         len(plan.cells), plan.chunk, tuple(plan.programs_run), cell_by_cell, dict(plan.capacities),
-        tuple(plan.refusals), plan.checks,
+        tuple(plan.refusals), plan.checks, plan.vmapped_chunks, plan.vmap_refused,
     )]
 
 

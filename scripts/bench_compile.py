@@ -11,7 +11,7 @@ Every figure comes from a fresh child process with its own empty ``TORCHINDUCTOR
   seconds), the same site in another layer, steady forwards unpatched and patched.
 * ``graphpatch warm``: the same in a second process whose on-disk caches are warm (T7).
 * ``sweep``: a one-off pb.sweep over every layer x position and the forward-hook loop it
-  replaces, everything included (T5, T6).
+  replaces, everything included (T6); then the same sweep on compiled programs (T5).
 * ``steady``: ``backend="inductor"`` and graphpatch (unpatched, patched at one site) at batch
   8 x 128 tokens in one process, timed in turns (T4).
 
@@ -75,6 +75,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     from patch_backend import AddPatch
     from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.program.regions import region_report
+    from patch_backend.sweep import last_sweep_report
     from sweep_common import answer_metric, clean_and_corrupt, clean_block_outputs, gpt2, hook_loop, sweep_cells
 
     device, layers = args.device, args.layers[0]
@@ -185,6 +186,15 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["sweep compiles done after"] = time.perf_counter() - start
         result["sweep tiers"] = {name: getattr(pb.stats(compiled), name)
                                  for name in ("plain_eager_calls", "eager_calls", "compiled_calls")}
+        report = last_sweep_report()
+        result["sweep chunks vmapped"] = report.vmapped if report is not None else 0
+        # T5 counts what the sweep's *compiled* programs cost: a one-off sweep that stayed on the
+        # vmapped eager tier compiled none, so the same sweep runs again with every chunk on the
+        # K·B program (sweep_vmap=False), compiled on the worker.
+        with pb.config.patch(sweep_vmap=False):
+            again = pb.sweep(compiled, (corrupt,), cells, metric, batch_size=args.sweep_batch, progress=False)
+        pb.wait_for_compiles()
+        result["compiled-path sweep agrees"] = bool(torch.allclose(again, swept, atol=1e-4))
         history = region_report().history[compiles:]
         result["sweep region compiles"] = len(history)
         result["sweep block variants compiled"] = sum(1 for entry in history if entry.label.endswith("[*]"))

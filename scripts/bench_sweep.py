@@ -24,11 +24,16 @@ with 1 thread (a fresh process and cache directory of its own). Printed, and wri
   (``pb.wait_for_compiles``), and rank 0 runs the whole sweep alone once before the rounds.
   The baseline and the ranks run the same chunk size and the same fan-out cuts (checked:
   ``same chunk and fan-out cuts as 1 rank``).
-- D2 (<= 5%): coordination overhead, the part of the sharded sweep's wall time that is not the
-  slowest rank's shard; ``D2_cpu``: the busiest rank's CPU seconds outside its shard (plan,
+- D2 (<= 5%): coordination overhead, the part of the sharded sweep's wall time (the last rank
+  to return) that is not the slowest rank's shard, per interleaved round (median); the same from
+  the two steady sweeps; ``D2_cpu``: the busiest rank's CPU seconds outside its shard (plan,
   agreement, status, gather: ``Timings.cpu_seconds``) over all its CPU seconds in the sweep.
+  With it: each phase's wall ms per rank, and the collectives, pickled bytes and bytes sent
+  per steady sharded sweep (``Timings``).
 - D3 (<= 1.3x): compile seconds summed over ranks against one rank's. A rank's compile seconds
-  are its first (cold) shard's time minus its steady-state shard time, less the time it waited
+  are its first (cold) shard's time, plus the compiles the sweep left to the worker (a sweep
+  starts them once it returns: ``pb.wait_for_compiles`` after it), minus its steady-state shard
+  time, less the time it waited
   for the compiling rank (``--share``: docs/scaling.md), in wall-clock and in CPU seconds (the
   process's and its C++ compiler children's; Inductor compiles in-process here). Against the
   separate 1-rank run, and against the compiling rank of the same run (which compiles exactly
@@ -316,14 +321,19 @@ def _rank_sweep(
                 values = pb.sweep(
                     compiled, (corrupt,), cells, metric, batch_size=chunk, progress=False, distributed=distributed
                 )
+        returned = time.perf_counter()
         if wait:
             # Under compile_policy "background" (the default) the cold sweep's chunks may run on
-            # the eager tier while the worker compiles: its compile ends here, not when it returns.
+            # the eager tier while the worker compiles, and a sweep starts the compiles it asked
+            # for only once it returns (it holds the worker's foreground): its compile ends here.
             pb.wait_for_compiles()
+        waited = time.perf_counter() - returned
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         thread_cpu.append(time.thread_time() - main)
         timings = last_timings() if world > 1 and distributed else None
-        return wall, (timings.shard_seconds if timings else wall), cpu, timings, values
+        # A rank's shard, and the compiles it left to the worker (counted with the shard: the
+        # 1-rank baseline's wall clock counts them too).
+        return wall, (timings.shard_seconds + waited if timings else wall), cpu, timings, values
 
     dynamo = _dynamo_seconds()
     variant_seconds = pb.stats(model).compile_seconds
@@ -395,6 +405,30 @@ def _coordination_cpu(ranks: List[Dict[str, object]], round_: int) -> float:
     phases = [rank["interleaved"][round_]["sharded_timings"]["cpu_seconds"] for rank in ranks]  # type: ignore[index]
     busiest = max(phases, key=sum)
     return 100 * (sum(busiest) - busiest[2]) / sum(busiest)
+
+
+def _coordination_wall(ranks: List[Dict[str, object]], round_: int) -> float:
+    """D2 of one sharded round: of the sweep's wall time (the last rank to return), the
+    percentage that is not the slowest rank's shard (planning, the agreement, the status and
+    rows exchange, restoring cell order, and waiting for a slower rank in them)."""
+    walls = [rank["interleaved"][round_]["sharded_wall"] for rank in ranks]  # type: ignore[index]
+    shards = [rank["interleaved"][round_]["sharded_timings"]["shard_seconds"] for rank in ranks]  # type: ignore[index]
+    return 100 * (max(walls) - max(shards)) / max(walls)
+
+
+def _phase_ms(ranks: List[Dict[str, object]], name: str) -> List[float]:
+    """Per rank, the median over the sharded rounds of one ``Timings`` field, in ms."""
+    return [
+        1e3 * statistics.median(entry["sharded_timings"][name] for entry in rank["interleaved"])  # type: ignore[index]
+        for rank in ranks
+    ]
+
+
+def _coordination_cpu_seconds(ranks: List[Dict[str, object]], round_: int) -> float:
+    """Of the busiest rank's CPU seconds in one sharded round, those outside its shard."""
+    phases = [rank["interleaved"][round_]["sharded_timings"]["cpu_seconds"] for rank in ranks]  # type: ignore[index]
+    busiest = max(phases, key=sum)
+    return sum(busiest) - busiest[2]
 
 
 def _dynamo_seconds() -> float:
@@ -485,7 +519,31 @@ def run_ranks(
         "D2_cpu coordination % of the busiest rank's sweep CPU seconds (interleaved, median)": statistics.median(
             _coordination_cpu(many["ranks"], k) for k in range(len(leader))
         ),
-        "D2 coordination overhead % of sweep time": 100 * (wall - slowest_shard) / wall,
+        "D2 coordination overhead % of sweep time (interleaved rounds, median)": statistics.median(
+            _coordination_wall(many["ranks"], k) for k in range(len(leader))
+        ),
+        "D2 per round": [_coordination_wall(many["ranks"], k) for k in range(len(leader))],
+        "D2 coordination overhead % of sweep time (steady sweeps)": 100 * (wall - slowest_shard) / wall,
+        # Where the coordination goes, per rank (median over the rounds, wall ms): planning (cell
+        # costs, site set, fingerprint), the agreement (step 2, with waiting for the slower
+        # rank's planning), the status and rows exchange (step 4, with waiting for the slower
+        # shard), restoring cell order.
+        "plan ms per rank": _phase_ms(many["ranks"], "plan_seconds"),
+        "agreement ms per rank": _phase_ms(many["ranks"], "agree_seconds"),
+        "status and rows exchange ms per rank": _phase_ms(many["ranks"], "status_seconds"),
+        "restore ms per rank": _phase_ms(many["ranks"], "gather_seconds"),
+        "coordination CPU ms of the busiest rank (plan, agree, status, restore; median)": statistics.median(
+            1e3 * _coordination_cpu_seconds(many["ranks"], k) for k in range(len(leader))
+        ),
+        "collectives per steady sharded sweep (per rank)": [
+            (rank["interleaved"][-1]["sharded_timings"] or {}).get("collectives") for rank in many["ranks"]
+        ] if leader else None,
+        "bytes pickled per steady sharded sweep (per rank)": [
+            (rank["interleaved"][-1]["sharded_timings"] or {}).get("pickled_bytes") for rank in many["ranks"]
+        ] if leader else None,
+        "bytes sent in all_gathers per steady sharded sweep (per rank)": [
+            (rank["interleaved"][-1]["sharded_timings"] or {}).get("sent_bytes") for rank in many["ranks"]
+        ] if leader else None,
         "shard imbalance % (slowest vs fastest shard)": 100 * (slowest_shard - fastest_shard) / slowest_shard,
         "compile_seconds_1_rank": single["compile_seconds"],
         f"compile_seconds_summed_{ranks}_ranks": compile_summed,

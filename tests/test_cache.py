@@ -76,6 +76,25 @@ def test_saved_cache_serves_a_fresh_process(tmp_path):
     assert second["patched"] == pytest.approx(first["patched"], rel=1e-5)
 
 
+def test_save_and_load_in_one_process(tmp_path):
+    """The fast set's round trip (the two-process test above is slow): what this process
+    compiled, plain and patched, is written with its header and read back whole."""
+    model, x = torch.nn.Linear(2, 3), torch.randn(4, 2)
+    compiled = torch.compile(model, backend="graphpatch")
+    compiled(x)
+    with pb.patch(compiled, {"output": pb.AddPatch(value=1.0)}):
+        torch.testing.assert_close(compiled(x), model(x) + 1)
+    assert pb.stats(compiled).variants_compiled == 1
+    path = tmp_path / "compiled.pbcache"
+    saved = pb.save_cache(path)
+    assert saved.artifacts.get("inductor", 0) >= 2 and saved.size > 0  # at least this test's two
+    from patch_backend.cache import _MAGIC
+
+    assert path.read_bytes().startswith(_MAGIC)
+    loaded = pb.load_cache(path)
+    assert (loaded.artifacts, loaded.size, loaded.torch_version) == (saved.artifacts, saved.size, torch.__version__)
+
+
 def test_missing_and_damaged_files_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no cache file"):
         pb.load_cache(tmp_path / "absent.pbcache")

@@ -9,6 +9,7 @@ way as the compiled one without paying Inductor's compile per process; one slow 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import warnings
@@ -165,6 +166,30 @@ def test_cell_costs_from_node_order():
     assert cell_costs(names, cells, shares_prefix=True) == (1.0, 0.5, 0.25, 1.0)
 
 
+def test_cell_costs_follow_a_changed_node_order():
+    # The node order's positions are kept between calls (the index replaces its list when it changes).
+    names = ["a.output", "b.output"]
+    cells = [{"b.output": ZeroPatch()}]
+    assert cell_costs(names, cells, shares_prefix=True) == (0.5,)
+    assert cell_costs(["b.output", "a.output"], cells, shares_prefix=True) == (1.0,)
+    assert cell_costs(names, cells, shares_prefix=True) == (0.5,)
+    names.insert(0, "z.output")  # the same list, changed in place: b is now third of three
+    assert cell_costs(names, cells, shares_prefix=True) == (1 / 3,)
+
+
+def test_fingerprint_sees_names_patches_slices_and_value_shapes_not_values():
+    def cells(position=1, name="a.output", shape=(1, 4), kind=pb.ReplacePatch, seed=0):
+        torch.manual_seed(seed)
+        return [{name: kind(value=torch.randn(shape), slice=(slice(None), position))}, {"b.output": ZeroPatch()}]
+
+    fingerprint = distributed._fingerprint
+    assert fingerprint(cells(), 4) == fingerprint(cells(seed=1), 4)  # values may differ (GPU rounding)
+    different = [cells(position=2), cells(name="c.output"), cells(shape=(1, 5)), cells(kind=pb.AddPatch)]
+    assert all(fingerprint(other, 4) != fingerprint(cells(), 4) for other in different)
+    assert fingerprint(cells(), 4) != fingerprint(cells(), 2)  # batch_size decides the chunks
+    assert fingerprint(cells()[:1], 4) != fingerprint(cells(), 4)
+
+
 def test_error_names_rank_and_cell():
     failure = RankFailure(1, 8, ((6, 11),), "shard", "ValueError", "sweep cell 8: bad slice", "trace")
     error = DistributedSweepError([failure], 2)
@@ -205,6 +230,10 @@ def _problem(count: int = 11, width: int = 16):
     return model, x, cells, lambda output: output.sum(-1)
 
 
+def _costs(model: Any, cells: List[Dict[str, Any]]) -> Tuple[float, ...]:
+    return cell_costs(index_for(model).names, cells, SWEEP_SHARES_PREFIX)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -237,14 +266,37 @@ def _matches_single_process(rank: int, world: int) -> None:
             sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=batch_size, progress=rank == 0)
             assert sharded.shape == alone.shape == (11, 2, 5)
             torch.testing.assert_close(sharded, alone, rtol=1e-5, atol=1e-5)
-        # Rows too large to travel with the status are gathered as tensors: the same rows.
-        inline = distributed.INLINE_RESULT_ELEMENTS
-        distributed.INLINE_RESULT_ELEMENTS = 0
+        # A steady sweep makes two collectives (step 2's agreement, step 4's headers and rows),
+        # pickles nothing, and sends each rank's rows once, padded to the longest shard.
+        steady = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
+        timings = last_timings()
+        assert timings is not None
+        assert (timings.collectives, timings.pickled_bytes) == (2, 0), timings
+        longest = max(len(shard) for shard in sweep_shards(_costs(model, cells), world, 4, verify=True).shards)
+        header = distributed._HEADER_BYTES
+        assert timings.sent_bytes == 8 * len(dataclasses.fields(distributed._Agreement)) + header + longest * 2 * 5 * 4
+        torch.testing.assert_close(steady, alone, rtol=1e-5, atol=1e-5)
+        # Rows larger than the room reserved for them travel in a second all_gather at their
+        # exact size: the same rows.
+        inline = distributed.INLINE_RESULT_BYTES
+        distributed.INLINE_RESULT_BYTES = 0
         try:
             gathered = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
+            assert last_timings().collectives == 3
         finally:
-            distributed.INLINE_RESULT_ELEMENTS = inline
+            distributed.INLINE_RESULT_BYTES = inline
         torch.testing.assert_close(gathered, alone, rtol=1e-5, atol=1e-5)
+        # Rows of other shapes and dtypes: more dimensions than a header carries travel pickled;
+        # bool and float64 rows as bytes.
+        deep = pb.sweep(compiled, (x,), cells, lambda output: metric(output).reshape(-1, *[1] * 8, 5), batch_size=4,
+                        progress=False)
+        assert last_timings().pickled_bytes > 0
+        torch.testing.assert_close(deep.reshape(alone.shape), alone, rtol=1e-5, atol=1e-5)
+        for kind in (torch.bool, torch.float64):
+            rows = pb.sweep(compiled, (x,), cells, lambda output: (metric(output) > 0).to(kind), batch_size=4,
+                            progress=False)
+            assert rows.dtype == kind and last_timings().pickled_bytes == 0
+            torch.testing.assert_close(rows, (alone > 0).to(kind))
         # One cell on several ranks: the others have empty shards.
         one = pb.sweep(compiled, (x,), cells[3:4], metric, batch_size=4, progress=False)
         torch.testing.assert_close(one, alone[3:4], rtol=1e-5, atol=1e-5)
@@ -428,6 +480,9 @@ def _inductor(rank: int, world: int) -> None:
         compiled(x)
         caches = fx_graph_cache_counters()
         sharded = pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False)
+        # The sweep holds the compile worker's foreground: a rank's compiles that it did not
+        # wait for (the leader waits for its first chunk's, to hand it over) run after it.
+        pb.wait_for_compiles()
         caches = {name: count - caches[name] for name, count in fx_graph_cache_counters().items()}
         timings = last_timings()
         alone = pb.sweep(model, (x,), cells, metric, batch_size=2, progress=False, distributed=False)

@@ -2,6 +2,7 @@
 results drawn level by level, ``_shape``/``_code``, concrete sizes for symbolic graphs,
 protected names, ``Patch[T]`` subclasses and ``PatchableGraph.generate``."""
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
@@ -383,3 +384,55 @@ def test_generate_needs_a_generate_method() -> None:
     pg = pb.PatchableGraph(LinearModel(), torch.randn(3, 2), _backend="graphpatch_eager")
     with pytest.raises(TypeError, match="LinearModel has no generate method"):
         pg.generate(torch.randn(3, 2))
+
+
+class _UserContext:
+    def __enter__(self) -> "_UserContext":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+class EagerRoot(nn.Module):
+    """Dynamo runs this whole forward eagerly (a graph break under a user context manager)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor):
+        with _UserContext():
+            print("", end="")
+            h = self.lin(x)
+            return h * 2, [h, 3]
+
+
+class EagerRootTest(expecttest.TestCase):
+    def test_forward_run_eagerly_draws_its_boundaries(self) -> None:
+        """No graph holds any node of this model: the tree shows the boundaries named from its
+        first eager run (inputs, parameters, results, nested as returned), no op of its body,
+        and a probe on a nested result reads what the forward returned there."""
+        torch._dynamo.reset()
+        x = torch.randn(2, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pg = pb.PatchableGraph(EagerRoot(), x)
+            self.assertExpectedInline(ascii_tree(pg.graph), """\
+<root>: CompiledGraphModule
++-x: Tensor(2, 3)
++-lin: CompiledGraphModule
+| +-input: Tensor(2, 3)
+| +-weight: Tensor(3, 3)
+| +-bias: Tensor(3)
+| `-output: Tensor(2, 3)
+`-output: tuple(2)
+  +-sub_0: Tensor(2, 3)
+  `-sub_1: list(2)
+    +-sub_0: Tensor(2, 3)
+    `-sub_1: int""")
+            self.assertEqual(str(pg.graph.lin.output._code), "")
+            probe = pb.ProbePatch()
+            with torch.no_grad(), pg.patch({"output|sub_1.sub_0": probe}):
+                result = pg(x)
+        torch.testing.assert_close(probe.activation, result[1][0])

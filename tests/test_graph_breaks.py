@@ -10,6 +10,7 @@ forward hooks on the eager model.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 import patch_backend as pb
+from patch_backend.never_silent import watching_hooks
 from fixtures import output_with_hooks
 
 BREAK_MODES = ["between", "submodule", "root_start", "resume"]
@@ -140,8 +142,12 @@ def test_unbroken_matches_hooks(unbroken) -> None:
         torch.testing.assert_close(patched[key], reference[key])
 
 
-@pytest.mark.parametrize("instance", ["first", "second"])
-@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("backend, instance", [
+    ("graphpatch_eager", "first"), ("graphpatch_eager", "second"), ("graphpatch", "first"),
+    # Compiled *and* second instance: the slow set (CI); compile history runs fast under
+    # graphpatch_eager, and every break mode runs compiled with the first instance.
+    pytest.param("graphpatch", "second", marks=pytest.mark.slow),
+])
 @pytest.mark.parametrize("mode", BREAK_MODES)
 def test_break_matrix(unbroken, mode: str, backend: str, instance: str) -> None:
     model, x, names, patched, probed, reference = unbroken
@@ -377,21 +383,35 @@ class LoopBreak(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
-def test_forward_dynamo_runs_eagerly_is_never_silent(backend: str) -> None:
+def test_forward_dynamo_runs_eagerly_keeps_boundaries(backend: str) -> None:
     """A forward Dynamo gives up on (a graph break inside a loop) runs eagerly with no graph at
-    all: nothing is named, and every way in says why, never silently ignoring a patch."""
-    x = torch.randn(2, 3)
-    compiled = torch.compile(LoopBreak(), backend=backend)
+    all: its boundaries and those of the modules it calls are named as without the break and
+    patch like forward hooks; the ops of its body have no name (KeyError at entry)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 3), LoopBreak()
+    compiled = torch.compile(model, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled(x)
-        with pytest.raises(RuntimeError, match=r"Dynamo ran LoopBreak.forward eagerly \(graph break in loop\)"):
-            pb.nodes(compiled)
-        with pytest.raises(pb.PatchNotAppliedError, match=r"'layers_0.output' \(ZeroPatch\)"):
-            with pb.patch(compiled, {"layers_0.output": pb.ZeroPatch()}):
+        assert set(pb.nodes(compiled)) == {
+            "x", "output", "layers_0.input", "layers_0.weight", "layers_0.bias", "layers_0.output",
+            "layers_1.input", "layers_1.weight", "layers_1.bias", "layers_1.output",
+        }
+        with pytest.raises(KeyError, match="no node named 'mul'"):
+            with pb.patch(compiled, {"mul": pb.ZeroPatch()}):
                 compiled(x)
-        with pytest.raises(RuntimeError, match="PatchableGraph captured no graph for LoopBreak: Dynamo ran LoopBreak.forward eagerly"):
-            pb.PatchableGraph(LoopBreak(), x, _backend=backend)
+        with torch.no_grad(), pb.patch(compiled, {"layers_0.output": pb.ZeroPatch(slice=(0,))}):
+            patched = compiled(x)
+        assert len(pb.PatchableGraph(model, x, _backend=backend).graph._shape) > 0
+
+    def zero_first(module: nn.Module, args, output):
+        output = output.clone()
+        output[0] = 0
+        return output
+
+    expected = output_with_hooks(model, x, [model.layers[0].register_forward_hook(zero_first)])
+    torch.testing.assert_close(patched, expected)
 
 
 def test_op_named_like_a_child_module() -> None:
@@ -805,9 +825,9 @@ class _UserContext:
         return False
 
 
-class CtxBreak(nn.Module):
-    """A graph break under a user-defined context manager: Dynamo cannot resume inside it and
-    runs the whole forward eagerly (torch 2.13)."""
+class CtxBranch(nn.Module):
+    """Dynamo runs this forward eagerly (a break under a user context manager); ``lin`` is
+    called only for a positive input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -816,23 +836,31 @@ class CtxBreak(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _UserContext():
             print("", end="")
-            return self.lin(x) * 2
+            if bool(x.sum() > 0):
+                x = self.lin(x)
+            return x * 2
 
 
 @pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
 def test_forward_skipped_for_a_context_manager_is_never_silent(backend: str) -> None:
-    """Gap 4: a forward Dynamo skips for another reason than a loop or an RNN still says which
-    module and why (names cannot be made: no graph, and no record of its module calls)."""
-    x = torch.randn(2, 3)
-    compiled = torch.compile(CtxBreak(), backend=backend)
+    """A forward Dynamo skips for a user context manager: the ops of its body are unknown names
+    (KeyError at entry), and a boundary patch whose module did not run in the context raises at
+    exit, naming it (never silent)."""
+    torch._dynamo.reset()
+    positive = torch.ones(2, 3)
+    compiled = torch.compile(CtxBranch(), backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled(x)
-        with pytest.raises(RuntimeError, match=r"Dynamo ran CtxBreak\.forward eagerly \(.*[Cc]ontext.*\)"):
-            pb.nodes(compiled)
+        compiled(positive)
+        assert {"x", "lin.input", "lin.output", "output"} <= set(pb.nodes(compiled))
+        with pytest.raises(KeyError, match="no node named 'mul'"):
+            with pb.patch(compiled, {"mul": pb.ZeroPatch()}):
+                compiled(positive)
         with pytest.raises(pb.PatchNotAppliedError, match=r"'lin.output' \(ZeroPatch\)"):
             with pb.patch(compiled, {"lin.output": pb.ZeroPatch()}):
-                compiled(x)
+                compiled(-positive)
+        with torch.no_grad(), pb.patch(compiled, {"lin.output": pb.ZeroPatch()}):
+            assert torch.equal(compiled(positive), torch.zeros(2, 3))
 
 
 class ReturnsItsInput(nn.Module):
@@ -871,3 +899,275 @@ def test_root_result_that_is_an_input(backend: str) -> None:
     for got, want in zip((patched[0], patched[1], patched[2]["k"]), (expected[0], expected[1], expected[2]["k"])):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(y, plain[1])  # the input itself was not modified
+
+
+# -- forwards Dynamo runs eagerly keep their boundary names -----------------------------------
+
+
+class EagerBlock(nn.Module):
+    """A graph break Dynamo cannot resume from (under a user context manager, or inside
+    ``try``) makes it run the whole forward eagerly; ``none`` is the unbroken reference."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.act = nn.ReLU()
+        self.scale = nn.Parameter(torch.full((3,), 0.5))
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor):
+        h = self.lin(x)
+        if self.mode == "ctx":
+            with _UserContext():
+                print("", end="")
+                h = self.act(h) * 2
+        elif self.mode == "try":
+            try:
+                print("", end="")
+                h = self.act(h) * 2
+            except RuntimeError:
+                raise
+        else:
+            h = self.act(h) * 2
+        return h * self.scale, h
+
+
+class AroundEagerBlock(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = EagerBlock(mode)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, h = self.block(self.pre(x))
+        return self.post(y) + h
+
+
+def _eager_model(where: str, mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    return EagerBlock(mode) if where == "root" else AroundEagerBlock(mode)
+
+
+def _boundary_names(model: nn.Module) -> List[str]:
+    """The unbroken model's names that are not ops (inputs, parameters, results)."""
+    index = pb.capture.index.index_for(model)
+    return [name for name in index.names if index.by_name[name][0].site.kind != "op"]
+
+
+@pytest.mark.parametrize("instance", ["first", "second"])
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("where", ["root", "submodule"])
+@pytest.mark.parametrize("mode", ["ctx", "try"])
+def test_forward_run_eagerly_keeps_boundary_names(mode: str, where: str, backend: str, instance: str) -> None:
+    """A forward Dynamo runs eagerly has the unbroken model's boundary names (its inputs,
+    parameters and results, and those of the modules it calls), none of the ops of its own
+    body, and patches there equal hand-written forward hooks; no hook is left behind."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    reference = _eager_model(where, "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(reference, backend="graphpatch_eager")(x)
+        expected_names = set(_boundary_names(reference))
+        if instance == "second":
+            torch.compile(_eager_model(where, mode), backend=backend)(x)  # the code is now skipped
+        model = _eager_model(where, mode)
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+        names = set(pb.nodes(compiled))
+    prefix = "" if where == "root" else "block."
+    # Exactly the unbroken model's names less the ops of the eagerly run body (the block's).
+    body_ops = {name for name in pb.nodes(reference) if name.startswith(prefix) and name not in expected_names}
+    assert body_ops and f"{prefix}mul" in body_ops and f"{prefix}lin.linear" in body_ops
+    assert names == set(pb.nodes(reference)) - body_ops
+    assert {f"{prefix}x", f"{prefix}scale", f"{prefix}output|sub_0", f"{prefix}output|sub_1", f"{prefix}lin.output"} <= names
+
+    probe = pb.ProbePatch()
+    patch_map = {
+        f"{prefix}x": pb.ZeroPatch(slice=(slice(None), 0)),
+        f"{prefix}scale": pb.AddPatch(value=1.0),
+        f"{prefix}lin.output": pb.AddPatch(value=torch.full((3,), 0.25)),
+        f"{prefix}act.input": probe,
+        f"{prefix}output|sub_0": pb.ReplacePatch(value=2.0, slice=(0,)),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), pb.patch(compiled, patch_map):
+            patched = compiled(x)
+            patched_again = compiled(x)
+    block = model if where == "root" else model.block
+    # The never-silent watch leaves its idle pre-hook on the root for the next block (until the
+    # next unpatched call, test_never_silent.py): no other hook.
+    assert not block._forward_hooks and len(block._forward_pre_hooks) == (1 if watching_hooks(block) == 0 else 0)
+    assert not block.lin._forward_hooks and not block.act._forward_pre_hooks
+
+    def x_hook(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[:, 0] = 0
+        return (zeroed,)
+
+    def output_hook(module: nn.Module, args, output):
+        first = output[0].clone()
+        first[0] = 2.0
+        return first, output[1]
+
+    seen: Dict[str, torch.Tensor] = {}
+    saved = block.scale.data.clone()
+    hooks = [
+        block.register_forward_pre_hook(x_hook),
+        block.register_forward_hook(output_hook),
+        block.lin.register_forward_hook(lambda m, a, out: out + 0.25),
+        block.act.register_forward_pre_hook(lambda m, a: seen.__setitem__("act", a[0].clone())),
+    ]
+    try:
+        block.scale.data += 1.0
+        expected = output_with_hooks(model, x, hooks)
+    finally:
+        block.scale.data.copy_(saved)
+    for got in (patched, patched_again):
+        for part_got, part_want in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(part_got, part_want)
+    torch.testing.assert_close(probe.activation, seen["act"])
+    torch.testing.assert_close(block.scale.data, saved)  # the parameter itself is unchanged
+
+
+class UnwatchedLoop(LoopBreak):
+    """LoopBreak's forward under another code object: observations are kept per code, and
+    LoopBreak's may have been made by another test of this process."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            print("", end="")
+        return x * 2
+
+
+def test_forward_run_eagerly_unwatched_still_raises() -> None:
+    """Where the first eager run of a forward cannot be watched (a profiler is active on the
+    thread), nothing names its boundaries: pb.nodes says why, as before (errors.md row 18)."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    compiled = torch.compile(UnwatchedLoop(), backend="graphpatch_eager")
+    previous = sys.getprofile()
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+    finally:
+        sys.setprofile(previous)
+    with pytest.raises(RuntimeError, match=r"Dynamo ran UnwatchedLoop.forward eagerly \(graph break in loop\)"):
+        pb.nodes(compiled)
+
+
+class NoGradBreak(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.lin(x) + 1
+            if self.broken:
+                torch._dynamo.graph_break()
+            return h * 2
+
+
+class CallsAroundABreak(nn.Module):
+    """``self.post`` is loaded before ``self.inner`` breaks the graph: the resume function
+    holds it on its stack (``___stack0``), not as ``self.post``."""
+
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.inner = NoGradBreak(broken)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.inner(self.pre(x)))
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_module_on_the_resume_stack_keeps_its_names(backend: str) -> None:
+    """A module called on a value a graph break produced (``self.post(self.inner(...))``) has
+    its own names (``post.weight``, ``post.linear``), not inputs of the root (``input_1``), and
+    a patch there equals a forward hook."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    unbroken, broken = CallsAroundABreak(False), CallsAroundABreak(True)
+    broken.load_state_dict(unbroken.state_dict())
+    names = []
+    results = []
+    for model in (unbroken, broken):
+        compiled = torch.compile(model, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x)
+            names.append(pb.nodes(compiled))
+            with torch.no_grad(), pb.patch(compiled, {"post.weight": pb.ZeroPatch(slice=(0,)), "post.linear": pb.AddPatch(value=1.0)}):
+                results.append(compiled(x))
+    assert names[0] == names[1]
+    assert {"post.weight", "post.linear", "post.output"} <= set(names[1])
+
+    def post_pre(module: nn.Module, args):
+        module.saved = module.weight.data.clone()
+        module.weight.data[0] = 0
+
+    def post_after(module: nn.Module, args, output):
+        module.weight.data.copy_(module.saved)
+        return output + 1.0
+
+    expected = output_with_hooks(unbroken, x, [unbroken.post.register_forward_pre_hook(post_pre),
+                                               unbroken.post.register_forward_hook(post_after)])
+    for result in results:
+        torch.testing.assert_close(result, expected)
+
+
+class TwiceInEagerBody(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            if self.broken:
+                print("", end="")
+            return self.lin(self.lin(x) * 2)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_module_called_twice_in_an_eager_body(backend: str) -> None:
+    """A module the eagerly run forward calls twice gets one scope per call (``lin_0``,
+    ``lin_1``) as without the break, and a patch on one call leaves the other alone."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    unbroken, broken = TwiceInEagerBody(False), TwiceInEagerBody(True)
+    broken.load_state_dict(unbroken.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(unbroken, backend="graphpatch_eager")(x)
+        compiled = torch.compile(broken, backend=backend)
+        compiled(x)
+        expected_names = {n for n in pb.nodes(unbroken) if pb.capture.index.index_for(unbroken).by_name[n][0].site.kind != "op"}
+        assert set(pb.nodes(compiled)) == expected_names
+        assert {"lin_0.output", "lin_1.input", "lin_1.weight"} <= expected_names
+        with torch.no_grad(), pb.patch(compiled, {"lin_1.input": pb.AddPatch(value=1.0), "lin_0.weight": pb.ZeroPatch(slice=(0,))}):
+            patched = compiled(x)
+    calls = {"n": 0}
+
+    def pre(module: nn.Module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            module.saved = module.weight.data.clone()
+            module.weight.data[0] = 0
+            return None
+        module.weight.data.copy_(module.saved)
+        return (args[0] + 1.0,)
+
+    expected = output_with_hooks(unbroken, x, [unbroken.lin.register_forward_pre_hook(pre)])
+    torch.testing.assert_close(patched, expected)

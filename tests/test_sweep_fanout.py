@@ -204,7 +204,9 @@ def test_fan_out_refuses_graphs_that_do_not_line_up() -> None:
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("batch", [1, 2])
+# A prompt batch of 2 in the fast set; of 1 (the same mask code, and the Stack tests above
+# sweep batch 1 fast) with the slow tests.
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_gpt2_fans_out_through_its_mask_code(batch: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -227,10 +227,12 @@ def test_sweep_under_never_and_background_matches_cells_alone(model_and_input, g
             with pb.patch(eager, cell):
                 reference.append(metric(eager(x)))
     reference = torch.stack(reference)
-    with pb.config.patch(compile_policy="never"):
+    # The chunks' K·B program (sweep_vmap=False: a short sweep would otherwise stay on its vmapped
+    # eager tier and compile nothing, tests/test_sweep_vmap.py).
+    with pb.config.patch(compile_policy="never", sweep_vmap=False):
         torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
     assert not started
-    with pb.config.patch(compile_policy="background"):
+    with pb.config.patch(compile_policy="background", sweep_vmap=False):
         # Three chunks on the eager form while the program waits at the gate, then compiled.
         torch.testing.assert_close(pb.sweep(compiled, (x,), cells, metric, batch_size=2, progress=False), reference)
         assert started.reach(1) == 1
@@ -282,13 +284,34 @@ def test_shape_specializations_are_bounded():
 
 
 # -- the background default, and calls while the worker traces --------------------------------
-def test_background_is_the_default():
+#: One fresh process (the environment without PATCH_BACKEND_COMPILE_POLICY) for the two tests
+#: below that need one: it prints the default policy, then sets "background" itself and exits
+#: while the worker compiles. (A second interpreter with torch costs seconds on this machine.)
+_FRESH_PROCESS = """
+import sys, torch, patch_backend as pb
+from patch_backend.runtime import worker
+sys.path.insert(0, sys.argv[1])
+from fixtures import TwoLayerMLP
+print("default policy:", pb.config.compile_policy)
+pb.config.set("compile_policy", "background")
+model, x = TwoLayerMLP(), torch.randn(4, 8)
+compiled = torch.compile(model, backend="graphpatch")
+torch.testing.assert_close(compiled(x), model(x))
+with pb.patch(compiled, {"layers_0.output": pb.AddPatch(value=1.0)}):
+    compiled(x)  # a second compile, queued behind the plain one: dropped at exit
+print("in flight at exit:", worker.in_flight())
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process():
     env = {key: value for key, value in os.environ.items() if key != "PATCH_BACKEND_COMPILE_POLICY"}
-    done = subprocess.run(
-        [sys.executable, "-c", "import patch_backend as pb; print(pb.config.compile_policy)"],
-        env=env, capture_output=True, text=True, check=True,
-    )
-    assert done.stdout.strip() == "background"
+    return subprocess.run([sys.executable, "-c", _FRESH_PROCESS, os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True)
+
+
+def test_background_is_the_default(fresh_process):
+    assert "default policy: background\n" in fresh_process.stdout, fresh_process.stderr[-2000:]
 
 
 def _trace_waiting_at(gate: threading.Event, inside: threading.Event) -> None:
@@ -472,26 +495,11 @@ def test_background_falls_back_to_sync_where_torch_lacks_the_interfaces(model_an
     assert (stats.eager_calls, stats.compiled_calls, stats.variants_compiled) == (0, 1, 1)
 
 
-_EXITS_WHILE_COMPILING = """
-import sys, torch, patch_backend as pb
-from patch_backend.runtime import worker
-sys.path.insert(0, sys.argv[1])
-from fixtures import TwoLayerMLP
-model, x = TwoLayerMLP(), torch.randn(4, 8)
-compiled = torch.compile(model, backend="graphpatch")
-torch.testing.assert_close(compiled(x), model(x))
-with pb.patch(compiled, {"layers_0.output": pb.AddPatch(value=1.0)}):
-    compiled(x)  # a second compile, queued behind the plain one: dropped at exit
-print("in flight at exit:", worker.in_flight())
-"""
-
-
-def test_a_process_exits_cleanly_while_the_worker_compiles():
+def test_a_process_exits_cleanly_while_the_worker_compiles(fresh_process):
     """The running compile is waited for at exit (abandoning it in Inductor's C++ thread pools
-    aborted the process: "terminate called without an active exception"), queued ones dropped."""
-    env = dict(os.environ, PATCH_BACKEND_COMPILE_POLICY="background")
-    done = subprocess.run([sys.executable, "-c", _EXITS_WHILE_COMPILING, os.path.dirname(__file__)],
-                          env=env, capture_output=True, text=True)
+    aborted the process: "terminate called without an active exception"), queued ones dropped.
+    (The process is ``fresh_process``, above.)"""
+    done = fresh_process
     assert done.returncode == 0, done.stderr[-2000:]
     assert "in flight at exit: 2" in done.stdout
     assert "terminate called" not in done.stderr and "failed" not in done.stderr

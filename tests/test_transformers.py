@@ -317,9 +317,14 @@ def test_variable_lengths_share_one_variant():
     assert stats.graphs == 2 and stats.variants_compiled == 2
 
 
+@pytest.mark.slow
 def test_variant_specialized_by_its_compile_is_not_reused_for_other_lengths():
     """A traced CustomPatch that branches on the length makes the symbolic compile assume a
-    range; a call outside it compiles another specialization instead of running the first."""
+    range; a call outside it compiles another specialization instead of running the first.
+
+    Slow: the fast set runs the same model, lengths and assertions in
+    test_boundary.py::test_symbolic_variant_serves_every_length_its_guards_allow (which also
+    checks that no fallback warned), and test_tiers.py under the background policy."""
     from fixtures import TwoLayerMLP
     from patch_backend import CustomPatch
 

@@ -20,7 +20,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.frame import FrameInfo, assigned_locals, continued_frame_locals, find_caller, returning_callers
+from .._torch_compat.frame import (
+    FrameInfo,
+    assigned_locals,
+    continued_frame_locals,
+    eager_observations_version,
+    find_caller,
+    returning_callers,
+)
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -183,6 +190,7 @@ def _track_frames(capture: "GraphCapture", key: Any) -> None:
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], frame: FrameInfo) -> GraphCapture:
     self_local = frame.self_local
+    _resolve_stack_modules(frame)
     placeholders: List[PlaceholderInfo] = []
     anchor_index = None
     anchor_path: Tuple[str, ...] = ()
@@ -193,7 +201,11 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
             continue
         local, path = parsed
         prefix = frame.self_prefix
-        if local == self_local and prefix and path[: len(prefix)] == prefix:
+        if local in frame.module_locals:
+            # A module on the resume function's stack: its parameters, under its path.
+            path = frame.module_locals[local] + path
+            is_attribute = len(path) > len(frame.module_locals[local])
+        elif local == self_local and prefix and path[: len(prefix)] == prefix:
             path = path[len(prefix):]  # the module is args[0] of a wrapper: paths relative to it
             is_attribute = frame.self_module is not None and len(path) > 0
         else:
@@ -231,6 +243,27 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         sum(p.kind == "param" for p in placeholders), capture.dynamic,
     )
     return capture
+
+
+def _resolve_stack_modules(frame: FrameInfo) -> None:
+    """Paths, below the continued forward's module, of the modules a resume function holds on
+    its stack (``self.post`` in ``self.post(self.inner(x))`` when ``inner`` broke the graph).
+    The forward's module is the resume function's ``self`` or, where that is no longer live,
+    the suspended forward's (found on the Python stack). Unresolved locals stay inputs."""
+    if not frame.stack_modules:
+        return
+    owner = frame.self_module
+    if owner is None and frame.original_code is not None and frame.original_code.co_argcount:
+        continued = continued_frame_locals(frame.original_code)
+        candidate = continued.get(frame.original_code.co_varnames[0]) if continued else None
+        owner = candidate if isinstance(candidate, torch.nn.Module) else None
+    if owner is None:
+        return
+    paths = {id(module): tuple(name.split(".")) for name, module in owner.named_modules() if name}
+    for local, reference in frame.stack_modules.items():
+        module = reference()
+        if module is not None and id(module) in paths:
+            frame.module_locals[local] = paths[id(module)]
 
 
 def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], example_inputs: Sequence[object]) -> None:
@@ -302,4 +335,6 @@ def forget(capture: GraphCapture) -> None:
 
 
 def registry_version() -> int:
-    return _version[0]
+    """Changes whenever a name table may change: a capture, a new occurrence, or a forward
+    Dynamo ran eagerly observed (its module boundaries are named, index.py)."""
+    return _version[0] + eager_observations_version()

@@ -19,10 +19,10 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
-from .._torch_compat.frame import eager_fallback_reason
+from .._torch_compat.frame import eager_fallback_reason, observed_eager_forward
 from ..validation import unknown_name_error
 from .capture import GraphCapture, all_captures, registry_version
-from .naming import ScopeCounters, Site, name_occurrence
+from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, name_occurrence
 from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
@@ -30,9 +30,11 @@ Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
 
 @dataclass
 class NamedSite:
-    capture: GraphCapture
+    #: The graph holding the site; None for a module boundary no graph covers (``eager``).
+    capture: Optional[GraphCapture]
     instance: Optional[int]
     site: Site
+    eager: Optional[EagerSite] = None
 
 
 class RootIndex:
@@ -52,6 +54,9 @@ class RootIndex:
         #: run, no graph of the forward is left to capture, so a name still unknown is an error
         #: (before that, during a first forward with graph breaks, it may be in a later graph).
         self.root_returns: frozenset = frozenset()
+        #: Module-boundary names of calls no graph covers (a forward Dynamo ran eagerly):
+        #: patched through forward hooks (eager_boundaries.py); empty for most models.
+        self.eager_sites: Dict[str, EagerSite] = {}
 
     @property
     def root(self) -> nn.Module:
@@ -125,8 +130,34 @@ class RootIndex:
                 if site.name not in by_name:
                     names.append(site.name)
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
+        eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor)
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
+        self.eager_sites = eager_sites
+
+    @staticmethod
+    def _name_eager_boundaries(
+        root: nn.Module, names: List[str], by_name: Dict[str, List[NamedSite]], non_tensor: Dict[str, Site]
+    ) -> Dict[str, EagerSite]:
+        """Boundary names of the module calls made while a forward Dynamo gave up on ran eagerly
+        (observed on its first run, _torch_compat/frame.py), where no graph already names them:
+        the names the unbroken model has there, so a graph break Dynamo cannot resume from does
+        not change them (docs/naming.md)."""
+        eager_sites: Dict[str, EagerSite] = {}
+        for frame_path, module in module_paths_by_object(root):
+            observed = observed_eager_forward(module)
+            if observed is None:
+                continue
+            for site, eager in eager_boundary_sites(root, frame_path, observed):
+                if site.name in by_name or site.name in non_tensor:
+                    continue
+                if eager is None:
+                    non_tensor[site.name] = site
+                    continue
+                names.append(site.name)
+                by_name[site.name] = [NamedSite(None, None, site, eager)]
+                eager_sites[site.name] = eager
+        return eager_sites
 
     @staticmethod
     def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int]):

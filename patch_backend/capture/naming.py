@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from .._torch_compat.frame import ModuleReturn, assigned_locals
-from .._torch_compat.sources import module_stack, stack_path
+from .._torch_compat.sources import module_stack, parse_source_path, stack_path
 from .capture import GraphCapture
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
@@ -267,8 +267,14 @@ class _OccurrenceNamer:
         (invocation keys, module path from the root) per level, outermost first."""
         entries = []
         keys: InvocationKeys = ()
+        module_locals = self.capture.frame.module_locals
         for key, path_text in stack:
-            relative = _stack_segments(path_text, self.capture.frame.self_prefix)
+            parsed = parse_source_path(path_text) if module_locals else None
+            if parsed is not None and parsed[0] in module_locals:
+                # A module held on a resume function's stack (``L['___stack0']``): its path.
+                relative: Optional[Tuple[str, ...]] = module_locals[parsed[0]] + parsed[1]
+            else:
+                relative = _stack_segments(path_text, self.capture.frame.self_prefix)
             if relative is None:
                 continue
             raw = self.prefix + relative
@@ -730,3 +736,88 @@ def _dedupe(sites: Iterable[Site]) -> List[Site]:
         if site.name not in seen:
             seen[site.name] = site
     return list(seen.values())
+
+
+# -- module boundaries no graph covers ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EagerSite:
+    """A module-boundary name of a call that no graph covers: the module's forward ran eagerly
+    (Dynamo gave up on it, or on its caller's), so the value exists only in Python. Patched
+    through forward hooks while a context patches it (eager_boundaries.py)."""
+
+    #: The called module's path from the root, and the path of the module whose forward Dynamo
+    #: ran eagerly (the call counter restarts at each of its calls).
+    path: Tuple[str, ...]
+    frame: Tuple[str, ...]
+    #: Which call of the module in one run of that forward; None when it is called once.
+    ordinal: Optional[int]
+    #: "input" (``local`` is the forward parameter, ``leaf`` the path inside it, an item of
+    #: ``*args``/``**kwargs`` first), "param" (``local`` is the attribute) or "output".
+    role: str
+    local: str
+    leaf: Tuple[str, ...]
+    varargs: Optional[str] = None
+    varkw: Optional[str] = None
+
+
+def eager_boundary_sites(
+    root: nn.Module, frame_path: Tuple[str, ...], observed: Any
+) -> List[Tuple[Site, Optional[EagerSite]]]:
+    """Names of the boundaries of the module calls observed in a forward Dynamo ran eagerly
+    (``frame.EagerForward``), as the unbroken model names them: ``<scope>.<forward parameter>``
+    (``x``, ``foos.sub_0``, ``bars.a``, ``x|a.sub_0``), ``<scope>.<parameter or buffer>`` and
+    ``<scope>.output`` / ``<scope>.output|<path>`` in return order; a module called several
+    times in the forward gets ``<scope>_<k>``. The sites have no graph node (``node`` is "");
+    a non-tensor result leaf comes back without an EagerSite (a "value" site, refused as a
+    patch target). Ops inside the eagerly run body are not named: they ran in no graph."""
+    counts = dict(observed.counts)
+    recorded = set(counts)
+    scopes: Dict[Tuple[str, ...], str] = {}
+
+    def scope_of(relative: Tuple[str, ...]) -> str:
+        if relative in scopes:
+            return scopes[relative]
+        full = frame_path + relative
+        if relative and relative[:-1] in recorded:
+            # The parent was called: its children keep the dot (``seq.sub_0``), as in a graph.
+            parent = relative[:-1]
+            plain = extend_scope(scope_of(parent), module_at(root, frame_path + parent), relative[-1:], True)
+        else:
+            plain = format_module_path(root, full)
+        scopes[relative] = plain
+        return plain
+
+    sites: List[Tuple[Site, Optional[EagerSite]]] = []
+    position = 1e9
+    for call in sorted(observed.calls, key=lambda c: (len(c.path), c.path, c.ordinal)):
+        several = counts.get(call.path, 1) > 1
+        scope = scope_of(call.path) + (f"_{call.ordinal}" if several else "")
+        ordinal = call.ordinal if several else None
+        full = frame_path + call.path
+        module = module_at(root, full)
+        if module is None:
+            continue
+
+        def add(name: str, facts: Any, role: str, local: str, leaf: Tuple[str, ...]) -> None:
+            nonlocal position
+            position += 1
+            if facts is None:
+                if role == "output":
+                    sites.append((Site(name, "", None, (1, 0), "value", position, None, None, ""), None))
+                return
+            shape, dtype = facts
+            site = Site(name, "", None, (0, 0), role, position, tuple(shape), dtype, "")
+            sites.append((site, EagerSite(full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw)))
+
+        for local, leaf, facts in call.arguments:
+            add(join(scope, _input_name(local, leaf, call.varargs, call.varkw)), facts, "input", local, leaf)
+        for table in ("_parameters", "_buffers"):
+            for attribute, value in getattr(module, table, {}).items():
+                if isinstance(value, torch.Tensor):
+                    add(join(scope, sanitize(attribute)), (tuple(value.shape), value.dtype), "param", attribute, ())
+        for leaf, facts in call.result:
+            suffix = "|" + ".".join(sanitize(p) for p in leaf) if leaf else ""
+            add(join(scope, "output" + suffix), facts, "output", "", leaf)
+    return sites
