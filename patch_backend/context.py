@@ -16,9 +16,11 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import functools
+import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, Hashable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -26,7 +28,7 @@ from .aliases import resolve_aliases
 from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
 from .eager_boundaries import install_boundary_hooks
-from .never_silent import PatchNotAppliedError, raise_if_unapplied, unapplied_message, watch_eager_calls
+from .never_silent import PatchNotAppliedError, Watch, raise_if_unapplied, unapplied_message, watch_eager_calls
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
@@ -37,7 +39,9 @@ from .program.spec import Walked, walk
 from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .state import GraphMarks, PatchState, PendingValidation, RootKey, RootPatches, RunLog, _active, active_state
-from .validation import check_name_syntax, validate_entered, validate_names
+from .validation import (
+    check_name_syntax, entered_before, map_structure, patches_structure, validate_entered, validate_names,
+)
 
 __all__ = [
     # Re-exported: the never-ran check and the state types are part of what front-ends
@@ -60,30 +64,60 @@ PatchMap = Mapping[Any, Any]
 
 def normalize_map(patch_map: PatchMap) -> Dict[str, Tuple[Patch, ...]]:
     """Checks the map's shape (not its names): raises ValueError/KeyError before anything runs."""
-    if not isinstance(patch_map, collections.abc.Mapping):  # not typing's: its isinstance is slow
+    return read_map(patch_map)[0]
+
+
+def read_map(patch_map: PatchMap) -> Tuple[Dict[str, Tuple[Patch, ...]], Optional[Hashable]]:
+    """``normalize_map``, and the normalized map's ``validation.map_structure``, in one pass:
+    every pb.patch entry reads its map, and a structure seen before skips the name checks."""
+    # A dict first: abc's isinstance is a slower test.
+    if type(patch_map) is not dict and not isinstance(patch_map, collections.abc.Mapping):
         raise ValueError(
             f"patch map must be a dict of node name -> Patch or list of Patches, got {type(patch_map).__name__}"
         )
     normalized: Dict[str, Tuple[Patch, ...]] = {}
+    parts: List[Any] = []
+    structured = True  # every name's patches have a structure so far
+    merged = False  # two keys named one node (a str and a NodePath)
     for key, value in patch_map.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             if hasattr(key, "_name"):
                 key = str(key)
             else:
                 raise ValueError(f"patch map keys must be node names (str), got {key!r} of type {type(key).__name__}")
         check_name_syntax(key)
-        patches = list(value) if isinstance(value, (list, tuple)) else [value]
-        for patch in patches:
-            if not isinstance(patch, Patch):
-                raise ValueError(
-                    f"patch map value for {key!r} must be a Patch or a list of Patches, got {type(patch).__name__}"
-                )
-        normalized[key] = normalized.get(key, ()) + tuple(patches)
-    return normalized
+        if isinstance(value, Patch):
+            patches: Tuple[Patch, ...] = (value,)
+        else:
+            patches = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            for patch in patches:
+                if not isinstance(patch, Patch):
+                    raise ValueError(
+                        f"patch map value for {key!r} must be a Patch or a list of Patches, got {type(patch).__name__}"
+                    )
+        if key in normalized:
+            normalized[key] += patches
+            merged = True
+        else:
+            normalized[key] = patches
+            if structured:
+                kinds = patches_structure(patches)
+                if kinds is None:
+                    structured = False
+                else:
+                    parts.append((key, kinds))
+    if not structured:
+        return normalized, None
+    return normalized, map_structure(normalized) if merged else tuple(parts)
+
 
 def _check_reuse(roots: Sequence["RootPatches"]) -> None:
     """A patch object may stand in one place at a time, across nodes and across patched models:
     its state (``ProbePatch.activation``, a RecordPatch's list) would mix two places."""
+    if len(roots) == 1 and len(roots[0].by_name) == 1:
+        for patches in roots[0].by_name.values():
+            if len(patches) == 1:
+                return  # one patch: nothing to compare
     ids = [id(patch) for entry in roots for patches in entry.by_name.values() for patch in patches]
     if len(set(ids)) == len(ids):
         return  # the common case, in one pass: no object twice
@@ -100,8 +134,7 @@ def _check_reuse(roots: Sequence["RootPatches"]) -> None:
                     )
 
 
-@contextlib.contextmanager
-def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
+def patch(model: Any, patch_map: PatchMap) -> "PatchContext":
     """Activates ``patch_map`` on ``model`` for the body of the ``with`` block.
 
     Everything is checked on entry; for a compiled model that has not run yet, names are checked
@@ -131,31 +164,130 @@ def patch(model: Any, patch_map: PatchMap) -> Iterator[None]:
         with pb.patch(compiled, {"transformer.h_3.mlp.act.output": pb.ZeroPatch(slice=(0, 5))}):
             logits = compiled(input_ids)
     """
-    root = resolve_root(model)
-    new_names = resolve_aliases(root, normalize_map(patch_map))  # TransformerLens names (aliases.py)
-    index = index_for(root)
-    previous = _active.get()
-    known = bool(index.names)  # the model ran: its names are checked now (else at its first call)
-    roots = _entered_roots(previous, index, new_names, known)
-    _check_reuse(roots)
-    if known:
-        validate_entered(index, new_names)  # raises before the state exists, as the roots do
-    state = PatchState(tuple(roots), PATCHES)
-    release = watch_eager_calls(model, root)
-    # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
-    # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
-    unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
-    token = _active.set(state)
-    try:
-        yield
-        raise_if_unapplied(state.log, index, new_names)
-    finally:
-        _active.reset(token)
-        release()
-        if unhook is not None:
-            unhook()
+    return PatchContext(model, patch_map)
+
+
+class PatchContext:
+    """``pb.patch``'s context manager. A class, not a generator: in a loop of small patched
+    forwards the host work of entering and leaving is a visible part of each call, and
+    ``contextlib``'s generator machinery was a fifth of it. Single use, like that one."""
+
+    __slots__ = ("_model", "_map", "_state", "_previous", "_token", "_watch", "_unhook", "_index", "_names")
+
+    def __init__(self, model: Any, patch_map: PatchMap) -> None:
+        self._model = model
+        self._map = patch_map
+
+    def __enter__(self) -> None:
+        model = self._model
+        handle = _handle_of(model)
+        index = handle.index.refresh()
+        root = index.root
+        by_name, structure = read_map(self._map)
+        previous = _active.get()
+        known = bool(index.names)  # the model ran: its names are checked now (else at its first call)
+        if known and structure is not None and entered_before(index, structure):
+            new_names = by_name  # checked before, so free of aliases (below) and known
+        else:
+            new_names = resolve_aliases(root, by_name)  # TransformerLens names (aliases.py)
+            if known:  # raises before the state exists, as the roots do
+                validate_entered(index, new_names, structure if list(new_names) == list(by_name) else None)
         if previous.roots:
-            state.log.merge_into(previous.log)
+            roots = tuple(_entered_roots(previous, index, new_names, known))
+            shapes = None
+            pending = None
+            for entry in roots:
+                if not entry.validated:
+                    pending = PendingValidation()
+        else:  # the common case: one model, its shapes found by these names alone
+            roots = (RootPatches(index, new_names, known),)
+            shapes = handle.shapes(tuple(new_names))
+            pending = None if known else PendingValidation()
+        _check_reuse(roots)
+        # Nothing raises after this: the watch is released at exit.
+        watch = handle.watch = watch_eager_calls(model, root, handle.watch)
+        watching, watched_roots = previous.watching, previous.watched_roots
+        if watch is not None and model not in watching:
+            watching += (model,)
+            if root not in watched_roots:
+                watched_roots += (root,)
+        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watching, watched_roots, shapes)
+        # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
+        # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
+        self._unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
+        self._state, self._previous, self._watch, self._index, self._names = state, previous, watch, index, new_names
+        self._token = _active.set(state)
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        state = self._state
+        try:
+            if exc_type is None:
+                raise_if_unapplied(state.log, self._index, self._names)
+        finally:
+            _active.reset(self._token)
+            if self._watch is not None:
+                self._watch.release()
+            if self._unhook is not None:
+                self._unhook()
+            if self._previous.roots:
+                state.log.merge_into(self._previous.log)
+
+
+class _Handle:
+    """What ``pb.patch`` remembers of a handle the user passes (a torch.compile result, a
+    PatchableGraph or a module): its model's name table and the watch its last context held
+    (never_silent.py). Unwrapping the handle and finding the table is the same work at every
+    entry; kept by ``id``, with a weak reference that tells the live handle from a reused id
+    and drops the entry with the handle."""
+
+    __slots__ = ("ref", "index", "watch", "_shapes")
+
+    def __init__(self, ref: Optional["weakref.ref[Any]"], index: RootIndex) -> None:
+        self.ref = ref
+        self.index = index
+        self.watch: Optional[Watch] = None
+        #: Patched names → (capture uid, instance, name-table version) → OccurrenceShape.
+        self._shapes: Dict[Tuple[str, ...], Dict[Any, OccurrenceShape]] = {}
+
+    def shapes(self, names: Tuple[str, ...]) -> Dict[Any, "OccurrenceShape"]:
+        """The occurrence shapes of a context of this model alone patching ``names``: the
+        graph memo's, found by a shorter key (``occurrence``). Bounded; a lost entry is cheap
+        to find again. Dict reads and writes are atomic, so threads may share them."""
+        found = self._shapes.get(names)
+        if found is None:
+            if len(self._shapes) >= 256:
+                self._shapes.clear()
+            found = self._shapes[names] = {}
+        return found
+
+
+def _handle_of(model: Any) -> _Handle:
+    found = _HANDLES.get(id(model))
+    if found is not None and found.ref is not None and found.ref() is model and found.index._root() is not None:
+        return found
+    index = index_for(resolve_root(model))
+    try:
+        ref: Optional["weakref.ref[Any]"] = weakref.ref(model, functools.partial(_forget_handle, id(model)))
+    except TypeError:  # not weakly referenceable: not remembered
+        return _Handle(None, index)
+    handle = _Handle(ref, index)
+    with _HANDLES_LOCK:
+        if len(_HANDLES) >= 4096:
+            _HANDLES.clear()
+        _HANDLES[id(model)] = handle
+    return handle
+
+
+#: id(handle) → what ``_handle_of`` remembers of it.
+_HANDLES: Dict[int, _Handle] = {}
+_HANDLES_LOCK = threading.RLock()  # re-entrant: a weak reference callback may run under it
+
+
+def _forget_handle(key: int, ref: "weakref.ref[Any]") -> None:
+    with _HANDLES_LOCK:
+        found = _HANDLES.get(key)
+        if found is not None and found.ref is ref:
+            del _HANDLES[key]
 
 
 def _entered_roots(
@@ -204,11 +336,20 @@ class Patches:
     """
 
     def request(self, state: PatchState, graph: GraphFacts, instance: Any, args: Sequence[Any]) -> Optional[Request]:
-        capture = graph.capture
-        selection, marks = occurrence(state, graph, instance)
+        pending = state.pending
+        if pending is not None and not pending.done:
+            pending.done = validate_pending(state, (graph.capture.uid, instance))
+        key = (graph.capture.uid, instance, registry_version())
+        found = state.memo.get(key)
+        if found is None:
+            found = occurrence(state, graph, instance, key)
+        selection, marks, owners, declared = found
         marks.calls += 1  # for pb.patch's check at exit
+        if marks.roots:
+            state.log.runs += 1  # for a watched wrapper call (never_silent.py)
         if not selection:
             return None
+        capture = graph.capture
         walked = walk(selection)  # this call's structure and values, read once
         if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
             check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
@@ -225,8 +366,7 @@ class Patches:
                 if signature is not None:
                     graph.remember_checked(signature)
             state.memo[("checked", id(selection))] = selection  # holds it: the id stays its own
-        owners = tuple(entry.index for entry in state.roots)
-        if graph.compiled:
+        if declared:
             request = prepared_request(state, graph, instance, selection, owners)
             if request is not None:
                 return request
@@ -296,10 +436,14 @@ def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], 
     """The variant of ``selection``'s structure: one program per structure, every size. With
     ``walked`` (this call's ``spec.walk``), a structure seen before is not lowered again."""
     capture = graph.capture
-    lowered = graph.lowerings.lower(selection, walked)  # the key and this call's runtime values
-    values = lowered.values
+    spec = None if walked is None else graph.lowerings.spec_of(walked)
+    if spec is None:
+        lowered = graph.lowerings.lower(selection, walked)  # the key and this call's runtime values
+        spec, values = lowered.spec, lowered.values
+    else:
+        values = walked.values  # type: ignore[union-attr]
     return Request(
-        key=lowered.spec,
+        key=spec,
         build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
         interpret=lambda args: Interpreted(capture.gm),
         run=lambda program, args: program.run_lowered(selection, values, args),
@@ -308,28 +452,49 @@ def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], 
     )
 
 
-def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> Tuple[Selection, GraphMarks]:
-    """The active patches that land in this graph occurrence, and the marks that count its runs
-    for the never-ran check: one memo lookup per call, computed once per state and occurrence.
+def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int], key: Hashable) -> "Occurrence":
+    """The active patches that land in this graph occurrence, the marks that count its runs for
+    the never-ran check, the patched models (the programs' owners) and whether any of them
+    declared sites (pb.prepare): computed at the occurrence's first call under ``state`` and
+    kept in its memo, so later calls cost one lookup (``Patches.request``).
 
     What they derive from (which patched names have sites here, which models the occurrence
     belongs to and returns from) depends on the patched names, not the patches, so it is kept
-    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it.
+    on the graph (``GraphFacts.occurrences``) and a new context of the same names reuses it;
+    a context of one model also finds it in ``state.shapes`` (its handle's, by these names),
+    by ``key`` = (capture uid, instance, name-table version) alone.
     """
-    memo = state.memo
-    if not memo.get("validated"):
-        memo["validated"] = validate_pending(state, (graph.capture.uid, instance))
-    memo_key = (graph.capture.uid, instance, registry_version())
-    found = memo.get(memo_key)
-    if found is None:
-        shape = _occurrence_shape(state, graph, instance)
+    roots = state.roots
+    shapes = state.shapes
+    if shapes is not None:
+        shape = shapes.get(key)
+        if shape is None:
+            shape = _occurrence_shape(roots, graph, instance)
+            if len(shapes) >= 1024:
+                shapes.clear()
+            shapes[key] = shape
+    else:
+        shape = _occurrence_shape(roots, graph, instance)
+    if len(roots) == 1:  # the common case, without the generators
+        by_name = roots[0].by_name
+        selection = tuple([SitePatches(site, by_name[name]) for name, site in shape.sites[0]])
+        owners: Tuple[RootIndex, ...] = (roots[0].index,)
+        declared = graph.compiled and bool(roots[0].index.declared)
+    else:
         selection = tuple(
-            SitePatches(site, entry.by_name[name]) for entry, sites in zip(state.roots, shape.sites) for name, site in sites
+            SitePatches(site, entry.by_name[name]) for entry, sites in zip(roots, shape.sites) for name, site in sites
         )
-        marks = GraphMarks(shape.roots, shape.returns, shape.applied)
-        state.log.marks.append(marks)
-        found = memo[memo_key] = (selection, marks)
+        owners = tuple(entry.index for entry in roots)
+        declared = graph.compiled and any(entry.index.declared for entry in roots)
+    marks = GraphMarks(shape.roots, shape.returns, shape.applied)
+    state.log.marks.append(marks)
+    found: Occurrence = (selection, marks, owners, declared)
+    state.memo[key] = found
     return found
+
+
+#: ``occurrence``'s answer: selection, run marks, owners, whether any patched model declared sites.
+Occurrence = Tuple[Selection, GraphMarks, Tuple[RootIndex, ...], bool]
 
 
 @dataclass(frozen=True)
@@ -346,30 +511,39 @@ class OccurrenceShape:
     indexes: Tuple["weakref.ref[RootIndex]", ...]
 
 
-def _occurrence_shape(state: PatchState, graph: GraphFacts, instance: Optional[int]) -> OccurrenceShape:
+def _occurrence_shape(roots: Tuple[RootPatches, ...], graph: GraphFacts, instance: Optional[int]) -> OccurrenceShape:
     capture = graph.capture
-    indexes = [entry.index.refresh() for entry in state.roots]
-    key = (instance, registry_version(), tuple((id(index), tuple(entry.by_name)) for index, entry in zip(indexes, state.roots)))
+    if len(roots) == 1:  # the common case, without the generators
+        indexes = [roots[0].index.refresh()]
+        names: Tuple[Any, ...] = ((id(indexes[0]), tuple(roots[0].by_name)),)
+    else:
+        indexes = [entry.index.refresh() for entry in roots]
+        names = tuple((id(index), tuple(entry.by_name)) for index, entry in zip(indexes, roots))
+    key = (instance, registry_version(), names)
     shape = graph.occurrences.get(key)
-    if shape is not None and all(ref() is index for ref, index in zip(shape.indexes, indexes)):
-        return shape
+    if shape is not None:
+        for ref, index in zip(shape.indexes, indexes):
+            if ref() is not index:
+                break
+        else:
+            return shape
     sites: List[Tuple[Tuple[str, Any], ...]] = []
-    roots: List[RootKey] = []
+    keys: List[RootKey] = []
     returns: List[RootKey] = []
     applied: Set[Tuple[RootKey, str]] = set()
-    for index, entry in zip(indexes, state.roots):
+    for index, entry in zip(indexes, roots):
         found = index.sites_for(capture, instance)
         if found is None:
             sites.append(())
             continue  # a graph of another model
         sites.append(tuple((name, found[name]) for name in entry.by_name if name in found))
         root_key = id(index)
-        roots.append(root_key)
+        keys.append(root_key)
         if (capture.uid, instance) in index.root_returns:
             returns.append(root_key)
         applied.update((root_key, name) for name in entry.by_name if name in found)
     shape = OccurrenceShape(
-        tuple(sites), tuple(roots), tuple(returns), frozenset(applied), tuple(weakref.ref(i) for i in indexes)
+        tuple(sites), tuple(keys), tuple(returns), frozenset(applied), tuple(weakref.ref(i) for i in indexes)
     )
     return graph.occurrences.put(key, shape)
 
@@ -404,6 +578,8 @@ def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
     earlier for another instance of the class may not belong to this forward at all.)
     """
     pending = state.pending
+    if pending is None:
+        return True
     if pending.first_occurrence is None:
         pending.first_occurrence = occurrence
     if occurrence is not None and occurrence == pending.first_occurrence:

@@ -6,16 +6,18 @@ calls of the model ran outside its compiled graphs. On a normal exit, ``pb.patch
 ``pb.sweep`` chunk) calls ``raise_if_unapplied``, which raises ``PatchNotAppliedError`` for
 every name it added whose node never ran although the model did.
 
-Calls of the uncompiled model are seen by hooks that ``watch_eager_calls`` installs for the
-length of a context that patches a model through its wrapper (``compiled.generate`` calls the
-model itself, and Dynamo may run a forward it cannot trace eagerly).
+Calls of the uncompiled model are seen by hooks that ``watch_eager_calls`` installs when a
+context patches a model through its wrapper (``compiled.generate`` calls the model itself, and
+Dynamo may run a forward it cannot trace eagerly). They stay registered after the context, for
+the next one, until the model is called outside every watching context (``Watch``).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,9 +48,13 @@ def raise_if_unapplied(
     graphs = log.graph_calls.get(key, 0)
     if not graphs and not log.eager_calls.get(key, 0):
         return  # the model never ran in this context: nothing was expected to apply
-    missing = {name: patches for name, patches in names.items() if (key, name) not in log.applied}
-    if not missing:
-        return
+    applied = log.applied
+    for name in names:
+        if (key, name) not in applied:
+            break
+    else:
+        return  # the common case, without building the map of the missing
+    missing = {name: patches for name, patches in names.items() if (key, name) not in applied}
     if graphs:
         validate_names(index, missing)  # a name no graph holds is a KeyError, as on entry
     raise PatchNotAppliedError(unapplied_message(log, index, missing, where))
@@ -107,94 +113,174 @@ def unapplied_message(
 
 # -- calls of the uncompiled model ----------------------------------------------------------
 
-_watch_lock = threading.Lock()
-#: id(module) → (hook handles, number of active contexts using them).
-_watched: Dict[int, Tuple[List[Any], int]] = {}
-#: ``calls``: this thread's watched wrapper calls in progress (``_wrapper_calls``).
+
+class Watch:
+    """The watching hooks of one wrapper and its root: registered by the first context that
+    patches the root through the wrapper, and left in place when the last such context exits,
+    so that a loop of contexts registers them once. The next call of the wrapper (or of the
+    root) made outside every watching context removes them (``_unwatch_if_idle``): an unpatched
+    loop pays one hooked call, then runs as if the model had never been patched.
+
+    ``users`` counts the contexts (any thread) that hold the hooks; hooks are only removed when
+    it is 0, under ``_watch_lock``. The root's hook is shared by the root's wrappers (``root``:
+    a context holds both watches, so the root's is never removed while a wrapper's is held).
+    """
+
+    __slots__ = ("module", "handles", "users", "root", "live", "__weakref__")
+
+    def __init__(self, module: nn.Module, handles: List[Any], root: Optional["Watch"]) -> None:
+        key = id(module)
+        self.module: "weakref.ref[nn.Module]" = weakref.ref(module, lambda ref: _drop_watch(key, ref))
+        self.handles = handles
+        self.users = 0
+        #: The root's watch, for a wrapper's (None for the root's own).
+        self.root = root
+        #: False once its hooks are removed: a context holding this object registers anew.
+        self.live = True
+
+    def release(self) -> None:
+        """A watching context exits: the hooks stay until a call outside every context."""
+        with _watch_lock:
+            self.users -= 1
+            if self.root is not None:
+                self.root.users -= 1
+
+
+_watch_lock = threading.RLock()  # re-entrant: a weak reference callback may run under it
+#: id(module) (a wrapper or a root) → its Watch while its hooks are registered (``_watch_of``).
+_watches: Dict[int, Watch] = {}
+
+
+def _watch_of(module: nn.Module) -> Optional[Watch]:
+    """``module``'s Watch: by ``id``, the watch's weak reference telling the live module from a
+    reused id (a WeakKeyDictionary lookup makes a weak reference per call)."""
+    watch = _watches.get(id(module))
+    return watch if watch is not None and watch.module() is module else None
+
+
+def _drop_watch(key: int, ref: "weakref.ref[nn.Module]") -> None:
+    """A watched module was deleted (its hooks went with it)."""
+    with _watch_lock:
+        watch = _watches.get(key)
+        if watch is not None and watch.module is ref:
+            watch.live = False
+            del _watches[key]
+
+
+#: ``calls``: this thread's watched wrapper calls in progress (``_enter_wrapper``).
 _inside = threading.local()
 
 
-def watch_eager_calls(model: Any, root: nn.Module) -> Callable[[], None]:
+def watch_eager_calls(model: Any, root: nn.Module, known: Optional[Watch] = None) -> Optional[Watch]:
     """While a context patches ``root`` through a wrapper (its torch.compile result or a
     PatchableGraph), hooks tell calls of the uncompiled ``root`` made outside the wrapper (such
-    as ``compiled.generate``'s) from the wrapper's own; returns the function that stops watching.
+    as ``compiled.generate``'s) from the wrapper's own; returns the watch the context holds
+    (``Watch.release`` at exit), or None where nothing is watched.
 
-    The wrapper's hooks count, per thread, the wrapper calls in progress; the root's pre-hook
+    The wrapper's hooks keep, per thread, the wrapper calls in progress; the root's pre-hook
     (hidden from Dynamo, so nothing is traced or recompiled for it) counts a call of the root
     made outside them. Not done for a plain module: it may be called inside another compiled
     function, whose trace would meet the hook (a graph break and a recompile per context), as
     would torch's own module classes compiled directly.
+
+    ``known`` is the watch an earlier call returned for this wrapper: while its hooks are still
+    registered, it is held again without looking anything up.
     """
+    if known is not None:
+        with _watch_lock:
+            root_watch = known.root
+            if known.live and root_watch is not None and root_watch.live:
+                known.users += 1
+                root_watch.users += 1
+                return known
     if model is root or not isinstance(model, nn.Module):
-        return _nothing
+        return None
     with _watch_lock:
-        # Already watched by an enclosing or concurrent context: the check was made then.
-        if id(model) not in _watched and not _hooks_run_outside_dynamo(root):
-            return _nothing
-        _acquire(root, lambda: [root.register_forward_pre_hook(_root_called)])
-        _acquire(
-            model,
-            lambda: [
-                model.register_forward_pre_hook(functools.partial(_enter_wrapper, root)),
-                model.register_forward_hook(functools.partial(_leave_wrapper, root), always_call=True),
-            ],
-        )
-    return functools.partial(_release, root, model)
+        watch = _watch_of(model)
+        root_watch = _watch_of(root)
+        if watch is None or root_watch is None:
+            # Registered or left registered by an earlier context: the check was made then.
+            if watch is None and not _hooks_run_outside_dynamo(root):
+                return None
+            if root_watch is None:  # never registered, or removed by a call of the root alone
+                root_watch = _watches[id(root)] = Watch(root, [root.register_forward_pre_hook(_root_called)], None)
+            if watch is None:
+                watch = _watches[id(model)] = Watch(
+                    model,
+                    [
+                        model.register_forward_pre_hook(functools.partial(_enter_wrapper, root)),
+                        model.register_forward_hook(functools.partial(_leave_wrapper, root), always_call=True),
+                    ],
+                    root_watch,
+                )
+            watch.root = root_watch
+        watch.users += 1
+        root_watch.users += 1
+    return watch
 
 
 def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
     """torch.compile traces a torch.nn class's hooks (``wrap_inline``), a user class's not."""
-    # The class first: the config flag is a slower read, and every pb.patch entry asks.
+    # The class first: the config flag is a slower read.
     return type(root).__module__.split(".")[0] != "torch" and not dynamo_wraps_top_frame()
 
 
-def _acquire(module: nn.Module, register: Callable[[], List[Any]]) -> None:
-    """Registers ``module``'s hooks for the first context using them (caller holds the lock)."""
-    handles, users = _watched.get(id(module), (None, 0))
-    _watched[id(module)] = (handles if handles is not None else register(), users + 1)
-
-
-def _release(*modules: nn.Module) -> None:
+def _unwatch_if_idle(module: nn.Module) -> None:
+    """Removes ``module``'s watching hooks if no context holds them (a call outside every
+    watching context). Removing them from inside one of them is safe: torch iterates a copy of
+    the pre-hooks, and reads the forward hooks only after the forward, so they do not run for
+    this call (``_enter_wrapper`` pushes nothing then)."""
     with _watch_lock:
-        for module in modules:
-            handles, users = _watched[id(module)]
-            if users > 1:
-                _watched[id(module)] = (handles, users - 1)
-                continue
-            for handle in handles:
-                handle.remove()
-            del _watched[id(module)]
+        watch = _watch_of(module)
+        if watch is None or watch.users:
+            return
+        for handle in watch.handles:
+            handle.remove()
+        watch.live = False
+        del _watches[id(module)]
 
 
-def _nothing() -> None:
-    return None
-
-
-def _wrapper_calls() -> List[Optional[int]]:
-    """This thread's wrapper calls in progress, innermost last: each holds the model's graph
-    calls in the active context when it started (None: the model is not patched there)."""
-    calls = getattr(_inside, "calls", None)
-    if calls is None:
-        calls = _inside.calls = []
-    return calls
+def watching_hooks(module: nn.Module) -> Optional[int]:
+    """The number of contexts holding ``module``'s watching hooks (0: left in place until the
+    next call outside them), or None when it has none. For tests."""
+    with _watch_lock:
+        watch = _watch_of(module)
+        return None if watch is None else watch.users
 
 
 def _enter_wrapper(root: nn.Module, wrapper: nn.Module, args: Any) -> None:
-    _wrapper_calls().append(_graph_calls_of(root))
+    """Pushes this call, with the root's graph calls so far, when this thread's context watches
+    the wrapper (its context holds the hooks until the call ends, so ``_leave_wrapper`` runs);
+    else the hooks are idle and are removed."""
+    state = _active.get()
+    if wrapper not in state.watching:
+        _unwatch_if_idle(wrapper)
+        return
+    try:
+        calls = _inside.calls
+    except AttributeError:  # this thread's first
+        calls = _inside.calls = []
+    calls.append((wrapper, state, state.log.runs, None if len(state.roots) == 1 else _graph_calls_of(state, root)))
 
 
 def _leave_wrapper(root: nn.Module, wrapper: nn.Module, args: Any, output: Any) -> None:
-    """Also runs when the call raised (``always_call``); pops nothing should a pre-hook
-    registered before ``_enter_wrapper`` have raised.
+    """Also runs when the call raised (``always_call``); pops only the entry its
+    ``_enter_wrapper`` pushed.
 
     A wrapper call in which no graph of the model ran was a forward Dynamo ran eagerly (it gives
     up on a whole forward it cannot trace, e.g. around an ``nn.LSTM``): no patch applied in it,
     so it counts as a call outside the compiled graphs."""
-    calls = _wrapper_calls()
-    if calls:
-        before = calls.pop()
-        if before is not None and _graph_calls_of(root) == before:
-            _note_eager_call(root)
+    calls = getattr(_inside, "calls", None)
+    if not calls:
+        return
+    entry_wrapper, state, runs, graph_calls = calls[-1]
+    if entry_wrapper is not wrapper or state is not _active.get():
+        return
+    calls.pop()
+    if state.log.runs == runs:
+        _note_eager_call(state, root)  # no graph of a patched model ran: not one of the root's
+    elif graph_calls is not None and _graph_calls_of(state, root) == graph_calls:
+        _note_eager_call(state, root)  # several patched models: the graphs were another's
 
 
 def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
@@ -205,9 +291,8 @@ def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
     return None
 
 
-def _graph_calls_of(root: nn.Module) -> Optional[int]:
-    """Graph calls of ``root`` so far in the active context (None when it is not patched)."""
-    state = _active.get()
+def _graph_calls_of(state: PatchState, root: nn.Module) -> Optional[int]:
+    """Graph calls of ``root`` so far in ``state`` (None when it is not patched there)."""
     entry = _entry_of(state, root)
     return None if entry is None else state.log.settle().graph_calls.get(id(entry.index), 0)
 
@@ -215,18 +300,21 @@ def _graph_calls_of(root: nn.Module) -> Optional[int]:
 @torch.compiler.disable
 def _root_called(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on a watched root: a call outside every watched wrapper call ran the
-    uncompiled model."""
-    if _wrapper_calls():
-        return None
-    _note_eager_call(module)
+    uncompiled model (counted where this thread's context watches a wrapper of it)."""
+    if getattr(_inside, "calls", None):
+        return None  # inside a wrapper call
+    state = _active.get()
+    if module in state.watched_roots:
+        _note_eager_call(state, module)
+    else:
+        _unwatch_if_idle(module)
     return None
 
 
-def _note_eager_call(module: nn.Module) -> None:
+def _note_eager_call(state: PatchState, module: nn.Module) -> None:
     """Counts an uncompiled call of a patched model; raises at the second one if no compiled
     graph of the model ran in this context yet (``compiled.generate`` fails at its second step
     rather than after the whole generation)."""
-    state = _active.get()
     entry = _entry_of(state, module)
     if entry is None:
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from .capture.index import RootIndex
 from .patches import Patch
@@ -45,6 +45,9 @@ class RunLog:
     """
 
     marks: List[GraphMarks] = field(default_factory=list)
+    #: Graph calls of patched models under this state, all models together, counted as they
+    #: run (not settled): a watched wrapper call compares it before and after (never_silent.py).
+    runs: int = 0
     applied: Set[Tuple[RootKey, str]] = field(default_factory=set)
     graph_calls: Dict[RootKey, int] = field(default_factory=dict)
     forwards: Dict[RootKey, int] = field(default_factory=dict)
@@ -59,8 +62,12 @@ class RunLog:
                 continue
             marks.calls = 0
             self.applied |= marks.applied
-            _add(self.graph_calls, marks.roots, calls)
-            _add(self.forwards, marks.returns, calls)
+            graph_calls = self.graph_calls
+            for key in marks.roots:
+                graph_calls[key] = graph_calls.get(key, 0) + calls
+            forwards = self.forwards
+            for key in marks.returns:
+                forwards[key] = forwards.get(key, 0) + calls
         return self
 
     def merge_into(self, outer: "RunLog") -> None:
@@ -74,11 +81,6 @@ class RunLog:
         ):
             for key, count in mine.items():
                 theirs[key] = theirs.get(key, 0) + count
-
-
-def _add(counts: Dict[RootKey, int], keys: Sequence[RootKey], number: int) -> None:
-    for key in keys:
-        counts[key] = counts.get(key, 0) + number
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,16 @@ class PatchState:
     memo: Dict[Any, Any] = field(default_factory=dict)
     #: What ran under this state (mutable: the state is shared by the calls it patches).
     log: RunLog = field(default_factory=RunLog)
-    #: Validation of maps entered before the model ran (``validate_pending``).
-    pending: "PendingValidation" = field(default_factory=lambda: PendingValidation())
+    #: Validation of maps entered before the model ran (``validate_pending``); None when every
+    #: map was checked on entry.
+    pending: Optional["PendingValidation"] = None
+    #: The wrappers (torch.compile results, PatchableGraphs) whose calls this state and the
+    #: states it extends watch for the never-ran check, and their root modules (never_silent.py).
+    watching: Tuple[Any, ...] = ()
+    watched_roots: Tuple[Any, ...] = ()
+    #: For a state patching one model: that model's occurrence shapes of these patched names
+    #: (``context.occurrence``), shared by the contexts that patch them.
+    shapes: Optional[Dict[Any, Any]] = None
 
 
 @dataclass(eq=False)
@@ -111,6 +121,8 @@ class PendingValidation:
 
     first_occurrence: Any = None
     first_runs: int = 0
+    #: Every name is checked: requests stop asking.
+    done: bool = False
 
 
 _EMPTY = PatchState()

@@ -191,50 +191,85 @@ def validate_names(index: Any, by_name: Dict[str, Tuple[Patch, ...]], defer_unkn
     return found_all
 
 
-def validate_entered(index: Any, by_name: Dict[str, Tuple[Patch, ...]]) -> None:
+def validate_entered(
+    index: Any, by_name: Dict[str, Tuple[Patch, ...]], structure: Optional[Hashable] = None
+) -> None:
     """``validate_names`` for a map entered once the model's names are known, done once per
     model, name-table version and map structure: a loop of ``pb.patch`` contexts that differ
     only in their values checks the first map. The structure holds everything the checks read
     (names, patch types, value kinds and dtypes, whether a number fits float64); a map it cannot
-    stand for (a custom patch's callable, an unusual value) is checked every time."""
+    stand for (a custom patch's callable, an unusual value) is checked every time.
+
+    ``structure``: the map's ``map_structure``, where the caller read it already."""
     index.refresh()
-    key = _entry_key(index, by_name)
-    if key is not None:
-        with _PASSED_LOCK:
-            passed = _PASSED.get(index)
-            if passed is not None and key in passed:
-                return
+    if structure is None:
+        structure = map_structure(by_name)
+    if structure is not None and entered_before(index, structure):
+        return
     validate_names(index, by_name)
-    if key is not None:
+    if structure is not None:
         with _PASSED_LOCK:
-            passed = _PASSED.setdefault(index, set())
-            if len(passed) >= 1024:
-                passed.clear()
-            passed.add(key)
+            found = _PASSED.get(id(index))
+            if found is None or found[0]() is not index:
+                found = _PASSED[id(index)] = (weakref.ref(index, functools.partial(_forget, id(index))), set())
+            if len(found[1]) >= 1024:
+                found[1].clear()
+            found[1].add((index._version, structure))
 
 
-#: Per name table (weakly: it goes with its model), the entry structures that passed.
-_PASSED: "weakref.WeakKeyDictionary[Any, Set[Hashable]]" = weakref.WeakKeyDictionary()
-_PASSED_LOCK = threading.Lock()
+def entered_before(index: Any, structure: Hashable) -> bool:
+    """Whether a map of this ``map_structure`` passed ``validate_entered`` on ``index``'s
+    current name table (the caller refreshed it)."""
+    found = _PASSED.get(id(index))
+    key = (index._version, structure)
+    return found is not None and found[0]() is index and key in found[1]
 
 
-def _entry_key(index: Any, by_name: Dict[str, Tuple[Patch, ...]]) -> Optional[Hashable]:
+#: Per name table (by ``id``, with a weak reference that tells a live table from a reused id,
+#: and whose callback drops the entry with the table), the entry structures that passed.
+_PASSED: Dict[int, Tuple["weakref.ref[Any]", Set[Hashable]]] = {}
+_PASSED_LOCK = threading.RLock()  # re-entrant: a weak reference callback may run under it
+
+
+def _forget(key: int, ref: "weakref.ref[Any]") -> None:
+    with _PASSED_LOCK:
+        found = _PASSED.get(key)
+        if found is not None and found[0] is ref:
+            del _PASSED[key]
+
+
+def map_structure(by_name: Dict[str, Tuple[Patch, ...]]) -> Optional[Hashable]:
+    """What ``validate_names`` reads of a normalized map, as a key (None: not expressible)."""
     parts = []
     for name, patches in by_name.items():
-        kinds: List[Any] = []
-        for patch in patches:
-            kind = type(patch)
-            if kind is AddPatch or kind is ReplacePatch:
-                value = patch.value  # type: ignore[attr-defined]
-                if isinstance(value, torch.Tensor):
-                    kinds.append((kind, value.dtype, value.is_meta))
-                elif type(value) in (bool, int, float):
-                    kinds.append((kind, type(value), type(value) is int and abs(value) > 2**53))
-                else:
-                    return None
-            elif kind is ZeroPatch or kind is ProbePatch or kind is RecordPatch:
-                kinds.append(kind)
+        kinds = patches_structure(patches)
+        if kinds is None:
+            return None
+        parts.append((name, kinds))
+    return tuple(parts)
+
+
+def patches_structure(patches: Tuple[Patch, ...]) -> Optional[Tuple[Any, ...]]:
+    """One name's part of ``map_structure``: per patch its type, and for a value its dtype
+    (tensor) or type and whether it fits float64 (number); None for anything else."""
+    kinds: List[Any] = []
+    for patch in patches:
+        kind = type(patch)
+        if kind is AddPatch or kind is ReplacePatch:
+            value = patch.value  # type: ignore[attr-defined]
+            if isinstance(value, _Tensor):
+                kinds.append((kind, value.dtype, value.is_meta))
+            elif type(value) in _NUMBERS:
+                kinds.append((kind, type(value), type(value) is int and abs(value) > 2**53))
             else:
                 return None
-        parts.append((name, tuple(kinds)))
-    return (index._version, tuple(parts))
+        elif kind in _VALUELESS:
+            kinds.append(kind)
+        else:
+            return None
+    return tuple(kinds)
+
+
+_Tensor = torch.Tensor
+_NUMBERS = (bool, int, float)
+_VALUELESS = (ZeroPatch, ProbePatch, RecordPatch)

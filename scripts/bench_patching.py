@@ -2,7 +2,7 @@
 
     python scripts/bench_patching.py [--layers 4 --width 256 --batch 8 --seq 128 --device cpu]
                                      [--json out/bench_patching.json]
-    python scripts/bench_patching.py --router [--profile out/router.prof]
+    python scripts/bench_patching.py --router [--profile out/router.prof] [--count 20]
 
 Rows: eager, eager + forward hook, graphpatch_eager patched, Inductor, graphpatch unpatched,
 graphpatch patched at an MLP output and at an op inside the MLP activation; plus compile
@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -52,8 +52,11 @@ def interleaved(calls: Dict[str, Callable[[], object]], device: str, repeats: in
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def interleaved_samples(calls: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, list]:
-    """Seconds of each call, ``repeats`` times, the contenders timed in turns."""
+def interleaved_samples(
+    calls: Dict[str, Callable[[], object]], device: str, repeats: int, cpu: Optional[Dict[str, list]] = None
+) -> Dict[str, list]:
+    """Seconds of each call, ``repeats`` times, the contenders timed in turns; ``cpu`` (when
+    given) gets the calling thread's CPU seconds of each sample."""
     for fn in calls.values():
         for _ in range(2):
             fn()
@@ -61,10 +64,12 @@ def interleaved_samples(calls: Dict[str, Callable[[], object]], device: str, rep
     for _ in range(repeats):
         for name, fn in calls.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu[name].append(time.thread_time() - start_cpu)
     return samples
 
 
@@ -94,6 +99,8 @@ def router_cost(options: argparse.Namespace) -> Dict[str, object]:
     pb.config.set("compile_policy", "sync")  # routing is measured, not compiling
     device = options.device
     torch.set_grad_enabled(False)
+    if options.threads:  # before compiling: the programs are compiled under the loops' setting
+        torch.set_num_threads(options.threads)
     model = gpt2(options.layers, options.width, options.heads, options.seq, device)
     ids = torch.randint(0, 1024, (options.batch, options.seq), device=device)
     site = f"transformer.h_{options.layers // 2}.mlp.output"
@@ -113,11 +120,9 @@ def router_cost(options: argparse.Namespace) -> Dict[str, object]:
             with pb.patch(compiled, {site: AddPatch(value=values[step % 8])}):
                 compiled(ids)
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    samples = interleaved_samples(
-        {"unpatched": unpatched, "patched, new value each call": patched}, device, options.repeats
-    )
+    calls = {"unpatched": unpatched, "patched, new value each call": patched}
+    cpu: Dict[str, list] = {name: [] for name in calls}
+    samples = interleaved_samples(calls, device, options.repeats, cpu)
     # The median, and the minimum: on a shared machine the fastest sample is the one least
     # disturbed by other processes, so it is the steadier estimate of the work itself.
     rows = {name: statistics.median(values) for name, values in samples.items()}
@@ -147,9 +152,52 @@ def router_cost(options: argparse.Namespace) -> Dict[str, object]:
     print(f"{'ratio patched / unpatched (medians)':48s} {ratio:10.3f}")
     print(f"{'ratio patched / unpatched (fastest samples)':48s} {ratio_fastest:10.3f}")
     print(f"patched variants compiled: {stats.variants_compiled}")
+    cpu_rows = {name: statistics.median(values) for name, values in cpu.items()}
+    result["thread cpu milliseconds per forward"] = {name: seconds / loop * 1e3 for name, seconds in cpu_rows.items()}
+    result["ratio patched / unpatched, thread cpu (medians)"] = cpu_rows["patched, new value each call"] / cpu_rows["unpatched"]
+    for name, seconds in cpu_rows.items():
+        print(f"{'thread cpu: ' + name:48s} {seconds / loop * 1e3:10.3f} ms")
+    print(f"{'ratio patched / unpatched (thread cpu, medians)':48s} {result['ratio patched / unpatched, thread cpu (medians)']:10.3f}")
+    if options.count:
+        counted = {name: count_opcodes(lambda: compiled(ids), options.count) for name in ("unpatched",)}
+        step = iter(range(10**9))
+
+        def one_patched() -> None:
+            with pb.patch(compiled, {site: AddPatch(value=values[next(step) % 8])}):
+                compiled(ids)
+
+        counted["patched, new value each call"] = count_opcodes(one_patched, options.count)
+        beyond = counted["patched, new value each call"] - counted["unpatched"]
+        result["python opcodes per forward"] = counted
+        result["python opcodes per patched call beyond an unpatched one"] = beyond
+        for name, number in counted.items():
+            print(f"{'opcodes: ' + name:48s} {number:10.0f}")
+        print(f"{'opcodes per patched call beyond unpatched':48s} {beyond:10.0f}")
     if options.json:
         write_json(options.json, result)
     return result
+
+
+def count_opcodes(fn: Callable[[], object], calls: int) -> float:
+    """Python opcodes executed per call of ``fn`` (every thread-local frame, torch's included),
+    counted with ``sys.settrace``: the same on a loaded machine as on a quiet one."""
+    executed = [0]
+
+    def tracer(frame, event, arg):  # noqa: ANN001 - sys.settrace's signature
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            executed[0] += 1
+        return tracer
+
+    fn()
+    sys.settrace(tracer)
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        sys.settrace(None)
+    return executed[0] / calls
 
 
 def main() -> Dict[str, object]:
@@ -166,6 +214,7 @@ def main() -> Dict[str, object]:
     parser.add_argument("--loop", type=int, default=50, help="--router: calls per timed sample")
     parser.add_argument("--profile", default=None, help="--router: write a cProfile of the patched loop here")
     parser.add_argument("--threads", type=int, default=0, help="--router: torch threads (0: torch's default)")
+    parser.add_argument("--count", type=int, default=0, help="--router: count the Python opcodes of this many calls")
     options = parser.parse_args()
     if options.router:
         if "--batch" not in sys.argv:

@@ -21,6 +21,7 @@ import patch_backend as pb
 from fixtures import GraphBreakModel
 from patch_backend import AddPatch, PatchNotAppliedError, ProbePatch, ZeroPatch
 from patch_backend.context import active_state
+from patch_backend.never_silent import watching_hooks
 
 
 class Gated(nn.Module):
@@ -50,10 +51,18 @@ def captured(backend: Any) -> Tuple[nn.Module, Any, torch.Tensor]:
 
 
 def assert_clean(*modules: nn.Module) -> None:
-    """No patch active and no watching hook left on the model or its wrapper."""
+    """No patch active, and no context holding watching hooks on the model or its wrapper: the
+    hooks a context leaves for the next one are idle (the next call outside a context removes
+    them, ``test_idle_hooks_go_at_the_next_unpatched_call``), and no other hook is left."""
     assert active_state().roots == ()
     for module in modules:
-        assert len(module._forward_pre_hooks) == 0 and len(module._forward_hooks) == 0
+        hooks = len(module._forward_pre_hooks) + len(module._forward_hooks)
+        users = watching_hooks(module)
+        if users is None:
+            assert hooks == 0
+        else:
+            assert users == 0
+            assert hooks == (1 if module is modules[0] else 2)  # the root's pre-hook; a wrapper's pair
 
 
 # -- the exit check --------------------------------------------------------------------------------
@@ -263,6 +272,68 @@ def test_watching_hook_compiles_nothing(backend):
         for grad in (True, False):
             with torch.set_grad_enabled(grad), pb.patch(compiled, {"linear.output": ZeroPatch()}):
                 torch.testing.assert_close(compiled(x), torch.zeros(2, 3))
+    assert_clean(model, compiled)
+
+
+def test_idle_hooks_go_at_the_next_unpatched_call(backend):
+    """A loop of contexts registers the watching hooks once; the first call outside a context
+    removes them, so an unpatched loop runs without hooks (and computes the plain model)."""
+    model, compiled, x = captured(backend)
+    with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+        assert watching_hooks(compiled) == 1 and watching_hooks(model) == 1
+        compiled(x)
+    hooks = (dict(model._forward_pre_hooks), dict(compiled._forward_pre_hooks), dict(compiled._forward_hooks))
+    assert watching_hooks(compiled) == 0 and len(hooks[0]) == 1 and len(hooks[1]) == 1
+    for step in range(3):
+        with pb.patch(compiled, {"linear.output": AddPatch(value=float(step))}):
+            torch.testing.assert_close(compiled(x), model.linear(x) + step)
+    # The same hooks, not new ones: nothing was registered again.
+    assert (dict(model._forward_pre_hooks), dict(compiled._forward_pre_hooks), dict(compiled._forward_hooks)) == hooks
+    torch.testing.assert_close(compiled(x), model.linear(x))  # outside a context: removes them
+    for module in (model, compiled):
+        assert watching_hooks(module) is None
+        assert len(module._forward_pre_hooks) == 0 and len(module._forward_hooks) == 0
+    # The uncompiled model called directly removes its own idle hook too.
+    with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+        compiled(x)
+    torch.testing.assert_close(model(x), model.linear(x))
+    assert watching_hooks(model) is None and len(model._forward_pre_hooks) == 0
+    # A context that patches the plain module watches nothing, idle hooks or not: its eager
+    # calls are not counted as calls outside the compiled graphs (they are not compiled at all).
+    with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+        compiled(x)
+    with pb.patch(model, {"linear.output": ZeroPatch()}):
+        model(x)
+        model(x)
+    with pytest.raises(PatchNotAppliedError, match="called again outside its compiled graphs"):
+        with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+            model(x)
+            model(x)
+    assert_clean(model, compiled)
+
+
+def test_an_unpatched_call_in_another_thread_keeps_hooks_a_context_holds(backend):
+    model, compiled, x = captured(backend)
+    entered, called = threading.Event(), threading.Event()
+    outcome: Dict[str, Any] = {}
+
+    def patched() -> None:
+        try:
+            with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+                entered.set()
+                called.wait(30)
+                model(x)  # still seen: the other thread's unpatched call left the hooks
+                model(x)
+        except Exception as error:  # noqa: BLE001 - the outcome is the assertion
+            outcome["error"] = error
+
+    thread = threading.Thread(target=patched)
+    thread.start()
+    entered.wait(30)
+    torch.testing.assert_close(compiled(x, True), model.extra(model.linear(x)))
+    called.set()
+    thread.join()
+    assert isinstance(outcome.get("error"), PatchNotAppliedError)
     assert_clean(model, compiled)
 
 

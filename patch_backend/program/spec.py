@@ -265,7 +265,8 @@ class RuntimeValues:
             inputs.append(torch.tensor(self.ints, dtype=torch.int64, device=device))
         if self.scalars:
             inputs.append(torch.tensor(self.scalars, dtype=torch.float64, device=device))
-        inputs.extend(t if t.device == device else t.to(device) for t in self.tensors)
+        for tensor in self.tensors:
+            inputs.append(tensor if tensor.device == device else tensor.to(device))
         return inputs
 
 
@@ -393,8 +394,8 @@ def lower(selection: "Selection") -> Lowered:
 
 
 # -- lowering a selection of a known structure ---------------------------------------------------
-#: The patch types whose structure ``_walk`` reads (exact types: a subclass may override ``op``).
-_WALKED = {AddPatch: PatchKind.ADD, ReplacePatch: PatchKind.REPLACE, ZeroPatch: PatchKind.ZERO}
+#: ``walk`` reads the structure of exact ZeroPatch/AddPatch/ReplacePatch/ProbePatch/RecordPatch
+#: objects only: a subclass may override ``op``.
 _SCALAR_TYPES = (int, float, bool)
 
 
@@ -412,7 +413,8 @@ def walk(selection: "Selection") -> Optional[Walked]:
     """The structure and values of a selection in one cheap walk; None where the structure
     holds something only ``lower`` can read (custom ops, index lists or tensors, None/bool
     elements, non-positive steps, a number too large for float64): such a selection is lowered
-    in full at every call, as before.
+    in full at every call, as before. Every patched call walks its selection: the common
+    patches are read first, and a patch without a slice costs no call.
 
     A site stands in the key by ``id``: ``Lowerings`` keeps the sites of every key alive, so an
     id there is never another site's.
@@ -425,31 +427,36 @@ def walk(selection: "Selection") -> Optional[Walked]:
         patches: List[Any] = []
         for patch in entry.patches:
             kind = type(patch)
-            if kind is ProbePatch or kind is RecordPatch:
-                patches.append((kind, patch.requires_clone))
-                continue
-            if kind not in _WALKED:
-                return None
-            form = _walk_slice(patch.slice, ints)  # type: ignore[attr-defined]
-            if form is _UNWALKED:
-                return None
-            if kind is ZeroPatch:
-                value_part: Any = None
-            else:
-                value = patch.value  # type: ignore[attr-defined]
-                if isinstance(value, torch.Tensor):
-                    value_part = (tuple(value.shape), value.dtype, value.device, value.requires_grad, value.is_meta)
-                    tensors.append(value)
-                elif type(value) in _SCALAR_TYPES and not (type(value) is int and abs(value) > 2**53):
-                    value_part = type(value)
-                    scalars.append(float(value))
+            if kind is AddPatch or kind is ReplacePatch or kind is ZeroPatch:
+                tensor_slice = patch.slice  # type: ignore[attr-defined]
+                if tensor_slice is None:
+                    form: Any = None
                 else:
-                    return None
-            patches.append((kind, patch.requires_clone, form, value_part))
+                    form = _walk_slice(tensor_slice, ints)
+                    if form is _UNWALKED:
+                        return None
+                if kind is ZeroPatch:
+                    value_part: Any = None
+                else:
+                    value = patch.value  # type: ignore[attr-defined]
+                    if isinstance(value, _Tensor):
+                        value_part = (tuple(value.shape), value.dtype, value.device, value.requires_grad, value.is_meta)
+                        tensors.append(value)
+                    elif type(value) in _SCALAR_TYPES and not (type(value) is int and abs(value) > 2**53):
+                        value_part = type(value)
+                        scalars.append(float(value))
+                    else:
+                        return None
+                patches.append((kind, patch.requires_clone, form, value_part))
+            elif kind is ProbePatch or kind is RecordPatch:
+                patches.append((kind, patch.requires_clone))
+            else:
+                return None
         parts.append((id(entry.site), tuple(patches)))
     return Walked(tuple(parts), RuntimeValues(tuple(ints), tuple(scalars), tuple(tensors)))
 
 
+_Tensor = torch.Tensor
 _UNWALKED = object()
 
 
@@ -494,14 +501,19 @@ class Lowerings:
         self._lock = threading.Lock()
         self.builds = 0
 
+    def spec_of(self, walked: Walked) -> Optional[ProgramSpec]:
+        """The spec of a structure lowered before (None: ``lower`` it). A read without the
+        lock: one ``dict.get`` is atomic, and writers replace or clear, never mutate, entries."""
+        known = self._specs.get(walked.key)
+        return None if known is None else known[0]
+
     def lower(self, selection: "Selection", walked: Optional[Walked]) -> Lowered:
         """``lower(selection)``, from the memo when ``walked`` (this call's walk) is known."""
         if walked is None:
             return lower(selection)
-        with self._lock:
-            known = self._specs.get(walked.key)
-        if known is not None:
-            return Lowered(known[0], walked.values, {})
+        spec = self.spec_of(walked)
+        if spec is not None:
+            return Lowered(spec, walked.values, {})
         lowered = lower(selection)
         values = lowered.values
         if (len(values.ints), len(values.scalars), len(values.tensors)) != (

@@ -66,17 +66,20 @@ class ProgramCache:
 
     def get(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """The program for ``key`` (now the most recently used), or None; counts a hit or a miss."""
+        entries = self._entries
         with self._lock:
-            program = self._entries.get(key)
+            program = entries.get(key)
             if program is not None:
-                self._entries.move_to_end(key)
+                entries.move_to_end(key)
                 if type(program) is Guarded:
                     program = program.find(_guard_args(key, args))
-            if program is None:
-                self._stats.variant_misses += 1
-                return None
-            self._stats.variant_hits += 1
-            return program
+                    if program is None:
+                        self._stats.variant_misses += 1
+                        return None
+                self._stats.variant_hits += 1
+                return program
+            self._stats.variant_misses += 1
+            return None
 
     def peek(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """Like ``get``, without counting or reordering (a build checking it lost no race)."""
@@ -163,7 +166,8 @@ class ProgramCache:
 
 
 class BoundedMemo:
-    """A small bounded, thread-safe memo (emptied when full: an entry is cheap to rebuild).
+    """A small bounded, thread-safe memo (emptied when full: an entry is cheap to rebuild);
+    writes take its lock, reads need none.
 
     For what a front-end derives from a patch *structure* once per graph rather than once per
     patch context (context.py): ``builds`` counts the entries made, which tests assert.
@@ -178,12 +182,12 @@ class BoundedMemo:
         self.builds = 0
 
     def get(self, key: Hashable) -> Any:
-        with self._lock:
-            return self._entries.get(key)
+        # Reads take no lock: one dict lookup is atomic, and writers only add, replace or clear
+        # (every patched call reads a memo or two; a lock would be most of a lookup's cost).
+        return self._entries.get(key)
 
     def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._entries
+        return key in self._entries
 
     def put(self, key: Hashable, value: Any) -> Any:
         with self._lock:

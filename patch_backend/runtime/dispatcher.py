@@ -59,6 +59,8 @@ class Dispatcher:
         capture.dispatcher_ref = weakref.ref(self)
         #: Models whose patches built programs here (see ``_owned_by``).
         self._owners: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        #: id(name table) → a weak reference to it, for the tables ``_owned_by`` has seen.
+        self._owner_indexes: Dict[int, "weakref.ref[Any]"] = {}
         weakref.finalize(self, forget, capture)
 
     @property
@@ -75,22 +77,36 @@ class Dispatcher:
         request = None if frontend is None else frontend.request(state, self.graph, instance, args)
         if request is None:
             return self.plain(*args)
-        if request.owners:
-            self._owned_by(request.owners)
+        known = self._owner_indexes
+        for index in request.owners:  # tied already, mostly: one lookup (``_owned_by``)
+            ref = known.get(id(index))
+            if ref is None or ref() is not index:
+                self._owned_by((index,))
         return self.tiers.run(request, args)
 
     def _owned_by(self, indexes: Iterable[Any]) -> None:
         """Ties the patched programs to the models being patched: they are dropped when one of
         them is deleted. Dynamo keeps this dispatcher for as long as the graph's code stays
-        cached, which outlives the model; another model reaching this graph rebuilds them."""
+        cached, which outlives the model; another model reaching this graph rebuilds them.
+
+        Every patched call asks, so the common answer (already tied) is one dict lookup: name
+        tables by ``id``, each with a weak reference that tells a live table from a reused id."""
+        known = self._owner_indexes
         for index in indexes:
+            ref = known.get(id(index))
+            if ref is not None and ref() is index:
+                continue
             root = index._root()
-            if root is not None and root not in self._owners:
-                with self._lock:
-                    if root in self._owners:
-                        continue
-                    self._owners.add(root)
-                weakref.finalize(root, _drop_programs, weakref.ref(self))
+            if root is None:
+                continue
+            with self._lock:
+                if len(known) >= 1024:
+                    known.clear()  # ids of tables long gone, mostly: the lookups redo the rest
+                known[id(index)] = weakref.ref(index)
+                if root in self._owners:
+                    continue
+                self._owners.add(root)
+            weakref.finalize(root, _drop_programs, weakref.ref(self))
 
     # -- building --------------------------------------------------------------------------
     def _compile_plain(self, example_inputs: Sequence[Any]) -> Callable:

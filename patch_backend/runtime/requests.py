@@ -27,9 +27,11 @@ CompileFn = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]
 Program = Any
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
-    """One graph call's program and how to feed it.
+    """One graph call's program and how to feed it. Made for each patched call and never
+    changed (``dataclasses.replace`` makes a variant); not frozen only because a frozen
+    dataclass's ``__init__`` costs twice as much, and this is on every patched call's path.
 
     ``key`` names the program in the dispatcher's cache: patch *structure*, never values, so
     a new value reuses the program. ``build(compile_fn, args)`` makes the program on a miss
