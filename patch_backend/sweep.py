@@ -3,7 +3,9 @@
 A chunk of K cells runs once, on the inputs repeated K times along the batch dimension; rows
 ``k*B:(k+1)*B`` see only cell k's patches. Every site any cell names becomes a declared slot
 (prepared.py), whose (keep, fill) inputs are built per row block on the host, so all chunks —
-the last one padded with empty cells — run one compiled variant.
+the last one padded with empty cells — run one compiled variant. While a sweep runs on the eager
+tier (no compiled program yet, or none wanted), a chunk runs instead as vmap over its cells on
+the graph captured at the inputs' batch (program/vmapped.py): no capture at K·B.
 """
 
 from __future__ import annotations
@@ -279,7 +281,6 @@ class SweepSpec:
             if parts:
                 inputs[position] = lean_inputs(slot, parts)
         return inputs
-
 
     def cell_slot_inputs(self, program: VmappedProgram, sites: Dict[str, Any], names: Sequence[str]) -> Dict[int, CellSlotInputs]:
         """(keep, fill, index) per slot this chunk patches, one row per cell (vmap maps them)."""

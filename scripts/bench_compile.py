@@ -159,6 +159,9 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         for fn in calls.values():
             fn()
             fn()
+        # Steady state: the patched program compiled (under "background" its first calls ran on
+        # the eager tier, and its compile would otherwise run beside the timed calls).
+        pb.wait_for_compiles()
         samples: Dict[str, List[float]] = {name: [] for name in calls}
         for _ in range(args.repeats):
             for name, fn in calls.items():

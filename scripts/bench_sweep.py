@@ -295,6 +295,10 @@ def _rank_sweep(
     from patch_backend.sweep import last_sweep_report
 
     torch.set_num_threads(1)
+    # D1 and D3 compare compiled sweeps: a sweep without ranks (rank 0 alone, the 1-rank
+    # process) would otherwise stay on its vmapped eager tier (config.sweep_vmap), which ranks
+    # do not use (they share the leader's compiled programs).
+    pb.config.set("sweep_vmap", False)
     if os.environ.get("BENCH_SESSION_PER_RANK") == "1":
         # Linux's scheduler (autogroup) shares a busy machine's CPU between sessions, not
         # processes: ranks in the launcher's session split one session's share between them.
