@@ -918,7 +918,10 @@ def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> N
     with _eager_lock:
         if module in _observed_forwards:
             return
-    if sys.getprofile() is not None:
+    active = sys.getprofile()
+    if getattr(active, _OBSERVER, False):
+        return  # inside a forward being observed: its observation records this one's calls
+    if active is not None:
         fallback("eager_observe", "a profiler is active, so the module boundaries of a forward Dynamo runs "
                  "eagerly are not observed and get no names")
         return
@@ -974,7 +977,12 @@ def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> N
             calls.clear()
             sys.setprofile(None)
 
+    setattr(profile, _OBSERVER, True)
     sys.setprofile(profile)
+
+
+#: Marks this package's observer (``_observe_eager_forward``).
+_OBSERVER = "_patch_backend_eager_observer"
 
 
 # -- the Python caller of a module frame ------------------------------------------------------
