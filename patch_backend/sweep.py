@@ -398,8 +398,7 @@ def _call(model: Callable, inputs: Inputs) -> Any:
 
 
 def _batch_size(inputs: Inputs) -> int:
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0}
+    sizes = {v.shape[0] for v in _values(inputs) if isinstance(v, torch.Tensor) and v.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(f"sweep inputs must share one leading batch dimension; found sizes {sorted(sizes)}")
     return sizes.pop()

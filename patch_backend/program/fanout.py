@@ -144,7 +144,8 @@ def _same_args(a: Any, b: Any, twin_of: Dict[str, torch.fx.Node], copies: int) -
     return type(a) is type(b) and a == b
 
 
-def _target_name(node: torch.fx.Node) -> str:
+def target_name(node: torch.fx.Node) -> str:
+    """An FX node's op as a bare name (``torch.addmm`` and ``Tensor.view`` alike: ``addmm``, ``view``)."""
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     return str(name).split(".")[-1]
@@ -206,13 +207,13 @@ def fan_out(
             continue
         if kind == "rows" and node.op in ("call_function", "call_method"):
             fed = [relation.get(arg.name) == "rows" for arg in node.all_input_nodes]
-            if not any(fed) and _target_name(node) == "arange" and not node.kwargs.get("start"):
+            if not any(fed) and target_name(node) == "arange" and not node.kwargs.get("start"):
                 # ``arange(batch)``: allowed only as the batch index of a batched tensor (the
                 # mask code of transformers), where it selects every row in order.
                 batch_index.add(node.name)
-            elif not any(fed) and _target_name(node) not in _UNIFORM:
+            elif not any(fed) and target_name(node) not in _UNIFORM:
                 raise FanOutRefused(
-                    f"node {node.name!r} ({_target_name(node)}) makes a batch dimension from no batched input"
+                    f"node {node.name!r} ({target_name(node)}) makes a batch dimension from no batched input"
                 )
     crossing: List[str] = []
     seen: Set[str] = set()
@@ -265,7 +266,7 @@ _ELIDABLE = frozenset({"expand", "expand_as", "broadcast_to", "view", "reshape",
 
 
 def _elided(node: torch.fx.Node, twin_of: Dict[str, torch.fx.Node], copies: int) -> bool:
-    if node.op not in ("call_function", "call_method") or _target_name(node) not in _ELIDABLE or not node.args:
+    if node.op not in ("call_function", "call_method") or target_name(node) not in _ELIDABLE or not node.args:
         return False
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.name not in twin_of:

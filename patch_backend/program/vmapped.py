@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..capture.capture import GraphCapture
 from ..capture.naming import Site
+from .fanout import target_name
 from .prepared import LeanSlot, SiteKey, SweepProgram, build_sweep_program
 
 #: What a chunk feeds one slot: (keep, fill, index), each with the K cells first.
@@ -259,15 +260,10 @@ _VIEWS = frozenset({
 })
 
 
-def _name(node: torch.fx.Node) -> str:
-    target = node.target
-    return str(target if isinstance(target, str) else getattr(target, "__name__", target)).split(".")[-1]
-
-
 def _in_place(node: torch.fx.Node) -> bool:
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
-    name = _name(node)
+    name = target_name(node)
     return node.target is operator.setitem or (name.endswith("_") and not name.endswith("__"))
 
 
@@ -275,14 +271,14 @@ def _aliases(node: torch.fx.Node) -> Set[torch.fx.Node]:
     """Every node that may share ``node``'s storage: up through views to their base, then down
     through the views of it."""
     base = node
-    while _name(base) in _VIEWS and base.args and isinstance(base.args[0], torch.fx.Node):
+    while target_name(base) in _VIEWS and base.args and isinstance(base.args[0], torch.fx.Node):
         base = base.args[0]
     found, stack = set(), [base]
     while stack:
         current = stack.pop()
         if current not in found:
             found.add(current)
-            stack.extend(user for user in current.users if _name(user) in _VIEWS and user.args and user.args[0] is current)
+            stack.extend(user for user in current.users if target_name(user) in _VIEWS and user.args and user.args[0] is current)
     return found
 
 
