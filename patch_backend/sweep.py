@@ -519,7 +519,7 @@ def sweep(
         DistributedSweepError: on every rank, when a rank's shard failed (row 26).
     Warns ``SweepBatchingWarning`` when batching would change rows (row 23).
 
-    ``_trusted`` and ``_cell_by_cell`` are for distributed.py. ``_trusted``: another rank runs
+    ``_trusted`` and ``_cell_by_cell`` are for the distributed package. ``_trusted``: another rank runs
     this sweep's once-per-sweep check (on its first chunk), so this call checks only the programs
     this process has not verified before; the caller must redo these cells with
     ``_cell_by_cell`` when that check fails there. ``_cell_by_cell``: the fallback, at once.
@@ -578,7 +578,7 @@ def _sweep_here(
             _call(compiled, inputs)
         index.refresh()
     normalized, names = _check_cells(index, cells, batch)
-    # distributed.py: every rank declares the whole sweep's sites, so all ranks build one program.
+    # distributed/: every rank declares the whole sweep's sites, so all ranks build one program.
     names += [name for name in _sites if name not in names]
     chunk = batch_size or _chunk_size(index, batch, len(cells))
     if chunk < 1:
@@ -680,7 +680,7 @@ def last_sweep_report() -> Optional[SweepReport]:
 def _vmap_chunks(plan: SweepPlan, sites: Sequence[str]) -> bool:
     """Whether uncompiled chunks run as vmap over the base graph's cells (program/vmapped.py):
     under the "background" and "never" policies, for a model whose base call ran one static
-    graph. Not for a rank of a sharded sweep (distributed.py declares ``sites``): the ranks share
+    graph. Not for a rank of a sharded sweep (distributed/ declares ``sites``): the ranks share
     the compiled programs of the leader's first chunk."""
     return (
         config.sweep_vmap and policy() in ("background", "never") and not sites

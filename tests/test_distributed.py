@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import patch_backend as pb
-import patch_backend.distributed as distributed
+from patch_backend.distributed import agreement, transport
 from fixtures import TwoLayerMLP
 from patch_backend import ZeroPatch
 from patch_backend._torch_compat.inductor import fx_graph_cache_counters
@@ -182,7 +182,7 @@ def test_fingerprint_sees_names_patches_slices_and_value_shapes_not_values():
         torch.manual_seed(seed)
         return [{name: kind(value=torch.randn(shape), slice=(slice(None), position))}, {"b.output": ZeroPatch()}]
 
-    fingerprint = distributed._fingerprint
+    fingerprint = agreement._fingerprint
     assert fingerprint(cells(), 4) == fingerprint(cells(seed=1), 4)  # values may differ (GPU rounding)
     different = [cells(position=2), cells(name="c.output"), cells(shape=(1, 5)), cells(kind=pb.AddPatch)]
     assert all(fingerprint(other, 4) != fingerprint(cells(), 4) for other in different)
@@ -273,18 +273,18 @@ def _matches_single_process(rank: int, world: int) -> None:
         assert timings is not None
         assert (timings.collectives, timings.pickled_bytes) == (2, 0), timings
         longest = max(len(shard) for shard in sweep_shards(_costs(model, cells), world, 4, verify=True).shards)
-        header = distributed._HEADER_BYTES
-        assert timings.sent_bytes == 8 * len(dataclasses.fields(distributed._Agreement)) + header + longest * 2 * 5 * 4
+        header = transport._HEADER_BYTES
+        assert timings.sent_bytes == 8 * len(dataclasses.fields(agreement._Agreement)) + header + longest * 2 * 5 * 4
         torch.testing.assert_close(steady, alone, rtol=1e-5, atol=1e-5)
         # Rows larger than the room reserved for them travel in a second all_gather at their
         # exact size: the same rows.
-        inline = distributed.INLINE_RESULT_BYTES
-        distributed.INLINE_RESULT_BYTES = 0
+        inline = transport.INLINE_RESULT_BYTES
+        transport.INLINE_RESULT_BYTES = 0
         try:
             gathered = pb.sweep(compiled, (x,), cells, metric, batch_size=4, progress=False)
             assert last_timings().collectives == 3
         finally:
-            distributed.INLINE_RESULT_BYTES = inline
+            transport.INLINE_RESULT_BYTES = inline
         torch.testing.assert_close(gathered, alone, rtol=1e-5, atol=1e-5)
         # Rows of other shapes and dtypes: more dimensions than a header carries travel pickled;
         # bool and float64 rows as bytes.
