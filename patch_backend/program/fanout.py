@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, cast
 
 import torch
 import torch.fx
@@ -165,74 +165,129 @@ def fan_out(
     if copies < 2:
         raise FanOutRefused("one cell per chunk: nothing to reuse")
     nodes = list(batched.graph.nodes)
+    start = _cut_position(nodes, cut)
+    prefix = _match_prefix(nodes, start, base, batched, copies)
+    crossing = _crossing(nodes, start, prefix)
+    if check_only:
+        return None
+    return _build(batched, nodes, start, prefix, crossing, cut, copies)
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The batched graph's nodes before the cut, matched to the base graph (``_match_prefix``)."""
+
+    #: The batched graph's inputs (the base graph's come first, then the slots).
+    inputs: Tuple[torch.fx.Node, ...]
+    #: The base graph's nodes other than inputs and output, in graph order.
+    base_body: Tuple[torch.fx.Node, ...]
+    #: How many of ``base_body`` matched a node before the cut (the prefix run at B).
+    matched: int
+    #: Batched node name → the base node computing its value at B (matched in graph order).
+    twin_of: Dict[str, torch.fx.Node]
+    #: Batched node name → ``_relation`` of its value to its twin's: 'same', 'rows' or 'other'.
+    relation: Dict[str, str]
+    #: ``arange(batch)`` and its reshapes: legal only as the leading index of a batched tensor.
+    batch_index: Set[str]
+
+
+def _cut_position(nodes: List[torch.fx.Node], cut: str) -> int:
+    """Where the K·B part starts in the batched graph: at ``cut``, or before the patch ops the
+    insertion pass put just before it (they read the patched value, so they run at K·B)."""
     position = {node.name: index for index, node in enumerate(nodes)}
     if cut not in position:
         raise FanOutRefused(f"cut node {cut!r} is not in the batched graph")
     start = position[cut]
     while start > 0 and nodes[start - 1].op != "placeholder" and not nodes[start - 1].meta:
-        # Patch ops inserted just before the cut node read the patched value: they run at K·B.
         start -= 1
+    return start
+
+
+def _match_prefix(
+    nodes: List[torch.fx.Node], start: int, base: torch.fx.GraphModule, batched: torch.fx.GraphModule, copies: int
+) -> _Prefix:
+    """Pairs each node before the cut with the base node that computes its value at B (graph
+    order; an op the base graph elided as the identity pairs with its input's twin), and checks
+    that none makes a batch dimension from nothing batched. Refuses where the graphs differ."""
     base_nodes = {node.name: node for node in base.graph.nodes}
     base_inputs = [node.name for node in base.graph.nodes if node.op == "placeholder"]
-    base_body = [node for node in base.graph.nodes if node.op not in ("placeholder", "output")]
-    inputs = [node for node in nodes if node.op == "placeholder"]
+    base_body = tuple(node for node in base.graph.nodes if node.op not in ("placeholder", "output"))
+    inputs = tuple(node for node in nodes if node.op == "placeholder")
     if [node.name for node in inputs[: len(base_inputs)]] != base_inputs:
         raise FanOutRefused("the base graph's inputs differ from the batched graph's")
-    before = [node for node in nodes[:start] if node.op != "placeholder"]
     relation: Dict[str, str] = {}
-    #: Batched node name → the base node computing its value at B (matched in graph order).
     twin_of: Dict[str, torch.fx.Node] = {}
-    #: ``arange(batch)`` and its reshapes: legal only as the leading index of a batched tensor.
     batch_index: Set[str] = set()
     for node in inputs[: len(base_inputs)]:
         twin_of[node.name] = base_nodes[node.name]
         relation[node.name] = _relation(_value(node), _value(base_nodes[node.name]), copies)
     matched = 0
-    for node in before:
+    for node in (node for node in nodes[:start] if node.op != "placeholder"):
         twin = base_body[matched] if matched < len(base_body) else None
         if twin is not None and _matches(node, twin, twin_of, batched, base, copies):
             matched += 1
         elif _elided(node, twin_of, copies):
             # At B this op is the identity (``expand(1, -1)`` of a [1, T] tensor): Dynamo left
             # it out of the base graph, whose later node names then shift.
-            twin = twin_of[node.args[0].name]
+            twin = twin_of[cast(torch.fx.Node, node.args[0]).name]  # _elided checked it is a node
         else:
             raise FanOutRefused(f"node {node.name!r} has no counterpart in the base graph")
         twin_of[node.name] = twin
-        kind = _relation(_value(node), _value(twin), copies)
-        relation[node.name] = kind
-        if any(arg.name in batch_index for arg in node.all_input_nodes):
-            if _indexes_rows(node, batch_index, relation) == "index":
-                batch_index.add(node.name)
-            continue
-        if kind == "rows" and node.op in ("call_function", "call_method"):
-            fed = [relation.get(arg.name) == "rows" for arg in node.all_input_nodes]
-            if not any(fed) and target_name(node) == "arange" and not node.kwargs.get("start"):
-                # ``arange(batch)``: allowed only as the batch index of a batched tensor (the
-                # mask code of transformers), where it selects every row in order.
-                batch_index.add(node.name)
-            elif not any(fed) and target_name(node) not in _UNIFORM:
-                raise FanOutRefused(
-                    f"node {node.name!r} ({target_name(node)}) makes a batch dimension from no batched input"
-                )
+        relation[node.name] = _relation(_value(node), _value(twin), copies)
+        _check_batch_dimension(node, relation, batch_index)
+    return _Prefix(inputs, base_body, matched, twin_of, relation, batch_index)
+
+
+def _check_batch_dimension(node: torch.fx.Node, relation: Dict[str, str], batch_index: Set[str]) -> None:
+    """Refuses a node before the cut whose K·B value is not K copies of its B value: one that
+    makes a batch dimension from no batched input (other than a broadcast or a fill, or an
+    ``arange(batch)`` used only as a batch index); records batch indices in ``batch_index``."""
+    if any(arg.name in batch_index for arg in node.all_input_nodes):
+        if _indexes_rows(node, batch_index, relation) == "index":
+            batch_index.add(node.name)
+        return
+    if relation[node.name] == "rows" and node.op in ("call_function", "call_method"):
+        fed = [relation.get(arg.name) == "rows" for arg in node.all_input_nodes]
+        if not any(fed) and target_name(node) == "arange" and not node.kwargs.get("start"):
+            # ``arange(batch)``: allowed only as the batch index of a batched tensor (the
+            # mask code of transformers), where it selects every row in order.
+            batch_index.add(node.name)
+        elif not any(fed) and target_name(node) not in _UNIFORM:
+            raise FanOutRefused(
+                f"node {node.name!r} ({target_name(node)}) makes a batch dimension from no batched input"
+            )
+
+
+def _crossing(nodes: List[torch.fx.Node], start: int, prefix: _Prefix) -> Tuple[str, ...]:
+    """The values computed before the cut and read after it (first-use order), each checked to
+    cross as it is or as K times its base rows."""
+    position = {node.name: index for index, node in enumerate(nodes)}
     crossing: List[str] = []
     seen: Set[str] = set()
+    relation = prefix.relation
     for node in nodes[start:]:
         for arg in node.all_input_nodes:
             if position[arg.name] < start and arg.op != "placeholder" and arg.name not in seen:
                 seen.add(arg.name)
                 crossing.append(arg.name)
-                if arg.name in batch_index:
+                if arg.name in prefix.batch_index:
                     raise FanOutRefused(f"batch index {arg.name!r} is used after the cut")
                 if relation.get(arg.name) not in ("same", "rows") or (
                     relation[arg.name] == "rows" and not isinstance(_value(arg), torch.Tensor)
                 ):
                     raise FanOutRefused(f"value {arg.name!r} crosses the cut with a shape that is not K x its base rows")
-    if check_only:
-        return None
+    return tuple(crossing)
+
+
+def _build(
+    batched: torch.fx.GraphModule, nodes: List[torch.fx.Node], start: int, prefix: _Prefix,
+    crossing: Tuple[str, ...], cut: str, copies: int,
+) -> FanOut:
+    """The fanned-out graph: the batched inputs, the base prefix on their first B rows, each
+    crossing value repeated K times where it has the rows, then the batched graph from the cut."""
     graph = torch.fx.Graph()
     full: Dict[str, torch.fx.Node] = {}
-    for node in inputs:
+    for node in prefix.inputs:
         full[node.name] = graph.node_copy(node, lambda arg: full[arg.name])
     part: Dict[str, torch.fx.Node] = {}
 
@@ -240,17 +295,17 @@ def fan_out(
         """The new graph's node for a base node (an input's first B rows on first use)."""
         if arg.name not in part:
             value = full[arg.name]
-            if relation[arg.name] == "rows":
+            if prefix.relation[arg.name] == "rows":
                 value = graph.call_function(torch.narrow, (value, 0, 0, _value(arg).shape[0]))
             part[arg.name] = value
         return part[arg.name]
 
-    for node in base_body[:matched]:
+    for node in prefix.base_body[: prefix.matched]:
         part[node.name] = graph.node_copy(node, base_value)
     repeated = []
     for name in crossing:
-        value = base_value(twin_of[name])
-        if relation[name] == "rows":
+        value = base_value(prefix.twin_of[name])
+        if prefix.relation[name] == "rows":
             full[name] = mark_outside_blocks(graph.call_function(repeat_rows, (value, copies)))
             repeated.append(name)
         else:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -442,127 +442,235 @@ def compile_regional(
     The result (a ``RegionalProgram`` or ``WholeProgram``) has a ``report`` attribute
     (``ProgramReport``) saying what was compiled and why a graph was not split.
     """
-    if not config.regional_compile:
-        return _whole(gm, example_inputs, compile_fn, "config.regional_compile is False")
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
-        return _whole(gm, example_inputs, compile_fn, "example inputs do not match the placeholders")
-    if any(_symbolic(value) for value in example_inputs) or any(
-        _symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders
-    ):
-        # Dynamo hands a backend ints for symbolic sizes: the graph's metadata tells.
-        return _whole(gm, example_inputs, compile_fn, "symbolic shapes")
+    split = _plan_split(gm, example_inputs, placeholders)
+    if isinstance(split, _Refusal):
+        return _whole(gm, example_inputs, compile_fn, split.reason, split.container)
+    return _compile_split(split, compile_fn, options)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why a graph is compiled whole (``ProgramReport.reason``), and its container if one was found."""
+
+    reason: str
+    container: Optional[str] = None
+
+
+def _plan_split(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], placeholders: List[torch.fx.Node]
+) -> _Split | _Refusal:
+    """The graph assigned to regions (the blocks of its most repeated container, the code before,
+    between and after them), or why it is compiled whole (``compile_regional``'s list)."""
+    reason = _unsplittable(gm, example_inputs, placeholders)
+    if reason is not None:
+        return _Refusal(reason)
     container_path, blocks = find_blocks(gm)
     if container_path is None:
-        return _whole(gm, example_inputs, compile_fn, "no repeated blocks")
+        return _Refusal("no repeated blocks")
     container = ".".join(container_path)
     try:
         values = fake_values(gm, example_inputs)
     except Exception as error:  # noqa: BLE001 - any failure here means: compile as before
-        return _whole(gm, example_inputs, compile_fn, f"fake propagation failed: {type(error).__name__}: {error}",
-                      container)
+        return _Refusal(f"fake propagation failed: {type(error).__name__}: {error}", container)
     regions = _assign(gm, blocks)
-    # A multi-output node's elements travel as tensors: its getitems join its region.
+    reason = _join_tuples(gm, regions, values)
+    count = max(regions.values()) + 1 if regions else 0
+    if reason is None and count < 2:
+        reason = "one region"
+    if reason is not None:
+        return _Refusal(reason, container)
+    return _Split(gm, placeholders, example_inputs, values, regions, count, blocks, container)
+
+
+def _unsplittable(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], placeholders: List[torch.fx.Node]
+) -> Optional[str]:
+    """Why the graph is compiled whole before looking for blocks (``compile_regional``'s first
+    three reasons), or None."""
+    if not config.regional_compile:
+        return "config.regional_compile is False"
+    if len(example_inputs) != len(placeholders):
+        return "example inputs do not match the placeholders"
+    if any(_symbolic(value) for value in example_inputs) or any(
+        _symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders
+    ):
+        # Dynamo hands a backend ints for symbolic sizes: the graph's metadata tells.
+        return "symbolic shapes"
+    return None
+
+
+def _join_tuples(
+    gm: torch.fx.GraphModule, regions: Dict[torch.fx.Node, int], values: Dict[torch.fx.Node, Any]
+) -> Optional[str]:
+    """A multi-output node's elements travel as tensors: its getitems join its region (in
+    ``regions``). Returns why the graph cannot be split where its tuple itself leaves the region."""
     for node in gm.graph.nodes:
         if node in regions and isinstance(values.get(node), (tuple, list)):
             for user in node.users:
                 if user.op == "call_function" and user.target is operator.getitem:
                     regions[user] = regions[node]
                 elif user.op != "output" and regions.get(user) != regions[node]:
-                    return _whole(gm, example_inputs, compile_fn, f"tuple {node.name} crosses a region boundary",
-                                  container)
+                    return f"tuple {node.name} crosses a region boundary"
                 elif user.op == "output":
-                    return _whole(gm, example_inputs, compile_fn, f"tuple {node.name} is a graph output", container)
-    count = max(regions.values()) + 1 if regions else 0
-    if count < 2:
-        return _whole(gm, example_inputs, compile_fn, "one region", container)
-    return _compile_split(gm, placeholders, example_inputs, compile_fn, options, values, regions, count, blocks,
-                          container)
+                    return f"tuple {node.name} is a graph output"
+    return None
 
 
-def _compile_split(
-    gm: torch.fx.GraphModule,
-    placeholders: List[torch.fx.Node],
-    example_inputs: Sequence[Any],
-    compile_fn: Callable,
-    options: Optional[Dict[str, Any]],
-    values: Dict[torch.fx.Node, Any],
-    regions: Dict[torch.fx.Node, int],
-    count: int,
-    blocks: Dict[torch.fx.Node, Optional[int]],
-    container: str,
-) -> RegionalProgram:
+@dataclass(frozen=True)
+class _Split:
+    """A graph assigned to regions (``compile_regional``), ready to compile region by region."""
+
+    gm: torch.fx.GraphModule
+    placeholders: List[torch.fx.Node]
+    example_inputs: Sequence[Any]
+    #: Fake values of the graph's nodes (the example inputs of inner regions).
+    values: Dict[torch.fx.Node, Any]
+    #: Node → its region (graph inputs and the output have none).
+    regions: Dict[torch.fx.Node, int]
+    count: int
+    #: Node → its block index in the container, None outside blocks.
+    blocks: Dict[torch.fx.Node, Optional[int]]
+    #: The container's path, ``"transformer.h"``: the regions' labels name it.
+    container: str
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where every value lives while the program runs: its slot (graph inputs first, then each
+    region's nodes in graph order), and which nodes each region runs."""
+
+    members: List[List[torch.fx.Node]]
+    slot: Dict[torch.fx.Node, int]
+    output_node: torch.fx.Node
+    #: Slots the graph output reads: kept to the end.
+    in_output: Set[int]
+    #: Per region, the block index it runs (None: before, between or after the blocks).
+    block_of: Dict[int, Optional[int]]
+
+
+def _layout(split: _Split) -> _Layout:
+    """Slots and region members of ``split`` (the program's frame, before anything compiles)."""
+    gm, regions = split.gm, split.regions
+    members: List[List[torch.fx.Node]] = [[] for _ in range(split.count)]
+    for node in gm.graph.nodes:
+        if node in regions:
+            members[regions[node]].append(node)
+    slot = {node: position for position, node in enumerate(split.placeholders)}
+    for node in gm.graph.nodes:
+        if node in regions:
+            slot[node] = len(slot)
+    output_node = next(node for node in gm.graph.nodes if node.op == "output")
+    in_output = {slot[node] for node in output_node.all_input_nodes}
+    block_of: Dict[int, Optional[int]] = {region: None for region in range(split.count)}
+    for node, region in regions.items():
+        if split.blocks.get(node) is not None:
+            block_of[region] = split.blocks[node]
+    return _Layout(members, slot, output_node, in_output, block_of)
+
+
+def _label(region: int, layout: _Layout, container: str) -> str:
+    """What a region is, for reports: a block (``transformer.h[*]``), or before, between or
+    after the blocks."""
+    block_regions = [index for index, block in layout.block_of.items() if block is not None]
+    if layout.block_of[region] is not None:
+        return f"{container}[*]"
+    if not block_regions or region < block_regions[0]:
+        return f"before {container}"
+    if region > block_regions[-1]:
+        return f"after {container}"
+    return f"between {container}"
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """A region's inputs (values from outside it, first-use order) and outputs (its nodes read
+    outside it)."""
+
+    inputs: List[torch.fx.Node]
+    outputs: List[torch.fx.Node]
+
+
+def _boundary(nodes: List[torch.fx.Node]) -> _Boundary:
+    inside = set(nodes)
+    inputs: List[torch.fx.Node] = []
+    for node in nodes:
+        for used in node.all_input_nodes:
+            if used not in inside and used not in inputs:
+                inputs.append(used)
+    outputs = [node for node in nodes if any(user not in inside for user in node.users)]
+    return _Boundary(inputs, outputs)
+
+
+class _Tally:
+    """What compiling the regions of one program cost (its ``ProgramReport`` counts)."""
+
+    def __init__(self) -> None:
+        self.compiled = self.reused = 0
+        self.seconds = 0.0
+        self.by_label: Dict[str, float] = {}
+
+    def add(self, label: str, fresh: bool, spent: float) -> None:
+        self.compiled += fresh
+        self.reused += not fresh
+        self.seconds += spent
+        if fresh:
+            self.by_label[label] = self.by_label.get(label, 0.0) + spent
+
+
+def _compile_split(split: _Split, compile_fn: Callable, options: Optional[Dict[str, Any]]) -> RegionalProgram:
+    """Compiles (or reuses, by structure) each region of ``split`` and chains them as steps over
+    the layout's slots."""
     options_key = (
         _options_key(options) if options is not None else ("compile_fn", id(compile_fn)),
         # An artifact compiled under no_grad is an inference graph: never reuse it with grad on.
         torch.is_grad_enabled(),
     )
-    members: List[List[torch.fx.Node]] = [[] for _ in range(count)]
-    for node in gm.graph.nodes:
-        if node in regions:
-            members[regions[node]].append(node)
-    slot = {node: position for position, node in enumerate(placeholders)}
-    for node in gm.graph.nodes:
-        if node in regions:
-            slot[node] = len(slot)
-    output_node = next(node for node in gm.graph.nodes if node.op == "output")
+    layout = _layout(split)
+    slot = layout.slot
     # Last step that reads each slot (the graph output keeps its slots to the end).
     last_use: Dict[int, int] = {}
-    in_output = {slot[node] for node in output_node.all_input_nodes}
-    block_of: Dict[int, Optional[int]] = {region: None for region in range(count)}
-    for node, region in regions.items():
-        if blocks.get(node) is not None:
-            block_of[region] = blocks[node]
-    block_regions = [region for region, index in block_of.items() if index is not None]
-
     steps: List[_Step] = []
-    by_label: Dict[str, float] = {}
-    compiled = reused = 0
-    seconds = 0.0
-    sources = {node: getattr(node, "_dynamo_source", None) for node in placeholders}
-    for region, nodes in enumerate(members):
-        inside = set(nodes)
-        inputs: List[torch.fx.Node] = []
-        for node in nodes:
-            for used in node.all_input_nodes:
-                if used not in inside and used not in inputs:
-                    inputs.append(used)
-        outputs = [node for node in nodes if any(user not in inside for user in node.users)]
-        for used in inputs:
+    tally = _Tally()
+    sources = {node: getattr(node, "_dynamo_source", None) for node in split.placeholders}
+    for region, nodes in enumerate(layout.members):
+        boundary = _boundary(nodes)
+        for used in boundary.inputs:
             last_use[slot[used]] = region
-        if block_of[region] is not None:
-            label = f"{container}[*]"
-        elif not block_regions or region < block_regions[0]:
-            label = f"before {container}"
-        elif region > block_regions[-1]:
-            label = f"after {container}"
-        else:
-            label = f"between {container}"
-        region_gm, key, pins = _canonical(gm, nodes, inputs, outputs, values, sources)
-        example = [values[node] if node in values else example_inputs[slot[node]] for node in inputs]
+        label = _label(region, layout, split.container)
+        region_gm, key, pins = _canonical(split.gm, nodes, boundary.inputs, boundary.outputs, split.values, sources)
+        example = [
+            split.values[node] if node in split.values else split.example_inputs[slot[node]] for node in boundary.inputs
+        ]
         fn, fresh, spent = _cache.get_or_compile(
             (options_key, key), label, len(nodes), pins, lambda: compile_fn(region_gm, example)
         )
-        compiled += fresh
-        reused += not fresh
-        seconds += spent
-        if fresh:
-            by_label[label] = by_label.get(label, 0.0) + spent
-        steps.append(_Step(fn, tuple(slot[node] for node in inputs), tuple(slot[node] for node in outputs), ()))
+        tally.add(label, fresh, spent)
+        inputs, outputs = tuple(slot[node] for node in boundary.inputs), tuple(slot[node] for node in boundary.outputs)
+        steps.append(_Step(fn, inputs, outputs, ()))
+    # map_aggregate's stubs say the function returns an fx Argument; it maps to any value, and
+    # the template holds _Slot markers in place of the output's nodes (read by _build_output).
+    template = torch.fx.node.map_aggregate(
+        layout.output_node.args[0],
+        lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value,  # type: ignore[arg-type, return-value]
+    )
+    report = ProgramReport(
+        split.count, tally.compiled, tally.reused, tally.seconds, None, split.container, tuple(tally.by_label.items())
+    )
+    final = _with_releases(steps, last_use, layout.in_output)
+    return RegionalProgram(final, len(slot), len(split.placeholders), template, report)
+
+
+def _with_releases(steps: List[_Step], last_use: Dict[int, int], in_output: Set[int]) -> List[_Step]:
+    """Each step with the slots it reads last (not the output's): freed after it, as the
+    whole-graph code frees them."""
     final = []
     for region, step in enumerate(steps):
         release = tuple(
             index for index in sorted(set(step.inputs)) if last_use.get(index) == region and index not in in_output
         )
         final.append(_Step(step.fn, step.inputs, step.outputs, release))
-    # map_aggregate's stubs say the function returns an fx Argument; it maps to any value, and
-    # the template holds _Slot markers in place of the output's nodes (read by _build_output).
-    template = torch.fx.node.map_aggregate(
-        output_node.args[0],
-        lambda value: _Slot(slot[value]) if isinstance(value, torch.fx.Node) else value,  # type: ignore[arg-type, return-value]
-    )
-    report = ProgramReport(count, compiled, reused, seconds, None, container, tuple(by_label.items()))
-    return RegionalProgram(final, len(slot), len(placeholders), template, report)
+    return final
 
 
 def _options_key(options: Dict[str, Any]) -> Hashable:
