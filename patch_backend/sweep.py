@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -142,6 +142,18 @@ class SweepPlan:
 
 
 @dataclass(frozen=True)
+class _FanOutPoint:
+    """Where one chunk's rows fan out in one graph (``SweepSpec._fan_out_point``)."""
+
+    #: The same code's graph at the base batch (None: the base call ran no single static graph).
+    base: Optional[GraphCapture]
+    #: The first node run at the chunk's rows; None: the whole forward runs at K·B.
+    cut: Optional[str]
+    #: The names this graph's program slots: with a cut, those whose patched value is read after it.
+    included: List[str]
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """pb.sweep's front-end for one chunk (or, with ``base``, for the base-batch call)."""
 
@@ -181,27 +193,9 @@ class SweepSpec:
         plan = self.plan
         if plan.vmapped:
             return self._vmapped_request(graph, sites, here, args)
-        shapes = slot_shapes(capture, [sites[name] for name in here], args)
-        capacities = {}
-        for name in here:
-            shape, dtype, device = shapes[site_key(sites[name])]
-            per_cell = (shape[0] // plan.chunk,) + tuple(shape[1:])
-            capacities[site_key(sites[name])] = plan.capacity(name, per_cell, dtype, device)
-        base = plan.base_graph(capture)
-        cut = None
-        included = here
-        if base is not None:
-            gm = capture.gm
-            order = {node.name: position for position, node in enumerate(gm.graph.nodes)}
-            patched = [name for name in here if any(name in cell for cell in self.cells)]
-            cuts = [_site_cut(capture, sites[name]) for name in patched]
-            known = [c for c in cuts if c is not None]
-            if patched and len(known) == len(cuts):
-                cut = _checked_cut(plan, capture, base, min(known, key=lambda c: order[c]))
-            if cut is not None:
-                # Every site whose patched value is read only after the cut (the others are
-                # patched by no cell of this chunk, whose sites are all read after it).
-                included = [name for name in here if _first_use(capture, sites[name]) >= order[cut]]
+        capacities = self._capacities(capture, sites, here, args)
+        fanning = self._fan_out_point(capture, sites, here)
+        cut, base, included = fanning.cut, fanning.base, fanning.included
         chosen = [sites[name] for name in included]
         key = (
             "sweep",
@@ -223,6 +217,41 @@ class SweepSpec:
             run=lambda program, call_args: self._run(program, call_args, sites, included),
             owners=(self.index,),
         )
+
+    def _capacities(
+        self, capture: GraphCapture, sites: Dict[str, Any], here: List[str], args: Sequence[Any]
+    ) -> Dict[Any, int]:
+        """Per site of this graph, its lean slot's length: the plan's capacity for the site's
+        per-cell shape (the same for every chunk, so one program serves them all)."""
+        plan = self.plan
+        shapes = slot_shapes(capture, [sites[name] for name in here], args)
+        capacities = {}
+        for name in here:
+            shape, dtype, device = shapes[site_key(sites[name])]
+            per_cell = (shape[0] // plan.chunk,) + tuple(shape[1:])
+            capacities[site_key(sites[name])] = plan.capacity(name, per_cell, dtype, device)
+        return capacities
+
+    def _fan_out_point(self, capture: GraphCapture, sites: Dict[str, Any], here: List[str]) -> _FanOutPoint:
+        """Where this chunk's rows fan out in this graph: the earliest cut of the sites its cells
+        patch, when the fan-out there passes its checks; else none (the full-repeat program)."""
+        plan = self.plan
+        base = plan.base_graph(capture)
+        cut = None
+        included = here
+        if base is not None:
+            gm = capture.gm
+            order = {node.name: position for position, node in enumerate(gm.graph.nodes)}
+            patched = [name for name in here if any(name in cell for cell in self.cells)]
+            cuts = [_site_cut(capture, sites[name]) for name in patched]
+            known = [c for c in cuts if c is not None]
+            if patched and len(known) == len(cuts):
+                cut = _checked_cut(plan, capture, base, min(known, key=lambda c: order[c]))
+            if cut is not None:
+                # Every site whose patched value is read only after the cut (the others are
+                # patched by no cell of this chunk, whose sites are all read after it).
+                included = [name for name in here if _first_use(capture, sites[name]) >= order[cut]]
+        return _FanOutPoint(base, cut, included)
 
     def _vmapped_request(self, graph: GraphFacts, sites: Dict[str, Any], here: List[str], args: Sequence[Any]) -> Request:
         """The chunk as vmap over its cells on the base call's graph, at the base batch's inputs:
@@ -534,21 +563,25 @@ def sweep(
         # scores: [len(cells), batch]
     """
     if _distributed.active(distributed):
-        local = _distributed.LocalSweep(
-            sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells, last_sweep_report
-        )
-        return _distributed.sharded_sweep(local, model, inputs, cells, metric, batch_size, progress, verify)
+        return _distributed.sharded_sweep(_LOCAL, model, inputs, cells, metric, batch_size, progress, verify)
     if not cells:
         raise ValueError("sweep needs at least one cell (patch map)")
-    # Every forward of a sweep runs without autograd (its results are detached metric values):
-    # one grad mode means one Dynamo capture per batch size, and Inductor compiles an inference
-    # graph. The whole sweep is one eager-tier caller (runtime/worker.py, ``foreground``): a
-    # compile it asks for starts once the sweep has returned, or after FOREGROUND_LIMIT seconds
-    # of a long one, so a short sweep never shares the machine with a compile it will not use.
-    with torch.no_grad(), contextlib.ExitStack() as foreground:
-        foreground.enter_context(worker.foreground())
+    with _sweep_mode() as foreground:
         return _sweep_here(model, inputs, cells, metric, batch_size, progress, verify, _sites, _trusted,
                            _cell_by_cell, _after_first_chunk, foreground)
+
+
+@contextlib.contextmanager
+def _sweep_mode() -> Iterator[contextlib.ExitStack]:
+    """Every forward of a sweep runs without autograd (its results are detached metric values):
+    one grad mode means one Dynamo capture per batch size, and Inductor compiles an inference
+    graph. The whole sweep is one eager-tier caller (runtime/worker.py, ``foreground``): a
+    compile it asks for starts once the sweep has returned (or the stack yielded here is closed),
+    or after FOREGROUND_LIMIT seconds of a long one, so a short sweep never shares the machine
+    with a compile it will not use."""
+    with torch.no_grad(), contextlib.ExitStack() as foreground:
+        foreground.enter_context(worker.foreground())
+        yield foreground
 
 
 def _sweep_here(
@@ -567,54 +600,24 @@ def _sweep_here(
 ) -> torch.Tensor:
     """``sweep`` in this process: check the cells, run the base forward, then the chunks.
     ``foreground`` holds back compiles while the sweep expects to finish on the eager tier."""
-    compiled, root = _compiled_model(model)
-    state = active_state()
-    if isinstance(state.frontend, SweepSpec) or any(entry.index.root is root for entry in state.roots):
-        raise RuntimeError("pb.sweep cannot run inside an active pb.patch or sweep on the same model")
-    batch = _batch_size(inputs)
-    index = index_for(root)
-    if not index.names:
-        with row_patches(SweepPlan(index, batch, 1, (), ()), 0, (), base=True):
-            _call(compiled, inputs)
-        index.refresh()
-    normalized, names = _check_cells(index, cells, batch)
-    # distributed/: every rank declares the whole sweep's sites, so all ranks build one program.
-    names += [name for name in _sites if name not in names]
-    chunk = batch_size or _chunk_size(index, batch, len(cells))
-    if chunk < 1:
-        raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
-    # Cells patching late sites run together: their chunk's fan-out point is late too.
-    order = sorted(range(len(cells)), key=lambda cell: _earliest(index, normalized[cell]))
-    plan = SweepPlan(index, batch, chunk, names, [normalized[cell] for cell in order])
-    with row_patches(plan, 0, (), base=True):
-        # The graphs of one unbatched forward: the part before a chunk's cut runs them.
-        _call(compiled, inputs)
+    prepared = _prepare(model, inputs, cells, batch_size, _sites)
+    plan, compiled = prepared.plan, prepared.compiled
     bar = _progress(len(cells), progress)
     if _cell_by_cell:
-        try:
-            _report(plan, True)
-            return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-    plan.vmapped = _vmap_chunks(plan, _sites)
-    plan.input_ids = frozenset(id(value) for value in _values(inputs) if isinstance(value, torch.Tensor))
-    batched = _repeat(inputs, chunk)
+        return _only_cell_by_cell(prepared, inputs, metric, bar)
+    batched = _chunk_inputs(plan, inputs, _sites)
     began = time.perf_counter()
     results: List[torch.Tensor] = []
     checks = _Checks(verify, _trusted)
     try:
-        for start in range(0, len(cells), chunk):
-            block = plan.cells[start : start + chunk]
-            padded = block + [{}] * (chunk - len(block))
-            known = len(plan.keys_run)
-            values = _chunk_rows(metric(_run_chunk(compiled, plan, start, padded, inputs, batched)), plan, len(block))
-            if checks.wanted(plan, known):
-                if not _rows_match_alone(compiled, inputs, block, values, metric):
-                    _warn_batching(root)
-                    _report(plan, True)
-                    return _cell_by_cell_run(compiled, inputs, normalized, metric, bar)
-                checks.passed(plan, known)
+        for start in range(0, len(cells), plan.chunk):
+            block = plan.cells[start : start + plan.chunk]
+            known = len(plan.keys_run)  # the programs this chunk runs are those after it
+            values = _chunk_values(compiled, plan, start, block, inputs, batched, metric)
+            if not _batching_checked(checks, plan, known, compiled, inputs, block, values, metric):
+                _warn_batching(prepared.root)
+                _report(plan, True)
+                return _cell_by_cell_run(compiled, inputs, prepared.normalized, metric, bar)
             results.append(values.detach())
             if bar is not None:
                 bar.update(len(block))
@@ -628,8 +631,97 @@ def _sweep_here(
         if bar is not None:
             bar.close()
     _report(plan, False)
-    ran = torch.cat(results)
-    # Back to the caller's cell order.
+    return _in_caller_order(torch.cat(results), prepared.order)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A sweep's checked cells and plan (``_prepare``), before any chunk runs."""
+
+    compiled: Callable
+    root: nn.Module
+    #: The caller's cells, checked and normalized, in the caller's order.
+    normalized: List[Dict]
+    #: ``order[k]``: the caller's index of the plan's k-th cell (cells sorted by fan-out point).
+    order: List[int]
+    plan: SweepPlan
+
+
+def _prepare(
+    model: Any, inputs: Inputs, cells: Sequence[Mapping[str, Any]], batch_size: Optional[int], sites: Sequence[str]
+) -> _Prepared:
+    """Everything checked before a chunk runs (the cells, the batch, ``batch_size``), the plan of
+    chunks, and the base forward whose graphs run the part before each chunk's cut."""
+    compiled, root = _compiled_model(model)
+    state = active_state()
+    if isinstance(state.frontend, SweepSpec) or any(entry.index.root is root for entry in state.roots):
+        raise RuntimeError("pb.sweep cannot run inside an active pb.patch or sweep on the same model")
+    batch = _batch_size(inputs)
+    index = index_for(root)
+    if not index.names:
+        with row_patches(SweepPlan(index, batch, 1, (), ()), 0, (), base=True):
+            _call(compiled, inputs)
+        index.refresh()
+    normalized, names = _check_cells(index, cells, batch)
+    # distributed/: every rank declares the whole sweep's sites, so all ranks build one program.
+    names += [name for name in sites if name not in names]
+    chunk = batch_size or _chunk_size(index, batch, len(cells))
+    if chunk < 1:
+        raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}")
+    # Cells patching late sites run together: their chunk's fan-out point is late too.
+    order = sorted(range(len(cells)), key=lambda cell: _earliest(index, normalized[cell]))
+    plan = SweepPlan(index, batch, chunk, names, [normalized[cell] for cell in order])
+    with row_patches(plan, 0, (), base=True):
+        # The graphs of one unbatched forward: the part before a chunk's cut runs them.
+        _call(compiled, inputs)
+    return _Prepared(compiled, root, normalized, order, plan)
+
+
+def _only_cell_by_cell(prepared: _Prepared, inputs: Inputs, metric: Callable[[Any], torch.Tensor], bar: Any) -> torch.Tensor:
+    """The whole sweep one forward per cell, at once (a rank told so by the others, whose check
+    found that batching changes rows)."""
+    try:
+        _report(prepared.plan, True)
+        return _cell_by_cell_run(prepared.compiled, inputs, prepared.normalized, metric, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _chunk_inputs(plan: SweepPlan, inputs: Inputs, sites: Sequence[str]) -> Inputs:
+    """Decides whether chunks start as vmap over the base graph, and returns the inputs of a
+    chunk's K·B forward (the inputs repeated once per cell of a chunk)."""
+    plan.vmapped = _vmap_chunks(plan, sites)
+    plan.input_ids = frozenset(id(value) for value in _values(inputs) if isinstance(value, torch.Tensor))
+    return _repeat(inputs, plan.chunk)
+
+
+def _chunk_values(
+    compiled: Callable, plan: SweepPlan, start: int, block: List[Dict], inputs: Inputs, batched: Inputs,
+    metric: Callable[[Any], torch.Tensor],
+) -> torch.Tensor:
+    """One chunk's metric rows, ``[cells, B, ...]``: the chunk padded with empty cells to the
+    plan's chunk size (one program shape for every chunk), run, scored, the padding dropped."""
+    padded = block + [{}] * (plan.chunk - len(block))
+    return _chunk_rows(metric(_run_chunk(compiled, plan, start, padded, inputs, batched)), plan, len(block))
+
+
+def _batching_checked(
+    checks: "_Checks", plan: SweepPlan, known: int, compiled: Callable, inputs: Inputs, block: List[Dict],
+    values: torch.Tensor, metric: Callable[[Any], torch.Tensor],
+) -> bool:
+    """False when this chunk's check (if it wants one: ``_Checks``) found that its first cell
+    run alone differs from its rows; the sweep then falls back to one forward per cell.
+    ``known``: how many programs the plan had run before this chunk."""
+    if checks.wanted(plan, known):
+        if not _rows_match_alone(compiled, inputs, block, values, metric):
+            return False
+        checks.passed(plan, known)
+    return True
+
+
+def _in_caller_order(ran: torch.Tensor, order: List[int]) -> torch.Tensor:
+    """The plan's rows (cells sorted by fan-out point) back in the caller's cell order."""
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return ran[inverse.to(ran.device)]
@@ -828,3 +920,8 @@ def _progress(total: int, enabled: bool):
     if not enabled:
         return None
     return tqdm(total=total, unit="cell", desc="sweep")
+
+
+#: The single-process sweep's pieces a sharded sweep runs on each rank (distributed/ must not
+#: import this module, which imports it).
+_LOCAL = _distributed.LocalSweep(sweep, _compiled_model, _batch_size, _call, _chunk_size, _check_cells, last_sweep_report)
