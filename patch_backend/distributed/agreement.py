@@ -30,8 +30,8 @@ _WARM: "weakref.WeakKeyDictionary[Any, MutableSet[Any]]" = weakref.WeakKeyDictio
 class LocalSweep:
     """The single-process sweep's pieces that a sharded sweep runs on each rank.
 
-    sweep.py passes them in: it imports this module to hand ``pb.sweep`` over to the ranks, so
-    this module must not import it back.
+    sweep.py passes them in: it imports this package to hand ``pb.sweep`` over to the ranks, so
+    the package must not import it back.
     """
 
     sweep: Callable[..., torch.Tensor]
@@ -64,7 +64,7 @@ def _plan_locally(
     local: LocalSweep, model: Any, inputs: Any, cells: Sequence[Mapping[str, Any]], batch_size: Optional[int],
     rank: int, world: int,
 ) -> _LocalPlan:
-    """Step 1 (module docstring): capture, cell costs, chunk size and site set; a failure is
+    """Step 1 (package docstring): capture, cell costs, chunk size and site set; a failure is
     returned, not raised, so that every rank learns of it in step 2. Only what every sweep
     needs is computed (the shards are planned once the chunk is agreed): each rank pays it per
     sweep whatever its share of the cells."""
