@@ -28,7 +28,14 @@ from .aliases import resolve_aliases
 from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
 from .eager_boundaries import install_boundary_hooks
-from .never_silent import PatchNotAppliedError, Watch, raise_if_unapplied, unapplied_message, watch_eager_calls
+from .never_silent import (
+    PatchNotAppliedError,
+    Watch,
+    close_wrapper_calls,
+    raise_if_unapplied,
+    unapplied_message,
+    watch_eager_calls,
+)
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
@@ -206,12 +213,10 @@ class PatchContext:
         _check_reuse(roots)
         # Nothing raises after this: the watch is released at exit.
         watch = handle.watch = watch_eager_calls(model, root, handle.watch)
-        watching, watched_roots = previous.watching, previous.watched_roots
-        if watch is not None and model not in watching:
-            watching += (model,)
-            if root not in watched_roots:
-                watched_roots += (root,)
-        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watching, watched_roots, shapes)
+        watched = previous.watched
+        if watch is not None and root not in watched:
+            watched = {**watched, root: id(index)}
+        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watched, shapes)
         # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
         # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
         self._unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
@@ -222,6 +227,7 @@ class PatchContext:
         state = self._state
         try:
             if exc_type is None:
+                close_wrapper_calls(state)  # a wrapper call in progress ran eagerly?
                 raise_if_unapplied(state.log, self._index, self._names)
         finally:
             _active.reset(self._token)
@@ -345,8 +351,10 @@ class Patches:
             found = occurrence(state, graph, instance, key)
         selection, marks, owners, declared = found
         marks.calls += 1  # for pb.patch's check at exit
-        if marks.roots:
-            state.log.runs += 1  # for a watched wrapper call (never_silent.py)
+        if state.watched:  # for a watched wrapper call (never_silent.py)
+            runs = state.log.runs
+            for root in marks.roots:
+                runs[root] = runs.get(root, 0) + 1
         if not selection:
             return None
         capture = graph.capture

@@ -6,22 +6,22 @@ calls of the model ran outside its compiled graphs. On a normal exit, ``pb.patch
 ``pb.sweep`` chunk) calls ``raise_if_unapplied``, which raises ``PatchNotAppliedError`` for
 every name it added whose node never ran although the model did.
 
-Calls of the uncompiled model are seen by hooks that ``watch_eager_calls`` installs when a
+Calls of the uncompiled model are seen by a hook that ``watch_eager_calls`` installs when a
 context patches a model through its wrapper (``compiled.generate`` calls the model itself, and
-Dynamo may run a forward it cannot trace eagerly). They stay registered after the context, for
+Dynamo may run a forward it cannot trace eagerly). It stays registered after the context, for
 the next one, until the model is called outside every watching context (``Watch``).
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-import torch
 from torch import nn
 
+from ._torch_compat.calls import available as dynamo_calls_known
+from ._torch_compat.calls import dynamo_callback, skip_frame, skip_frame_and_calls
 from ._torch_compat.frame import dynamo_wraps_top_frame
 from .capture.index import RootIndex
 from .patches import Patch
@@ -115,39 +115,34 @@ def unapplied_message(
 
 
 class Watch:
-    """The watching hooks of one wrapper and its root: registered by the first context that
-    patches the root through the wrapper, and left in place when the last such context exits,
-    so that a loop of contexts registers them once. The next call of the wrapper (or of the
-    root) made outside every watching context removes them (``_unwatch_if_idle``): an unpatched
-    loop pays one hooked call, then runs as if the model had never been patched.
+    """The watching hook of one root: registered by the first context that patches the root
+    through a wrapper, and left in place when the last such context exits, so that a loop of
+    contexts registers it once. The next call of the root made outside every watching context
+    removes it (``_unwatch_if_idle``): an unpatched loop pays one hooked call, then runs as if
+    the model had never been patched.
 
-    ``users`` counts the contexts (any thread) that hold the hooks; hooks are only removed when
-    it is 0, under ``_watch_lock``. The root's hook is shared by the root's wrappers (``root``:
-    a context holds both watches, so the root's is never removed while a wrapper's is held).
+    ``users`` counts the contexts (any thread) that hold the hook; it is only removed when it
+    is 0, under ``_watch_lock``.
     """
 
-    __slots__ = ("module", "handles", "users", "root", "live", "__weakref__")
+    __slots__ = ("module", "handle", "users", "live", "__weakref__")
 
-    def __init__(self, module: nn.Module, handles: List[Any], root: Optional["Watch"]) -> None:
+    def __init__(self, module: nn.Module, handle: Any) -> None:
         key = id(module)
         self.module: "weakref.ref[nn.Module]" = weakref.ref(module, lambda ref: _drop_watch(key, ref))
-        self.handles = handles
+        self.handle = handle
         self.users = 0
-        #: The root's watch, for a wrapper's (None for the root's own).
-        self.root = root
-        #: False once its hooks are removed: a context holding this object registers anew.
+        #: False once its hook is removed: a context holding this object registers anew.
         self.live = True
 
     def release(self) -> None:
-        """A watching context exits: the hooks stay until a call outside every context."""
+        """A watching context exits: the hook stays until a call outside every context."""
         with _watch_lock:
             self.users -= 1
-            if self.root is not None:
-                self.root.users -= 1
 
 
 _watch_lock = threading.RLock()  # re-entrant: a weak reference callback may run under it
-#: id(module) (a wrapper or a root) → its Watch while its hooks are registered (``_watch_of``).
+#: id(root) → its Watch while its hook is registered (``_watch_of``).
 _watches: Dict[int, Watch] = {}
 
 
@@ -159,7 +154,7 @@ def _watch_of(module: nn.Module) -> Optional[Watch]:
 
 
 def _drop_watch(key: int, ref: "weakref.ref[nn.Module]") -> None:
-    """A watched module was deleted (its hooks went with it)."""
+    """A watched module was deleted (its hook went with it)."""
     with _watch_lock:
         watch = _watches.get(key)
         if watch is not None and watch.module is ref:
@@ -167,55 +162,35 @@ def _drop_watch(key: int, ref: "weakref.ref[nn.Module]") -> None:
             del _watches[key]
 
 
-#: ``calls``: this thread's watched wrapper calls in progress (``_enter_wrapper``).
-_inside = threading.local()
-
-
 def watch_eager_calls(model: Any, root: nn.Module, known: Optional[Watch] = None) -> Optional[Watch]:
     """While a context patches ``root`` through a wrapper (its torch.compile result or a
-    PatchableGraph), hooks tell calls of the uncompiled ``root`` made outside the wrapper (such
-    as ``compiled.generate``'s) from the wrapper's own; returns the watch the context holds
+    PatchableGraph), a forward pre-hook on ``root`` tells the wrapper's calls from calls of the
+    uncompiled ``root`` (such as ``compiled.generate``'s); returns the watch the context holds
     (``Watch.release`` at exit), or None where nothing is watched.
 
-    The wrapper's hooks keep, per thread, the wrapper calls in progress; the root's pre-hook
-    (hidden from Dynamo, so nothing is traced or recompiled for it) counts a call of the root
-    made outside them. Not done for a plain module: it may be called inside another compiled
-    function, whose trace would meet the hook (a graph break and a recompile per context), as
-    would torch's own module classes compiled directly.
+    The wrapper's calls run the hook under Dynamo's frame callback, the root's own calls do not
+    (``_torch_compat/calls.py``), so the hook alone tells them apart, and a wrapper call is
+    left as it is: no hooks on it. Not done for a plain module: it may be called inside another
+    compiled function, whose trace would meet the hook (a graph break), as would torch's own
+    module classes compiled directly.
 
-    ``known`` is the watch an earlier call returned for this wrapper: while its hooks are still
+    ``known`` is the watch an earlier call returned for this root: while its hook is still
     registered, it is held again without looking anything up.
     """
     if known is not None:
         with _watch_lock:
-            root_watch = known.root
-            if known.live and root_watch is not None and root_watch.live:
+            if known.live:
                 known.users += 1
-                root_watch.users += 1
                 return known
     if model is root or not isinstance(model, nn.Module):
         return None
     with _watch_lock:
-        watch = _watch_of(model)
-        root_watch = _watch_of(root)
-        if watch is None or root_watch is None:
-            # Registered or left registered by an earlier context: the check was made then.
-            if watch is None and not _hooks_run_outside_dynamo(root):
+        watch = _watch_of(root)
+        if watch is None:
+            if not _hooks_run_outside_dynamo(root) or not dynamo_calls_known():
                 return None
-            if root_watch is None:  # never registered, or removed by a call of the root alone
-                root_watch = _watches[id(root)] = Watch(root, [root.register_forward_pre_hook(_root_called)], None)
-            if watch is None:
-                watch = _watches[id(model)] = Watch(
-                    model,
-                    [
-                        model.register_forward_pre_hook(functools.partial(_enter_wrapper, root)),
-                        model.register_forward_hook(functools.partial(_leave_wrapper, root), always_call=True),
-                    ],
-                    root_watch,
-                )
-            watch.root = root_watch
+            watch = _watches[id(root)] = Watch(root, root.register_forward_pre_hook(_root_called))
         watch.users += 1
-        root_watch.users += 1
     return watch
 
 
@@ -226,61 +201,70 @@ def _hooks_run_outside_dynamo(root: nn.Module) -> bool:
 
 
 def _unwatch_if_idle(module: nn.Module) -> None:
-    """Removes ``module``'s watching hooks if no context holds them (a call outside every
-    watching context). Removing them from inside one of them is safe: torch iterates a copy of
-    the pre-hooks, and reads the forward hooks only after the forward, so they do not run for
-    this call (``_enter_wrapper`` pushes nothing then)."""
+    """Removes ``module``'s watching hook if no context holds it (a call outside every watching
+    context). Removing it from inside the hook is safe: torch iterates a copy of the pre-hooks."""
     with _watch_lock:
         watch = _watch_of(module)
         if watch is None or watch.users:
             return
-        for handle in watch.handles:
-            handle.remove()
+        watch.handle.remove()
         watch.live = False
         del _watches[id(module)]
 
 
 def watching_hooks(module: nn.Module) -> Optional[int]:
-    """The number of contexts holding ``module``'s watching hooks (0: left in place until the
+    """The number of contexts holding ``module``'s watching hook (0: left in place until the
     next call outside them), or None when it has none. For tests."""
     with _watch_lock:
         watch = _watch_of(module)
         return None if watch is None else watch.users
 
 
-def _enter_wrapper(root: nn.Module, wrapper: nn.Module, args: Any) -> None:
-    """Pushes this call, with the root's graph calls so far, when this thread's context watches
-    the wrapper (its context holds the hooks until the call ends, so ``_leave_wrapper`` runs);
-    else the hooks are idle and are removed."""
+@skip_frame
+def _root_called(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook on a watched root. Its frame runs under Dynamo's callback in a wrapper
+    call, so it calls only a builtin and ``_on_root_call`` (skipped by Dynamo with its calls)."""
+    _on_root_call(module, dynamo_callback() is not None)
+
+
+@skip_frame_and_calls
+def _on_root_call(module: nn.Module, in_wrapper: bool) -> None:
+    """A call of a watched root: ``in_wrapper`` when Dynamo runs it (the wrapper's call), else
+    a call of the uncompiled model, counted where this thread's context watches it.
+
+    A wrapper call is checked when the root's next call starts or the context exits
+    (``close_wrapper_calls``): if no graph of the model ran since it started, Dynamo ran the
+    forward eagerly (it gives up on a whole forward it cannot trace, e.g. past its recompile
+    limit), so no patch applied in it: it counts as a call outside the compiled graphs.
+    """
     state = _active.get()
-    if wrapper not in state.watching:
-        _unwatch_if_idle(wrapper)
+    key = state.watched.get(module)
+    if key is None:
+        _unwatch_if_idle(module)
         return
-    try:
-        calls = _inside.calls
-    except AttributeError:  # this thread's first
-        calls = _inside.calls = []
-    calls.append((wrapper, state, state.log.runs, None if len(state.roots) == 1 else _graph_calls_of(state, root)))
+    log = state.log
+    if key in log.open_calls:
+        _close_wrapper_call(state, key, module)
+    if in_wrapper:
+        log.open_calls[key] = log.runs.get(key, 0)
+    else:
+        _note_eager_call(state, module)
 
 
-def _leave_wrapper(root: nn.Module, wrapper: nn.Module, args: Any, output: Any) -> None:
-    """Also runs when the call raised (``always_call``); pops only the entry its
-    ``_enter_wrapper`` pushed.
+def close_wrapper_calls(state: PatchState) -> None:
+    """The context exits: its wrapper calls still open are checked (``_on_root_call``)."""
+    log = state.log
+    if not log.open_calls:
+        return
+    for root, key in state.watched.items():
+        if key in log.open_calls:
+            _close_wrapper_call(state, key, root)
 
-    A wrapper call in which no graph of the model ran was a forward Dynamo ran eagerly (it gives
-    up on a whole forward it cannot trace, e.g. around an ``nn.LSTM``): no patch applied in it,
-    so it counts as a call outside the compiled graphs."""
-    calls = getattr(_inside, "calls", None)
-    if not calls:
-        return
-    entry_wrapper, state, runs, graph_calls = calls[-1]
-    if entry_wrapper is not wrapper or state is not _active.get():
-        return
-    calls.pop()
-    if state.log.runs == runs:
-        _note_eager_call(state, root)  # no graph of a patched model ran: not one of the root's
-    elif graph_calls is not None and _graph_calls_of(state, root) == graph_calls:
-        _note_eager_call(state, root)  # several patched models: the graphs were another's
+
+def _close_wrapper_call(state: PatchState, key: int, module: nn.Module) -> None:
+    log = state.log
+    if log.open_calls.pop(key) == log.runs.get(key, 0):
+        _note_eager_call(state, module)
 
 
 def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
@@ -288,26 +272,6 @@ def _entry_of(state: PatchState, root: nn.Module) -> Optional[RootPatches]:
     for entry in state.roots:
         if entry.index._root() is root:
             return entry
-    return None
-
-
-def _graph_calls_of(state: PatchState, root: nn.Module) -> Optional[int]:
-    """Graph calls of ``root`` so far in ``state`` (None when it is not patched there)."""
-    entry = _entry_of(state, root)
-    return None if entry is None else state.log.settle().graph_calls.get(id(entry.index), 0)
-
-
-@torch.compiler.disable
-def _root_called(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook on a watched root: a call outside every watched wrapper call ran the
-    uncompiled model (counted where this thread's context watches a wrapper of it)."""
-    if getattr(_inside, "calls", None):
-        return None  # inside a wrapper call
-    state = _active.get()
-    if module in state.watched_roots:
-        _note_eager_call(state, module)
-    else:
-        _unwatch_if_idle(module)
     return None
 
 

@@ -36,23 +36,29 @@ class GraphMarks:
     calls: int = 0
 
 
-@dataclass(eq=False)
 class RunLog:
     """What ran under one PatchState: the facts the never-ran check needs.
 
     The totals hold what ``settle`` folded in from the marks, what inner contexts merged in, and
-    what a sweep records directly; read them after ``settle()``.
+    what a sweep records directly; read them after ``settle()``. A plain class with slots, not
+    a dataclass: one is made per ``pb.patch`` block, and a dataclass's default factories cost
+    a call per field.
     """
 
-    marks: List[GraphMarks] = field(default_factory=list)
-    #: Graph calls of patched models under this state, all models together, counted as they
-    #: run (not settled): a watched wrapper call compares it before and after (never_silent.py).
-    runs: int = 0
-    applied: Set[Tuple[RootKey, str]] = field(default_factory=set)
-    graph_calls: Dict[RootKey, int] = field(default_factory=dict)
-    forwards: Dict[RootKey, int] = field(default_factory=dict)
-    #: Calls of the model itself that ran outside torch.compile (seen by ``_root_called``).
-    eager_calls: Dict[RootKey, int] = field(default_factory=dict)
+    __slots__ = ("marks", "applied", "graph_calls", "forwards", "eager_calls", "runs", "open_calls")
+
+    def __init__(self) -> None:
+        self.marks: List[GraphMarks] = []
+        self.applied: Set[Tuple[RootKey, str]] = set()
+        self.graph_calls: Dict[RootKey, int] = {}
+        self.forwards: Dict[RootKey, int] = {}
+        #: Calls of the model itself that ran outside torch.compile (seen by ``_root_called``).
+        self.eager_calls: Dict[RootKey, int] = {}
+        #: Graph calls of each watched model, counted as they run (not settled), and per watched
+        #: model its wrapper call in progress with that count when it started: never_silent.py
+        #: checks at the model's next call, or at exit, that a graph of it ran since.
+        self.runs: Dict[RootKey, int] = {}
+        self.open_calls: Dict[RootKey, int] = {}
 
     def settle(self) -> "RunLog":
         """Folds the marks' run counters into the totals (idempotent: the counters restart)."""
@@ -78,6 +84,7 @@ class RunLog:
             (self.graph_calls, outer.graph_calls),
             (self.forwards, outer.forwards),
             (self.eager_calls, outer.eager_calls),
+            (self.runs, outer.runs),
         ):
             for key, count in mine.items():
                 theirs[key] = theirs.get(key, 0) + count
@@ -91,8 +98,12 @@ class RootPatches:
     validated: bool
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class PatchState:
+    """The active patches of one ``pb.patch`` block (or sweep chunk), and what ran under them.
+    Never changed once made (``dataclasses.replace`` makes a variant); not frozen only because
+    a frozen dataclass's ``__init__`` costs several times more, on every ``pb.patch`` entry."""
+
     roots: Tuple[RootPatches, ...] = ()
     #: Answers the dispatcher for each graph call under this state (runtime/requests.py):
     #: ``PATCHES`` for pb.patch, a sweep chunk's spec, ``EagerTier``; None runs graphs plain.
@@ -105,10 +116,10 @@ class PatchState:
     #: Validation of maps entered before the model ran (``validate_pending``); None when every
     #: map was checked on entry.
     pending: Optional["PendingValidation"] = None
-    #: The wrappers (torch.compile results, PatchableGraphs) whose calls this state and the
-    #: states it extends watch for the never-ran check, and their root modules (never_silent.py).
-    watching: Tuple[Any, ...] = ()
-    watched_roots: Tuple[Any, ...] = ()
+    #: The models this state and the states it extends patch through a wrapper (a
+    #: torch.compile result, a PatchableGraph), each with its ``RootKey``: their calls are
+    #: watched (never_silent.py).
+    watched: Dict[Any, RootKey] = field(default_factory=dict)
     #: For a state patching one model: that model's occurrence shapes of these patched names
     #: (``context.occurrence``), shared by the contexts that patch them.
     shapes: Optional[Dict[Any, Any]] = None

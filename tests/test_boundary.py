@@ -22,7 +22,7 @@ from torch import nn
 import patch_backend as pb
 from fixtures import LinearModel, TwoLayerMLP
 from patch_backend import ZeroPatch
-from patch_backend._torch_compat import frame, gates, sources, symbolic
+from patch_backend._torch_compat import calls, frame, gates, sources, symbolic
 from patch_backend.errors import PatchBackendWarning
 
 PACKAGE = pathlib.Path(pb.__file__).resolve().parent
@@ -250,6 +250,26 @@ def test_return_reason_fallback_warns_once_and_names_no_result(monkeypatch):
     messages = _fallback_warnings(caught)
     assert len(messages) == 1 and "compile_subgraph_reason" in messages[0]
     assert "output" not in names and "linear.output" in names
+
+
+def test_frame_strategy_fallback_warns_once_and_watches_nothing(monkeypatch):
+    """Without Dynamo's frame strategies the never-ran check cannot tell a wrapper call from a
+    call of the model itself: it says so once and registers no hook; compiled calls still
+    apply their patches."""
+    from patch_backend.never_silent import watching_hooks
+
+    monkeypatch.setattr(calls, "_API", None)
+    model, x = LinearModel(), torch.randn(3, 2)
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    compiled(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with pb.patch(compiled, {"linear.output": pb.ZeroPatch()}):
+                torch.testing.assert_close(compiled(x), torch.zeros(3, 3))
+                assert watching_hooks(model) is None and not model._forward_pre_hooks
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1 and "compiled.generate" in messages[0]
 
 
 class DictModel(nn.Module):

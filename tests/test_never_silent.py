@@ -51,8 +51,8 @@ def captured(backend: Any) -> Tuple[nn.Module, Any, torch.Tensor]:
 
 
 def assert_clean(*modules: nn.Module) -> None:
-    """No patch active, and no context holding watching hooks on the model or its wrapper: the
-    hooks a context leaves for the next one are idle (the next call outside a context removes
+    """No patch active, and no context holding the watching hook on the model (its wrapper has
+    none): the hook a context leaves for the next one is idle (the next call outside a context removes
     them, ``test_idle_hooks_go_at_the_next_unpatched_call``), and no other hook is left."""
     assert active_state().roots == ()
     for module in modules:
@@ -61,8 +61,8 @@ def assert_clean(*modules: nn.Module) -> None:
         if users is None:
             assert hooks == 0
         else:
-            assert users == 0
-            assert hooks == (1 if module is modules[0] else 2)  # the root's pre-hook; a wrapper's pair
+            assert users == 0 and module is modules[0]
+            assert hooks == 1  # the root's pre-hook
 
 
 # -- the exit check --------------------------------------------------------------------------------
@@ -229,6 +229,36 @@ def test_single_uncompiled_call_raises_at_exit(backend):
     assert_clean(model, compiled)
 
 
+def test_wrapper_call_that_dynamo_runs_eagerly_is_an_uncompiled_call(backend):
+    """A call of the wrapper in which Dynamo runs the forward without its graphs (past the
+    recompile limit, a new input dtype runs eagerly) applies no patch: at exit, the message says
+    the forward ran outside its compiled graphs; a later compiled call in the block is not
+    mistaken for it."""
+    model, compiled, x = captured(backend)
+    half = x.double()
+    model.double()
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1):
+        with pytest.raises(PatchNotAppliedError, match=r"'linear.output' \(ZeroPatch\) never ran.*always outside"):
+            with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+                torch.testing.assert_close(compiled(half), model.linear(half))  # unpatched: eager
+        with pytest.raises(PatchNotAppliedError, match="called again outside its compiled graphs"):
+            with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+                compiled(half)
+                compiled(half)
+    assert_clean(model, compiled)
+
+
+def test_compiled_calls_under_force_eager_are_uncompiled_calls(backend):
+    model, compiled, x = captured(backend)
+    with torch.compiler.set_stance("force_eager"):
+        with pytest.raises(PatchNotAppliedError, match=r"'linear.output' \(ZeroPatch\) never ran.*always outside"):
+            with pb.patch(compiled, {"linear.output": ZeroPatch()}):
+                compiled(x)
+    with pb.patch(compiled, {"linear.output": ZeroPatch()}):  # and the check ends with the stance
+        torch.testing.assert_close(compiled(x), torch.zeros(2, 3))
+    assert_clean(model, compiled)
+
+
 def test_uncompiled_call_after_a_compiled_one_is_allowed(backend):
     """An unpatched reference computed inside the block is legitimate: the patch did run."""
     model, compiled, x = captured(backend)
@@ -276,20 +306,21 @@ def test_watching_hook_compiles_nothing(backend):
 
 
 def test_idle_hooks_go_at_the_next_unpatched_call(backend):
-    """A loop of contexts registers the watching hooks once; the first call outside a context
-    removes them, so an unpatched loop runs without hooks (and computes the plain model)."""
+    """A loop of contexts registers the watching hook once, on the model (none on its wrapper);
+    the first call outside a context removes it, so an unpatched loop runs without hooks (and
+    computes the plain model)."""
     model, compiled, x = captured(backend)
     with pb.patch(compiled, {"linear.output": ZeroPatch()}):
-        assert watching_hooks(compiled) == 1 and watching_hooks(model) == 1
+        assert watching_hooks(model) == 1 and watching_hooks(compiled) is None
         compiled(x)
     hooks = (dict(model._forward_pre_hooks), dict(compiled._forward_pre_hooks), dict(compiled._forward_hooks))
-    assert watching_hooks(compiled) == 0 and len(hooks[0]) == 1 and len(hooks[1]) == 1
+    assert watching_hooks(model) == 0 and len(hooks[0]) == 1 and not hooks[1] and not hooks[2]
     for step in range(3):
         with pb.patch(compiled, {"linear.output": AddPatch(value=float(step))}):
             torch.testing.assert_close(compiled(x), model.linear(x) + step)
-    # The same hooks, not new ones: nothing was registered again.
+    # The same hook, not a new one: nothing was registered again.
     assert (dict(model._forward_pre_hooks), dict(compiled._forward_pre_hooks), dict(compiled._forward_hooks)) == hooks
-    torch.testing.assert_close(compiled(x), model.linear(x))  # outside a context: removes them
+    torch.testing.assert_close(compiled(x), model.linear(x))  # outside a context: removes it
     for module in (model, compiled):
         assert watching_hooks(module) is None
         assert len(module._forward_pre_hooks) == 0 and len(module._forward_hooks) == 0
