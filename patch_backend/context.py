@@ -39,7 +39,6 @@ from .never_silent import (
 from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
-from .program.eager import Interpreted
 from .program.insert import build_variant
 from .program.plan import Selection, SitePatches
 from .program.spec import Walked, walk
@@ -453,7 +452,7 @@ def variant_request(graph: GraphFacts, selection: Any, owners: Tuple[Any, ...], 
     return Request(
         key=spec,
         build=lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
-        interpret=lambda args: Interpreted(capture.gm),
+        interpret=lambda args: graph.interpreted(),
         run=lambda program, args: program.run_lowered(selection, values, args),
         owners=owners,
         symbolic=True,

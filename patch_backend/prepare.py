@@ -9,7 +9,6 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 from . import aliases
 from .capture.index import index_for
 from .capture.naming import Site
-from .program.eager import Interpreted
 from .roots import resolve_root
 from .program.prepared import build_prepared, fits, site_key
 from .runtime.requests import GraphFacts, Request
@@ -76,7 +75,7 @@ def prepared_request(
     return Request(
         key=declared.key,
         build=lambda compile_fn, args: build_prepared(capture, sites, args, compile_fn),
-        interpret=lambda args: Interpreted(capture.gm),
+        interpret=lambda args: graph.interpreted(),
         run=lambda program, args: program.run(selection, args),
         owners=owners,
     )

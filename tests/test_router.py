@@ -346,3 +346,31 @@ def test_walk_reads_what_lower_reads():
     assert walk((SitePatches(a, (ZeroPatch(slice=([0, 1],)),)),)) is None
     assert walk((SitePatches(a, (ZeroPatch(slice=(None, 1)),)),)) is None
     assert walk((SitePatches(a, (AddPatch(value=2**60),)),)) is None
+
+
+@pytest.mark.parametrize("backend, policy", [("graphpatch_eager", "sync"), ("graphpatch", "never")])
+def test_the_eager_form_scans_the_graph_once_per_structure(monkeypatch, backend, policy):
+    """A loop of contexts of one structure with new values, on the eager interpreter (the
+    ``graphpatch_eager`` program, or the eager tier under "never"), plans its sites once: the
+    interpreter is kept per graph and its plans per structure; a second structure plans anew."""
+    import patch_backend.program.eager as eager
+
+    plans = []
+    real = eager.site_plan
+
+    def counted(gm, spec):
+        plans.append(spec)
+        return real(gm, spec)
+
+    monkeypatch.setattr(eager, "site_plan", counted)
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend=backend)
+    expected = compiled(x)
+    with pb.config.patch(compile_policy=policy):
+        for step in range(4):
+            with pb.patch(compiled, {"output": AddPatch(value=float(step))}):
+                torch.testing.assert_close(compiled(x), expected + step)
+        assert len(plans) == 1
+        with pb.patch(compiled, {"output": ZeroPatch()}):
+            torch.testing.assert_close(compiled(x), torch.zeros_like(expected))
+    assert len(plans) == 2

@@ -9,29 +9,57 @@ the reference and the compiled variants cannot disagree about the walk.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Sequence
 
 import torch
 import torch.fx
 
 from .plan import Selection
-from .spec import Prefixes, Use, lower
+from .spec import Prefixes, ProgramSpec, Use, lower
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What the interpreter derives from a spec and the graph: which uses pass through which
+    sites. One graph scan per spec, not per call (``Interpreted`` keeps them)."""
+
+    spec: ProgramSpec
+    chains: Dict[Use, Any]
+    #: Nodes that read a patched value: the others load their arguments as they are.
+    patched_readers: FrozenSet[str]
+    #: node name → the sites there that no use passes through.
+    dangling: Dict[str, List[int]]
+
+
+def site_plan(gm: torch.fx.GraphModule, spec: ProgramSpec) -> SitePlan:
+    uses = spec.uses(gm.graph)
+    dangling: Dict[str, List[int]] = {}
+    for site in uses.dangling:
+        dangling.setdefault(spec.sites[site].node, []).append(site)
+    return SitePlan(spec, uses.chains, frozenset(use.consumer for use in uses.chains), dangling)
+
+
+def has_star_inputs(graph: torch.fx.Graph) -> bool:
+    """A ``*args`` placeholder: only ``Interpreter.run`` binds those."""
+    return any(node.op == "placeholder" and node.target.startswith("*") for node in graph.nodes)
 
 
 class PatchingInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, selection: Selection) -> None:
+    def __init__(
+        self, gm: torch.fx.GraphModule, selection: Selection, plan: Optional[SitePlan] = None,
+        star_inputs: Optional[bool] = None,
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.selection = selection
-        self.spec = lower(selection).spec
-        uses = self.spec.uses(gm.graph)
-        self.chains = uses.chains
+        plan = plan if plan is not None else site_plan(gm, lower(selection).spec)
+        self.spec = plan.spec
+        self.chains = plan.chains
         self.graph = gm.graph
-        #: Nodes that read a patched value: the others load their arguments as they are.
-        self.patched_readers = frozenset(use.consumer for use in self.chains)
-        #: node name → the sites there that no use passes through.
-        self.dangling: Dict[str, List[int]] = {}
-        for site in uses.dangling:
-            self.dangling.setdefault(self.spec.sites[site].node, []).append(site)
+        self.patched_readers = plan.patched_readers
+        self.dangling = plan.dangling
+        self.star_inputs = has_star_inputs(gm.graph) if star_inputs is None else star_inputs
 
     def apply_site(self, value: Any, site: int) -> Any:
         """One site's patches: a clone if any requires it, then each ``op`` in entry order."""
@@ -51,7 +79,7 @@ class PatchingInterpreter(torch.fx.Interpreter):
         self.env_by_name: Dict[str, Any] = {}
         self.prefixes = Prefixes(self.env_by_name.__getitem__, self.apply_site)
         graph: torch.fx.Graph = self.graph
-        if initial_env is not None or any(node.op == "placeholder" and node.target.startswith("*") for node in graph.nodes):
+        if initial_env is not None or self.star_inputs:
             return super().run(*args, initial_env=initial_env, enable_io_processing=enable_io_processing)
         return self._run_in_order(graph, graph.process_inputs(*args) if enable_io_processing else args,
                                   enable_io_processing)
@@ -107,14 +135,29 @@ class PatchingInterpreter(torch.fx.Interpreter):
 
 
 class Interpreted:
-    """A selection's eager form: the captured graph run by the eager interpreter, which applies
-    each patch's ``op`` (the ``graphpatch_eager`` semantics, the tests' oracle)."""
+    """The eager form of a graph's selections: the captured graph run by the eager interpreter,
+    which applies each patch's ``op`` (the ``graphpatch_eager`` semantics, the tests' oracle).
+    One per graph (``GraphFacts.interpreted``): it keeps each spec's ``SitePlan``, so a call scans the
+    graph only for a structure it has not run before."""
+
+    MAX_PLANS = 64
 
     def __init__(self, gm: Any) -> None:
         self.gm = gm
+        self.star_inputs = has_star_inputs(gm.graph)
+        self._plans: Dict[Hashable, SitePlan] = {}
+        self._lock = threading.Lock()
 
     def run(self, selection: Any, args: Sequence[Any]) -> Any:
-        return PatchingInterpreter(self.gm, selection).run(*args)
+        spec = lower(selection).spec
+        plan = self._plans.get(spec)  # a read without the lock: writers add or clear
+        if plan is None:
+            plan = site_plan(self.gm, spec)
+            with self._lock:
+                if len(self._plans) >= self.MAX_PLANS:
+                    self._plans.clear()
+                self._plans[spec] = plan
+        return PatchingInterpreter(self.gm, selection, plan, self.star_inputs).run(*args)
 
     def run_lowered(self, selection: Any, values: Any, args: Sequence[Any]) -> Any:
         """``run``, for callers holding a lowered selection: the interpreter applies each patch's

@@ -18,6 +18,7 @@ import torch.fx
 
 from ..capture.capture import GraphCapture
 from ..program.dynamic import Layout, SymbolicInputs, symbolic_layout
+from ..program.eager import Interpreted
 from ..program.spec import Lowerings
 from .cache import BoundedMemo
 
@@ -74,7 +75,8 @@ class GraphFacts:
     front-end keeps per patch *structure* on this graph, so that a new patch context of a
     structure seen before derives nothing again (only its values are new)."""
 
-    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs", "checked", "lowerings", "occurrences")
+    __slots__ = ("capture", "compiled", "_layout", "_symbolic_inputs", "checked", "lowerings", "occurrences",
+                 "_interpreted")
 
     #: Bound on ``checked``: emptied when it fills (a check is cheap to redo).
     MAX_CHECKED = 4096
@@ -92,6 +94,15 @@ class GraphFacts:
         self.lowerings = Lowerings()
         #: pb.patch's sites and run marks per (instance, name tables, patched names).
         self.occurrences = BoundedMemo(256)
+        self._interpreted: Optional[Interpreted] = None
+
+    def interpreted(self) -> Interpreted:
+        """The eager form of this graph's selections, one per graph (it keeps a plan per patch
+        structure). Two threads may both make it at first: either serves."""
+        found = self._interpreted
+        if found is None:
+            found = self._interpreted = Interpreted(self.capture.gm)
+        return found
 
     def remember_checked(self, signature: Hashable, holds: Any = None) -> None:
         self.checked.put(signature, holds if holds is not None else True)
