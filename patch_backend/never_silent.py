@@ -254,10 +254,15 @@ def _on_root_call(module: nn.Module, in_wrapper: bool) -> None:
 def close_wrapper_calls(state: PatchState) -> None:
     """The context exits: its wrapper calls still open are checked (``_on_root_call``)."""
     log = state.log
-    if not log.open_calls:
+    open_calls, runs = log.open_calls, log.runs
+    for key, start in open_calls.items():
+        if runs.get(key, 0) == start:
+            break  # one ran no graph: see which model it was
+    else:
+        open_calls.clear()  # the common case: every call ran a graph of its model
         return
     for root, key in state.watched.items():
-        if key in log.open_calls:
+        if key in open_calls:
             _close_wrapper_call(state, key, root)
 
 
