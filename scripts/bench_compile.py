@@ -73,7 +73,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     sys.path.insert(0, HERE)
     import patch_backend as pb
     from patch_backend import AddPatch
-    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters, vec_isa_probe_counts
     from patch_backend.program.regions import region_report
     from patch_backend.sweep import last_sweep_report
     from sweep_common import answer_metric, clean_and_corrupt, clean_block_outputs, gpt2, hook_loop, sweep_cells
@@ -136,6 +136,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["region compiles"] = report.compiles
         result["compile seconds per region"] = report.seconds_by_label()
         result["cache counters"] = fx_graph_cache_counters()
+        result["vec ISA probes"] = vec_isa_probe_counts()
         result["tiers"] = {name: getattr(pb.stats(compiled), name)
                            for name in ("plain_eager_calls", "eager_calls", "compiled_calls", "compile_failures")}
         return result

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
+import threading
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -197,6 +199,39 @@ class PatchFunction:
 
     def __call__(self, x: torch.Tensor, ints: Optional[torch.Tensor], index_tensors, *value: torch.Tensor):
         return _BY_KIND[self.op.kind](x, self.op.form, ints, index_tensors, *value)
+
+
+#: Every ``PatchFunction`` that ``patch_function`` made, as an attribute named after its op.
+#: AOTAutograd's on-disk cache keys a graph by its code *and* the import line of every global
+#: it calls, which it builds with ``torch.package``'s importer: the object must be found again
+#: under ``module.qualname``. A PatchFunction is an instance, so it is found here (its
+#: ``__qualname__`` is ``REGISTERED.<kind>_<digest of its op>``); without that the importer
+#: found the function ``ops.add`` under its ``__name__``, refused the mismatch, and every graph
+#: holding a zero/add/replace op bypassed the cache, in every process.
+REGISTERED = types.SimpleNamespace()
+_interned: Dict[PatchOp, PatchFunction] = {}
+_interned_lock = threading.Lock()
+
+
+def patch_function(op: PatchOp) -> PatchFunction:
+    """The one ``PatchFunction`` of ``op`` in this process, importable as
+    ``patch_backend.program.ops.REGISTERED.<kind>_<digest>``.
+
+    The digest is of ``repr(op)`` (kinds, slice forms, value slots, shapes, dtypes: plain data
+    whose repr is the same in every process), so the import line, and with it the cache key,
+    tells two forms apart and is the same for the same form in another process. One object per
+    op: the importer checks identity, not equality."""
+    with _interned_lock:
+        function = _interned.get(op)
+        if function is None:
+            function = PatchFunction(op)
+            name = f"{op.kind.value}_{hashlib.sha256(repr(op).encode()).hexdigest()[:24]}"
+            if getattr(REGISTERED, name, None) is None:  # an equal repr of an unequal op: left unregistered
+                setattr(REGISTERED, name, function)
+                # An instance attribute: the class's own __qualname__ stays "PatchFunction".
+                object.__setattr__(function, "__qualname__", f"REGISTERED.{name}")
+            _interned[op] = function
+    return function
 
 
 def probe(x: torch.Tensor) -> torch.Tensor:
