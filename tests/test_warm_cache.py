@@ -42,7 +42,7 @@ def test_patch_functions_are_found_again_by_their_import_name():
     first = ops.patch_function(add)
     assert ops.patch_function(PatchOp(PatchKind.ADD, WholeTensor(), ScalarValue(0))) is first  # one per op
     module, name = sys_importer.get_name(first)
-    assert module == "patch_backend.program.ops" and name.startswith("REGISTERED.add_")
+    assert module == "patch_backend.program.ops" and name.startswith("_patch_add_")
     other_module, other_name = sys_importer.get_name(ops.patch_function(masked))
     assert other_name != name
     assert first.__name__ == "add"  # FX still names the nodes after the kind
