@@ -189,7 +189,7 @@ def _emit(
             args += (inputs.tensors[entry.value.slot],)
         elif isinstance(entry.value, ScalarValue):
             args += (graph.call_function(torch.ops.aten.select.int, (inputs.scalars, 0, entry.value.slot)),)
-        return graph.call_function(patch_ops.PatchFunction(entry), args)
+        return graph.call_function(patch_ops.patch_function(entry), args)
     if isinstance(entry, ProbeOutput):
         copied = graph.call_function(patch_ops.probe, (value,))
         outputs.add(ref, copied)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -197,6 +198,39 @@ class PatchFunction:
 
     def __call__(self, x: torch.Tensor, ints: Optional[torch.Tensor], index_tensors, *value: torch.Tensor):
         return _BY_KIND[self.op.kind](x, self.op.form, ints, index_tensors, *value)
+
+
+#: Every ``PatchFunction`` that ``patch_function`` made, by op. Each is also a global of this
+#: module, ``_patch_<kind>_<digest of its op>``: AOTAutograd's on-disk cache keys a graph by its
+#: code *and* an import line for every global it calls, which it builds with torch.package's
+#: importer, and the importer must find the object again under ``module.__qualname__``. A
+#: PatchFunction is an instance; without its own name the importer found the function
+#: ``ops.add`` under its ``__name__``, refused the mismatch, and every graph holding a
+#: zero/add/replace op bypassed the cache, in every process.
+_interned: Dict[PatchOp, PatchFunction] = {}
+_interned_lock = threading.Lock()
+
+
+def patch_function(op: PatchOp) -> PatchFunction:
+    """The one ``PatchFunction`` of ``op`` in this process, importable from this module as
+    ``_patch_<kind>_<digest>`` (its ``__qualname__``).
+
+    The digest is of ``repr(op)`` (kinds, slice forms, value slots, shapes, dtypes: plain data
+    whose repr is the same in every process), so the import line, and with it the cache key,
+    tells two forms apart and is the same for the same form in another process. One object per
+    op: the importer checks identity, not equality."""
+    with _interned_lock:
+        function = _interned.get(op)
+        if function is None:
+            function = PatchFunction(op)
+            name = f"_patch_{op.kind.value}_{hashlib.sha256(repr(op).encode()).hexdigest()[:24]}"
+            module = sys.modules[__name__]
+            if getattr(module, name, None) is None:  # an equal repr of an unequal op: left unnamed
+                setattr(module, name, function)
+                # An instance attribute: the class's own __qualname__ stays "PatchFunction".
+                object.__setattr__(function, "__qualname__", name)
+            _interned[op] = function
+    return function
 
 
 def probe(x: torch.Tensor) -> torch.Tensor:

@@ -716,6 +716,12 @@ def _canonical(
             torch.fx.node.map_arg(node.kwargs, env.__getitem__), name=f"n_{k}",
         )
         copied.meta = copy.copy(node.meta)
+        if "example_value" not in copied.meta and node in values:
+            # A node inserted after capture (a patch op) has no Dynamo metadata. AOTAutograd's
+            # cache admits a method call only on a node that has an example value (its test for
+            # "a tensor"), so a patched value read by ``x.view(...)`` bypassed the cache in every
+            # process. Dynamo's nodes carry their own.
+            copied.meta["example_value"] = values[node]
         env[node] = copied
     graph.output(tuple(env[node] for node in outputs))
     region = torch.fx.GraphModule(gm, graph)
