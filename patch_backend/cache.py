@@ -7,9 +7,7 @@ with its FX graph cache and AOTAutograd cache enabled and keyed deterministicall
 the same kind (same torch version, same device type) or a fresh cache directory, through
 ``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts``: the loading process then
 compiles (nearly) nothing for the same model and patch structures. They are the successor of
-graphpatch's ``pg.save`` (docs/porting.md). What they do not carry is this package's record of
-Inductor's CPU vector-ISA probes (``_torch_compat.inductor.remember_vec_isa_probes``): it holds
-facts about one machine, so the loading machine probes once and records its own.
+graphpatch's ``pg.save`` (docs/porting.md).
 
 The file is a short header (magic line, then one JSON line naming the torch version and what it
 holds) followed by torch's serialized artifacts, so a file from another torch version or a

@@ -16,8 +16,7 @@ Every figure comes from a fresh child process with its own empty ``TORCHINDUCTOR
   start-up inside its first region (imports, hashing Inductor's sources, the C++ header check),
   paid by both children; it excludes Dynamo's capture and ``compile_regional``'s fake-tensor
   propagation and region keys, which run outside ``compile_fn`` (docs/performance.md, "T7:
-  what a warm process spends"). ``cache counters`` and ``vec ISA probes`` say what was served
-  from disk.
+  what a warm process spends"). ``cache counters`` say what was served from disk.
 * ``sweep``: a one-off pb.sweep over every layer x position and the forward-hook loop it
   replaces, everything included (T6); then the same sweep on compiled programs (T5).
 * ``steady``: ``backend="inductor"`` and graphpatch (unpatched, patched at one site) at batch
@@ -81,7 +80,7 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     sys.path.insert(0, HERE)
     import patch_backend as pb
     from patch_backend import AddPatch
-    from patch_backend._torch_compat.inductor import fx_graph_cache_counters, vec_isa_probe_counts
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.program.regions import region_report
     from patch_backend.sweep import last_sweep_report
     from sweep_common import answer_metric, clean_and_corrupt, clean_block_outputs, gpt2, hook_loop, sweep_cells
@@ -144,7 +143,6 @@ def child(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         result["region compiles"] = report.compiles
         result["compile seconds per region"] = report.seconds_by_label()
         result["cache counters"] = fx_graph_cache_counters()
-        result["vec ISA probes"] = vec_isa_probe_counts()
         result["tiers"] = {name: getattr(pb.stats(compiled), name)
                            for name in ("plain_eager_calls", "eager_calls", "compiled_calls", "compile_failures")}
         return result

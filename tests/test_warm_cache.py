@@ -1,6 +1,6 @@
 """What a second process with warm on-disk caches still does (issue 10, T7): every region of
-a plain or patched program is served by torch's FX graph and AOTAutograd caches, and
-Inductor's CPU vector-ISA probe is not run again. Counts only, never times."""
+a plain or patched program is served by torch's FX graph and AOTAutograd caches. Counts only,
+never times."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from torch.package import sys_importer
 
 import patch_backend as pb
 from patch_backend import AddPatch, ReplacePatch, ZeroPatch
-from patch_backend._torch_compat import inductor
-from patch_backend._torch_compat.inductor import fx_graph_cache_counters, vec_isa_probe_counts
+from patch_backend._torch_compat.inductor import fx_graph_cache_counters
 from patch_backend.program import ops, regions
 from patch_backend.program.spec import MaskedSlice, PatchKind, PatchOp, ScalarValue, SliceRange, WholeTensor
 
@@ -75,40 +74,6 @@ def test_patched_programs_use_the_aot_autograd_cache():
     assert looked_up == compiled_here
 
 
-def test_a_vec_isa_probe_that_loaded_is_not_run_again(tmp_path, monkeypatch):
-    """A probe library that loaded is recorded in the cache directory; the next process (here:
-    the record read again) skips the child process. Failures and changed libraries probe again."""
-    from torch._inductor import cpu_vec_isa
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert inductor.remember_vec_isa_probes()
-    results = {"ok.so": True, "bad.so": False}
-    probed = []
-
-    def probe(isa, path):
-        probed.append(os.path.basename(path))
-        return results[os.path.basename(path)]
-
-    monkeypatch.setitem(inductor._isa_state, "original", probe)
-    monkeypatch.setitem(inductor._isa_state, "known", None)
-    good, bad = tmp_path / "ok.so", tmp_path / "bad.so"
-    good.write_bytes(b"library")
-    bad.write_bytes(b"library")
-    isa = cpu_vec_isa.VecAVX2()
-    start = vec_isa_probe_counts()
-    assert isa._probe_load(str(good)) and not isa._probe_load(str(bad))
-    inductor._isa_state["known"] = None  # a new process: reads the record again
-    assert isa._probe_load(str(good)) and not isa._probe_load(str(bad))
-    assert probed == ["ok.so", "bad.so", "bad.so"]
-    good.write_bytes(b"rebuilt library")  # another size: another key
-    inductor._isa_state["known"] = None
-    assert isa._probe_load(str(good))
-    assert probed[-1] == "ok.so"
-    end = vec_isa_probe_counts()
-    assert end["remembered"] - start["remembered"] == 1 and end["probed"] - start["probed"] == 4
-    assert os.path.exists(tmp_path / inductor.VEC_ISA_RECORD)
-
-
 # Two processes on one fresh cache directory: a tiny 2-layer GPT-2, its plain program and one
 # patched structure (ops in a block), compiled in the calling thread.
 SCRIPT = textwrap.dedent(
@@ -117,7 +82,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import patch_backend as pb
     from patch_backend import AddPatch
-    from patch_backend._torch_compat.inductor import fx_graph_cache_counters, vec_isa_probe_counts
+    from patch_backend._torch_compat.inductor import fx_graph_cache_counters
     from patch_backend.program.regions import region_report
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -131,7 +96,7 @@ SCRIPT = textwrap.dedent(
         plain = compiled(ids).logits
         with pb.patch(compiled, {"transformer.h_1.mlp.act.mul_1": AddPatch(value=0.5, slice=(slice(None), 3))}):
             patched = compiled(ids).logits
-    print("RESULT " + json.dumps({"counters": fx_graph_cache_counters(), "isa": vec_isa_probe_counts(),
+    print("RESULT " + json.dumps({"counters": fx_graph_cache_counters(),
                                   "regions": region_report().compiles, "plain": plain.sum().item(),
                                   "patched": patched.sum().item()}))
     """
@@ -152,11 +117,9 @@ def test_a_warm_second_process_is_served_from_disk_for_every_region(tmp_path):
     first = run(cache_dir)
     second = run(cache_dir)
     assert first["counters"]["fxgraph_cache_miss"] == first["regions"] == 4  # prefix, block, suffix, patched block
-    assert first["isa"]["probed"] > 0 and first["isa"]["remembered"] == 0
     counters = second["counters"]
     assert second["regions"] == first["regions"]  # each region structure looked up once per process
     assert counters["fxgraph_cache_hit"] == counters["autograd_cache_hit"] == second["regions"]
     assert counters["fxgraph_cache_miss"] == counters["autograd_cache_miss"] == counters["autograd_cache_bypass"] == 0
-    assert second["isa"] == {"probed": 0, "remembered": first["isa"]["probed"]}
     assert second["plain"] == pytest.approx(first["plain"], rel=1e-6)
     assert second["patched"] == pytest.approx(first["patched"], rel=1e-6)

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import logging
-import os
-import platform
-import sys
-import threading
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.fx
-
-logger = logging.getLogger(__name__)
 
 
 def inductor_config(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -41,7 +32,6 @@ def compile_inductor(
     Inductor's ``unsafe_marked_cacheable_functions`` admits them under that key."""
     from torch._inductor.compile_fx import compile_fx
 
-    remember_vec_isa_probes()
     patches = inductor_config(options)
     marked = dict(cacheable or {})
     marked.update(patches.get("unsafe_marked_cacheable_functions") or {})
@@ -138,116 +128,3 @@ def fx_graph_cache_counters() -> Dict[str, int]:
         "autograd_cache_miss": int(aot["autograd_cache_miss"]),
         "autograd_cache_bypass": int(aot["autograd_cache_bypass"]),
     }
-
-
-# -- the CPU vector-ISA probe, remembered in the cache directory ----------------------------------
-#: Name of the record, inside Inductor's cache directory, of the ISA probe libraries that loaded.
-VEC_ISA_RECORD = os.path.join("patch_backend", "vec_isa_probes.json")
-
-_isa_lock = threading.Lock()
-#: ``original``: torch's probe (a test may replace it); ``known``: the record's keys, read once.
-_isa_state: Dict[str, Any] = {"installed": False, "known": None, "original": None}
-_isa_counts = {"probed": 0, "remembered": 0}
-
-
-def remember_vec_isa_probes() -> bool:
-    """Makes Inductor's CPU vector-ISA check reuse what an earlier process found on this machine.
-
-    Before its first C++ kernel (compiled or loaded from the FX graph cache), every process runs
-    ``valid_vec_isa_list``: for each ISA the CPU claims (AMX, AVX512-VNNI, AVX512, AVX2 here),
-    a test library is built into the cache directory (kept there, so built once) and a *child
-    Python process* ``dlopen``s it, to survive a library that crashes the loader. Those children
-    are most of a warm process's first cache hit: about 2 s of the 4-layer bench's warm compile
-    seconds on the 2-core CPU, where the kernels themselves load in tenths of a second. Whether
-    a library loads depends on the library file and the machine, not on the process, so a
-    successful probe is recorded in the cache directory (``VEC_ISA_RECORD``) under a key of
-    the library (path, size, mtime), the host, the CPU's ISA flags, the Python executable and
-    torch; a later process with the same key skips the child. Failures are not recorded (they
-    are probed again), a record from another machine or torch never matches, and the first
-    process of a cache directory probes exactly as torch does.
-
-    Returns whether the hook is installed: torch releases without ``VecISA._probe_load`` probe
-    inline in ``check_build``, and then nothing changes (a DEBUG log; this only saves time, it
-    never changes what compiles)."""
-    with _isa_lock:
-        if _isa_state["installed"]:
-            return True
-        from torch._inductor import cpu_vec_isa
-
-        original = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
-        if original is None:
-            logger.debug("torch %s has no VecISA._probe_load: vector-ISA probes are not remembered", torch.__version__)
-            return False
-
-        def _probe_load(isa: "cpu_vec_isa.VecISA", output_path: str) -> bool:
-            key = _probe_key(output_path)
-            if key is not None and key in _known_probes():
-                with _isa_lock:
-                    _isa_counts["remembered"] += 1
-                return True
-            loaded = bool(_isa_state["original"](isa, output_path))
-            with _isa_lock:
-                _isa_counts["probed"] += 1
-            if loaded and key is not None:
-                _record_probe(key)
-            return loaded
-
-        _isa_state["original"] = original
-        setattr(cpu_vec_isa.VecISA, "_probe_load", _probe_load)  # torch calls it as a method
-        _isa_state["installed"] = True
-        return True
-
-
-def vec_isa_probe_counts() -> Dict[str, int]:
-    """Vector-ISA probes of this process: ``probed`` (a child process loaded the library) and
-    ``remembered`` (an earlier process's record answered)."""
-    with _isa_lock:
-        return dict(_isa_counts)
-
-
-def _record_path() -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return os.path.join(cache_dir(), VEC_ISA_RECORD)
-
-
-def _probe_key(output_path: str) -> Optional[str]:
-    from torch._inductor.cpu_vec_isa import x86_isa_checker
-
-    try:
-        stat = os.stat(output_path)
-        facts = [os.path.realpath(output_path), stat.st_size, stat.st_mtime_ns, platform.node(), platform.machine(),
-                 sorted(x86_isa_checker()), sys.executable, torch.__version__, os.path.dirname(torch.__file__)]
-    except OSError:
-        return None
-    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
-
-
-def _read_record() -> Set[str]:
-    try:
-        with open(_record_path()) as handle:
-            return {str(key) for key in json.load(handle)}
-    except (OSError, ValueError, TypeError):
-        return set()  # none yet, or unreadable: probe as torch does
-
-
-def _known_probes() -> Set[str]:
-    with _isa_lock:
-        known = _isa_state["known"]
-        if known is None:
-            known = _isa_state["known"] = _read_record()
-        return known
-
-
-def _record_probe(key: str) -> None:
-    with _isa_lock:
-        known = _isa_state["known"] = _read_record() | (_isa_state["known"] or set()) | {key}
-        path = _record_path()
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = f"{path}.tmp{os.getpid()}"
-            with open(temporary, "w") as handle:
-                json.dump(sorted(known), handle)
-            os.replace(temporary, path)  # another process's record is replaced whole, never torn
-        except OSError as error:
-            logger.debug("vector-ISA probe record not written: %s", error)
