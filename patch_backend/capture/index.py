@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
-from .._torch_compat.frame import eager_fallback_reason, observed_eager_forward
+from .._torch_compat.eager_observer import observed_eager_forward
+from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
 from .capture import GraphCapture, all_captures, registry_version
 from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, name_occurrence

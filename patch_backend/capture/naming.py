@@ -766,7 +766,7 @@ def eager_boundary_sites(
     root: nn.Module, frame_path: Tuple[str, ...], observed: Any
 ) -> List[Tuple[Site, Optional[EagerSite]]]:
     """Names of the boundaries of the module calls observed in a forward Dynamo ran eagerly
-    (``frame.EagerForward``), as the unbroken model names them: ``<scope>.<forward parameter>``
+    (``_torch_compat.eager_observer.EagerForward``), as the unbroken model names them: ``<scope>.<forward parameter>``
     (``x``, ``foos.sub_0``, ``bars.a``, ``x|a.sub_0``), ``<scope>.<parameter or buffer>`` and
     ``<scope>.output`` / ``<scope>.output|<path>`` in return order; a module called several
     times in the forward gets ``<scope>_<k>``. The sites have no graph node (``node`` is "");
