@@ -1171,3 +1171,58 @@ def test_module_called_twice_in_an_eager_body(backend: str) -> None:
 
     expected = output_with_hooks(unbroken, x, [unbroken.lin.register_forward_pre_hook(pre)])
     torch.testing.assert_close(patched, expected)
+
+
+class TakesUnused(nn.Module):
+    """``unused`` is never read: the unbroken model's graph has no node for it."""
+
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            if self.broken:
+                print("", end="")
+            return self.lin(x) * 2
+
+
+class AroundTakesUnused(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = TakesUnused(broken)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.post(self.block(self.pre(x), y * 2, y)) + y
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_unused_input_of_an_eager_forward_has_no_name(where: str, backend: str) -> None:
+    """An input the eagerly run forward receives but never reads gets no name, as in the
+    unbroken model (whose graph drops it); the ones it reads keep theirs, and every name is
+    listed where the unbroken model lists it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    make = TakesUnused if where == "root" else AroundTakesUnused
+    unbroken, broken = make(False), make(True)
+    broken.load_state_dict(unbroken.state_dict())
+    args = (x, y, y) if where == "root" else (x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(unbroken, backend="graphpatch_eager")(*args)
+        compiled = torch.compile(broken, backend=backend)
+        compiled(*args)
+    prefix = "" if where == "root" else "block."
+    index = pb.capture.index.index_for(unbroken)
+    body_ops = {n for n in pb.nodes(unbroken) if n.startswith(prefix) and index.by_name[n][0].site.kind == "op"}
+    assert {f"{prefix}mul", f"{prefix}lin.linear"} <= body_ops
+    assert f"{prefix}x" in pb.nodes(unbroken) and f"{prefix}unused" not in pb.nodes(unbroken)
+    # The same names, listed in the same order (the eager boundaries where the unbroken model
+    # has them, among the graphs' names).
+    assert pb.nodes(compiled) == [name for name in pb.nodes(unbroken) if name not in body_ops]
+    assert not {f"{prefix}unused", f"{prefix}rest.sub_0"} & set(pb.nodes(compiled))

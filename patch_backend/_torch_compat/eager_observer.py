@@ -11,13 +11,16 @@ names are made in ``capture/naming.py`` (``eager_boundary_sites``).
 
 from __future__ import annotations
 
+import dis
 import inspect
+import itertools
 import logging
+import os
 import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,6 +51,10 @@ class EagerCall:
     #: The forward's ``*args`` / ``**kwargs`` parameter names, if any.
     varargs: Optional[str] = None
     varkw: Optional[str] = None
+    #: When the call started and returned, on the clock graphs' first runs are numbered by
+    #: (``set_sequence_source``), so its names can be listed where the unbroken model has them.
+    start: int = -1
+    end: int = -1
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,12 @@ def observed_eager_forward(module: torch.nn.Module) -> Optional[EagerForward]:
     code = getattr(forward, "__code__", None)
     with _lock:
         return _observed_codes.get(code) if code is not None else None
+
+
+def observed_itself(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own run was observed (not only another instance's of its class)."""
+    with _lock:
+        return module in _observed_forwards
 
 
 def _leaf_facts(value: Any) -> LeafFacts:
@@ -134,82 +147,177 @@ def _call_arguments(code: Any, f_locals: Dict[str, Any]) -> Tuple[Tuple[str, Tup
     return tuple(leaves)
 
 
+_sequence_source: List[Callable[[], int]] = [itertools.count().__next__]
+
+
+def set_sequence_source(source: Callable[[], int]) -> None:
+    """The clock eager calls are stamped with: capture's, which numbers graphs' first runs, so
+    that both orders interleave (a C callable: it runs inside the profile function)."""
+    _sequence_source[0] = source
+
+
+def _forward_code(module: torch.nn.Module) -> Any:
+    """The code of ``module``'s own forward, under any decorators (``functools.wraps`` chains)."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+    return getattr(forward, "__code__", None)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_CONVERT_FRAME = os.path.join("_dynamo", "convert_frame.py")
+
+
+def _dynamo_caller(depth: int = 256) -> Any:
+    """The frame that called the frame Dynamo is converting now (None if not found): the
+    ``f_back`` of the outermost frame of Dynamo's frame callback (``convert_frame.py``) on this
+    thread's stack, looking no further than the first frame outside torch beyond it. Whatever
+    Dynamo then runs for the frame it converts (the original code, when it gave up on it) starts
+    and ends before this frame returns."""
+    frame: Any = sys._getframe(1)
+    entry = None
+    for _ in range(depth):
+        if frame is None:
+            break
+        filename = frame.f_code.co_filename
+        if filename.endswith(_CONVERT_FRAME):
+            entry = frame
+        elif entry is not None and not filename.startswith(_TORCH_DIR):
+            break
+        frame = frame.f_back
+    return entry.f_back if entry is not None else None
+
+
+_RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+_return_offsets: "weakref.WeakKeyDictionary[Any, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def _returned(frame: Any, value: Any) -> bool:
+    """Whether a frame at its ``return`` profile event returns ``value`` rather than unwinding
+    an exception (both give the event; an unwinding one has ``None`` and stopped at the
+    instruction that raised, not at a return)."""
+    if value is not None:
+        return True
+    code = frame.f_code
+    offsets = _return_offsets.get(code)
+    if offsets is None:
+        offsets = frozenset(i.offset for i in dis.get_instructions(code) if i.opname in _RETURNS)
+        _return_offsets[code] = offsets
+    return frame.f_lasti in offsets
+
+
+class _Watch:
+    """The profile function watching one forward Dynamo gave up on, on its first run; see
+    ``_observe_eager_forward``. It is on the thread only between Dynamo giving up and the end of
+    that forward: it restores the profile function it replaced (``previous``: None, or a watch
+    whose forward has not started) when the forward returns or raises, and when ``anchor`` (the
+    frame that called the frame Dynamo converted) returns or unwinds without the forward having
+    started (Dynamo gave up on a wrapper whose forward it then compiled, or on code that is not
+    the forward itself)."""
+
+    def __init__(self, module: torch.nn.Module, watched: Any, reason: str, anchor: Any, previous: Optional["_Watch"]) -> None:
+        self.module = weakref.ref(module)
+        self.watched = watched
+        self.reason = reason
+        self.anchor = anchor
+        self.previous = previous
+        self.started = False
+        self.paths: Dict[int, Tuple[str, ...]] = {}
+        self.codes: Dict[Any, None] = {}
+        for name, child in module.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(child), tuple(name.split(".")) if name else ())
+            child_code = _forward_code(child)
+            if child_code is not None and child_code.co_argcount:
+                self.codes[child_code] = None
+        self.open_calls: List[Tuple[Any, Tuple[str, ...], int, Tuple[Any, ...], int]] = []
+        self.calls: List[EagerCall] = []
+        self.counts: Dict[Tuple[str, ...], int] = {}
+
+    def stop(self) -> None:
+        """Off the thread, the profile function it replaced back; frames dropped."""
+        previous, self.previous, self.anchor = self.previous, None, None
+        if sys.getprofile() is self:
+            sys.setprofile(previous)
+        self.open_calls.clear()
+
+    def _finish(self, returned: bool) -> None:
+        module = self.module()
+        calls = self.calls
+        self.stop()
+        if not returned or module is None or not calls or calls[-1].path != ():
+            return  # the forward raised: nothing reliable to name
+        observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()))
+        with _lock:
+            _observed_forwards[module] = observed
+            _observed_codes.setdefault(self.watched, observed)
+            _observed_version[0] += 1
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        try:
+            if event == "call":
+                frame_code = frame.f_code
+                if frame_code not in self.codes:
+                    return
+                f_locals = frame.f_locals
+                path = self.paths.get(id(f_locals.get(frame_code.co_varnames[0])))
+                if path is None or (not self.started and (path != () or frame_code is not self.watched)):
+                    return
+                self.started = True
+                ordinal = self.counts.get(path, 0)
+                self.counts[path] = ordinal + 1
+                self.open_calls.append(
+                    (frame, path, ordinal, _call_arguments(frame_code, f_locals), _sequence_source[0]())
+                )
+            elif event == "return":
+                if self.open_calls and self.open_calls[-1][0] is frame:
+                    _, path, ordinal, arguments, start = self.open_calls.pop()
+                    returned = _returned(frame, arg)
+                    if returned:
+                        result: list = []
+                        _structure_leaves(arg, (), result)
+                        _, varargs, varkw = _code_parameters(frame.f_code)
+                        # Inner calls return first: kept in call order (the outer forward's last).
+                        self.calls.append(EagerCall(
+                            path, ordinal, arguments, tuple(result), varargs, varkw, start, _sequence_source[0]()
+                        ))
+                    if not self.open_calls:
+                        self._finish(returned)
+                elif frame is self.anchor:
+                    self.stop()  # the forward never started (or never ended) here
+        except Exception as error:  # never break a forward for a name
+            logger.debug("eager forward not observed: %r", error)
+            self.calls.clear()
+            self.stop()
+
+
 def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> None:
     """Watches the forward Dynamo is about to run eagerly, once (its first run): which module
     calls it makes (its own included) with their arguments and results, read off the Python
-    frames through ``sys.setprofile`` for this thread until the forward returns, then removed.
-    A forward hook cannot see this call (``Module._call_impl`` chose its hook-free path before
-    Dynamo met the forward), and nothing else records the module calls of an eager frame.
+    frames through ``sys.setprofile`` for this thread (``_Watch``). A forward hook cannot see
+    this call (``Module._call_impl`` chose its hook-free path before Dynamo met the forward), and
+    nothing else records the module calls of an eager frame. Called from Dynamo's callback as it
+    gives up on ``code`` (the forward, or a decorator's wrapper around it): what is watched is
+    the module's own forward, the code its parameters are named after.
 
     Skipped where a profiler is already set (it is left alone): the forward is then observed
-    on a later first run of another instance, or not named."""
+    on a later first run of another instance, or not named. Inside a forward being observed, the
+    observation records this one's calls; a watch still waiting for its forward is replaced (and
+    put back when this one ends)."""
     with _lock:
         if module in _observed_forwards:
             return
     active = sys.getprofile()
-    if getattr(active, _OBSERVER, False):
-        return  # inside a forward being observed: its observation records this one's calls
-    if active is not None:
+    previous: Optional[_Watch] = None
+    if isinstance(active, _Watch):
+        if active.started:
+            return  # inside a forward being observed: its observation records this one's calls
+        previous = active
+    elif active is not None:
         fallback("eager_observe", "a profiler is active, so the module boundaries of a forward Dynamo runs "
                  "eagerly are not observed and get no names")
         return
-    paths: Dict[int, Tuple[str, ...]] = {}
-    codes: Dict[Any, None] = {}
-    for name, child in module.named_modules(remove_duplicate=False):
-        paths.setdefault(id(child), tuple(name.split(".")) if name else ())
-        forward = inspect.unwrap(getattr(type(child), "forward", None) or (lambda: None))
-        child_code = getattr(forward, "__code__", None)
-        if child_code is not None and child_code.co_argcount:
-            codes[child_code] = None
-    open_calls: List[Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]] = []
-    calls: List[EagerCall] = []
-    counts: Dict[Tuple[str, ...], int] = {}
-    started = [False]
-
-    def finish() -> None:
-        sys.setprofile(None)
-        if not calls or calls[-1].path != ():
-            return  # the forward raised before returning: nothing reliable to name
-        observed = EagerForward(reason, tuple(calls), tuple(counts.items()))
-        with _lock:
-            _observed_forwards[module] = observed
-            _observed_codes.setdefault(code, observed)
-            _observed_version[0] += 1
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        try:
-            if event == "call":
-                frame_code = frame.f_code
-                if frame_code not in codes:
-                    return
-                f_locals = frame.f_locals
-                path = paths.get(id(f_locals.get(frame_code.co_varnames[0])))
-                if path is None or (not started[0] and (path != () or frame_code is not code)):
-                    return
-                started[0] = True
-                ordinal = counts.get(path, 0)
-                counts[path] = ordinal + 1
-                open_calls.append((frame, path, (ordinal, _call_arguments(frame_code, f_locals))))
-            elif event == "return" and open_calls and open_calls[-1][0] is frame:
-                _, path, (ordinal, arguments) = open_calls.pop()
-                result: list = []
-                _structure_leaves(arg, (), result)
-                _, varargs, varkw = _code_parameters(frame.f_code)
-                # Inner calls return first: kept in call order (the outer forward's call last).
-                calls.append(EagerCall(path, ordinal, arguments, tuple(result), varargs, varkw))
-                if not open_calls:
-                    finish()
-        except Exception as error:  # never break a forward for a name
-            logger.debug("eager forward not observed: %r", error)
-            open_calls.clear()
-            calls.clear()
-            sys.setprofile(None)
-
-    setattr(profile, _OBSERVER, True)
-    sys.setprofile(profile)
-
-
-#: Marks this package's observer (``_observe_eager_forward``).
-_OBSERVER = "_patch_backend_eager_observer"
-
-
+    anchor = _dynamo_caller()
+    if anchor is None:
+        fallback("eager_observe_anchor", "cannot find the frame Dynamo is converting on the stack, so the "
+                 "module boundaries of a forward Dynamo runs eagerly are not observed and get no names")
+        return
+    watched = _forward_code(module) or code
+    sys.setprofile(_Watch(module, watched, reason, anchor, previous))
