@@ -94,8 +94,10 @@ def observed_eager_forward(module: torch.nn.Module) -> Optional[EagerForward]:
         return _observed_codes.get(code) if code is not None else None
 
 
-def observed_itself(module: torch.nn.Module) -> bool:
+def observed_itself(module: Optional[torch.nn.Module]) -> bool:
     """Whether ``module``'s own run was observed (not only another instance's of its class)."""
+    if module is None:
+        return True  # a dead module needs no observation
     with _lock:
         return module in _observed_forwards
 
@@ -234,6 +236,8 @@ class _Watch:
     def stop(self) -> None:
         """Off the thread, the profile function it replaced back; frames dropped."""
         previous, self.previous, self.anchor = self.previous, None, None
+        while previous is not None and observed_itself(previous.module()):
+            previous = previous.previous  # waited for a forward now observed: done too
         if sys.getprofile() is self:
             sys.setprofile(previous)
         self.open_calls.clear()
