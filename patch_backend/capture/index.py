@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import threading
 import weakref
 from dataclasses import dataclass
