@@ -104,6 +104,10 @@ class GraphFacts:
             found = self._interpreted = Interpreted(self.capture.gm)
         return found
 
+    def forget_interpreted(self) -> None:
+        """Drops the eager form with the programs (the patched model was deleted)."""
+        self._interpreted = None
+
     def remember_checked(self, signature: Hashable, holds: Any = None) -> None:
         self.checked.put(signature, holds if holds is not None else True)
 

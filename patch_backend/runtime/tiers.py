@@ -235,3 +235,4 @@ class Tiers:
 
     def clear(self) -> None:
         self.programs.clear()
+        self.graph.forget_interpreted()
