@@ -25,6 +25,7 @@ and the caller watches nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
 from .gates import fallback
@@ -32,14 +33,14 @@ from .gates import fallback
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
 class _FrameApi:
     """The private pieces, found once."""
 
-    def __init__(self, callback: Callable[[], Any], set_strategy: Callable[..., Any], action: Any, strategy: Any) -> None:
-        self.callback = callback
-        self.set_strategy = set_strategy
-        self.action = action
-        self.strategy = strategy
+    callback: Callable[[], Any]
+    set_strategy: Callable[..., Any]
+    action: Any
+    strategy: Any
 
 
 def _probe_frame_api() -> Optional[_FrameApi]:

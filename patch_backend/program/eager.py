@@ -47,19 +47,16 @@ def has_star_inputs(graph: torch.fx.Graph) -> bool:
 
 
 class PatchingInterpreter(torch.fx.Interpreter):
-    def __init__(
-        self, gm: torch.fx.GraphModule, selection: Selection, plan: Optional[SitePlan] = None,
-        star_inputs: Optional[bool] = None,
-    ) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, selection: Selection, plan: SitePlan, star_inputs: bool) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.selection = selection
-        plan = plan if plan is not None else site_plan(gm, lower(selection).spec)
+        # The plan's fields as attributes: they are read per node.
         self.spec = plan.spec
         self.chains = plan.chains
         self.graph = gm.graph
         self.patched_readers = plan.patched_readers
         self.dangling = plan.dangling
-        self.star_inputs = has_star_inputs(gm.graph) if star_inputs is None else star_inputs
+        self.star_inputs = star_inputs
 
     def apply_site(self, value: Any, site: int) -> Any:
         """One site's patches: a clone if any requires it, then each ``op`` in entry order."""
