@@ -19,6 +19,7 @@ import torch
 import patch_backend as pb
 from fixtures import NestedModel, TwoLayerMLP
 from patch_backend import AddPatch, ProbePatch, ReplacePatch, ZeroPatch
+from patch_backend.capture.capture import all_captures
 from patch_backend.capture.index import index_for
 from patch_backend.runtime import dispatcher as dispatcher_module
 
@@ -668,3 +669,51 @@ def test_the_worker_builds_the_name_table_after_the_plain_compile():
     table = index_module._indexes.get(model)
     assert table is not None and table._version == registry_version()
     assert "layers_0.output" in table.by_name
+
+
+def test_a_background_compiler_renaming_its_graph_changes_no_name(monkeypatch):
+    """AOTAutograd's cache renames a graph's placeholders (``p_0``, ``p_1``…) while it hashes
+    it, on the worker, while the caller's thread may be naming the same graph. The compiler must
+    get a graph of its own: names read meanwhile, and after, are the eager backend's, and a
+    parameter patch still lands on the parameter."""
+    model, x = TwoLayerMLP(), torch.randn(4, 8)
+    eager = torch.compile(copy.deepcopy(model), backend="graphpatch_eager")
+    eager(x)
+    expected = pb.nodes(eager)
+    assert "layers_0.up.weight" in expected
+    real = dispatcher_module.compile_inductor
+    renamed, gate = threading.Event(), threading.Event()
+    received = []
+
+    def renaming_compiler(gm, example, options, cacheable=()):
+        received.append(gm)
+        for position, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            node.target = f"p_{position}"
+            node._rename(f"p_{position}")
+        renamed.set()
+        assert gate.wait(timeout=300), "the test never opened the gate"
+        return real(gm, example, options, cacheable=cacheable)
+
+    monkeypatch.setattr(dispatcher_module, "compile_inductor", renaming_compiler)
+    compiled = torch.compile(model, backend="graphpatch")
+    try:
+        with pb.config.patch(compile_policy="background", regional_compile=False):
+            compiled(x)  # runs the captured graph eagerly; its plain compile waits at the gate
+            assert renamed.wait(timeout=300)
+            assert pb.nodes(compiled) == expected
+    finally:
+        gate.set()
+        assert pb.wait_for_compiles(timeout=300)
+    assert len(received) == 1
+    graphs = [capture.gm for capture in all_captures()]
+    assert all(received[0] is not gm and received[0].graph is not gm.graph for gm in graphs)
+    assert not any(node.name.startswith("p_") for gm in graphs for node in gm.graph.nodes)
+    assert pb.nodes(compiled) == expected
+    patches = {"layers_0.up.weight": ZeroPatch(), "layers_1.act.output": ProbePatch()}
+    eager_patches = {"layers_0.up.weight": ZeroPatch(), "layers_1.act.output": ProbePatch()}
+    with pb.patch(compiled, patches):
+        out = compiled(x)
+    with pb.patch(eager, eager_patches):
+        reference = eager(x)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(patches["layers_1.act.output"].activation, eager_patches["layers_1.act.output"].activation)

@@ -9,6 +9,7 @@ no front-end: which program and which extra inputs are the front-end's answer.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -176,12 +177,36 @@ class GraphCompiler:
 
 def compile_graph(gm: torch.fx.GraphModule, example: Sequence[Any], options: Dict[str, Any]) -> Callable:
     """Inductor, as torch.compile's ``mode``/``options`` ask, region by region where the graph
-    repeats a block (program/regions.py; ``config.regional_compile``). A test replaces it to fail."""
+    repeats a block (program/regions.py; ``config.regional_compile``), on a copy of ``gm``
+    (``compile_copy``). A test replaces it to fail."""
 
     def inductor(region: torch.fx.GraphModule, region_example: Sequence[Any]) -> Callable:
         return compile_inductor(region, region_example, options, cacheable=ops.cache_keys())
 
-    return compile_regional(gm, example, inductor, options=options)
+    return compile_regional(compile_copy(gm), example, inductor, options=options)
+
+
+def compile_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with a graph and nodes of its own, for a compiler to change as it likes.
+
+    The compilers edit the graph they are given: AOTAutograd's cache renames every placeholder
+    to ``p_0``, ``p_1``… while it hashes the graph (and renames them back after), and
+    Inductor's passes rewrite nodes and their metadata. The captured graph is also what naming
+    and program building read, in the calling thread, while a background compile of its plain
+    program runs on the worker: given the captured graph itself, a name table built meanwhile
+    named GPT-2's tied ``lm_head.weight`` ``lm_head.input_1`` (the renamed placeholder was no
+    longer the parameter naming knew). The node metadata dicts are copied, not their values;
+    Dynamo's markers that AOTAutograd reads (placeholder sources, the module's ``meta`` and
+    ``_param_name_to_source``) come along, so the copy compiles exactly as the original."""
+    graph = copy.deepcopy(gm.graph)
+    for original, copied in zip(gm.graph.nodes, graph.nodes):  # the copy keeps the node order
+        if hasattr(original, "_dynamo_source"):
+            copied._dynamo_source = original._dynamo_source
+    copied_gm = torch.fx.GraphModule(gm, graph)
+    copied_gm.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied_gm._param_name_to_source = gm._param_name_to_source
+    return copied_gm
 
 
 def _drop_programs(dispatcher_ref: "weakref.ref[Dispatcher]") -> None:
