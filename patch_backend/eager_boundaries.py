@@ -57,6 +57,17 @@ def install_boundary_hooks(index: RootIndex, names: Mapping[str, Tuple[Patch, ..
     return functools.partial(_release, acquired)
 
 
+def boundary_hooked(index: RootIndex, name: str) -> bool:
+    """Whether hooks patching the eager boundary ``name`` are on its module now (a context that
+    patches it installed them on entry): the never-ran message tells a name learnt too late from
+    a module that was not called."""
+    site = index.eager_sites.get(name)
+    if site is None:
+        return False
+    with _lock:
+        return (id(index), site.path) in _installed
+
+
 def _release(keys: List[Tuple[int, Tuple[str, ...]]]) -> None:
     with _lock:
         for key in keys:
@@ -225,3 +236,24 @@ def _replace_leaf(value: Any, leaf: Tuple[str, ...], patches: Tuple[Patch, ...])
         value[key] = item
         return value, True
     return value, False
+
+
+def eager_boundary_reason(index: RootIndex, names: Mapping[str, Tuple[Patch, ...]]) -> str:
+    """Why module boundaries of a forward Dynamo runs eagerly did not apply in a context.
+
+    They are named from that forward's first run, once it has ended (which modules it called,
+    how often: ``lin`` or ``lin_0``), and applied by hooks a context installs on entry. A context
+    entered before that run had no hooks to install, and cannot apply them in it: a profile
+    function cannot replace a return value, the forward's own call already passed the point
+    where ``Module._call_impl`` reads hooks when Dynamo gave up on it, and a scope's ``_k``
+    suffix is known only once the run ends (docs/naming.md, "Limits")."""
+    if any(not boundary_hooked(index, name) for name in names):
+        return (
+            "module boundaries of a forward Dynamo runs eagerly (no graph holds them), named from that "
+            "forward's first run once it ended; this context was entered before, so nothing could patch them "
+            "in that run. Call the model once before entering the context (docs/naming.md, 'Limits')."
+        )
+    return (
+        "module boundaries of a forward Dynamo runs eagerly; their modules were not called in the forwards "
+        "that ran in this context (a branch or argument these forwards did not take)."
+    )

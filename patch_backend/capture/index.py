@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -19,13 +19,18 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
-from .._torch_compat.frame import eager_fallback_reason, observed_eager_forward
+from .._torch_compat.eager_observer import observed_eager_forward, observed_itself, set_sequence_source
+from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
-from .capture import GraphCapture, all_captures, registry_version
+from .capture import GraphCapture, _sequence, all_captures, registry_version
 from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, name_occurrence
 from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
+
+# Calls in a forward Dynamo runs eagerly are stamped on the clock graphs' first runs are
+# numbered by, so that their names are listed where the unbroken model has them.
+set_sequence_source(_sequence.__next__)
 
 
 @dataclass
@@ -115,7 +120,8 @@ class RootIndex:
         scopes = _scopes(taken)
         named = [(c, i, p, [_unclash(site, scopes, taken) for site in sites]) for c, i, p, sites in named]
         protected = ProtectedNames([site.name for _, _, _, sites in named for site in sites])
-        for capture, instance, prefix, sites in named:
+        order: Dict[str, float] = {}  # name → the first run of the graph it is first in
+        for (sequence, _, _, _), (capture, instance, prefix, sites) in zip(pending, named):
             if prefix == () and capture.frame.returns:
                 root_returns.add((capture.uid, instance))
             table = by_occurrence.setdefault((capture.uid, instance), {})
@@ -129,8 +135,14 @@ class RootIndex:
                 table[site.name] = site
                 if site.name not in by_name:
                     names.append(site.name)
+                    order[site.name] = sequence
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
         eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor)
+        if eager_sites:
+            # Where the unbroken model lists them: among the graphs' names by when they ran.
+            for name, eager in eager_sites.items():
+                order[name] = eager.order
+            names = sorted(names, key=lambda name: order.get(name, math.inf))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
         self.eager_sites = eager_sites
@@ -148,7 +160,8 @@ class RootIndex:
             observed = observed_eager_forward(module)
             if observed is None:
                 continue
-            for site, eager in eager_boundary_sites(root, frame_path, observed):
+            timed = observed_itself(module)
+            for site, eager in eager_boundary_sites(root, frame_path, observed, timed):
                 if site.name in by_name or site.name in non_tensor:
                     continue
                 if eager is None:
