@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
+from ._torch_compat.eager_observer import observed_itself
 from .capture.index import RootIndex
 from .capture.naming import EagerSite, module_at
 from .patches import Patch, ProbePatch, RecordPatch
@@ -55,6 +56,31 @@ def install_boundary_hooks(index: RootIndex, names: Mapping[str, Tuple[Patch, ..
             _installed[key] = (handles, users + 1)
             acquired.append(key)
     return functools.partial(_release, acquired)
+
+
+def hook_learnt_boundaries(
+    index: RootIndex, names: Mapping[str, Tuple[Patch, ...]], hooked: Set[Tuple[int, str]]
+) -> Optional[Callable[[], None]]:
+    """Hooks for the names of ``names`` that became eager boundaries of ``index``'s model after
+    the context was entered (``hooked``: those already hooked, updated), or None.
+
+    A context entered before a model's first call knows no name yet; when that call's first
+    graph runs, the model's name table holds the boundaries of a forward Dynamo runs eagerly
+    for every instance of its class (another instance's observation, index.py), and hooks
+    installed then are read by ``Module._call_impl`` when that forward is called later in the
+    same call. Not those of a forward observed on this very instance: its first eager run, in
+    this context, named them only once it had ended, so hooks now would patch the later calls
+    of the context but not that one (the exit check says so, errors.md row 29)."""
+    root = index.root
+    fresh = {
+        name: patches for name, patches in names.items()
+        if name in index.eager_sites and (id(index), name) not in hooked
+        and not observed_itself(module_at(root, index.eager_sites[name].frame))
+    }
+    if not fresh:
+        return None
+    hooked.update((id(index), name) for name in fresh)
+    return install_boundary_hooks(index, fresh)
 
 
 def boundary_hooked(index: RootIndex, name: str) -> bool:

@@ -65,6 +65,11 @@ class EagerForward:
     calls: Tuple[EagerCall, ...]
     #: Calls per path in the observed forward (a module called twice gets ``_0``/``_1`` scopes).
     counts: Tuple[Tuple[Tuple[str, ...], int], ...]
+    #: Whether a graph of this package's backends was captured or first ran inside the observed
+    #: forward (the clock ticked between its calls' stamps): the forward's names are then only
+    #: a part of its model's, the rest being those graphs' (index.py names another instance of
+    #: the class from this observation only once that instance's model has run).
+    graphs_inside: bool = True
 
 
 _observed_forwards: "weakref.WeakKeyDictionary[torch.nn.Module, EagerForward]" = weakref.WeakKeyDictionary()
@@ -248,7 +253,10 @@ class _Watch:
         self.stop()
         if not returned or module is None or not calls or calls[-1].path != ():
             return  # the forward raised: nothing reliable to name
-        observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()))
+        # Each call took two stamps of the clock; any other tick was a graph's (capture.py).
+        whole = calls[-1]
+        graphs_inside = whole.end - whole.start - 1 != 2 * (len(calls) - 1)
+        observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()), graphs_inside)
         with _lock:
             _observed_forwards[module] = observed
             _observed_codes.setdefault(self.watched, observed)

@@ -137,30 +137,47 @@ class RootIndex:
                     names.append(site.name)
                     order[site.name] = sequence
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
-        eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor)
+        eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor, ran=bool(pending))
         if eager_sites:
-            # Where the unbroken model lists them: among the graphs' names by when they ran.
+            # Where the unbroken model lists them: among the graphs' names by when they ran
+            # (another instance's observation: after them, in the order that run had them).
+            stamps = {name: eager.stamp for name, eager in eager_sites.items()}
             for name, eager in eager_sites.items():
                 order[name] = eager.order
-            names = sorted(names, key=lambda name: order.get(name, math.inf))
+            names = sorted(names, key=lambda name: (order.get(name, math.inf), stamps.get(name, 0.0)))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
         self.eager_sites = eager_sites
 
     @staticmethod
     def _name_eager_boundaries(
-        root: nn.Module, names: List[str], by_name: Dict[str, List[NamedSite]], non_tensor: Dict[str, Site]
+        root: nn.Module,
+        names: List[str],
+        by_name: Dict[str, List[NamedSite]],
+        non_tensor: Dict[str, Site],
+        ran: bool,
     ) -> Dict[str, EagerSite]:
         """Boundary names of the module calls made while a forward Dynamo gave up on ran eagerly
-        (observed on its first run, _torch_compat/frame.py), where no graph already names them:
-        the names the unbroken model has there, so a graph break Dynamo cannot resume from does
-        not change them (docs/naming.md)."""
+        (observed on its first run, _torch_compat/eager_observer.py), where no graph already names
+        them: the names the unbroken model has there, so a graph break Dynamo cannot resume from
+        does not change them (docs/naming.md).
+
+        A module whose own run was not observed (Dynamo skips the forward's code for every later
+        instance without a trace) is named from another instance's observation only once its
+        model has run (``ran``: a graph of the model ran), since every front-end reads a non-empty
+        table as "the model ran, these are its names": before that, the table would hold these
+        names but not those of the model's graphs (pb.record's glob, a context's entry check and
+        pb.prepare then refused the graphs' names). The one exception is a root whose whole
+        forward is that eager forward with no graph inside it: no call can add a name, so the
+        table is complete before the first call."""
         eager_sites: Dict[str, EagerSite] = {}
         for frame_path, module in module_paths_by_object(root):
             observed = observed_eager_forward(module)
             if observed is None:
                 continue
             timed = observed_itself(module)
+            if not timed and not ran and (frame_path != () or observed.graphs_inside):
+                continue  # this instance has not run: named with its model's graphs
             for site, eager in eager_boundary_sites(root, frame_path, observed, timed):
                 if site.name in by_name or site.name in non_tensor:
                     continue
@@ -300,7 +317,10 @@ def no_graph_error(root: nn.Module, what: str, called: bool = False) -> RuntimeE
     forward ran eagerly, so there is nothing to name or patch (docs/porting.md)."""
     reason = eager_fallback_reason(root)
     name = type(root).__name__
-    if reason is not None:
+    # Dynamo runs the forward of every instance of the class eagerly, but one instance's run
+    # was observed: this one, not called yet, is named by its first call.
+    learnt = not called and observed_eager_forward(root) is not None
+    if reason is not None and not learnt:
         return RuntimeError(
             f"{what}: Dynamo ran {name}.forward eagerly ({reason}), so no graph holds its nodes and none "
             "can be named or patched; remove the graph break Dynamo cannot resume from (TORCH_LOGS=graph_breaks "

@@ -767,6 +767,9 @@ class EagerSite:
     #: ``EagerCall.start``): a call's inputs and parameters as it starts, its result as it
     #: returns; infinity when unknown (another instance's observation): listed last.
     order: float = math.inf
+    #: The same clock's stamp in the observed run, whichever instance ran it: among themselves,
+    #: another instance's boundary names are listed in the order that run had them.
+    stamp: float = math.inf
 
 
 _LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD_DEREF", "LOAD_CLOSURE",
@@ -838,14 +841,17 @@ def eager_boundary_sites(
             nonlocal position
             position += 1
             stamp = call.end if role == "output" else call.start
-            order = float(stamp) if timed and stamp >= 0 else math.inf
+            observed_at = float(stamp) if stamp >= 0 else math.inf
+            order = observed_at if timed else math.inf
             if facts is None:
                 if role == "output":
                     sites.append((Site(name, "", None, (1, 0), "value", position, None, None, ""), None))
                 return
             shape, dtype = facts
             site = Site(name, "", None, (0, 0), role, position, tuple(shape), dtype, "")
-            sites.append((site, EagerSite(full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order)))
+            sites.append((site, EagerSite(
+                full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order, observed_at
+            )))
 
         read = read_locals(_forward_code(module))
         for local, leaf, facts in call.arguments:
