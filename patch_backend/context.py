@@ -27,7 +27,7 @@ import torch
 from .aliases import resolve_aliases
 from .capture.capture import registry_version
 from .capture.index import RootIndex, index_for
-from .eager_boundaries import install_boundary_hooks
+from .eager_boundaries import hook_learnt_boundaries, install_boundary_hooks
 from .never_silent import (
     PatchNotAppliedError,
     Watch,
@@ -234,6 +234,9 @@ class PatchContext:
                 self._watch.release()
             if self._unhook is not None:
                 self._unhook()
+            if state.pending is not None:
+                for unhook in state.pending.unhooks:
+                    unhook()
             if self._previous.roots:
                 state.log.merge_into(self._previous.log)
 
@@ -597,4 +600,8 @@ def validate_pending(state: PatchState, occurrence: Any = None) -> bool:
         if not entry.validated:
             strict = restarted or occurrence in entry.index.refresh().root_returns
             done = validate_names(entry.index, entry.by_name, defer_unknown=not strict) and done
+            if entry.index.eager_sites:  # learnt with this call's first graph: patch them in it
+                unhook = hook_learnt_boundaries(entry.index, entry.by_name, pending.hooked)
+                if unhook is not None:
+                    pending.unhooks.append(unhook)
     return done

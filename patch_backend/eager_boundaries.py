@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
+from ._torch_compat.eager_observer import observed_itself
 from .capture.index import RootIndex
 from .capture.naming import EagerSite, module_at
 from .patches import Patch, ProbePatch, RecordPatch
@@ -55,6 +56,42 @@ def install_boundary_hooks(index: RootIndex, names: Mapping[str, Tuple[Patch, ..
             _installed[key] = (handles, users + 1)
             acquired.append(key)
     return functools.partial(_release, acquired)
+
+
+def hook_learnt_boundaries(
+    index: RootIndex, names: Mapping[str, Tuple[Patch, ...]], hooked: Set[Tuple[int, str]]
+) -> Optional[Callable[[], None]]:
+    """Hooks for the names of ``names`` that became eager boundaries of ``index``'s model after
+    the context was entered (``hooked``: those already hooked, updated), or None.
+
+    A context entered before a model's first call knows no name yet; when that call's first
+    graph runs, the model's name table holds the boundaries of a forward Dynamo runs eagerly
+    for every instance of its class (another instance's observation, index.py), and hooks
+    installed then are read by ``Module._call_impl`` when that forward is called later in the
+    same call. Not those of a forward observed on this very instance: its first eager run, in
+    this context, named them only once it had ended, so hooks now would patch the later calls
+    of the context but not that one (the exit check says so, errors.md row 29)."""
+    root = index.root
+    fresh = {
+        name: patches for name, patches in names.items()
+        if name in index.eager_sites and (id(index), name) not in hooked
+        and not observed_itself(module_at(root, index.eager_sites[name].frame))
+    }
+    if not fresh:
+        return None
+    hooked.update((id(index), name) for name in fresh)
+    return install_boundary_hooks(index, fresh)
+
+
+def boundary_hooked(index: RootIndex, name: str) -> bool:
+    """Whether hooks patching the eager boundary ``name`` are on its module now (a context that
+    patches it installed them on entry): the never-ran message tells a name learnt too late from
+    a module that was not called."""
+    site = index.eager_sites.get(name)
+    if site is None:
+        return False
+    with _lock:
+        return (id(index), site.path) in _installed
 
 
 def _release(keys: List[Tuple[int, Tuple[str, ...]]]) -> None:
@@ -225,3 +262,24 @@ def _replace_leaf(value: Any, leaf: Tuple[str, ...], patches: Tuple[Patch, ...])
         value[key] = item
         return value, True
     return value, False
+
+
+def eager_boundary_reason(index: RootIndex, names: Mapping[str, Tuple[Patch, ...]]) -> str:
+    """Why module boundaries of a forward Dynamo runs eagerly did not apply in a context.
+
+    They are named from that forward's first run, once it has ended (which modules it called,
+    how often: ``lin`` or ``lin_0``), and applied by hooks a context installs on entry. A context
+    entered before that run had no hooks to install, and cannot apply them in it: a profile
+    function cannot replace a return value, the forward's own call already passed the point
+    where ``Module._call_impl`` reads hooks when Dynamo gave up on it, and a scope's ``_k``
+    suffix is known only once the run ends (docs/naming.md, "Limits")."""
+    if any(not boundary_hooked(index, name) for name in names):
+        return (
+            "module boundaries of a forward Dynamo runs eagerly (no graph holds them), named from that "
+            "forward's first run once it ended; this context was entered before, so nothing could patch them "
+            "in that run. Call the model once before entering the context (docs/naming.md, 'Limits')."
+        )
+    return (
+        "module boundaries of a forward Dynamo runs eagerly; their modules were not called in the forwards "
+        "that ran in this context (a branch or argument these forwards did not take)."
+    )

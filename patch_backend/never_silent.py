@@ -24,6 +24,7 @@ from ._torch_compat.calls import available as dynamo_calls_known
 from ._torch_compat.calls import dynamo_callback, skip_frame, skip_frame_and_calls
 from ._torch_compat.frame import dynamo_wraps_top_frame
 from .capture.index import RootIndex
+from .eager_boundaries import eager_boundary_reason
 from .patches import Patch
 from .state import PatchState, RootPatches, RunLog, _active
 from .validation import validate_names
@@ -101,11 +102,16 @@ def unapplied_message(
     runs = _count(graphs, "graph call")
     if forwards:
         runs = f"{_count(forwards, 'forward')} ({runs})"
+    boundaries = {name: patches for name, patches in missing.items() if name in index.eager_sites}
+    if boundaries and len(boundaries) == len(missing):
+        return head + eager_boundary_reason(index, boundaries)
     its, was, node = ("its graph", "was", "node") if len(missing) == 1 else ("their graphs", "were", "nodes")
     message = (
         head + f"{its} {was} not entered in any of the {runs} of {model} that ran in it; the {node} {was} "
         "captured in another call (a branch, input shape or argument these forwards did not take)."
     )
+    if boundaries:
+        message += f" {_describe(boundaries)}: " + eager_boundary_reason(index, boundaries)
     if eager:
         message += f" {_count(eager, 'call')} of {model} also ran outside its compiled graphs. " + _EAGER_HINT
     return message

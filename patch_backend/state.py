@@ -134,6 +134,10 @@ class PendingValidation:
     first_runs: int = 0
     #: Every name is checked: requests stop asking.
     done: bool = False
+    #: Eager-boundary names (id(index), name) learnt after entry whose hooks this state
+    #: installed, and the functions removing them at the context's exit (eager_boundaries.py).
+    hooked: Set[Tuple[int, str]] = field(default_factory=set)
+    unhooks: List[Any] = field(default_factory=list)
 
 
 _EMPTY = PatchState()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import patch_backend as pb
+from patch_backend._torch_compat.eager_observer import observed_eager_forward, observed_itself
 from patch_backend.never_silent import watching_hooks
 from fixtures import output_with_hooks
 
@@ -1171,3 +1172,330 @@ def test_module_called_twice_in_an_eager_body(backend: str) -> None:
 
     expected = output_with_hooks(unbroken, x, [unbroken.lin.register_forward_pre_hook(pre)])
     torch.testing.assert_close(patched, expected)
+
+
+class TakesUnused(nn.Module):
+    """``unused`` is never read: the unbroken model's graph has no node for it."""
+
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            if self.broken:
+                print("", end="")
+            return self.lin(x) * 2
+
+
+class AroundTakesUnused(nn.Module):
+    def __init__(self, broken: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = TakesUnused(broken)
+        self.post = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.post(self.block(self.pre(x), y * 2, y)) + y
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_unused_input_of_an_eager_forward_has_no_name(where: str, backend: str) -> None:
+    """An input the eagerly run forward receives but never reads gets no name, as in the
+    unbroken model (whose graph drops it); the ones it reads keep theirs, and every name is
+    listed where the unbroken model lists it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    make = TakesUnused if where == "root" else AroundTakesUnused
+    unbroken, broken = make(False), make(True)
+    broken.load_state_dict(unbroken.state_dict())
+    args = (x, y, y) if where == "root" else (x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(unbroken, backend="graphpatch_eager")(*args)
+        compiled = torch.compile(broken, backend=backend)
+        compiled(*args)
+    prefix = "" if where == "root" else "block."
+    index = pb.capture.index.index_for(unbroken)
+    body_ops = {n for n in pb.nodes(unbroken) if n.startswith(prefix) and index.by_name[n][0].site.kind == "op"}
+    assert {f"{prefix}mul", f"{prefix}lin.linear"} <= body_ops
+    assert f"{prefix}x" in pb.nodes(unbroken) and f"{prefix}unused" not in pb.nodes(unbroken)
+    # The same names, listed in the same order (the eager boundaries where the unbroken model
+    # has them, among the graphs' names).
+    assert pb.nodes(compiled) == [name for name in pb.nodes(unbroken) if name not in body_ops]
+    assert not {f"{prefix}unused", f"{prefix}rest.sub_0"} & set(pb.nodes(compiled))
+
+
+class EagerWithOptional(nn.Module):
+    """Dynamo runs the forward eagerly; ``extra`` is called only while ``use_extra`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.extra = nn.Linear(3, 3)
+        self.use_extra = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            print("", end="")
+            h = self.lin(x)
+            return self.extra(h) if self.use_extra else h
+
+
+class EagerWithOptionalAgain(EagerWithOptional):
+    """The same forward under another code object: observations are kept per code, and the
+    first call of a second instance inside a context is not named yet (see the xfail below)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _UserContext():
+            print("", end="")
+            h = self.lin(x)
+            return self.extra(h) if self.use_extra else h
+
+
+class AroundEagerWithOptional(nn.Module):
+    def __init__(self, again: bool = False) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = EagerWithOptionalAgain() if again else EagerWithOptional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.pre(x)) * 2
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_eager_boundary_patched_before_the_first_call_says_why(backend: str) -> None:
+    """A context entered before the model's first call cannot patch the boundaries of a forward
+    Dynamo runs eagerly in that call (they are named from that run, once it ended): the exit
+    error says so, and the graphs' patches did apply in it. Entered after the first call, the same
+    patch equals a forward hook; a known boundary whose module a call skipped says that instead."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    model = AroundEagerWithOptional(again=backend == "graphpatch")
+    compiled = torch.compile(model, backend=backend)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(pb.PatchNotAppliedError, match=r"'block\.lin\.output' \(AddPatch\) never ran .*entered before"):
+            with torch.no_grad(), pb.patch(compiled, {"block.lin.output": pb.AddPatch(value=1.0), "pre.output": pb.AddPatch(value=1.0)}):
+                results.append(compiled(x))
+        assert "block.lin.output" in pb.nodes(compiled)
+        with torch.no_grad(), pb.patch(compiled, {"block.lin.output": pb.AddPatch(value=1.0)}):
+            patched = compiled(x)
+        model.block.use_extra = False
+        with pytest.raises(pb.PatchNotAppliedError, match=r"'block\.extra\.output' \(ZeroPatch\) never ran .*were not called"):
+            with torch.no_grad(), pb.patch(compiled, {"block.extra.output": pb.ZeroPatch()}):
+                compiled(x)
+        model.block.use_extra = True
+    assert not model.block.lin._forward_hooks and not model.block.extra._forward_hooks
+    first = output_with_hooks(model, x, [model.pre.register_forward_hook(lambda m, a, out: out + 1.0)])
+    torch.testing.assert_close(results[0], first)  # the graph's patch applied in the first call
+    expected = output_with_hooks(model, x, [model.block.lin.register_forward_hook(lambda m, a, out: out + 1.0)])
+    torch.testing.assert_close(patched, expected)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_second_instance_first_called_in_a_context_is_named(backend: str) -> None:
+    """A second instance of a class whose eager forward was observed on the first, first called
+    inside pb.patch: the entry check waits for that call (was: the other instance's boundary
+    names made the table look complete, so 'pre.output' was refused at entry). The boundaries of
+    the eagerly run forward are known from its class once the call's first graph ran, so they
+    are patched in that very call (hooks installed then, removed at exit), equal to hand-written
+    hooks and to the first instance patched after its call; the names are the first instance's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    first_model = AroundEagerWithOptional()
+    model = AroundEagerWithOptional()
+    model.load_state_dict(first_model.state_dict())
+    patch_map = {
+        "pre.output": pb.AddPatch(value=1.0),
+        "block.lin.output": pb.AddPatch(value=torch.full((3,), 0.5)),
+        "block.output": pb.ZeroPatch(slice=(0,)),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = torch.compile(first_model, backend="graphpatch_eager")
+        first(x)
+        second = torch.compile(model, backend=backend)
+        with torch.no_grad(), pb.patch(second, patch_map):
+            patched = second(x)
+        with torch.no_grad(), pb.patch(first, patch_map):
+            expected_first = first(x)
+    assert set(pb.nodes(second)) == set(pb.nodes(first))
+    assert not model.block._forward_hooks and not model.block.lin._forward_hooks  # removed at exit
+
+    def zero_first(module: nn.Module, args, output):
+        output = output.clone()
+        output[0] = 0
+        return output
+
+    expected = output_with_hooks(model, x, [
+        model.pre.register_forward_hook(lambda m, a, out: out + 1.0),
+        model.block.lin.register_forward_hook(lambda m, a, out: out + 0.5),
+        model.block.register_forward_hook(zero_first),
+    ])
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(patched, expected_first)
+
+
+# -- another instance's observation is not a fresh instance's name table -----------------------
+
+
+class _StackLayer(nn.Module):
+    """A user-defined block: Dynamo traces it (inlined, or as a frame of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.lin(x))
+
+
+class _Stack(nn.Module):
+    """GPT2Model's shape: a loop over blocks, then a norm. ``noisy`` puts a graph break in the
+    loop: Dynamo gives up on the forward, runs it eagerly (observed, its code skipped as a frame
+    for every later instance) and, for later instances, still inlines it into the caller's graph."""
+
+    def __init__(self, noisy: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_StackLayer() for _ in range(2)])
+        self.norm = nn.LayerNorm(3)
+        self.noisy = noisy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            if self.noisy:
+                print("", end="")  # a graph break in a loop: the forward runs eagerly
+        return self.norm(x)
+
+
+class _StackNet(nn.Module):
+    """GPT2LMHeadModel's shape: an embedding, the stack, a head."""
+
+    def __init__(self, noisy: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 3)
+        self.stack = _Stack(noisy)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stack(self.emb(x)))
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_fresh_instance_of_a_class_run_eagerly_before_is_named_by_its_own_run(backend: str) -> None:
+    """Once Dynamo ran one instance's forward eagerly (observed), a fresh instance of the class,
+    never called, has no names yet: another instance's observation named only that forward's
+    boundaries, and every front-end reads a non-empty table as "the model ran" (pb.record's glob
+    did not run the model first and matched a part of its names; a context's entry refused the
+    graphs' names: tests/test_record.py failed after tests/test_transformers.py's GPT-2 graph
+    break). Recorded and patched before its first call, it has the names and values of an
+    instance called first under graphpatch_eager, and of hand-written hooks."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    broken = _StackNet(noisy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(broken, backend="graphpatch_eager")(x)
+    assert observed_itself(broken.stack)  # its forward ran eagerly, and was observed
+
+    fresh, patched_first, called_first, reference = (_StackNet() for _ in range(4))
+    for model in (fresh, patched_first, called_first, reference):
+        model.load_state_dict(broken.state_dict())
+    compiled = torch.compile(fresh, backend=backend)
+    with pytest.raises(RuntimeError, match="call the model"):
+        pb.nodes(compiled)  # not "stack.x", "stack.layers_0.output", ... (the observed forward's)
+    eager = torch.compile(called_first, backend="graphpatch_eager")
+    with torch.no_grad():
+        eager(x)
+        cache = pb.record(compiled, (x,), ["stack.layers_*.output", "head.output"])
+    assert pb.nodes(compiled) == pb.nodes(eager)
+    assert list(cache) == ["stack.layers_0.output", "stack.layers_1.output", "head.output"]
+    seen: Dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.detach().clone()))
+        for name, module in [("stack.layers_0.output", reference.stack.layers[0]),
+                             ("stack.layers_1.output", reference.stack.layers[1]), ("head.output", reference.head)]
+    ]
+    output_with_hooks(reference, x, hooks)
+    with torch.no_grad():  # (a grad-mode recompile renames 'head' here: a separate issue)
+        expected = pb.record(eager, (x,), list(cache))
+    for name, value in cache.items():
+        torch.testing.assert_close(value, expected[name])
+        torch.testing.assert_close(value, seen[name])
+
+    # Patched before its first call: the entry check waits for the call (the names exist then).
+    second = torch.compile(patched_first, backend=backend)
+    patch_map = {"stack.layers_1.output": pb.ZeroPatch(slice=(0,)), "head.output": pb.AddPatch(value=1.0)}
+    with torch.no_grad(), pb.patch(second, patch_map):
+        patched = second(x)
+    with torch.no_grad(), pb.patch(eager, patch_map):
+        torch.testing.assert_close(patched, eager(x))
+
+    def zero_first(module: nn.Module, args, output):
+        output = output.clone()
+        output[0] = 0
+        return output
+
+    expected_patched = output_with_hooks(reference, x, [
+        reference.stack.layers[1].register_forward_hook(zero_first),
+        reference.head.register_forward_hook(lambda m, a, out: out + 1.0),
+    ])
+    torch.testing.assert_close(patched, expected_patched)
+    assert pb.nodes(second) == pb.nodes(eager)
+
+
+def test_fresh_root_run_eagerly_named_before_its_call_only_when_complete() -> None:
+    """A fresh root whose whole forward Dynamo runs eagerly (its class's code skipped since
+    another instance broke) is named from that instance's observation before its first call
+    only where no graph ran inside the observed forward (``EagerBlock``: ``nn.Linear`` and
+    ``ReLU`` run inside it, Dynamo compiles none of them), as no call can add a name; where
+    graphs ran inside (``_Stack``'s blocks compile as frames of their own), not until it ran."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block, stack = EagerBlock("ctx"), _Stack(noisy=True)
+        torch.compile(block, backend="graphpatch_eager")(x)
+        torch.compile(stack, backend="graphpatch_eager")(x)
+        assert observed_itself(block) and observed_itself(stack)
+        assert not observed_eager_forward(block).graphs_inside and observed_eager_forward(stack).graphs_inside
+
+        fresh_block = torch.compile(EagerBlock("ctx"), backend="graphpatch")
+        before = pb.nodes(fresh_block)
+        assert before == pb.nodes(block)
+        fresh_block(x)
+        assert pb.nodes(fresh_block) == before
+
+        fresh_stack = torch.compile(_Stack(noisy=False), backend="graphpatch")
+        with pytest.raises(RuntimeError, match="call the model"):
+            pb.nodes(fresh_stack)
+        fresh_stack(x)
+        assert set(pb.nodes(fresh_stack)) == set(pb.nodes(stack))
+
+
+@pytest.mark.xfail(strict=True, reason="integrator: an instance whose forward ran as one graph (no_grad) and then, "
+                   "under grad mode, through the graphs another instance's broken compile left (root graph, eager "
+                   "_Stack, resume graph) has both splits counted as one forward: 'head' becomes head_0/head_1 "
+                   "(index.py counts calls over every occurrence of the root; seen on main before names9 too)")
+def test_names_survive_a_grad_mode_recompile_after_another_instance_broke() -> None:
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(_StackNet(noisy=True), backend="graphpatch_eager")(x)
+        compiled = torch.compile(_StackNet(), backend="graphpatch_eager")
+        with torch.no_grad():
+            compiled(x)
+        names = pb.nodes(compiled)
+        compiled(x)
+    assert pb.nodes(compiled) == names

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -19,13 +19,18 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
-from .._torch_compat.frame import eager_fallback_reason, observed_eager_forward
+from .._torch_compat.eager_observer import observed_eager_forward, observed_itself, set_sequence_source
+from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
-from .capture import GraphCapture, all_captures, registry_version
+from .capture import GraphCapture, _sequence, all_captures, registry_version
 from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, name_occurrence
 from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
+
+# Calls in a forward Dynamo runs eagerly are stamped on the clock graphs' first runs are
+# numbered by, so that their names are listed where the unbroken model has them.
+set_sequence_source(_sequence.__next__)
 
 
 @dataclass
@@ -115,7 +120,8 @@ class RootIndex:
         scopes = _scopes(taken)
         named = [(c, i, p, [_unclash(site, scopes, taken) for site in sites]) for c, i, p, sites in named]
         protected = ProtectedNames([site.name for _, _, _, sites in named for site in sites])
-        for capture, instance, prefix, sites in named:
+        order: Dict[str, float] = {}  # name → the first run of the graph it is first in
+        for (sequence, _, _, _), (capture, instance, prefix, sites) in zip(pending, named):
             if prefix == () and capture.frame.returns:
                 root_returns.add((capture.uid, instance))
             table = by_occurrence.setdefault((capture.uid, instance), {})
@@ -129,26 +135,50 @@ class RootIndex:
                 table[site.name] = site
                 if site.name not in by_name:
                     names.append(site.name)
+                    order[site.name] = sequence
                 by_name.setdefault(site.name, []).append(NamedSite(capture, instance, site))
-        eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor)
+        eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor, ran=bool(pending))
+        if eager_sites:
+            # Where the unbroken model lists them: among the graphs' names by when they ran
+            # (another instance's observation: after them, in the order that run had them).
+            stamps = {name: eager.stamp for name, eager in eager_sites.items()}
+            for name, eager in eager_sites.items():
+                order[name] = eager.order
+            names = sorted(names, key=lambda name: (order.get(name, math.inf), stamps.get(name, 0.0)))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
         self.eager_sites = eager_sites
 
     @staticmethod
     def _name_eager_boundaries(
-        root: nn.Module, names: List[str], by_name: Dict[str, List[NamedSite]], non_tensor: Dict[str, Site]
+        root: nn.Module,
+        names: List[str],
+        by_name: Dict[str, List[NamedSite]],
+        non_tensor: Dict[str, Site],
+        ran: bool,
     ) -> Dict[str, EagerSite]:
         """Boundary names of the module calls made while a forward Dynamo gave up on ran eagerly
-        (observed on its first run, _torch_compat/frame.py), where no graph already names them:
-        the names the unbroken model has there, so a graph break Dynamo cannot resume from does
-        not change them (docs/naming.md)."""
+        (observed on its first run, _torch_compat/eager_observer.py), where no graph already names
+        them: the names the unbroken model has there, so a graph break Dynamo cannot resume from
+        does not change them (docs/naming.md).
+
+        A module whose own run was not observed (Dynamo skips the forward's code for every later
+        instance without a trace) is named from another instance's observation only once its
+        model has run (``ran``: a graph of the model ran), since every front-end reads a non-empty
+        table as "the model ran, these are its names": before that, the table would hold these
+        names but not those of the model's graphs (pb.record's glob, a context's entry check and
+        pb.prepare then refused the graphs' names). The one exception is a root whose whole
+        forward is that eager forward with no graph inside it: no call can add a name, so the
+        table is complete before the first call."""
         eager_sites: Dict[str, EagerSite] = {}
         for frame_path, module in module_paths_by_object(root):
             observed = observed_eager_forward(module)
             if observed is None:
                 continue
-            for site, eager in eager_boundary_sites(root, frame_path, observed):
+            timed = observed_itself(module)
+            if not timed and not ran and (frame_path != () or observed.graphs_inside):
+                continue  # this instance has not run: named with its model's graphs
+            for site, eager in eager_boundary_sites(root, frame_path, observed, timed):
                 if site.name in by_name or site.name in non_tensor:
                     continue
                 if eager is None:
@@ -287,7 +317,10 @@ def no_graph_error(root: nn.Module, what: str, called: bool = False) -> RuntimeE
     forward ran eagerly, so there is nothing to name or patch (docs/porting.md)."""
     reason = eager_fallback_reason(root)
     name = type(root).__name__
-    if reason is not None:
+    # Dynamo runs the forward of every instance of the class eagerly, but one instance's run
+    # was observed: this one, not called yet, is named by its first call.
+    learnt = not called and observed_eager_forward(root) is not None
+    if reason is not None and not learnt:
         return RuntimeError(
             f"{what}: Dynamo ran {name}.forward eagerly ({reason}), so no graph holds its nodes and none "
             "can be named or patched; remove the graph break Dynamo cannot resume from (TORCH_LOGS=graph_breaks "

@@ -9,8 +9,11 @@ flowing out of ``mlp`` into ``ln_2`` meets, in order, the op's patches, ``mlp.ou
 
 from __future__ import annotations
 
+import dis
 import inspect
+import math
 import re
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
@@ -760,16 +763,50 @@ class EagerSite:
     leaf: Tuple[str, ...]
     varargs: Optional[str] = None
     varkw: Optional[str] = None
+    #: Where the name is listed among the graphs' (their first runs' clock, see
+    #: ``EagerCall.start``): a call's inputs and parameters as it starts, its result as it
+    #: returns; infinity when unknown (another instance's observation): listed last.
+    order: float = math.inf
+    #: The same clock's stamp in the observed run, whichever instance ran it: among themselves,
+    #: another instance's boundary names are listed in the order that run had them.
+    stamp: float = math.inf
+
+
+_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD_DEREF", "LOAD_CLOSURE",
+                    "LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"})
+_reads: "weakref.WeakKeyDictionary[Any, FrozenSet[str]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_code(module: nn.Module) -> Any:
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+    return getattr(forward, "__code__", None)
+
+
+def read_locals(code: Any) -> Optional[FrozenSet[str]]:
+    """Local names a function's code reads (None when unknown). A forward parameter it never
+    reads gets no node in a graph (Dynamo drops the unused input), so an eagerly run forward's
+    observed argument there is not named either."""
+    if code is None:
+        return None
+    if code not in _reads:
+        names: Set[str] = set()
+        for instruction in dis.get_instructions(code):
+            if instruction.opname in _LOADS:
+                value = instruction.argval
+                names.update(str(v) for v in value) if isinstance(value, tuple) else names.add(str(value))
+        _reads[code] = frozenset(names)
+    return _reads[code]
 
 
 def eager_boundary_sites(
-    root: nn.Module, frame_path: Tuple[str, ...], observed: Any
+    root: nn.Module, frame_path: Tuple[str, ...], observed: Any, timed: bool = True
 ) -> List[Tuple[Site, Optional[EagerSite]]]:
     """Names of the boundaries of the module calls observed in a forward Dynamo ran eagerly
-    (``frame.EagerForward``), as the unbroken model names them: ``<scope>.<forward parameter>``
+    (``_torch_compat.eager_observer.EagerForward``), as the unbroken model names them: ``<scope>.<forward parameter>``
     (``x``, ``foos.sub_0``, ``bars.a``, ``x|a.sub_0``), ``<scope>.<parameter or buffer>`` and
     ``<scope>.output`` / ``<scope>.output|<path>`` in return order; a module called several
-    times in the forward gets ``<scope>_<k>``. The sites have no graph node (``node`` is "");
+    times in the forward gets ``<scope>_<k>``. ``timed``: the observation is of this very
+    instance, so its clock places the names among the graphs' (EagerSite.order). The sites have no graph node (``node`` is "");
     a non-tensor result leaf comes back without an EagerSite (a "value" site, refused as a
     patch target). Ops inside the eagerly run body are not named: they ran in no graph."""
     counts = dict(observed.counts)
@@ -803,15 +840,23 @@ def eager_boundary_sites(
         def add(name: str, facts: Any, role: str, local: str, leaf: Tuple[str, ...]) -> None:
             nonlocal position
             position += 1
+            stamp = call.end if role == "output" else call.start
+            observed_at = float(stamp) if stamp >= 0 else math.inf
+            order = observed_at if timed else math.inf
             if facts is None:
                 if role == "output":
                     sites.append((Site(name, "", None, (1, 0), "value", position, None, None, ""), None))
                 return
             shape, dtype = facts
             site = Site(name, "", None, (0, 0), role, position, tuple(shape), dtype, "")
-            sites.append((site, EagerSite(full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw)))
+            sites.append((site, EagerSite(
+                full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order, observed_at
+            )))
 
+        read = read_locals(_forward_code(module))
         for local, leaf, facts in call.arguments:
+            if read is not None and local not in read:
+                continue  # never read by the forward: the unbroken model has no node to name
             add(join(scope, _input_name(local, leaf, call.varargs, call.varkw)), facts, "input", local, leaf)
         for table in ("_parameters", "_buffers"):
             for attribute, value in getattr(module, table, {}).items():
