@@ -10,6 +10,7 @@ forward hooks on the eager model.
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
@@ -1483,19 +1484,34 @@ def test_fresh_root_run_eagerly_named_before_its_call_only_when_complete() -> No
         assert set(pb.nodes(fresh_stack)) == set(pb.nodes(stack))
 
 
-@pytest.mark.xfail(strict=True, reason="integrator: an instance whose forward ran as one graph (no_grad) and then, "
-                   "under grad mode, through the graphs another instance's broken compile left (root graph, eager "
-                   "_Stack, resume graph) has both splits counted as one forward: 'head' becomes head_0/head_1 "
-                   "(index.py counts calls over every occurrence of the root; seen on main before names9 too)")
 def test_names_survive_a_grad_mode_recompile_after_another_instance_broke() -> None:
+    """An instance whose forward ran as one graph (no_grad) and then, under grad mode, through
+    the graphs another instance's broken compile left (root graph, eager ``_Stack``, resume
+    graph): two forwards split differently, each calling ``head`` once. Counted as one forward,
+    ``head`` became ``head_0``/``head_1``; the names stay those of the first forward, and a patch
+    on them applies in both splits, as hand-written hooks would."""
     torch._dynamo.reset()
+    torch.manual_seed(0)
     x = torch.randn(2, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.compile(_StackNet(noisy=True), backend="graphpatch_eager")(x)
-        compiled = torch.compile(_StackNet(), backend="graphpatch_eager")
+        model = _StackNet()
+        reference = copy.deepcopy(model)
+        compiled = torch.compile(model, backend="graphpatch_eager")
         with torch.no_grad():
             compiled(x)
         names = pb.nodes(compiled)
         compiled(x)
     assert pb.nodes(compiled) == names
+    assert {"emb.output", "head.input", "head.output", "output"} <= set(names)
+    assert not [name for name in names if name.startswith(("head_", "emb_"))]
+    value = torch.tensor([0.5, -1.0, 2.0])
+    handle = reference.emb.register_forward_hook(lambda module, args, output: output + value)
+    try:
+        expected = reference(x)
+    finally:
+        handle.remove()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pb.patch(compiled, {"emb.output": pb.AddPatch(value=value)}):
+            torch.testing.assert_close(compiled(x), expected)

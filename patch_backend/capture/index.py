@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections import Counter
 import math
 import threading
 import weakref
@@ -192,19 +193,38 @@ class RootIndex:
     @staticmethod
     def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int]):
         """Names every occurrence in first-run order with counters continued across graphs; a
-        recompiled frame restarts from the counters its first compile started from."""
+        recompiled frame restarts from the counters its first compile started from.
+
+        The occurrences of one model need not be one forward. A graph of the root's own frame
+        (the frame the model's first graph came from) that runs later begins another forward,
+        split differently: the same forward under ``no_grad`` as one graph after a split under
+        grad mode, or a dtype's recompile. Each such forward continues its own counters (from
+        where its first graph's counters started), and a module's call count is the most
+        calls it has in any one forward, not the sum over the forwards (``head`` called once
+        in each is ``head``, not ``head_0``/``head_1``). Returns the occurrences' sites and
+        those per-forward call counts."""
         counters = ScopeCounters(totals)
         group_start: Dict[Tuple[int, Tuple[str, ...]], ScopeCounters] = {}
+        calls: Counter = Counter()
+        forward_code: Optional[int] = None  # the root frame's code: its graph begins a forward
         named = []
         for _, capture, instance, prefix in pending:
             group = (capture.code_key, prefix)
-            if group in group_start:
+            begins = prefix == () and not capture.frame.is_resume
+            if begins and forward_code is None:
+                forward_code = capture.code_key
+            elif begins and capture.code_key == forward_code:
+                _most_calls(calls, counters.calls)
+                start = group_start.get(group)
+                counters = start.snapshot() if start is not None else ScopeCounters(totals)
+            if group in group_start and not begins:
                 sites = name_occurrence(capture, root, prefix, group_start[group].snapshot(), instance)
             else:
-                group_start[group] = counters.snapshot()
+                group_start.setdefault(group, counters.snapshot())
                 sites = name_occurrence(capture, root, prefix, counters, instance)
             named.append((capture, instance, prefix, sites))
-        return named, counters.calls
+        _most_calls(calls, counters.calls)
+        return named, calls
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
         if isinstance(instance, tuple) and instance and instance[0] == "via":
@@ -281,6 +301,13 @@ class RootIndex:
         if aliases.is_alias_pattern(self.root, name):
             return aliases.close_matches(self.root, name, count)
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
+
+
+def _most_calls(most: Counter, calls: Counter) -> None:
+    """``most`` becomes, per scope, the larger of its count and ``calls``' (one forward's)."""
+    for scope, count in calls.items():
+        if count > most[scope]:
+            most[scope] = count
 
 
 def _scopes(names: Iterable[str]) -> Set[str]:
