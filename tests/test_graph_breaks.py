@@ -1515,3 +1515,22 @@ def test_names_survive_a_grad_mode_recompile_after_another_instance_broke() -> N
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pb.patch(compiled, {"emb.output": pb.AddPatch(value=value)}):
             torch.testing.assert_close(compiled(x), expected)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_a_second_instance_lists_borrowed_boundary_names_where_the_first_does(backend: str) -> None:
+    """Dynamo skips a forward it gave up on for every later instance, so a second instance's
+    boundary names there come from the first instance's observation, whose clock stamps are that
+    run's. They are listed where the first instance lists them (matched through the graphs that
+    ran around them), not after every graph name: ``pb.nodes`` gives both instances one list."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = torch.compile(_StackNet(noisy=True), backend=backend)
+        first(x)
+        second = torch.compile(_StackNet(noisy=True), backend=backend)
+        second(x)
+    names = pb.nodes(first)
+    assert names.index("stack.x") < names.index("stack.layers_0.x") < names.index("stack.norm.input") < names.index("head.input")
+    assert pb.nodes(second) == names

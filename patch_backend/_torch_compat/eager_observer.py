@@ -74,7 +74,8 @@ class EagerForward:
 
 _observed_forwards: "weakref.WeakKeyDictionary[torch.nn.Module, EagerForward]" = weakref.WeakKeyDictionary()
 #: The same by forward code: Dynamo skips the code for every later instance without a trace, so
-#: another instance of the class is named from the first one's observation.
+#: another instance of the class is named from the latest observation (whose graphs are the
+#: likeliest still alive: index.py lists the borrowed names among them).
 _observed_codes: "weakref.WeakKeyDictionary[Any, EagerForward]" = weakref.WeakKeyDictionary()
 _observed_version = [0]
 
@@ -259,7 +260,7 @@ class _Watch:
         observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()), graphs_inside)
         with _lock:
             _observed_forwards[module] = observed
-            _observed_codes.setdefault(self.watched, observed)
+            _observed_codes[self.watched] = observed
             _observed_version[0] += 1
 
     def __call__(self, frame: Any, event: str, arg: Any) -> None:

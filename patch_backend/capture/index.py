@@ -8,6 +8,7 @@ restarts from the counters its first compile started from, so it gets the same n
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 from collections import Counter
@@ -143,8 +144,9 @@ class RootIndex:
             # Where the unbroken model lists them: among the graphs' names by when they ran
             # (another instance's observation: after them, in the order that run had them).
             stamps = {name: eager.stamp for name, eager in eager_sites.items()}
+            borrowed = _place_borrowed(pending, eager_sites)
             for name, eager in eager_sites.items():
-                order[name] = eager.order
+                order[name] = borrowed.get(name, eager.order)
             names = sorted(names, key=lambda name: (order.get(name, math.inf), stamps.get(name, 0.0)))
         self.names, self.by_name, self.by_occurrence = names, by_name, by_occurrence
         self.non_tensor, self.root_returns = non_tensor, frozenset(root_returns)
@@ -301,6 +303,47 @@ class RootIndex:
         if aliases.is_alias_pattern(self.root, name):
             return aliases.close_matches(self.root, name, count)
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
+
+
+def _place_borrowed(pending: list, eager_sites: Dict[str, EagerSite]) -> Dict[str, float]:
+    """Where to list boundary names taken from another instance's observation (no ``order`` of
+    their own; a ``stamp`` on the clock of graphs' first runs, from that run): just before this
+    model's run of the graph that followed the name in that run (after the graph that preceded
+    it, for a name after every graph), so both instances list their names alike.
+
+    Graphs are matched by code (each model may have its own compiles of a forward) and by rank:
+    the graph was the k-th run of its code since the observed forward began, the match is this
+    model's k-th first run of that code. A name with no such graph in the observed run (none ran
+    inside it, or that instance's graphs are gone) keeps its default: listed last."""
+    borrowed = {name: site for name, site in eager_sites.items() if math.isinf(site.order) and not math.isinf(site.stamp)}
+    if not borrowed:
+        return {}
+    own: Dict[int, List[int]] = {}  # code -> this model's first runs of its graphs, in run order
+    for sequence, capture, _, _ in pending:
+        own.setdefault(capture.code_key, []).append(sequence)
+    runs = sorted(
+        (sequence, capture.code_key) for capture in all_captures() if capture.code_key in own
+        for sequence in capture.occurrences.values()
+    )
+    sequences = [sequence for sequence, _ in runs]
+    window: Dict[Tuple[str, ...], Tuple[float, float]] = {}  # per observed forward: first and last stamps
+    for site in borrowed.values():
+        began, ended = window.get(site.frame, (math.inf, -math.inf))
+        window[site.frame] = (min(began, site.stamp), max(ended, site.stamp))
+    placed: Dict[str, float] = {}
+    for name, site in borrowed.items():
+        began, ended = window[site.frame]
+        after = bisect.bisect_left(sequences, site.stamp)
+        for position, side in ((after, -0.5), (after - 1, 0.5)):
+            if not 0 <= position < len(runs) or not began <= runs[position][0] <= ended:
+                continue  # not a graph of the observed run (that instance's graphs may be gone)
+            sequence, code = runs[position]
+            rank = sum(1 for s, c in runs if c == code and began <= s <= sequence)
+            ours = own[code]
+            if 0 < rank <= len(ours):
+                placed[name] = ours[rank - 1] + side
+                break
+    return placed
 
 
 def _most_calls(most: Counter, calls: Counter) -> None:
