@@ -426,3 +426,49 @@ child_a.grandchildren_b_0.output""")
             finally:
                 handle.remove()
             torch.testing.assert_close(patched, expected)
+
+
+class _Scaled(torch.nn.Module):
+    """GPT-2 attention's shape: a Python number attribute (``self.scaling``) used in forward."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class _ScaledNet(torch.nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.inner = _Scaled(scale)
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_names_do_not_depend_on_what_was_compiled_before():
+    """After one instance, a second with another value of a number attribute makes Dynamo lift
+    the attribute as a graph input (two values seen in one code). The first compile baked it in
+    and named nothing there; the second gets the same names (no ``inner.scale``), and a patch
+    on them equals a forward hook."""
+    x = torch.randn(2, 3)
+    for backend in ("graphpatch_eager", "graphpatch"):
+        torch._dynamo.reset()
+        first = torch.compile(_ScaledNet(0.5), backend=backend)
+        first(x)
+        model = _ScaledNet(0.25)
+        second = torch.compile(model, backend=backend)
+        second(x)
+        assert pb.nodes(second) == pb.nodes(first)
+        assert "inner.scale" not in pb.nodes(second)
+        handle = model.inner.lin.register_forward_hook(lambda module, args, output: output * 0)
+        try:
+            expected = model(x)
+        finally:
+            handle.remove()
+        with pb.patch(second, {"inner.lin.output": pb.ZeroPatch()}):
+            torch.testing.assert_close(second(x), expected)

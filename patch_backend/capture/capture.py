@@ -47,7 +47,8 @@ class PlaceholderInfo:
     node_name: str
     local: str
     path: Tuple[str, ...]
-    #: 'param' (parameter/buffer/tensor attribute of the frame's self) or 'input'.
+    #: 'param' (parameter/buffer/tensor attribute of the frame's self), 'constant' (a Python
+    #: number attribute Dynamo lifted as an input: not named) or 'input'.
     kind: str
 
 
@@ -200,6 +201,13 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
             placeholders.append(PlaceholderInfo(index, node.name, "", (), "input"))
             continue
         local, path = parsed
+        if _holds_scalar(frame, local, parsed[1]):
+            # A Python number attribute Dynamo made a graph input (after seeing two values of it
+            # in one code, e.g. GPT-2's ``attn.scaling`` once two widths were compiled): the first
+            # compile baked it in, so it has no name there, and naming it here would make names
+            # depend on what was compiled before in the process.
+            placeholders.append(PlaceholderInfo(index, node.name, local, path, "constant"))
+            continue
         prefix = frame.self_prefix
         if local in frame.module_locals:
             # A module on the resume function's stack: its parameters, under its path.
@@ -243,6 +251,28 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         sum(p.kind == "param" for p in placeholders), capture.dynamic,
     )
     return capture
+
+
+def _holds_scalar(frame: FrameInfo, local: str, path: Tuple[str, ...]) -> bool:
+    """Whether the attribute at ``path`` below the frame's module ``local`` (its ``self``, or a
+    module a resume function holds) is a Python number rather than a tensor."""
+    if not path:
+        return False
+    if local == frame.self_local:
+        value: Any = frame.self_module
+        prefix = frame.self_prefix  # the module is args[0] of a wrapper: paths start below it
+        if prefix and path[: len(prefix)] == prefix:
+            path = path[len(prefix):]
+    else:
+        reference = frame.stack_modules.get(local)
+        value = reference() if reference is not None else None
+    if not isinstance(value, torch.nn.Module):
+        return False
+    for segment in path:
+        value = getattr(value, segment, None)
+        if value is None:
+            return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _resolve_stack_modules(frame: FrameInfo) -> None:

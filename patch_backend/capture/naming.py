@@ -473,7 +473,7 @@ class _OccurrenceNamer:
                 if source.name in inside_names or source.op == "get_attr":
                     continue
                 info = self.placeholders.get(source.name)
-                if info is not None and info.kind == "param":
+                if info is not None and info.kind in ("param", "constant"):
                     continue
                 if not _tensor_meta(source)[0]:
                     continue
@@ -495,7 +495,7 @@ class _OccurrenceNamer:
         returned = {leaf for _, leaf in record.leaves if leaf is not None}
         argument_nodes = [
             node for node in dict.fromkeys(n for _, n in bound)
-            if node in self.by_name and getattr(self.placeholders.get(node), "kind", "") != "param"
+            if node in self.by_name and getattr(self.placeholders.get(node), "kind", "") not in ("param", "constant")
         ]
         # Listed together where the invocation starts (its first use of an input), in the
         # forward's parameter order.
