@@ -108,7 +108,8 @@ def unapplied_message(
     its, was, node = ("its graph", "was", "node") if len(missing) == 1 else ("their graphs", "were", "nodes")
     message = (
         head + f"{its} {was} not entered in any of the {runs} of {model} that ran in it; the {node} {was} "
-        "captured in another call (a branch, input shape or argument these forwards did not take)."
+        "captured in another call (a branch, input shape or argument these forwards did not take), or Dynamo ran "
+        "that code without its graphs (past its recompile limit: TORCH_LOGS=recompiles says so)."
     )
     if boundaries:
         message += f" {_describe(boundaries)}: " + eager_boundary_reason(index, boundaries)
