@@ -11,10 +11,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import difflib
-from collections import Counter
 import math
 import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -142,7 +142,7 @@ class RootIndex:
         eager_sites = self._name_eager_boundaries(root, names, by_name, non_tensor, ran=bool(pending))
         if eager_sites:
             # Where the unbroken model lists them: among the graphs' names by when they ran
-            # (another instance's observation: after them, in the order that run had them).
+            # (another instance's observation: through the graphs around them, _place_borrowed).
             stamps = {name: eager.stamp for name, eager in eager_sites.items()}
             borrowed = _place_borrowed(pending, eager_sites)
             for name, eager in eager_sites.items():
