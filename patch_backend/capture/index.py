@@ -25,7 +25,7 @@ from .._torch_compat.eager_observer import observed_eager_forward, observed_itse
 from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
 from .capture import GraphCapture, _sequence, all_captures, registry_version
-from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, name_occurrence
+from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, module_at, name_occurrence
 from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
@@ -144,7 +144,7 @@ class RootIndex:
             # Where the unbroken model lists them: among the graphs' names by when they ran
             # (another instance's observation: through the graphs around them, _place_borrowed).
             stamps = {name: eager.stamp for name, eager in eager_sites.items()}
-            borrowed = _place_borrowed(pending, eager_sites)
+            borrowed = _place_borrowed(root, pending, eager_sites)
             for name, eager in eager_sites.items():
                 order[name] = borrowed.get(name, eager.order)
             names = sorted(names, key=lambda name: (order.get(name, math.inf), stamps.get(name, 0.0)))
@@ -305,7 +305,7 @@ class RootIndex:
         return difflib.get_close_matches(name, self.names, n=count, cutoff=0.5)
 
 
-def _place_borrowed(pending: list, eager_sites: Dict[str, EagerSite]) -> Dict[str, float]:
+def _place_borrowed(root: nn.Module, pending: list, eager_sites: Dict[str, EagerSite]) -> Dict[str, float]:
     """Where to list boundary names taken from another instance's observation (no ``order`` of
     their own; a ``stamp`` on the clock of graphs' first runs, from that run): just before this
     model's run of the graph that followed the name in that run (after the graph that preceded
@@ -326,10 +326,13 @@ def _place_borrowed(pending: list, eager_sites: Dict[str, EagerSite]) -> Dict[st
         for sequence in capture.occurrences.values()
     )
     sequences = [sequence for sequence, _ in runs]
-    window: Dict[Tuple[str, ...], Tuple[float, float]] = {}  # per observed forward: first and last stamps
+    window: Dict[Tuple[str, ...], Tuple[float, float]] = {}  # per observed forward: when it ran
     for site in borrowed.values():
-        began, ended = window.get(site.frame, (math.inf, -math.inf))
-        window[site.frame] = (min(began, site.stamp), max(ended, site.stamp))
+        if site.frame not in window:
+            module = module_at(root, site.frame)
+            observed = observed_eager_forward(module) if module is not None else None
+            whole = [call for call in (observed.calls if observed is not None else ()) if call.path == ()]
+            window[site.frame] = (whole[0].start, whole[0].end) if whole else (site.stamp, site.stamp)
     placed: Dict[str, float] = {}
     for name, site in borrowed.items():
         began, ended = window[site.frame]
