@@ -94,8 +94,7 @@ def observed_eager_forward(module: torch.nn.Module) -> Optional[EagerForward]:
             return found
         if not _observed_codes:
             return None
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
+    code = forward_code(module)
     with _lock:
         return _observed_codes.get(code) if code is not None else None
 
@@ -126,7 +125,7 @@ def _structure_leaves(value: Any, path: Tuple[str, ...], out: list, depth: int =
         out.append((path, _leaf_facts(value)))
 
 
-def _code_parameters(code: Any) -> Tuple[Tuple[str, ...], Optional[str], Optional[str]]:
+def code_parameters(code: Any) -> Tuple[Tuple[str, ...], Optional[str], Optional[str]]:
     """(named parameters after ``self``, ``*args`` name, ``**kwargs`` name) of a function code."""
     count = code.co_argcount + code.co_kwonlyargcount
     names = code.co_varnames
@@ -136,7 +135,7 @@ def _code_parameters(code: Any) -> Tuple[Tuple[str, ...], Optional[str], Optiona
 
 
 def _call_arguments(code: Any, f_locals: Dict[str, Any]) -> Tuple[Tuple[str, Tuple[str, ...], LeafFacts], ...]:
-    named, varargs, varkw = _code_parameters(code)
+    named, varargs, varkw = code_parameters(code)
     leaves: list = []
     for name in named:
         found: list = []
@@ -164,8 +163,9 @@ def set_sequence_source(source: Callable[[], int]) -> None:
     _sequence_source[0] = source
 
 
-def _forward_code(module: torch.nn.Module) -> Any:
-    """The code of ``module``'s own forward, under any decorators (``functools.wraps`` chains)."""
+def forward_code(module: torch.nn.Module) -> Any:
+    """The code of ``module``'s own forward, under any decorators (``functools.wraps`` chains);
+    None where it has none (a C function)."""
     forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
     return getattr(forward, "__code__", None)
 
@@ -232,7 +232,7 @@ class _Watch:
         self.codes: Dict[Any, None] = {}
         for name, child in module.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(child), tuple(name.split(".")) if name else ())
-            child_code = _forward_code(child)
+            child_code = forward_code(child)
             if child_code is not None and child_code.co_argcount:
                 self.codes[child_code] = None
         self.open_calls: List[Tuple[Any, Tuple[str, ...], int, Tuple[Any, ...], int]] = []
@@ -286,7 +286,7 @@ class _Watch:
                     if returned:
                         result: list = []
                         _structure_leaves(arg, (), result)
-                        _, varargs, varkw = _code_parameters(frame.f_code)
+                        _, varargs, varkw = code_parameters(frame.f_code)
                         # Inner calls return first: kept in call order (the outer forward's last).
                         self.calls.append(EagerCall(
                             path, ordinal, arguments, tuple(result), varargs, varkw, start, _sequence_source[0]()
@@ -332,5 +332,5 @@ def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> N
         fallback("eager_observe_anchor", "cannot find the frame Dynamo is converting on the stack, so the "
                  "module boundaries of a forward Dynamo runs eagerly are not observed and get no names")
         return
-    watched = _forward_code(module) or code
+    watched = forward_code(module) or code
     sys.setprofile(_Watch(module, watched, reason, anchor, previous))

@@ -28,13 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 
 import torch
 
-from .eager_observer import (  # noqa: F401  (re-exported: the package reads them from frame)
-    EagerCall,
-    EagerForward,
-    _observe_eager_forward,
-    eager_observations_version,
-    observed_eager_forward,
-)
+from .eager_observer import _observe_eager_forward, code_parameters, forward_code
 from .gates import fallback
 
 if TYPE_CHECKING:
@@ -217,7 +211,7 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
     info.code_name = code.co_name
     info.code_id = id(code)
     info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
-    info.varargs_local, info.varkw_local = _star_locals(code)
+    _, info.varargs_local, info.varkw_local = code_parameters(code)
     # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
     # Dynamo's ``wrap_inline`` wrapper ``inner(*args, **kwargs)``, which calls ``fn``.
     candidates = ["self", "fn"]
@@ -249,17 +243,6 @@ def _read_varargs_self(tx: Any, info: FrameInfo) -> None:
     packed = tx.f_locals.get(varargs) if varargs and not info.is_resume else None
     if varargs and isinstance(packed, tuple) and packed and isinstance(packed[0], torch.nn.Module):
         info.self_module, info.self_local, info.self_prefix = packed[0], varargs, ("0",)
-
-
-def _star_locals(code: Any) -> Tuple[Optional[str], Optional[str]]:
-    position = code.co_argcount + code.co_kwonlyargcount
-    varargs = varkw = None
-    if code.co_flags & inspect.CO_VARARGS:
-        varargs = code.co_varnames[position]
-        position += 1
-    if code.co_flags & inspect.CO_VARKEYWORDS:
-        varkw = code.co_varnames[position]
-    return varargs, varkw
 
 
 class _CodeTable(Protocol):
@@ -796,8 +779,7 @@ def install_eager_fallback_log() -> bool:
 
 def eager_fallback_reason(module: torch.nn.Module) -> Optional[str]:
     """Dynamo's reason for running ``module``'s forward eagerly, if it did."""
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
+    code = forward_code(module)
     with _eager_lock:
         reason = _eager_forwards.get(module)
         return reason if reason is not None or code is None else _eager_codes.get(code)
@@ -849,15 +831,14 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
             return None
         if not any(child is module for child in caller.modules()):
             return None
-        forward = inspect.unwrap(getattr(type(caller), "forward", None) or (lambda: None))
-        forward_code = getattr(forward, "__code__", None)
-        if forward_code is None:
+        caller_code = forward_code(caller)
+        if caller_code is None:
             return None
         # The forward itself (Dynamo's rewrite keeps its name), or a graph-break resume
         # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
-        if name != forward_code.co_name:
+        if name != caller_code.co_name:
             return None
-        return CallerFrame(caller, dict(f_locals), forward_code)
+        return CallerFrame(caller, dict(f_locals), caller_code)
     return None
 
 

@@ -20,14 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.frame import (
-    FrameInfo,
-    assigned_locals,
-    continued_frame_locals,
-    eager_observations_version,
-    find_caller,
-    returning_callers,
-)
+from .._torch_compat.eager_observer import eager_observations_version
+from .._torch_compat.frame import FrameInfo, assigned_locals, continued_frame_locals, find_caller, returning_callers
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .._torch_compat.frame import ModuleReturn, assigned_locals
+from .._torch_compat.frame import ModuleReturn, assigned_locals, forward_code
 from .._torch_compat.sources import module_stack, parse_source_path, stack_path
 from .capture import GraphCapture
 
@@ -641,8 +641,7 @@ def _bound_arguments(record: ModuleReturn, module: Optional[nn.Module]) -> List[
 
 def _assigned_in_forward(module: Optional[nn.Module]) -> FrozenSet[str]:
     """Locals the module's ``forward`` assigns (all, conservatively, where it has no code)."""
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)) if module is not None else None
-    code = getattr(forward, "__code__", None)
+    code = forward_code(module) if module is not None else None
     if code is None:
         return _EVERYTHING
     return frozenset(assigned_locals(code))
@@ -692,8 +691,7 @@ def _traced_through_wrapper(frame: Any, module: Optional[nn.Module]) -> bool:
     ``Module.__call__`` (``module.compile()``, transformers' compiled generate step)."""
     if module is None or frame.is_resume or (frame.varargs_local is None and frame.varkw_local is None):
         return False
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
+    code = forward_code(module)
     return code is not None and id(code) != frame.code_id
 
 
@@ -777,11 +775,6 @@ _LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD
 _reads: "weakref.WeakKeyDictionary[Any, FrozenSet[str]]" = weakref.WeakKeyDictionary()
 
 
-def _forward_code(module: nn.Module) -> Any:
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
-    return getattr(forward, "__code__", None)
-
-
 def read_locals(code: Any) -> Optional[FrozenSet[str]]:
     """Local names a function's code reads (None when unknown). A forward parameter it never
     reads gets no node in a graph (Dynamo drops the unused input), so an eagerly run forward's
@@ -853,7 +846,7 @@ def eager_boundary_sites(
                 full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order, observed_at
             )))
 
-        read = read_locals(_forward_code(module))
+        read = read_locals(forward_code(module))
         for local, leaf, facts in call.arguments:
             if read is not None and local not in read:
                 continue  # never read by the forward: the unbroken model has no node to name
