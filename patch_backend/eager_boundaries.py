@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ._torch_compat.eager_observer import observed_itself
+from ._torch_compat.eager_observer import forward_code, observed_itself
 from .capture.index import RootIndex
 from .capture.naming import EagerSite, module_at
 from .patches import Patch, ProbePatch, RecordPatch
@@ -229,9 +229,10 @@ def _replace_argument(module: nn.Module, site: EagerSite, args: List[Any], kwarg
 
 
 def _positional_names(module: nn.Module) -> List[str]:
-    code = getattr(getattr(type(module).forward, "__code__", None), "co_varnames", None)
-    count = getattr(getattr(type(module).forward, "__code__", None), "co_argcount", 0)
-    return list(code[1:count]) if code else []
+    """The forward's positional parameters after ``self``: those of its own code, under any
+    decorator (a ``wrapper(*args, **kwargs)`` has none)."""
+    code = forward_code(module)
+    return list(code.co_varnames[1 : code.co_argcount]) if code is not None else []
 
 
 def _replace_leaf(value: Any, leaf: Tuple[str, ...], patches: Tuple[Patch, ...]) -> Tuple[Any, bool]:

@@ -11,6 +11,7 @@ behind slows every later Python call on the thread and, at interpreter exit, pri
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -89,6 +90,37 @@ def test_profile_restored_after_an_observed_forward(backend: str) -> None:
     assert {"x", "lin.weight", "lin.output", "output"} <= set(pb.nodes(compiled))
     _quiet(compiled, torch.randn(2, 3))
     assert model.probe.seen[1] is None  # only the first run is watched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_watch_is_not_compiled_by_dynamo(backend: str) -> None:
+    """The watched forward runs under Dynamo's frame callback; the watch and the helpers it
+    calls must not be converted as frames of their own (each would cost a trace on the first
+    run, and an op on a tensor there would make a graph of this package's code)."""
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.records: List[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    torch._dynamo.reset()
+    handler = Records()
+    dynamo_logger = logging.getLogger("torch._dynamo")
+    torch._logging.set_logs(dynamo=logging.INFO)
+    dynamo_logger.addHandler(handler)
+    try:
+        _quiet(torch.compile(EagerBody(), backend=backend), torch.randn(2, 3))
+    finally:
+        dynamo_logger.removeHandler(handler)
+        torch._logging.set_logs()
+    records = handler.records
+    traced = [r.getMessage() for r in records if "start tracing" in r.getMessage()]
+    assert any("forward" in message for message in traced)  # the log is read
+    package = os.path.dirname(pb.__file__)
+    assert not [message for message in traced if package in message or "weakref.py" in message]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,7 @@ forward hooks on the eager model.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
@@ -533,6 +534,90 @@ def test_root_input_used_in_a_submodule_frame(model_class, backend: str) -> None
     torch.testing.assert_close(broken_patched, expected)
 
 
+class ReassignsInput(nn.Module):
+    """``x = self.mlp(x)``: the root reassigns its input after the call whose forward breaks."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        return self.head(x)
+
+
+class _PassesOn(nn.Module):
+    """Passes its argument on to ``mlp`` (reassigning it after), with an optional one unused."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+
+    def forward(self, h: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        h = self.mlp(h)
+        return h + 1
+
+
+class InputThroughTwoCallers(nn.Module):
+    """The root's ``x`` is ``middle.h`` is ``middle.mlp.x``; only the mlp's frame holds it."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.middle = _PassesOn(breaks)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.middle(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+@pytest.mark.parametrize("model_class", [ReassignsInput, InputThroughTwoCallers])
+def test_reassigned_input_passed_to_a_breaking_forward(model_class, backend: str) -> None:
+    """A caller that reassigns its argument after passing it on (``x = self.mlp(x)``, the
+    common pattern) still has its input name when only the callee's own frame holds it, up the
+    call chain; patches on every name of that one tensor apply in the callers' order (the
+    outermost first), as without the break and as pre-hooks on the eager model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    inner = "mlp" if model_class is ReassignsInput else "middle.mlp"
+    patch_map: Dict[str, Any] = {"x": pb.AddPatch(value=1.0), f"{inner}.x": pb.ZeroPatch(slice=(0,))}
+    if model_class is InputThroughTwoCallers:
+        patch_map["middle.h"] = pb.AddPatch(value=0.5)
+    results = []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = model_class(breaks)
+        if results:
+            model.load_state_dict(results[0][0].state_dict())
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+        names = pb.nodes(compiled)
+        with torch.no_grad(), pb.patch(compiled, patch_map):
+            patched = compiled(x)
+        results.append((model, names, patched))
+    (model, names, patched), (_, broken_names, broken_patched) = results
+    assert "x" in broken_names and f"{inner}.x" in broken_names
+    assert broken_names == names
+
+    def add(value: float):
+        return lambda module, args: (args[0] + value,)
+
+    def zero_first_row(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[0] = 0
+        return (zeroed,)
+
+    hooks = [model.register_forward_pre_hook(add(1.0))]
+    if model_class is InputThroughTwoCallers:
+        hooks.append(model.middle.register_forward_pre_hook(add(0.5)))
+    hooks.append(model.get_submodule(inner).register_forward_pre_hook(zero_first_row))
+    expected = output_with_hooks(model, x, hooks)
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(broken_patched, expected)
+
+
 @pytest.mark.parametrize(
     ("probe", "install", "words"),
     [
@@ -1032,6 +1117,79 @@ def test_forward_run_eagerly_keeps_boundary_names(mode: str, where: str, backend
             torch.testing.assert_close(part_got, part_want)
     torch.testing.assert_close(probe.activation, seen["act"])
     torch.testing.assert_close(block.scale.data, saved)  # the parameter itself is unchanged
+
+
+def _passes_through(forward):
+    """A decorator as libraries write them (transformers' ``deprecate_kwarg``): the class's
+    ``forward`` is a ``wrapper(*args, **kwargs)`` around the real one."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedEagerBlock(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.mode = mode
+
+    @_passes_through
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if self.mode == "ctx":
+            with _UserContext():
+                print("", end="")
+                h = self.lin(x) * 2
+        else:
+            h = self.lin(x) * 2
+        return h + shift
+
+
+class AroundDecoratedEagerBlock(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.block = DecoratedEagerBlock(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.pre(x), x * 3) * 2
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_decorated_forward_run_eagerly_patches_its_inputs(backend: str) -> None:
+    """The eager boundary hooks find a decorated forward's positional inputs by the parameters
+    of the forward under the decorator (the wrapper's are ``*args``): a patch on ``block.x``
+    and ``block.shift`` applies, as a pre-hook does, and the names are the unbroken model's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    reference = AroundDecoratedEagerBlock("none")
+    model = AroundDecoratedEagerBlock("ctx")
+    model.load_state_dict(reference.state_dict())
+    patch_map = {"block.x": pb.ZeroPatch(slice=(0,)), "block.shift": pb.AddPatch(value=1.0)}
+    unbroken = torch.compile(reference, backend="graphpatch_eager")
+    unbroken(x)
+    with torch.no_grad(), pb.patch(unbroken, patch_map):
+        unbroken_patched = unbroken(x)  # before the class's forward is skipped (below)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+    assert {"block.x", "block.shift", "block.output"} <= set(pb.nodes(compiled))
+    assert set(pb.nodes(compiled)) == set(pb.nodes(unbroken)) - {"block.lin.linear", "block.mul", "block.add"}
+    with torch.no_grad(), pb.patch(compiled, patch_map):
+        patched = compiled(x)
+
+    def pre_hook(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[0] = 0
+        return zeroed, args[1] + 1.0
+
+    expected = output_with_hooks(model, x, [model.block.register_forward_pre_hook(pre_hook)])
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(unbroken_patched, expected)
 
 
 class UnwatchedLoop(LoopBreak):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .calls import skip_frame_and_calls
 from .gates import fallback
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,11 @@ class _Watch:
             _observed_codes[self.watched] = observed
             _observed_version[0] += 1
 
+    @skip_frame_and_calls
     def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        # Skipped by Dynamo with all it calls: the watched forward runs under Dynamo's frame
+        # callback, which would otherwise convert this function's helpers (``_call_arguments``,
+        # ``_leaf_facts``…) as frames of their own on the forward's first run.
         try:
             if event == "call":
                 frame_code = frame.f_code

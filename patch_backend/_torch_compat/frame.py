@@ -115,20 +115,15 @@ class FrameInfo:
     #: tracer could not be read: module results are then named in graph order).
     module_returns: List[ModuleReturn] = field(default_factory=list)
     #: For a module's forward compiled as its own frame (its caller's graph broke at the call):
-    #: the calling module's forward, and which of the frame's inputs are that forward's own
-    #: arguments, unchanged (frame local → caller's parameter name). Set by capture_graph.
-    caller_module_ref: Optional["weakref.ref[torch.nn.Module]"] = field(default=None, repr=False)
-    caller_arguments: Dict[str, str] = field(default_factory=dict)
+    #: per calling forward up the call chain (the nearest first), which of the frame's inputs
+    #: are that forward's own arguments, unchanged. Set by capture_graph.
+    caller_links: Tuple["CallerLink", ...] = ()
     #: For a resume function: locals holding a module (``___stack0``: ``self.post`` loaded
     #: before the call that broke the graph, ``self.post(self.inner(x))``), weakly.
     stack_modules: Dict[str, "weakref.ref[torch.nn.Module]"] = field(default_factory=dict, repr=False)
     #: The same locals → the module's path below the forward's module (set by capture_graph):
     #: their parameters and ops belong to that module, as without the break.
     module_locals: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-
-    @property
-    def caller_module(self) -> Optional[torch.nn.Module]:
-        return self.caller_module_ref() if self.caller_module_ref is not None else None
 
     @property
     def self_module(self) -> Optional[torch.nn.Module]:
@@ -801,15 +796,46 @@ class CallerFrame:
     locals: Dict[str, Any]
     #: The caller module's own ``forward`` code (not Dynamo's rewrite of it).
     forward_code: Any
+    #: What the caller's forward received, per parameter (bound from the ``Module._call_impl``
+    #: call that runs it), or None where that call is not on the stack.
+    received: Optional[Dict[str, Any]] = None
 
 
-def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFrame]:
-    """The nearest Python frame outside torch and this package that runs the forward of a
-    module containing ``module`` (the call being compiled), or None. Only plain Python frame
-    introspection; called from the backend, while the caller is suspended in the call."""
-    frame = sys._getframe(1)
+@dataclass(frozen=True)
+class CallerLink:
+    """A calling forward whose own arguments a module's frame holds as inputs (see
+    ``FrameInfo.caller_links``): frame input local → the caller's parameter name."""
+
+    module_ref: "weakref.ref[torch.nn.Module]" = field(repr=False)
+    arguments: Dict[str, str]
+
+    @property
+    def module(self) -> Optional[torch.nn.Module]:
+        return self.module_ref()
+
+
+def find_callers(module: torch.nn.Module, depth: int = 64) -> List[CallerFrame]:
+    """The forwards calling ``module`` (the call being compiled), the nearest first: each runs
+    the forward of a module containing the one before, with no other Python frame outside torch
+    and this package between them. Only plain Python frame introspection; called from the
+    backend, while the callers are suspended in the call."""
+    callers: List[CallerFrame] = []
+    frame: Any = sys._getframe(1)
+    while True:
+        found = _next_caller(frame, module, depth)
+        if found is None:
+            return callers
+        frame, caller = found
+        callers.append(caller)
+        module = caller.module
+
+
+def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tuple[Any, CallerFrame]]:
+    """Above ``frame``: the nearest frame outside torch and this package running the forward
+    of a module containing ``module``, with that forward's facts, or None. The frames of
+    ``module``'s own forward (the original frame of a resume function) are passed over."""
     for _ in range(depth):
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
         if frame is None:
             return None
         filename = frame.f_code.co_filename
@@ -827,7 +853,9 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
         f_locals = frame.f_locals
         first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         caller = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
-        if not isinstance(caller, torch.nn.Module) or caller is module:
+        if caller is module:
+            continue  # the forward a resume function continues
+        if not isinstance(caller, torch.nn.Module):
             return None
         if not any(child is module for child in caller.modules()):
             return None
@@ -838,7 +866,29 @@ def find_caller(module: torch.nn.Module, depth: int = 64) -> Optional[CallerFram
         # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
         if name != caller_code.co_name:
             return None
-        return CallerFrame(caller, dict(f_locals), caller_code)
+        return frame, CallerFrame(caller, dict(f_locals), caller_code, _received_arguments(frame, caller))
+    return None
+
+
+def _received_arguments(frame: Any, module: torch.nn.Module, depth: int = 16) -> Optional[Dict[str, Any]]:
+    """The arguments ``module``'s forward was called with, bound to its parameters: read from
+    the ``Module._call_impl`` frame that called it (above ``frame``, the forward or a resume
+    function of it), whose ``args``/``kwargs`` still hold them after the forward reassigned its
+    own locals. None where no such frame is found or the arguments do not bind."""
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code.co_name != "_call_impl" or not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            continue
+        f_locals = frame.f_locals
+        if f_locals.get("self") is not module:
+            continue
+        try:
+            bound = inspect.signature(module.forward).bind(*f_locals.get("args", ()), **f_locals.get("kwargs", {}))
+        except (TypeError, ValueError):
+            return None
+        return dict(bound.arguments)
     return None
 
 
@@ -913,7 +963,7 @@ def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96)
         while name.startswith("torch_dynamo_resume_in_"):
             name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
         if name != "forward" or not code.co_argcount:
-            break  # not a module's forward (f_locals is not touched on such frames: see find_caller)
+            break  # not a module's forward (f_locals is not touched on such frames: see _next_caller)
         owner = frame.f_locals.get(code.co_varnames[0])
         if not isinstance(owner, torch.nn.Module):
             break

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from .._torch_compat.eager_observer import eager_observations_version
-from .._torch_compat.frame import FrameInfo, assigned_locals, continued_frame_locals, find_caller, returning_callers
+from .._torch_compat.frame import CallerFrame, CallerLink, FrameInfo, assigned_locals, continued_frame_locals, find_callers, returning_callers
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -292,34 +292,52 @@ def _resolve_stack_modules(frame: FrameInfo) -> None:
 
 def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], example_inputs: Sequence[object]) -> None:
     """For a module forward compiled as its own frame (the caller's graph broke at the call):
-    which frame inputs are, unchanged, the calling forward's own arguments. Without the break
-    those are the caller's inputs (the model's ``x``), named where the caller's graph used them;
-    here only this frame holds them, so it carries the caller's names too (naming.py).
+    which frame inputs are, unchanged, the calling forwards' own arguments. Without the break
+    those are the callers' inputs (the model's ``x``), named where a caller's graph used them;
+    here only this frame holds them, so it carries the callers' names too (naming.py). Up the
+    call chain while a caller passed its argument on unchanged: ``x`` of a root calling a
+    block calling the breaking module is also the block's ``h``.
 
-    A caller parameter counts only if the caller's forward never assigns it, so it holds the
-    argument wherever the call is, and only if it holds this very tensor at the call."""
+    A caller parameter counts only if, at the call, it holds this very tensor and that tensor is
+    what the caller received for it (``x = self.block(x)`` reassigns ``x`` only after the
+    call). Where what the caller received is not known, only a parameter the caller's forward
+    never assigns counts: it holds the argument wherever the call is."""
     module = frame.self_module
     if module is None or frame.is_resume:
         return
-    caller = find_caller(module)
-    if caller is None:
-        return
+    values = {
+        info.local: example_inputs[info.index]
+        for info in placeholders
+        if info.kind == "input" and not info.path and info.index < len(example_inputs)
+        and isinstance(example_inputs[info.index], torch.Tensor)
+    }
+    links: List[CallerLink] = []
+    for caller in find_callers(module):
+        arguments: Dict[str, str] = {}
+        for name in _unchanged_arguments(caller):
+            held = caller.locals[name]
+            for local, value in values.items():
+                if value is held and local not in arguments:
+                    arguments[local] = name
+        if not arguments:
+            break
+        links.append(CallerLink(weakref.ref(caller.module), arguments))
+        values = {local: values[local] for local in arguments}
+    frame.caller_links = tuple(links)
+
+
+def _unchanged_arguments(caller: CallerFrame) -> List[str]:
+    """The caller's parameters that hold, at the call, the tensor the caller received."""
     code = caller.forward_code
     parameters = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
-    assigned = assigned_locals(code)
-    candidates = [name for name in parameters if name not in assigned and isinstance(caller.locals.get(name), torch.Tensor)]
-    links: Dict[str, str] = {}
-    for info in placeholders:
-        if info.kind != "input" or info.path or info.index >= len(example_inputs):
-            continue
-        value = example_inputs[info.index]
-        for name in candidates:
-            if caller.locals[name] is value:
-                links[info.local] = name
-                break
-    if links:
-        frame.caller_module_ref = weakref.ref(caller.module)
-        frame.caller_arguments = links
+    local_values = caller.locals
+    if caller.received is None:
+        assigned = assigned_locals(code)
+        return [name for name in parameters if name not in assigned and isinstance(local_values.get(name), torch.Tensor)]
+    return [
+        name for name in parameters
+        if isinstance(local_values.get(name), torch.Tensor) and caller.received.get(name) is local_values[name]
+    ]
 
 
 def _resume_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], args: Sequence[object]) -> Optional[frozenset]:

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from torch import nn
 
 from .. import aliases
-from .._torch_compat.eager_observer import observed_eager_forward, observed_itself, set_sequence_source
+from .._torch_compat.eager_observer import forward_code, observed_eager_forward, observed_itself, set_sequence_source
 from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
 from .capture import GraphCapture, _sequence, all_captures, registry_version
@@ -265,7 +265,7 @@ class RootIndex:
         owners = [
             path
             for path, candidate in module_paths_by_object(self.root)
-            if getattr(getattr(type(candidate), "forward", None), "__code__", None) is code
+            if forward_code(candidate) is code
         ]
         return owners[0] if len(owners) == 1 else None
 

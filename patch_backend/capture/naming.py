@@ -387,29 +387,33 @@ class _OccurrenceNamer:
         self._name_caller_arguments()
 
     def _name_caller_arguments(self) -> None:
-        """A module forward compiled as its own frame holds, as its inputs, values its caller
-        received as arguments (capture._link_caller_arguments): without the break the caller's
+        """A module forward compiled as its own frame holds, as its inputs, values its callers
+        received as arguments (capture._link_caller_arguments): without the break a caller's
         graph would name them (the model's ``x``), so this frame names them too, before its own
-        input names (the caller's patch applies first, as in the caller's graph)."""
+        input names (the outermost caller's patch applies first, as in the callers' graphs)."""
         frame = self.capture.frame
-        caller = frame.caller_module
-        if caller is None or frame.is_resume:
+        if frame.is_resume:
             return
-        for end in range(len(self.prefix) - 1, -1, -1):
-            if module_at(self.root, self.prefix[:end]) is caller:
+        end = len(self.prefix)
+        callers = []
+        for link in frame.caller_links:
+            for end in range(end - 1, -1, -1):
+                if module_at(self.root, self.prefix[:end]) is link.module:
+                    break
+            else:
                 break
-        else:
-            return
-        scope = format_module_path(self.root, self.prefix[:end])
-        if scope and self.counters.totals.get(scope, 1) > 1:
-            return  # which call of the caller this is, the frame does not say
-        for node in self.nodes:
-            info = self.placeholders.get(node.name) if node.op == "placeholder" else None
-            if info is None or info.kind != "input" or info.path or info.local not in frame.caller_arguments:
-                continue
-            name = join(scope, sanitize(frame.caller_arguments[info.local]))
-            self.counters.inputs.add(name)
-            self._add(name, node, None, (0, end - len(self.prefix)), "input", self.order[node.name] - 0.25)
+            scope = format_module_path(self.root, self.prefix[:end])
+            if scope and self.counters.totals.get(scope, 1) > 1:
+                break  # which call of the caller this is, the frame does not say
+            callers.append((link, end, scope))
+        for link, end, scope in reversed(callers):
+            for node in self.nodes:
+                info = self.placeholders.get(node.name) if node.op == "placeholder" else None
+                if info is None or info.kind != "input" or info.path or info.local not in link.arguments:
+                    continue
+                name = join(scope, sanitize(link.arguments[info.local]))
+                self.counters.inputs.add(name)
+                self._add(name, node, None, (0, end - len(self.prefix)), "input", self.order[node.name] - 0.25)
 
     def _name_parameters(self) -> None:
         """Parameters and buffers, named in the scope of the module invocation that uses them."""
