@@ -1333,6 +1333,125 @@ def test_module_called_twice_in_an_eager_body(backend: str) -> None:
     torch.testing.assert_close(patched, expected)
 
 
+class _BreakingOuter(nn.Module):
+    """Breaks in its own forward and in its ``mlp``'s."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.mlp = _BreakingMlp(breaks)
+        self.proj = nn.Linear(4, 4)
+        self.breaks = breaks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return self.proj(h) + x
+
+
+class CallsBreakingTwice(nn.Module):
+    """Calls ``block``, whose own forward and whose ``mlp``'s break, twice, and a ``middle``
+    that calls ``inner`` (whose forward breaks) twice on one line: each call is its own frame's
+    graph, one graph for both calls where the guards allow it."""
+
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.block = _BreakingOuter(breaks)
+        self.middle = _CallsTwiceOnOneLine(breaks)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        x = self.block(x)
+        return self.head(self.middle(x))
+
+
+class _CallsTwiceOnOneLine(nn.Module):
+    def __init__(self, breaks: bool) -> None:
+        super().__init__()
+        self.inner = _BreakingMlp(breaks)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.inner(h) * 2)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_module_whose_forward_breaks_called_twice(backend: str, grad: bool) -> None:
+    """A module called twice whose own forward graph-breaks is ``block_0`` / ``block_1`` as
+    without the break (each call records where it was made, ``frame.call_path``), also when one
+    graph serves both calls (no_grad: no guard tells them apart) and for two calls on one line;
+    a patch on one call leaves the other alone, as a hook counting calls does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    patch_map: Dict[str, Any] = {
+        "block_0.mlp.up.output": pb.AddPatch(value=1.0),
+        "block_1.x": pb.ZeroPatch(slice=(0,)),
+        "block_1.mlp.down.weight": pb.ZeroPatch(slice=(2,)),
+        "middle.inner_1.down.weight": pb.ZeroPatch(slice=(1,)),
+    }
+    results = []
+    for breaks in (False, True):
+        torch._dynamo.reset()
+        model = CallsBreakingTwice(breaks)
+        if results:
+            model.load_state_dict(results[0][0].state_dict())
+        compiled = torch.compile(model, backend=backend)
+        with torch.set_grad_enabled(grad):
+            compiled(x)
+            compiled(x)
+            names = pb.nodes(compiled)
+            with pb.patch(compiled, patch_map):
+                patched = compiled(x).detach()
+        results.append((model, names, patched))
+    (model, names, patched), (_, broken_names, broken_patched) = results
+    assert {"block_0.x", "block_1.mlp.up.weight", "block_1.output", "middle.inner_0.x", "middle.inner_1.output"} <= set(names)
+    assert not [name for name in names if name.startswith("block.") or name.startswith("middle.inner.")]
+    assert broken_names == names
+    calls = {"block": 0, "inner": 0}
+
+    def block_pre(module: nn.Module, args):
+        calls["block"] += 1
+        if calls["block"] == 2:
+            zeroed = args[0].clone()
+            zeroed[0] = 0
+            return (zeroed,)
+        return None
+
+    def up_hook(module: nn.Module, args, output):
+        return output + 1.0 if calls["block"] == 1 else None
+
+    def zero_row_in_call(counter: str, call: int, row: int):
+        def pre(module: nn.Module, args):
+            if counter == "inner":
+                calls["inner"] += 1
+            if calls[counter] == call:
+                module.saved = module.down.weight.data.clone()
+                module.down.weight.data[row] = 0
+            return None
+
+        def post(module: nn.Module, args, output):
+            if calls[counter] == call:
+                module.down.weight.data.copy_(module.saved)
+            return None
+
+        return pre, post
+
+    block_mlp_pre, block_mlp_post = zero_row_in_call("block", 2, 2)
+    inner_pre, inner_post = zero_row_in_call("inner", 2, 1)
+    hooks = [
+        model.block.register_forward_pre_hook(block_pre),
+        model.block.mlp.up.register_forward_hook(up_hook),
+        model.block.mlp.register_forward_pre_hook(block_mlp_pre),
+        model.block.mlp.register_forward_hook(block_mlp_post),
+        model.middle.inner.register_forward_pre_hook(inner_pre),
+        model.middle.inner.register_forward_hook(inner_post),
+    ]
+    expected = output_with_hooks(model, x, hooks)
+    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(broken_patched, expected)
+
+
 class TakesUnused(nn.Module):
     """``unused`` is never read: the unbroken model's graph has no node for it."""
 

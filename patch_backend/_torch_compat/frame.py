@@ -90,6 +90,9 @@ class FrameInfo:
     code_name: str = ""
     #: id() of the frame's code object: recompiles of one frame share it.
     code_id: int = 0
+    #: The frame's code object itself (a module's forward, or whatever Dynamo was handed:
+    #: a ``__call__`` override, a decorator's wrapper, a resume function).
+    code: Any = field(default=None, repr=False)
     #: Name of the frame local holding the module (``self``; any name for the first argument).
     self_local: str = "self"
     #: Weak reference behind ``self_module``: Dynamo keeps a backend's result (and with it the
@@ -114,10 +117,6 @@ class FrameInfo:
     #: The module calls Dynamo inlined into this graph, in the order they returned (empty when the
     #: tracer could not be read: module results are then named in graph order).
     module_returns: List[ModuleReturn] = field(default_factory=list)
-    #: For a module's forward compiled as its own frame (its caller's graph broke at the call):
-    #: per calling forward up the call chain (the nearest first), which of the frame's inputs
-    #: are that forward's own arguments, unchanged. Set by capture_graph.
-    caller_links: Tuple["CallerLink", ...] = ()
     #: For a resume function: locals holding a module (``___stack0``: ``self.post`` loaded
     #: before the call that broke the graph, ``self.post(self.inner(x))``), weakly.
     stack_modules: Dict[str, "weakref.ref[torch.nn.Module]"] = field(default_factory=dict, repr=False)
@@ -205,6 +204,7 @@ def _read_frame(tx: Any, info: FrameInfo) -> None:
     code = tx.f_code
     info.code_name = code.co_name
     info.code_id = id(code)
+    info.code = code
     info.is_resume = code.co_name.startswith("torch_dynamo_resume_in_")
     _, info.varargs_local, info.varkw_local = code_parameters(code)
     # ``fn``: torch.compile of a built-in module (``nn.Linear``, ``nn.Sequential``) traces
@@ -803,8 +803,8 @@ class CallerFrame:
 
 @dataclass(frozen=True)
 class CallerLink:
-    """A calling forward whose own arguments a module's frame holds as inputs (see
-    ``FrameInfo.caller_links``): frame input local → the caller's parameter name."""
+    """A calling forward whose own arguments a module's frame holds as inputs, unchanged (see
+    ``GraphCapture.caller_links``): frame input local → the caller's parameter name."""
 
     module_ref: "weakref.ref[torch.nn.Module]" = field(repr=False)
     arguments: Dict[str, str]
@@ -814,13 +814,20 @@ class CallerLink:
         return self.module_ref()
 
 
-def find_callers(module: torch.nn.Module, depth: int = 64) -> List[CallerFrame]:
+def find_callers(module: Optional[torch.nn.Module], forward: Any = None, depth: int = 64) -> List[CallerFrame]:
     """The forwards calling ``module`` (the call being compiled), the nearest first: each runs
     the forward of a module containing the one before, with no other Python frame outside torch
-    and this package between them. Only plain Python frame introspection; called from the
-    backend, while the callers are suspended in the call."""
+    and this package between them. ``module`` None: the module running ``forward`` in the
+    nearest frame that runs it (a graph of that forward as it runs: one graph may serve several
+    instances). Only plain Python frame introspection, while the callers are suspended in the
+    call."""
     callers: List[CallerFrame] = []
     frame: Any = sys._getframe(1)
+    if module is None:
+        running = _running_module(frame, forward, depth)
+        if running is None:
+            return callers
+        frame, module = running
     while True:
         found = _next_caller(frame, module, depth)
         if found is None:
@@ -842,32 +849,97 @@ def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tu
         if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
             continue
         code = frame.f_code
-        name = code.co_name
-        while name.startswith("torch_dynamo_resume_in_"):
-            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
-        if name != "forward":
+        if _forward_name(code.co_name) != "forward":
             # Not a module's forward: stop before touching ``f_locals``, which on a running
             # frame snapshots its locals into a dict that lives as long as the frame (a
             # caller's ``del model`` would no longer free the model).
             return None
+        if _runs(code, forward_code(module)):
+            continue  # the forward itself, or the frame a resume function of it continues
         f_locals = frame.f_locals
+        # The caller's ``self``: the first argument of the forward, or, in a resume function
+        # (whose arguments are the live locals in Dynamo's order), the local holding it.
         first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-        caller = first if isinstance(first, torch.nn.Module) else f_locals.get("self")
-        if caller is module:
-            continue  # the forward a resume function continues
-        if not isinstance(caller, torch.nn.Module):
-            return None
-        if not any(child is module for child in caller.modules()):
-            return None
-        caller_code = forward_code(caller)
-        if caller_code is None:
-            return None
-        # The forward itself (Dynamo's rewrite keeps its name), or a graph-break resume
-        # function of it (``torch_dynamo_resume_in_forward_at_12``, possibly nested).
-        if name != caller_code.co_name:
-            return None
-        return frame, CallerFrame(caller, dict(f_locals), caller_code, _received_arguments(frame, caller))
+        for caller in (first, f_locals.get("self"), *f_locals.values()):
+            if (
+                isinstance(caller, torch.nn.Module) and caller is not module and _runs(code, forward_code(caller))
+                and any(child is module for child in caller.modules())
+            ):
+                return frame, CallerFrame(caller, dict(f_locals), forward_code(caller), _received_arguments(frame, caller))
+        return None
     return None
+
+
+def _forward_name(name: str) -> str:
+    """A function's name, less Dynamo's resume prefixes (``torch_dynamo_resume_in_forward_at_12``,
+    possibly nested, is ``forward``)."""
+    while name.startswith("torch_dynamo_resume_in_"):
+        name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
+    return name
+
+
+def _frame_module(frame: Any) -> Optional[torch.nn.Module]:
+    """The module whose forward ``frame`` runs (the forward, Dynamo's rewrite of it, or a
+    graph-break resume function of it, whose arguments are the live locals in Dynamo's order),
+    or None."""
+    code = frame.f_code
+    f_locals = frame.f_locals
+    first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+    for value in (first, f_locals.get("self"), *f_locals.values()):
+        if isinstance(value, torch.nn.Module) and _runs(code, forward_code(value)):
+            return value
+    if code.co_name.startswith("torch_dynamo_resume_in_"):
+        # A resume function may hold only what its rest needs (``self.inner`` loaded before
+        # the break, not ``self``): the frame it continues, which called it, holds the module.
+        back = frame.f_back
+        for _ in range(8):
+            if back is None:
+                break
+            if back.f_code.co_filename == code.co_filename:
+                module = _frame_module(back)
+                return module if module is not None and _runs(code, forward_code(module)) else None
+            back = back.f_back
+    return None
+
+
+def _running_module(frame: Any, forward: Any, depth: int) -> Optional[Tuple[Any, torch.nn.Module]]:
+    """Above ``frame``: the nearest frame running ``forward``, and its module (the forward's
+    first argument)."""
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        code = frame.f_code
+        if _runs(code, forward):
+            f_locals = frame.f_locals
+            if code.co_argcount:
+                module = f_locals.get(code.co_varnames[0])
+            else:  # a decorator's ``wrapper(*args, **kwargs)``: the module is ``args[0]``
+                _, varargs, _ = code_parameters(code)
+                module = next(iter(f_locals.get(varargs) or ()), None) if varargs else None
+            return (frame, module) if isinstance(module, torch.nn.Module) else None
+    return None
+
+
+def _continued_by(code: Any, resume: Any) -> bool:
+    """Whether a frame running ``code`` is one that the graph-break resume function ``resume``
+    continues (Dynamo's rewrite of the same function, or an outer resume function of it; the
+    rewrite covers only the lines up to its break, so its own line range cannot tell)."""
+    return (
+        resume.co_name.startswith("torch_dynamo_resume_in_")
+        and code.co_filename == resume.co_filename
+        and _forward_name(code.co_name) == _forward_name(resume.co_name)
+        and code.co_firstlineno <= resume.co_firstlineno
+    )
+
+
+def _runs(code: Any, forward: Any) -> bool:
+    """Whether a frame's ``code`` runs ``forward``: the forward itself, Dynamo's rewrite of it,
+    or a graph-break resume function of it (the same file, starting within its lines)."""
+    if forward is None or code.co_filename != forward.co_filename:
+        return False
+    first, last = _line_range(forward)
+    return first <= code.co_firstlineno <= last
 
 
 def _received_arguments(frame: Any, module: torch.nn.Module, depth: int = 16) -> Optional[Dict[str, Any]]:
@@ -890,6 +962,67 @@ def _received_arguments(frame: Any, module: torch.nn.Module, depth: int = 16) ->
             return None
         return dict(bound.arguments)
     return None
+
+
+#: A place in the code calling a module: (file, line, column), the call's own position.
+CallSite = Tuple[str, Optional[int], Optional[int]]
+
+_code_lines: "weakref.WeakKeyDictionary[Any, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+_code_positions: "weakref.WeakKeyDictionary[Any, Tuple[Tuple[Optional[int], Optional[int]], ...]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _line_range(code: Any) -> Tuple[int, int]:
+    found = _code_lines.get(code)
+    if found is None:
+        lines = [line for _, _, line in code.co_lines() if line is not None]
+        found = _code_lines[code] = (code.co_firstlineno, max(lines, default=code.co_firstlineno))
+    return found
+
+
+def _position(code: Any, offset: int) -> Tuple[Optional[int], Optional[int]]:
+    """(line, column) of the instruction at byte ``offset`` of ``code``."""
+    positions = _code_positions.get(code)
+    if positions is None:
+        positions = _code_positions[code] = tuple((line, column) for line, _, column, _ in code.co_positions())
+    index = offset // 2
+    return positions[index] if 0 <= index < len(positions) else (None, None)
+
+
+def call_path(
+    forward: Any, callers: Optional[List[Optional[torch.nn.Module]]] = None, depth: int = 48
+) -> Optional[Tuple[CallSite, ...]]:
+    """Where the running call of a module's forward (code ``forward``) was made, as the
+    positions of the calls on the way to it: the call in the nearest Python frame outside torch
+    and this package that is not a frame of that forward (Dynamo's rewrite of it, or a
+    graph-break resume function of it), then the call in each enclosing frame that runs a
+    module's forward (so ``inner`` called from ``block``'s forward is told apart between
+    ``block``'s two calls). Dynamo keeps the original instructions' positions in its rewrites
+    and resume functions, so one call in the source is one site however the callers' frames
+    were split. Only plain Python frame introspection, no locals read, unless ``callers`` is
+    given: it then receives, per site, the module whose forward made that call (None where
+    unknown); read once per new path, not per call. None if not found."""
+    sites: List[CallSite] = []
+    frame: Any = sys._getframe(1)
+    last = forward  # the code of the frame the latest site is in
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_filename.startswith(_TORCH_DIR) or code.co_filename.startswith(_PACKAGE_DIR):
+            continue
+        if _runs(code, forward) if not sites else _continued_by(code, last):
+            continue  # the same forward: the frame a resume function continues
+        if sites and _forward_name(code.co_name) != "forward":
+            break  # not a module's forward (the user's code calling the model, for one)
+        line, column = _position(code, frame.f_lasti)
+        sites.append((code.co_filename, line, column))
+        last = code
+        if callers is not None:
+            callers.append(_frame_module(frame) if _forward_name(code.co_name) == "forward" else None)
+    return tuple(sites) or None
 
 
 def continued_frame_locals(original_code: Any, depth: int = 64) -> Optional[Dict[str, Any]]:
@@ -959,13 +1092,10 @@ def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96)
         if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
             continue
         code = frame.f_code
-        name = code.co_name
-        while name.startswith("torch_dynamo_resume_in_"):
-            name = name[len("torch_dynamo_resume_in_"):].rsplit("_at_", 1)[0]
-        if name != "forward" or not code.co_argcount:
+        if _forward_name(code.co_name) != "forward" or not code.co_argcount:
             break  # not a module's forward (f_locals is not touched on such frames: see _next_caller)
-        owner = frame.f_locals.get(code.co_varnames[0])
-        if not isinstance(owner, torch.nn.Module):
+        owner = _frame_module(frame)
+        if owner is None:
             break
         if current is None:
             current = owner

@@ -20,8 +20,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from .._torch_compat.eager_observer import eager_observations_version
-from .._torch_compat.frame import CallerFrame, CallerLink, FrameInfo, assigned_locals, continued_frame_locals, find_callers, returning_callers
+from .._torch_compat.eager_observer import eager_observations_version, forward_code
+from .._torch_compat.frame import (
+    CallerFrame, CallerLink, FrameInfo, assigned_locals, call_path, continued_frame_locals, find_callers, returning_callers,
+)
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
 
@@ -76,6 +78,18 @@ class GraphCapture:
     returned_by: Dict[Any, Tuple["weakref.ref[torch.nn.Module]", ...]] = field(default_factory=dict)
     #: The module whose forward is being compiled, while capture_graph records the first call.
     compiling: Optional[torch.nn.Module] = field(default=None, repr=False)
+    #: Per instance key with a call path (``("call", key, path)``): the module whose forward
+    #: made each call on the path (None where unknown), read on the key's first call; the
+    #: index places a call inside its caller's call with them (``block_1.mlp``).
+    call_modules: Dict[Any, Tuple[Optional["weakref.ref[torch.nn.Module]"], ...]] = field(default_factory=dict)
+    #: Per instance key of a module forward's first graph: the calling forwards whose own
+    #: arguments its inputs are (``_link_caller_arguments``), read on the key's first call.
+    caller_links: Dict[Any, Tuple[CallerLink, ...]] = field(default_factory=dict)
+    #: For a graph of a module's forward that another module's forward calls (the caller's
+    #: graph broke at the call): that forward's code. Each call then also records where it was
+    #: made (``frame.call_path``), so a module called twice in one forward is two occurrences,
+    #: ``block_0`` and ``block_1``, even when one graph serves both calls (index.py).
+    called_forward: Any = field(default=None, repr=False)
 
     @property
     def dispatcher(self):
@@ -115,8 +129,20 @@ class GraphCapture:
             # model whose parameters the thread saw last, never to another instance whose
             # forward shares the code.
             key = _last_anchored()
+        if self.called_forward is not None:
+            path = call_path(self.called_forward)
+            if path is not None:
+                key = ("call", key, path)
+                if key not in self.call_modules:
+                    callers: List[Optional[torch.nn.Module]] = []
+                    call_path(self.called_forward, callers)
+                    self.call_modules[key] = tuple(None if m is None else weakref.ref(m) for m in callers)
         if frame.is_resume or not frame.returns:
             _track_frames(self, key)
+        if key not in self.caller_links and frame.self_module is not None and not frame.is_resume:
+            # Per call: which caller arguments the inputs are depends on the call's site and
+            # on the module running (one graph may serve several instances).
+            self.caller_links[key] = _link_caller_arguments(self, args)
         if self.anchor_index is not None:
             _open_frames.last = ("after", self.uid, key)
         if frame.is_resume and key not in self.resume_held:
@@ -221,7 +247,7 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
             and isinstance(example_inputs[index], torch.Tensor)
         ):
             anchor_index, anchor_path = index, path
-    _link_caller_arguments(frame, placeholders, example_inputs)
+    module = frame.self_module
     capture = GraphCapture(
         gm=gm,
         frame=frame,
@@ -231,7 +257,9 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
         anchor_path=anchor_path,
         dynamic=any(is_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
-    capture.compiling = frame.self_module
+    if module is not None and find_callers(module):
+        capture.called_forward = frame.original_code if frame.is_resume else (frame.code or forward_code(module))
+    capture.compiling = module
     try:
         capture.record_call(example_inputs)
     finally:
@@ -290,29 +318,33 @@ def _resolve_stack_modules(frame: FrameInfo) -> None:
             frame.module_locals[local] = paths[id(module)]
 
 
-def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], example_inputs: Sequence[object]) -> None:
+def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[object]) -> Tuple[CallerLink, ...]:
     """For a module forward compiled as its own frame (the caller's graph broke at the call):
     which frame inputs are, unchanged, the calling forwards' own arguments. Without the break
     those are the callers' inputs (the model's ``x``), named where a caller's graph used them;
     here only this frame holds them, so it carries the callers' names too (naming.py). Up the
     call chain while a caller passed its argument on unchanged: ``x`` of a root calling a
-    block calling the breaking module is also the block's ``h``.
+    block calling the breaking module is also the block's ``h``. Read for the call running now
+    (``capture.compiling`` while it is compiled, else the module running the graph's forward).
 
     A caller parameter counts only if, at the call, it holds this very tensor and that tensor is
     what the caller received for it (``x = self.block(x)`` reassigns ``x`` only after the
     call). Where what the caller received is not known, only a parameter the caller's forward
     never assigns counts: it holds the argument wherever the call is."""
-    module = frame.self_module
-    if module is None or frame.is_resume:
-        return
+    if capture.compiling is not None:
+        callers = find_callers(capture.compiling)
+    else:
+        module = capture.frame.self_module
+        code = capture.frame.code or (forward_code(module) if module is not None else None)
+        callers = find_callers(None, code) if code is not None else []
     values = {
         info.local: example_inputs[info.index]
-        for info in placeholders
+        for info in capture.placeholders
         if info.kind == "input" and not info.path and info.index < len(example_inputs)
         and isinstance(example_inputs[info.index], torch.Tensor)
     }
     links: List[CallerLink] = []
-    for caller in find_callers(module):
+    for caller in callers:
         arguments: Dict[str, str] = {}
         for name in _unchanged_arguments(caller):
             held = caller.locals[name]
@@ -323,7 +355,7 @@ def _link_caller_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo]
             break
         links.append(CallerLink(weakref.ref(caller.module), arguments))
         values = {local: values[local] for local in arguments}
-    frame.caller_links = tuple(links)
+    return tuple(links)
 
 
 def _unchanged_arguments(caller: CallerFrame) -> List[str]:

@@ -25,7 +25,9 @@ from .._torch_compat.eager_observer import forward_code, observed_eager_forward,
 from .._torch_compat.frame import eager_fallback_reason
 from ..validation import unknown_name_error
 from .capture import GraphCapture, _sequence, all_captures, registry_version
-from .naming import EagerSite, ScopeCounters, Site, eager_boundary_sites, module_at, name_occurrence
+from .naming import (
+    EagerSite, ScopeCounters, Site, eager_boundary_sites, extend_scope, format_module_path, module_at, name_occurrence,
+)
 from .protected import SCOPE, ProtectedNames, glob_regex, protected_name, split_name
 
 Occurrence = Tuple[int, Optional[int]]  # (capture uid, instance key)
@@ -108,7 +110,7 @@ class RootIndex:
         # parent renames its children, so nesting can take one more pass per level).
         totals: Dict[str, int] = {}
         for _ in range(8):
-            named, calls = self._name_occurrences(root, pending, totals)
+            named, calls = self._name_occurrences(root, pending, totals, module_paths)
             counted = {scope: n for scope, n in calls.items() if n > 1}
             if counted == totals:
                 break
@@ -193,7 +195,8 @@ class RootIndex:
         return eager_sites
 
     @staticmethod
-    def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int]):
+    def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int],
+                          module_paths: Dict[int, Tuple[str, ...]]):
         """Names every occurrence in first-run order with counters continued across graphs; a
         recompiled frame restarts from the counters its first compile started from.
 
@@ -204,31 +207,67 @@ class RootIndex:
         where its first graph's counters started), and a module's call count is the most
         calls it has in any one forward, not the sum over the forwards (``head`` called once
         in each is ``head``, not ``head_0``/``head_1``). Returns the occurrences' sites and
-        those per-forward call counts."""
+        those per-forward call counts.
+
+        A graph of a module's forward that its caller's graph broke into records the path of
+        calls that led to it (``("call", key, path)``, capture.record_call): each distinct
+        (module, path) is one call of the module, counted like an inlined one (``block_0``,
+        ``block_1``), and a call made inside another such call is scoped inside it
+        (``block_1.mlp``), opened when the first graph inside it runs."""
         counters = ScopeCounters(totals)
-        group_start: Dict[Tuple[int, Tuple[str, ...]], ScopeCounters] = {}
+        group_start: Dict[Tuple[Any, ...], ScopeCounters] = {}
         calls: Counter = Counter()
-        forward_code: Optional[int] = None  # the root frame's code: its graph begins a forward
+        root_code: Optional[int] = None  # the root frame's code: its graph begins a forward
+        #: (module path, call path) → the call's scope, in this forward.
+        open_calls: Dict[Tuple[Tuple[str, ...], Any], str] = {}
         named = []
+
+        def call_scope(prefix: Tuple[str, ...], path: Any, callers: Tuple[Any, ...], used: ScopeCounters,
+                       enclosing: Dict[Tuple[str, ...], str]) -> str:
+            """The scope of the call of the module at ``prefix`` made along ``path``; opened (and
+            counted) at first sight, inside the call of the module that made it. ``enclosing``
+            receives the scopes of the calls it is made in, by module path."""
+            caller = callers[0]() if callers and callers[0] is not None else None
+            caller_prefix = module_paths.get(id(caller)) if caller is not None else None
+            outer = None
+            if caller_prefix and len(path) > 1 and len(prefix) > len(caller_prefix) and prefix[: len(caller_prefix)] == caller_prefix:
+                outer = enclosing[caller_prefix] = call_scope(caller_prefix, path[1:], callers[1:], used, enclosing)
+            if (prefix, path) not in open_calls:
+                plain = format_module_path(root, prefix)
+                if outer is not None and caller_prefix is not None:
+                    plain = extend_scope(outer, module_at(root, caller_prefix), prefix[len(caller_prefix):], True)
+                open_calls[(prefix, path)] = used.call(plain)
+            return open_calls[(prefix, path)]
+
         for _, capture, instance, prefix in pending:
-            group = (capture.code_key, prefix)
+            site = call_site_of(instance)
+            group = (capture.code_key, prefix, site)
             begins = prefix == () and not capture.frame.is_resume
-            if begins and forward_code is None:
-                forward_code = capture.code_key
-            elif begins and capture.code_key == forward_code:
+            if begins and root_code is None:
+                root_code = capture.code_key
+            elif begins and capture.code_key == root_code:
                 _most_calls(calls, counters.calls)
                 start = group_start.get(group)
                 counters = start.snapshot() if start is not None else ScopeCounters(totals)
+                open_calls = {}
             if group in group_start and not begins:
-                sites = name_occurrence(capture, root, prefix, group_start[group].snapshot(), instance)
+                used = group_start[group].snapshot()
             else:
                 group_start.setdefault(group, counters.snapshot())
-                sites = name_occurrence(capture, root, prefix, counters, instance)
+                used = counters
+            scope = None
+            enclosing: Dict[Tuple[str, ...], str] = {}
+            if site is not None and prefix:
+                scope = call_scope(prefix, site, _call_modules(capture, instance), used, enclosing)
+            sites = name_occurrence(capture, root, prefix, used, instance, scope, enclosing)
             named.append((capture, instance, prefix, sites))
         _most_calls(calls, counters.calls)
         return named, calls
 
     def _prefix_of(self, capture, instance, tensor_paths, module_paths) -> Optional[Tuple[str, ...]]:
+        if isinstance(instance, tuple) and instance and instance[0] == "call":
+            # One call of a module's forward, made at a known site (capture.record_call).
+            return self._prefix_of(capture, instance[1], tensor_paths, module_paths)
         if isinstance(instance, tuple) and instance and instance[0] == "via":
             # A resume graph without parameters: where the invocation it continues runs.
             continued = self._by_uid.get(instance[1])
@@ -347,6 +386,29 @@ def _place_borrowed(root: nn.Module, pending: list, eager_sites: Dict[str, Eager
                 placed[name] = ours[rank - 1] + side
                 break
     return placed
+
+
+def call_site_of(instance: Any) -> Optional[Any]:
+    """The call site an occurrence key records (``("call", key, site)``, also inside a resume
+    graph's ``("via", uid, key)``), or None."""
+    while isinstance(instance, tuple) and instance:
+        if instance[0] == "call":
+            return instance[2]
+        if instance[0] != "via":
+            return None
+        instance = instance[2]
+    return None
+
+
+def _call_modules(capture: GraphCapture, instance: Any) -> Tuple[Any, ...]:
+    """The callers recorded for the call path in ``instance`` (``GraphCapture.call_modules``),
+    looked up through a resume graph's ``("via", uid, key)``."""
+    while isinstance(instance, tuple) and instance and instance[0] == "via":
+        continued = next((c for c in all_captures() if c.uid == instance[1]), None)
+        if continued is None:
+            return ()
+        capture, instance = continued, instance[2]
+    return capture.call_modules.get(instance, ())
 
 
 def _most_calls(most: Counter, calls: Counter) -> None:

@@ -195,10 +195,14 @@ def name_occurrence(
     prefix: Tuple[str, ...],
     counters: ScopeCounters,
     instance: Any = None,
+    scope: Optional[str] = None,
+    enclosing: Optional[Dict[Tuple[str, ...], str]] = None,
 ) -> List[Site]:
     """Names every tensor-valued node of ``capture`` running as the module at ``prefix`` (for
-    the call recorded under ``instance``)."""
-    return _OccurrenceNamer(capture, root, tuple(prefix), counters, instance).name()
+    the call recorded under ``instance``), in ``scope`` (by default the module path's; a call
+    of a module called several times in the forward is ``block_1``); ``enclosing``: the scopes
+    of the calls this one is made in, by module path (``block`` → ``block_1``)."""
+    return _OccurrenceNamer(capture, root, tuple(prefix), counters, instance, scope, enclosing).name()
 
 
 #: Ranks of module results named from what the module returned sort before every other result
@@ -212,10 +216,12 @@ class _OccurrenceNamer:
     the order matters only through the shared per-scope counters (ops are counted first)."""
 
     def __init__(self, capture: GraphCapture, root: nn.Module, prefix: Tuple[str, ...], counters: ScopeCounters,
-                 instance: Any = None) -> None:
+                 instance: Any = None, scope: Optional[str] = None,
+                 enclosing: Optional[Dict[Tuple[str, ...], str]] = None) -> None:
         self.capture, self.root, self.prefix, self.counters = capture, root, prefix, counters
         self.instance = instance
-        self.frame_scope = format_module_path(root, prefix)
+        self.frame_scope = format_module_path(root, prefix) if scope is None else scope
+        self.enclosing = enclosing or {}
         self.frame_module = module_at(root, prefix)
         self.nodes = list(capture.gm.graph.nodes)
         self.by_name = {node.name: node for node in self.nodes}
@@ -396,15 +402,17 @@ class _OccurrenceNamer:
             return
         end = len(self.prefix)
         callers = []
-        for link in frame.caller_links:
+        for link in self.capture.caller_links.get(self.instance, ()):
             for end in range(end - 1, -1, -1):
                 if module_at(self.root, self.prefix[:end]) is link.module:
                     break
             else:
                 break
-            scope = format_module_path(self.root, self.prefix[:end])
-            if scope and self.counters.totals.get(scope, 1) > 1:
-                break  # which call of the caller this is, the frame does not say
+            scope = self.enclosing.get(self.prefix[:end])
+            if scope is None:
+                scope = format_module_path(self.root, self.prefix[:end])
+                if scope and self.counters.totals.get(scope, 1) > 1:
+                    break  # which call of the caller this is, the frame does not say
             callers.append((link, end, scope))
         for link, end, scope in reversed(callers):
             for node in self.nodes:
