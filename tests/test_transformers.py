@@ -360,6 +360,45 @@ class BranchingMLP(GPT2MLP):
         return self.dropout(self.c_proj(hidden_states))
 
 
+class _PrintingAfter:
+    """Mixed into a block's attention: a graph break after its forward."""
+
+    def forward(self, *args, **kwargs):
+        result = super().forward(*args, **kwargs)
+        print("attention done")
+        return result
+
+
+def test_names_stay_when_a_context_recompiles_a_block_differently(capsys) -> None:
+    """GPT-2 with a break at the end of one block's attention: the layer loop runs eagerly and
+    each block is its own frame, called through transformers' ``GradientCheckpointingLayer``
+    ``__call__`` and the forward's decorators. A context's hooks make Dynamo compile a block's
+    forward alone, where it had compiled the ``__call__`` with the forward inlined: the same
+    call, split otherwise. Its names stay those of the first forward (they became
+    ``ln_1_0``/``ln_1_1``, and the context's own name was unknown at its exit), and the patch
+    equals the unbroken model's."""
+    model = gpt2()
+    attention = model.transformer.h[1].attn
+    attention.__class__ = type("PrintingAttention", (_PrintingAfter, type(attention)), {})
+    reference = copy.deepcopy(model)
+    ids = torch.randint(1, VOCAB, (1, 8))
+    unbroken = torch.compile(reference, backend="graphpatch_eager")
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    value = _values(3)(HIDDEN)
+    with torch.no_grad():
+        unbroken(ids)
+        compiled(ids)
+        names = pb.nodes(compiled)
+        assert names == pb.nodes(unbroken)
+        for name in ("transformer.h_0.ln_1.output", "transformer.h_1.attn.c_proj.output", "transformer.h_1.ln_2.input"):
+            with pb.patch(compiled, {name: AddPatch(value=value)}):
+                patched = compiled(ids).logits
+            assert pb.nodes(compiled) == names
+            with pb.patch(unbroken, {name: AddPatch(value=value)}):
+                expected = unbroken(ids).logits
+            torch.testing.assert_close(patched, expected)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mlp, backend", [(PrintingMLP, "graphpatch"), (BranchingMLP, "graphpatch_eager")])
 def test_graph_break_in_one_block_keeps_names_and_patches(mlp, backend, capsys):

@@ -840,7 +840,11 @@ def find_callers(module: Optional[torch.nn.Module], forward: Any = None, depth: 
 def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tuple[Any, CallerFrame]]:
     """Above ``frame``: the nearest frame outside torch and this package running the forward
     of a module containing ``module``, with that forward's facts, or None. The frames of
-    ``module``'s own forward (the original frame of a resume function) are passed over."""
+    ``module``'s own forward (the original frame of a resume function) are passed over, and so
+    are the frames of the call itself between the two (a decorator's wrapper around the
+    forward, a ``__call__`` override: transformers' ``GradientCheckpointingLayer``); any other
+    frame in between means the call was not made by the forward directly."""
+    between: List[Any] = []
     for _ in range(depth):
         frame = frame.f_back
         if frame is None:
@@ -850,10 +854,11 @@ def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tu
             continue
         code = frame.f_code
         if _forward_name(code.co_name) != "forward":
-            # Not a module's forward: stop before touching ``f_locals``, which on a running
-            # frame snapshots its locals into a dict that lives as long as the frame (a
-            # caller's ``del model`` would no longer free the model).
-            return None
+            # Not a module's forward. Its ``f_locals`` is read only once a forward above it is
+            # found (it then ends with that forward's call): on a frame that outlives the model,
+            # the snapshot of its locals would keep the model alive after a ``del model``.
+            between.append(frame)
+            continue
         if _runs(code, forward_code(module)):
             continue  # the forward itself, or the frame a resume function of it continues
         f_locals = frame.f_locals
@@ -865,9 +870,23 @@ def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tu
                 isinstance(caller, torch.nn.Module) and caller is not module and _runs(code, forward_code(caller))
                 and any(child is module for child in caller.modules())
             ):
+                if any(_call_module(wrapper) is not module for wrapper in between):
+                    return None
                 return frame, CallerFrame(caller, dict(f_locals), forward_code(caller), _received_arguments(frame, caller))
         return None
     return None
+
+
+def _call_module(frame: Any) -> Any:
+    """The module a frame of a module call runs for: its first argument (``self`` of a
+    ``__call__`` override), or ``args[0]`` of a decorator's ``wrapper(*args, **kwargs)``."""
+    code = frame.f_code
+    f_locals = frame.f_locals
+    if code.co_argcount:
+        return f_locals.get(code.co_varnames[0])
+    _, varargs, _ = code_parameters(code)
+    arguments = f_locals.get(varargs) if varargs else None
+    return arguments[0] if isinstance(arguments, tuple) and arguments else None
 
 
 def _forward_name(name: str) -> str:
@@ -991,7 +1010,8 @@ def _position(code: Any, offset: int) -> Tuple[Optional[int], Optional[int]]:
 
 
 def call_path(
-    forward: Any, callers: Optional[List[Optional[torch.nn.Module]]] = None, depth: int = 48
+    forward: Any, module: Optional[torch.nn.Module] = None,
+    callers: Optional[List[Optional[torch.nn.Module]]] = None, depth: int = 48,
 ) -> Optional[Tuple[CallSite, ...]]:
     """Where the running call of a module's forward (code ``forward``) was made, as the
     positions of the calls on the way to it: the call in the nearest Python frame outside torch
@@ -1000,9 +1020,12 @@ def call_path(
     module's forward (so ``inner`` called from ``block``'s forward is told apart between
     ``block``'s two calls). Dynamo keeps the original instructions' positions in its rewrites
     and resume functions, so one call in the source is one site however the callers' frames
-    were split. Only plain Python frame introspection, no locals read, unless ``callers`` is
-    given: it then receives, per site, the module whose forward made that call (None where
-    unknown); read once per new path, not per call. None if not found."""
+    were split. The frames of the call itself between the caller and the forward (a
+    decorator's wrapper, a ``__call__`` override) are passed over: ``module`` is the module
+    called (read off the forward's own frame where not given: while it is compiled, the frame
+    does not run yet). Only plain Python frame introspection; ``callers``, if given, receives
+    per site the module whose forward made that call (None where unknown), for a new path
+    only. None if not found."""
     sites: List[CallSite] = []
     frame: Any = sys._getframe(1)
     last = forward  # the code of the frame the latest site is in
@@ -1013,10 +1036,18 @@ def call_path(
         code = frame.f_code
         if code.co_filename.startswith(_TORCH_DIR) or code.co_filename.startswith(_PACKAGE_DIR):
             continue
-        if _runs(code, forward) if not sites else _continued_by(code, last):
-            continue  # the same forward: the frame a resume function continues
-        if sites and _forward_name(code.co_name) != "forward":
-            break  # not a module's forward (the user's code calling the model, for one)
+        if sites:
+            if _continued_by(code, last):
+                continue  # the same forward: the frame a resume function continues
+            if _forward_name(code.co_name) != "forward":
+                break  # not a module's forward (the user's code calling the model, for one)
+        elif _runs(code, forward):
+            if module is None and code.co_argcount:
+                found = frame.f_locals.get(code.co_varnames[0])
+                module = found if isinstance(found, torch.nn.Module) else None
+            continue
+        elif module is not None and _forward_name(code.co_name) != "forward" and _call_module(frame) is module:
+            continue  # a wrapper of the call itself
         line, column = _position(code, frame.f_lasti)
         sites.append((code.co_filename, line, column))
         last = code
@@ -1082,6 +1113,7 @@ def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96)
     of that forward as it runs (None: the innermost module forward on the stack is ``module``).
     """
     chain: List[torch.nn.Module] = []
+    between: List[Any] = []
     current = module
     frame = sys._getframe(1)
     for _ in range(depth):
@@ -1093,7 +1125,8 @@ def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96)
             continue
         code = frame.f_code
         if _forward_name(code.co_name) != "forward" or not code.co_argcount:
-            break  # not a module's forward (f_locals is not touched on such frames: see _next_caller)
+            between.append(frame)  # a frame of the call itself, if a forward is found above
+            continue
         owner = _frame_module(frame)
         if owner is None:
             break
@@ -1103,8 +1136,11 @@ def returning_callers(module: Optional[torch.nn.Module] = None, depth: int = 96)
             continue  # the forward being compiled (or its rewrite calling the resume function)
         if not any(child is current for child in owner.modules()):
             break
+        if any(_call_module(wrapper) is not current or not _returns_call_result(wrapper) for wrapper in between):
+            break  # not made by the forward directly, or a wrapper that does not return it as is
         if not _returns_call_result(frame):
             break
+        between.clear()
         chain.append(owner)
         current = owner
     return chain

@@ -98,6 +98,18 @@ class GraphCapture:
     def __hash__(self) -> int:
         return id(self)
 
+    def _forget_anchor(self, anchor_id: int) -> None:
+        """Drops the occurrences recorded under an anchor id (also inside call keys) and what
+        was read per occurrence for them."""
+        stale = [key for key in self.occurrences if _anchor_id(key) == anchor_id]
+        if not stale:
+            return
+        with _registry_lock:
+            for key in stale:
+                for table in (self.occurrences, self.resume_held, self.returned_by, self.call_modules, self.caller_links):
+                    table.pop(key, None)
+            _version[0] += 1
+
     def record_call(self, args: Sequence[object]) -> Optional[Any]:
         """Notes which instance this call runs for; returns its instance key."""
         frame = self.frame
@@ -113,12 +125,11 @@ class GraphCapture:
             key: Any = id(anchor)
             if key not in self.anchors or self.anchors[key]() is not anchor:
                 # ids are reused once a tensor dies: the weak reference tells a live anchor
-                # from a dead model's (index.py checks it before naming an occurrence).
+                # from a dead model's (index.py checks it before naming an occurrence), and
+                # what was recorded under the id belongs to the dead model: forgotten, so this
+                # model's first run of the graph is now.
                 self.anchors[key] = weakref.ref(anchor)
-                if key in self.occurrences:
-                    with _registry_lock:
-                        self.occurrences[key] = next(_sequence)
-                        _version[0] += 1
+                self._forget_anchor(key)
         elif frame.is_resume and frame.self_module is None:
             key = _continued_instance(frame)
         else:
@@ -130,12 +141,12 @@ class GraphCapture:
             # forward shares the code.
             key = _last_anchored()
         if self.called_forward is not None:
-            path = call_path(self.called_forward)
+            path = call_path(self.called_forward, self.compiling)
             if path is not None:
                 key = ("call", key, path)
                 if key not in self.call_modules:
                     callers: List[Optional[torch.nn.Module]] = []
-                    call_path(self.called_forward, callers)
+                    call_path(self.called_forward, self.compiling, callers)
                     self.call_modules[key] = tuple(None if m is None else weakref.ref(m) for m in callers)
         if frame.is_resume or not frame.returns:
             _track_frames(self, key)
@@ -156,6 +167,13 @@ class GraphCapture:
                 self.occurrences.setdefault(key, next(_sequence))
                 _version[0] += 1
         return key
+
+
+def _anchor_id(key: Any) -> Any:
+    """The anchor id an instance key was made from (inside a call key), or None."""
+    if isinstance(key, tuple) and key and key[0] == "call":
+        return _anchor_id(key[1])
+    return key if isinstance(key, int) else None
 
 
 #: Per thread: the frame invocations whose graph ended at a graph break and whose resume graphs

@@ -241,7 +241,12 @@ class RootIndex:
 
         for _, capture, instance, prefix in pending:
             site = call_site_of(instance)
-            group = (capture.code_key, prefix, site)
+            group: Tuple[Any, ...] = (capture.code_key, prefix, site)
+            if site is not None and not capture.frame.is_resume:
+                # Any graph beginning this call (a recompile, or the same call split otherwise
+                # in another forward: transformers' checkpointing __call__ compiled once with
+                # the forward inlined, once the forward alone) restarts from the call's start.
+                group = ("call", prefix, site)
             begins = prefix == () and not capture.frame.is_resume
             if begins and root_code is None:
                 root_code = capture.code_key
