@@ -66,20 +66,19 @@ class ProgramCache:
 
     def get(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """The program for ``key`` (now the most recently used), or None; counts a hit or a miss."""
-        entries = self._entries
         with self._lock:
-            program = entries.get(key)
-            if program is not None:
-                entries.move_to_end(key)
-                if type(program) is Guarded:
-                    program = program.find(_guard_args(key, args))
-                    if program is None:
-                        self._stats.variant_misses += 1
-                        return None
-                self._stats.variant_hits += 1
-                return program
-            self._stats.variant_misses += 1
-            return None
+            program = self._entries.get(key)
+            if program is None:
+                self._stats.variant_misses += 1
+                return None
+            self._entries.move_to_end(key)
+            if type(program) is Guarded:
+                program = program.find(_guard_args(key, args))
+                if program is None:
+                    self._stats.variant_misses += 1
+                    return None
+            self._stats.variant_hits += 1
+            return program
 
     def peek(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """Like ``get``, without counting or reordering (a build checking it lost no race)."""
