@@ -352,7 +352,9 @@ class PatchContext:
                 if len(read[3]) > 1:
                     _check_reuse(roots)
                 root = index.root
-                watch = handle.watch = watch_eager_calls(model, root, handle.watch)
+                watch = handle.watch
+                if watch is None or not watch.hold():  # else its hook is still registered: held
+                    watch = handle.watch = watch_eager_calls(model, root)
                 watched = previous.watched
                 if watch is not None and root not in watched:
                     watched = {**watched, root: id(index)}

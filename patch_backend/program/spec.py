@@ -225,11 +225,12 @@ class ProgramSpec:
     def __hash__(self) -> int:
         # The spec is the program cache's key, looked up on every patched call: its hash walks
         # every site and entry, so it is computed once per spec (the dataclass is frozen).
-        cached = self.__dict__.get("_hash")
-        if cached is None:
+        try:
+            return self._hash  # type: ignore[attr-defined]
+        except AttributeError:
             cached = hash((self.sites, self.ints, self.scalars, self.tensors, self.slots))
             object.__setattr__(self, "_hash", cached)
-        return cached
+            return cached
 
     def uses(self, graph: torch.fx.Graph) -> "Uses":
         """Per use of a patched value, the sites it passes through: those at the producer whose
