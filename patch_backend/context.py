@@ -337,8 +337,12 @@ class PatchContext:
 
     def __enter__(self) -> None:
         model = self._model
-        handle = _handle_of(model)
-        index = handle.index.refresh()
+        handle = _HANDLES.get(id(model))  # ``_handle_of``'s common case, inline
+        if handle is None or handle.ref() is not model or handle.index._root() is None:  # type: ignore[misc]
+            handle = _handle_of(model)
+        index = handle.index
+        if index._version != registry_version():  # ``refresh``'s common case, inline
+            index.refresh()
         previous = _active.get()
         read = read_known(self._map)
         if read is not None and not previous.roots:
@@ -735,7 +739,8 @@ def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int], ke
             selection = tuple(map(SitePatches, known.sites, roots[0].by_name.values()))
             marks = GraphMarks(known.roots, known.returns, known.applied, 0, True)
             state.log.marks.append(marks)
-            found: Occurrence = (selection, marks, known.owners, graph.compiled and bool(known.owners[0].declared), known)
+            declared = graph.compiled and bool(known.owners[0].declared)
+            found: Occurrence = (selection, marks, known.owners, declared, known)
             state.memo[key] = found
             return found
     shapes = state.shapes

@@ -268,7 +268,7 @@ class RuntimeValues:
     def __repr__(self) -> str:
         return f"RuntimeValues(ints={self.ints!r}, scalars={self.scalars!r}, tensors={len(self.tensors)} tensors)"
 
-    def inputs(self, device: torch.device) -> List[torch.Tensor]:
+    def inputs(self, device: torch.device) -> Sequence[torch.Tensor]:
         """The extra graph inputs, in the order ``insert`` adds the placeholders."""
         if not self.ints and not self.scalars:  # the common case: tensor values alone
             tensors = self.tensors
@@ -276,7 +276,7 @@ class RuntimeValues:
                 if tensor.device != device:
                     break
             else:
-                return list(tensors)
+                return tensors
         inputs: List[torch.Tensor] = []
         if self.ints:
             inputs.append(torch.tensor(self.ints, dtype=torch.int64, device=device))
