@@ -256,11 +256,14 @@ class _Plan:
     of its selection (``_Known``). A context of a known structure finds all of it in one
     lookup and reads only its values; a new name-table version checks the map again."""
 
-    __slots__ = ("version", "shapes", "programs")
+    __slots__ = ("version", "shapes", "programs", "watched")
 
     def __init__(self, version: int, shapes: Dict[Any, "OccurrenceShape"]) -> None:
         self.version = version
         self.shapes = shapes
+        #: ``PatchState.watched`` of its contexts when only their model is watched (read-only;
+        #: it holds the model, which the handle's wrapper holds anyway).
+        self.watched: Optional[Dict[Any, int]] = None
         #: (capture uid, instance, name-table version) → _Known. Bounded, emptied when full.
         self.programs: Dict[Any, "_Known"] = {}
 
@@ -355,13 +358,18 @@ class PatchContext:
                 roots: Tuple[RootPatches, ...] = (RootPatches(index, by_name, True),)
                 if len(read[3]) > 1:
                     _check_reuse(roots)
-                root = index.root
                 watch = handle.watch
                 if watch is None or not watch.hold():  # else its hook is still registered: held
-                    watch = handle.watch = watch_eager_calls(model, root)
+                    watch = handle.watch = watch_eager_calls(model, index.root)
                 watched = previous.watched
-                if watch is not None and root not in watched:
-                    watched = {**watched, root: id(index)}
+                if watch is not None:
+                    if not watched:  # the common case: this model alone is watched
+                        alone = plan.watched
+                        if alone is None:
+                            alone = plan.watched = {index.root: id(index)}
+                        watched = alone
+                    elif index.root not in watched:
+                        watched = {**watched, index.root: id(index)}
                 state = PatchState(roots, PATCHES, {}, RunLog(), None, watched, plan.shapes, (plan, read[2], read[3]))
                 self._unhook = install_boundary_hooks(index, by_name) if index.eager_sites else None
                 self._state, self._previous, self._watch, self._index, self._names = state, previous, watch, index, by_name
