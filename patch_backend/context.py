@@ -36,12 +36,12 @@ from .never_silent import (
     unapplied_message,
     watch_eager_calls,
 )
-from .patches import AddPatch, CustomPatch, Patch, ReplacePatch, ZeroPatch
+from .patches import AddPatch, CustomPatch, Patch, ProbePatch, RecordPatch, ReplacePatch, ZeroPatch
 from .prepare import prepared_request
 from .program.dynamic import check_call_shapes
 from .program.insert import build_variant
 from .program.plan import Selection, SitePatches
-from .program.spec import Walked, walk
+from .program.spec import UNWALKED, ProgramSpec, RuntimeValues, Walked, walk, walk_slice
 from .roots import resolve_root
 from .runtime.requests import FrontEnd, GraphFacts, Request, uncompiled
 from .state import GraphMarks, PatchState, PendingValidation, RootKey, RootPatches, RunLog, _active, active_state
@@ -140,6 +140,160 @@ def _check_reuse(roots: Sequence["RootPatches"]) -> None:
                     )
 
 
+#: ``read_known``'s answer: (key, by_name, values, checks). ``key`` is the map's whole structure
+#: (names, and per patch its type, clone flag, slice form without the numbers, and its value's
+#: shape, dtype, device and grad flag, or number type), ``by_name`` the normalized map,
+#: ``values`` its runtime values in map order (the slot order ``spec.walk`` gives a selection of
+#: these names in this order), ``checks`` what ``_intact`` compares at each call. A tuple: one
+#: is made per ``pb.patch`` entry.
+KnownMap = Tuple[Hashable, Dict[str, Tuple[Patch, ...]], RuntimeValues, Tuple[Any, ...]]
+
+
+_SEQUENCES = (list, tuple)
+_NOT_READ = object()  # a patch attribute ``_intact`` does not compare
+
+
+def read_known(patch_map: PatchMap) -> Optional[KnownMap]:
+    """The common map (a dict of str names to built-in patches, or lists of them) read in one
+    pass: its structure key and values. None for anything else (NodePath keys, custom patches,
+    list slices, index lists, numbers too large for float64, a malformed map): those maps take
+    ``read_map`` and the full checks at every entry.
+
+    Everything the entry checks derive from the map (``validation.map_structure``) and
+    everything ``spec.walk`` reads of the patches is in the key, so a key seen before on a
+    model's current name table passed every entry check, and its per-structure memos
+    (``_Plan``) hold for it."""
+    if type(patch_map) is not dict:
+        return None
+    if len(patch_map) == 1:  # the common map: one name, one patch without a slice
+        ((name, patch),) = patch_map.items()
+        kind = type(patch)
+        if (kind is AddPatch or kind is ReplacePatch) and patch.slice is None and type(name) is str:
+            number = patch.value
+            if type(number) is _Tensor:
+                clone = patch.requires_clone
+                shape = (number.shape, number.dtype, number.device, number.requires_grad)
+                return (
+                    ((name, ((kind, clone, None, shape),)),),
+                    {name: (patch,)},
+                    RuntimeValues((), (), (number,)),
+                    ((patch, clone, None, number, shape),),
+                )
+    by_name: Dict[str, Tuple[Patch, ...]] = {}
+    parts: List[Any] = []
+    ints: List[int] = []
+    scalars: List[float] = []
+    tensors: List[torch.Tensor] = []
+    checks: List[Any] = []
+    for name, value in patch_map.items():
+        if type(name) is not str:
+            return None
+        patches = tuple(value) if type(value) in _SEQUENCES else (value,)
+        kinds: List[Any] = []
+        for patch in patches:
+            kind = type(patch)
+            if kind is AddPatch or kind is ReplacePatch or kind is ZeroPatch:
+                tensor_slice = patch.slice
+                if tensor_slice is None:
+                    form: Any = None
+                elif type(tensor_slice) is list:
+                    return None  # its numbers could change under the context: read at each call
+                else:
+                    form = walk_slice(tensor_slice, ints)
+                    if form is UNWALKED:
+                        return None
+                clone = patch.requires_clone
+                if kind is ZeroPatch:
+                    kinds.append((kind, clone, form, None))
+                    checks.append((patch, clone, tensor_slice, _NOT_READ, None))
+                    continue
+                number = patch.value
+                if isinstance(number, _Tensor):
+                    meta: Any = (number.shape, number.dtype, number.device, number.requires_grad)
+                    tensors.append(number)
+                elif type(number) in _SCALARS and not (type(number) is int and abs(number) > 2**53):
+                    meta = type(number)
+                    scalars.append(float(number))
+                else:
+                    return None
+                kinds.append((kind, clone, form, meta))
+                checks.append((patch, clone, tensor_slice, number, meta))
+            elif kind is ProbePatch or kind is RecordPatch:
+                clone = patch.requires_clone
+                kinds.append((kind, clone))
+                checks.append((patch, clone, _NOT_READ, _NOT_READ, None))
+            else:
+                return None
+        by_name[name] = patches
+        parts.append((name, tuple(kinds)))
+    return tuple(parts), by_name, RuntimeValues(tuple(ints), tuple(scalars), tuple(tensors)), tuple(checks)
+
+
+_Tensor = torch.Tensor
+
+
+def _intact(checks: Tuple[Any, ...]) -> bool:
+    """Whether the patches of a ``read_known`` map still hold what it read at entry: a patch's
+    attributes, or its value tensor's shape, dtype, device or grad flag, may change inside the
+    context, and every call must run what the patches hold then (a changed map takes the full
+    per-call read, ``spec.walk``)."""
+    for patch, clone, tensor_slice, number, meta in checks:
+        if patch.requires_clone is not clone or (tensor_slice is not _NOT_READ and patch.slice is not tensor_slice):
+            return False
+        if number is not _NOT_READ:
+            if patch.value is not number:
+                return False
+            # A tuple compares its items by identity first: no tensor is compared here.
+            if meta.__class__ is tuple and (number.shape, number.dtype, number.device, number.requires_grad) != meta:
+                return False
+    return True
+
+
+class _Plan:
+    """What ``pb.patch`` derives once per handle and map structure (``read_known``'s key): the
+    name-table version its entry checks passed on, the occurrence shapes of its names, and per
+    graph occurrence whose sites are the whole map in map order, the program spec and walk key
+    of its selection (``_Known``). A context of a known structure finds all of it in one
+    lookup and reads only its values; a new name-table version checks the map again."""
+
+    __slots__ = ("version", "shapes", "programs", "watched")
+
+    def __init__(self, version: int, shapes: Dict[Any, "OccurrenceShape"]) -> None:
+        self.version = version
+        self.shapes = shapes
+        #: ``PatchState.watched`` of its contexts when only their model is watched (read-only;
+        #: it holds the model, which the handle's wrapper holds anyway).
+        self.watched: Optional[Dict[Any, int]] = None
+        #: (capture uid, instance, name-table version) → _Known. Bounded, emptied when full.
+        self.programs: Dict[Any, "_Known"] = {}
+
+
+class _Known:
+    """A plan's program on one graph occurrence: the spec its selection lowers to, the
+    selection's ``spec.walk`` key, the slice numbers its shape check passed with, and what
+    ``occurrence`` would derive there (sites, run marks, owners)."""
+
+    __slots__ = ("spec", "walked", "ints", "sites", "roots", "returns", "applied", "owners")
+
+    def __init__(
+        self,
+        spec: ProgramSpec,
+        walked: Hashable,
+        ints: Tuple[int, ...],
+        sites: Tuple[Any, ...],
+        marks: Tuple[Any, Any, Any],
+        owners: Tuple[RootIndex, ...],
+    ) -> None:
+        self.spec = spec
+        self.walked = walked
+        self.ints = ints
+        #: The selection's sites, in map order. Held: ``walked`` names them by ``id``.
+        self.sites = sites
+        #: What ``occurrence`` gives a state's ``GraphMarks`` here, and the programs' owners.
+        self.roots, self.returns, self.applied = marks
+        self.owners = owners
+
+
 def patch(model: Any, patch_map: PatchMap) -> "PatchContext":
     """Activates ``patch_map`` on ``model`` for the body of the ``with`` block.
 
@@ -186,11 +340,44 @@ class PatchContext:
 
     def __enter__(self) -> None:
         model = self._model
-        handle = _handle_of(model)
-        index = handle.index.refresh()
-        root = index.root
-        by_name, structure = read_map(self._map)
+        handle = _HANDLES.get(id(model))  # ``_handle_of``'s common case, inline
+        if handle is None or handle.ref() is not model or handle.index._root() is None:  # type: ignore[misc]
+            handle = _handle_of(model)
+        index = handle.index
+        if index._version != registry_version():  # ``refresh``'s common case, inline
+            index.refresh()
         previous = _active.get()
+        read = read_known(self._map)
+        if read is not None and not previous.roots:
+            plan = handle.plans.get(read[0])
+            if plan is not None and plan.version == index._version:
+                # A map structure that entered this handle before, on this name table: its checks
+                # passed then (``_Plan``); only its patch objects are new, and an object used
+                # twice is still refused.
+                by_name = read[1]
+                roots: Tuple[RootPatches, ...] = (RootPatches(index, by_name, True),)
+                if len(read[3]) > 1:
+                    _check_reuse(roots)
+                watch = handle.watch
+                if watch is None or not watch.hold():  # else its hook is still registered: held
+                    watch = handle.watch = watch_eager_calls(model, index.root)
+                watched = previous.watched
+                if watch is not None:
+                    if not watched:  # the common case: this model alone is watched
+                        alone = plan.watched
+                        if alone is None:
+                            alone = plan.watched = {index.root: id(index)}
+                        watched = alone
+                    elif index.root not in watched:
+                        watched = {**watched, index.root: id(index)}
+                state = PatchState(roots, PATCHES, {}, RunLog(), None, watched, plan.shapes, (plan, read[2], read[3]))
+                self._unhook = install_boundary_hooks(index, by_name) if index.eager_sites else None
+                self._state, self._previous, self._watch, self._index, self._names = state, previous, watch, index, by_name
+                self._token = _active.set(state)
+                return
+        root = index.root
+        version = index._version
+        by_name, structure = read_map(self._map)
         known = bool(index.names)  # the model ran: its names are checked now (else at its first call)
         if known and structure is not None and entered_before(index, structure):
             new_names = by_name  # checked before, so free of aliases (below) and known
@@ -198,6 +385,7 @@ class PatchContext:
             new_names = resolve_aliases(root, by_name)  # TransformerLens names (aliases.py)
             if known:  # raises before the state exists, as the roots do
                 validate_entered(index, new_names, structure if list(new_names) == list(by_name) else None)
+        plan = None
         if previous.roots:
             roots = tuple(_entered_roots(previous, index, new_names, known))
             shapes = None
@@ -209,13 +397,16 @@ class PatchContext:
             roots = (RootPatches(index, new_names, known),)
             shapes = handle.shapes(tuple(new_names))
             pending = None if known else PendingValidation()
+            if read is not None and known and _same_map(new_names, read[1]):
+                plan = handle.remember(read[0], _Plan(version, shapes))
         _check_reuse(roots)
         # Nothing raises after this: the watch is released at exit.
         watch = handle.watch = watch_eager_calls(model, root, handle.watch)
         watched = previous.watched
         if watch is not None and root not in watched:
             watched = {**watched, root: id(index)}
-        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watched, shapes)
+        bound = None if plan is None else (plan, read[2], read[3])  # type: ignore[index]
+        state = PatchState(roots, PATCHES, {}, RunLog(), pending, watched, shapes, bound)
         # Names on module boundaries no graph covers (a forward Dynamo ran eagerly) patch through
         # hooks for this block; a model without such a forward gets none (eager_boundaries.py).
         self._unhook = install_boundary_hooks(index, new_names) if index.eager_sites else None
@@ -226,8 +417,21 @@ class PatchContext:
         state = self._state
         try:
             if exc_type is None:
-                close_wrapper_calls(state)  # a wrapper call in progress ran eagerly?
-                raise_if_unapplied(state.log, self._index, self._names)
+                log = state.log
+                open_calls = log.open_calls
+                if open_calls:  # a wrapper call in progress ran eagerly (none of its graphs)?
+                    runs = log.runs
+                    for key, start in open_calls.items():
+                        if runs.get(key, 0) == start:
+                            close_wrapper_calls(state)
+                            break
+                    else:
+                        open_calls.clear()  # the common case: every call ran a graph
+                for marks in log.marks:
+                    if marks.calls and marks.complete:
+                        break  # a graph holding every patched name ran: nothing to check
+                else:
+                    raise_if_unapplied(log, self._index, self._names)
         finally:
             _active.reset(self._token)
             if self._watch is not None:
@@ -248,7 +452,10 @@ class _Handle:
     entry; kept by ``id``, with a weak reference that tells the live handle from a reused id
     and drops the entry with the handle."""
 
-    __slots__ = ("ref", "index", "watch", "_shapes")
+    __slots__ = ("ref", "index", "watch", "_shapes", "plans", "_lock")
+
+    #: Bound on ``plans``: emptied when full (a plan is rebuilt by one full entry).
+    MAX_PLANS = 256
 
     def __init__(self, ref: Optional["weakref.ref[Any]"], index: RootIndex) -> None:
         self.ref = ref
@@ -256,6 +463,18 @@ class _Handle:
         self.watch: Optional[Watch] = None
         #: Patched names → (capture uid, instance, name-table version) → OccurrenceShape.
         self._shapes: Dict[Tuple[str, ...], Dict[Any, OccurrenceShape]] = {}
+        #: ``read_known`` key → what contexts of that map structure share (``_Plan``). Read
+        #: without the lock (one dict lookup is atomic); writers add or clear under it.
+        self.plans: Dict[Hashable, _Plan] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, key: Hashable, plan: _Plan) -> _Plan:
+        """Keeps ``plan`` for contexts of map structure ``key`` (replacing an older one)."""
+        with self._lock:
+            if len(self.plans) >= self.MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        return plan
 
     def shapes(self, names: Tuple[str, ...]) -> Dict[Any, "OccurrenceShape"]:
         """The occurrence shapes of a context of this model alone patching ``names``: the
@@ -271,7 +490,7 @@ class _Handle:
 
 def _handle_of(model: Any) -> _Handle:
     found = _HANDLES.get(id(model))
-    if found is not None and found.ref is not None and found.ref() is model and found.index._root() is not None:
+    if found is not None and found.ref() is model and found.index._root() is not None:  # type: ignore[misc]
         return found
     index = index_for(resolve_root(model))
     try:
@@ -296,6 +515,16 @@ def _forget_handle(key: int, ref: "weakref.ref[Any]") -> None:
         found = _HANDLES.get(key)
         if found is not None and found.ref is ref:
             del _HANDLES[key]
+
+
+def _same_map(resolved: Dict[str, Tuple[Patch, ...]], by_name: Dict[str, Tuple[Patch, ...]]) -> bool:
+    """Whether alias resolution left the map as it was: the same names, the same patches."""
+    if len(resolved) != len(by_name):
+        return False
+    for (name, patches), (other, theirs) in zip(resolved.items(), by_name.items()):
+        if name != other or len(patches) != len(theirs) or any(a is not b for a, b in zip(patches, theirs)):
+            return False
+    return True
 
 
 def _entered_roots(
@@ -351,7 +580,7 @@ class Patches:
         found = state.memo.get(key)
         if found is None:
             found = occurrence(state, graph, instance, key)
-        selection, marks, owners, declared = found
+        selection, marks, owners, declared, known = found
         marks.calls += 1  # for pb.patch's check at exit
         if state.watched:  # for a watched wrapper call (never_silent.py)
             runs = state.log.runs
@@ -360,6 +589,26 @@ class Patches:
         if not selection:
             return None
         capture = graph.capture
+        if known is not None and known is not _LEARN and not declared:
+            bound = state.bound
+            if _intact(bound[2]):  # type: ignore[index]
+                # A planned map of a structure this occurrence ran before: its spec and shape
+                # check are the plan's, its values were read at entry (``read_known``).
+                values = bound[1]  # type: ignore[index]
+                ints = values.ints
+                if ints is not known.ints and ints != known.ints:  # other slice numbers: checked?
+                    checked = (known.walked, ints)
+                    if checked not in graph.checked:
+                        check_call_shapes(None, capture, selection, args, state.memo)
+                        graph.remember_checked(checked, known.sites)
+                return Request(
+                    known.spec,
+                    lambda compile_fn, args: build_variant(capture, selection, args, compile_fn),
+                    lambda args: graph.interpreted(),
+                    lambda program, args: program.run_lowered(selection, values, args),
+                    owners,
+                    True,
+                )
         walked = walk(selection)  # this call's structure and values, read once
         if capture.dynamic:  # sizes change from call to call: check_call_shapes memoises by them
             check_call_shapes(graph.symbolic_inputs, capture, selection, args, state.memo)
@@ -380,7 +629,23 @@ class Patches:
             request = prepared_request(state, graph, instance, selection, owners)
             if request is not None:
                 return request
-        return variant_request(graph, selection, owners, walked)
+        request = variant_request(graph, selection, owners, walked)
+        if known is _LEARN and walked is not None and _intact(state.bound[2]):  # type: ignore[index]
+            # The walk read what ``read_known`` read at entry: later contexts of this plan
+            # take the spec and check from it (``known_request``).
+            programs = state.bound[0].programs  # type: ignore[index]
+            if len(programs) >= 256:
+                programs.clear()
+            marks = found[1]
+            programs[key] = _Known(
+                request.key,  # type: ignore[arg-type]
+                walked.key,
+                walked.values.ints,
+                tuple(entry.site for entry in selection),
+                (marks.roots, marks.returns, marks.applied),
+                owners,
+            )
+        return request
 
 
 _VALUE_PATCHES = (ZeroPatch, AddPatch, ReplacePatch)
@@ -475,6 +740,17 @@ def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int], ke
     by ``key`` = (capture uid, instance, name-table version) alone.
     """
     roots = state.roots
+    bound = state.bound
+    if bound is not None:
+        known = bound[0].programs.get(key)
+        if known is not None:  # a planned map on an occurrence its plan ran on: all is known
+            selection = tuple(map(SitePatches, known.sites, roots[0].by_name.values()))
+            marks = GraphMarks(known.roots, known.returns, known.applied, 0, True)
+            state.log.marks.append(marks)
+            declared = graph.compiled and bool(known.owners[0].declared)
+            found: Occurrence = (selection, marks, known.owners, declared, known)
+            state.memo[key] = found
+            return found
     shapes = state.shapes
     if shapes is not None:
         shape = shapes.get(key)
@@ -496,15 +772,21 @@ def occurrence(state: PatchState, graph: GraphFacts, instance: Optional[int], ke
         )
         owners = tuple(entry.index for entry in roots)
         declared = graph.compiled and any(entry.index.declared for entry in roots)
-    marks = GraphMarks(shape.roots, shape.returns, shape.applied)
+    marks = GraphMarks(shape.roots, shape.returns, shape.applied, 0, shape.complete)
     state.log.marks.append(marks)
-    found: Occurrence = (selection, marks, owners, declared)
+    # A planned map whose selection here is the whole map in map order (one model): its first
+    # walk here teaches the plan (``Patches.request``).
+    learn = _LEARN if bound is not None and shape.complete and not graph.capture.dynamic else None
+    found = (selection, marks, owners, declared, learn)
     state.memo[key] = found
     return found
 
 
-#: ``occurrence``'s answer: selection, run marks, owners, whether any patched model declared sites.
-Occurrence = Tuple[Selection, GraphMarks, Tuple[RootIndex, ...], bool]
+#: ``occurrence``'s answer: selection, run marks, owners, whether any patched model declared
+#: sites, and for a planned map the plan's program here (``_Known``; ``_LEARN`` until the
+#: first walk of it, None where the plan does not apply).
+Occurrence = Tuple[Selection, GraphMarks, Tuple[RootIndex, ...], bool, Any]
+_LEARN = object()
 
 
 @dataclass(frozen=True)
@@ -516,6 +798,8 @@ class OccurrenceShape:
     roots: Tuple[RootKey, ...]
     returns: Tuple[RootKey, ...]
     applied: FrozenSet[Tuple[RootKey, str]]
+    #: Every patched name of every patched model has its site here.
+    complete: bool
     #: The name tables it was read from, weakly (a model's deletion frees them): a hit whose
     #: tables are gone or others (an id reused) is rebuilt.
     indexes: Tuple["weakref.ref[RootIndex]", ...]
@@ -552,8 +836,9 @@ def _occurrence_shape(roots: Tuple[RootPatches, ...], graph: GraphFacts, instanc
         if (capture.uid, instance) in index.root_returns:
             returns.append(root_key)
         applied.update((root_key, name) for name in entry.by_name if name in found)
+    complete = all(len(found) == len(entry.by_name) for found, entry in zip(sites, roots))
     shape = OccurrenceShape(
-        tuple(sites), tuple(keys), tuple(returns), frozenset(applied), tuple(weakref.ref(i) for i in indexes)
+        tuple(sites), tuple(keys), tuple(returns), frozenset(applied), complete, tuple(weakref.ref(i) for i in indexes)
     )
     return graph.occurrences.put(key, shape)
 

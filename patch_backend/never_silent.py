@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -128,24 +128,35 @@ class Watch:
     removes it (``_unwatch_if_idle``): an unpatched loop pays one hooked call, then runs as if
     the model had never been patched.
 
-    ``users`` counts the contexts (any thread) that hold the hook; it is only removed when it
-    is 0, under ``_watch_lock``.
+    ``holders`` has one item per context (any thread) holding the hook; it is only removed when
+    it is empty, under ``_watch_lock``. Holding and releasing take no lock (every ``pb.patch``
+    entry and exit does both): a list's ``append`` and ``pop`` are atomic, and a holder appends
+    *before* it reads ``live`` while the remover clears ``live`` *before* it reads ``holders``
+    (``hold``, ``_unwatch_if_idle``), so one of the two always sees the other.
     """
 
-    __slots__ = ("module", "handle", "users", "live", "__weakref__")
+    __slots__ = ("module", "handle", "holders", "live", "__weakref__")
 
     def __init__(self, module: nn.Module, handle: Any) -> None:
         key = id(module)
         self.module: "weakref.ref[nn.Module]" = weakref.ref(module, lambda ref: _drop_watch(key, ref))
         self.handle = handle
-        self.users = 0
+        self.holders: List[None] = []
         #: False once its hook is removed: a context holding this object registers anew.
         self.live = True
 
+    def hold(self) -> bool:
+        """A context holds the hook, if it is still registered (else False, holding nothing)."""
+        holders = self.holders
+        holders.append(None)
+        if self.live:
+            return True
+        holders.pop()
+        return False
+
     def release(self) -> None:
         """A watching context exits: the hook stays until a call outside every context."""
-        with _watch_lock:
-            self.users -= 1
+        self.holders.pop()
 
 
 _watch_lock = threading.RLock()  # re-entrant: a weak reference callback may run under it
@@ -184,11 +195,8 @@ def watch_eager_calls(model: Any, root: nn.Module, known: Optional[Watch] = None
     ``known`` is the watch an earlier call returned for this root: while its hook is still
     registered, it is held again without looking anything up.
     """
-    if known is not None:
-        with _watch_lock:
-            if known.live:
-                known.users += 1
-                return known
+    if known is not None and known.hold():
+        return known
     if model is root or not isinstance(model, nn.Module):
         return None
     with _watch_lock:
@@ -197,7 +205,8 @@ def watch_eager_calls(model: Any, root: nn.Module, known: Optional[Watch] = None
             if not _hooks_run_outside_dynamo(root) or not dynamo_calls_known():
                 return None
             watch = _watches[id(root)] = Watch(root, root.register_forward_pre_hook(_root_called))
-        watch.users += 1
+        # Under the lock no remover runs, so a registered watch is live here.
+        watch.holders.append(None)
     return watch
 
 
@@ -212,10 +221,13 @@ def _unwatch_if_idle(module: nn.Module) -> None:
     context). Removing it from inside the hook is safe: torch iterates a copy of the pre-hooks."""
     with _watch_lock:
         watch = _watch_of(module)
-        if watch is None or watch.users:
+        if watch is None or watch.holders:
+            return
+        watch.live = False  # before reading holders again: see Watch
+        if watch.holders:  # a context took it meanwhile: it stays
+            watch.live = True
             return
         watch.handle.remove()
-        watch.live = False
         del _watches[id(module)]
 
 
@@ -224,7 +236,7 @@ def watching_hooks(module: nn.Module) -> Optional[int]:
     next call outside them), or None when it has none. For tests."""
     with _watch_lock:
         watch = _watch_of(module)
-        return None if watch is None else watch.users
+        return None if watch is None else len(watch.holders)
 
 
 @skip_frame

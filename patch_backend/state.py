@@ -34,6 +34,9 @@ class GraphMarks:
     applied: FrozenSet[Tuple[RootKey, str]]
     #: Runs not yet folded into the RunLog's totals (``RunLog.settle``).
     calls: int = 0
+    #: Every patched name of the state has its site here: a context whose log shows a run of
+    #: such marks has nothing to check at exit (context.py).
+    complete: bool = False
 
 
 class RunLog:
@@ -90,8 +93,12 @@ class RunLog:
                 theirs[key] = theirs.get(key, 0) + count
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class RootPatches:
+    """One patched model's names in a state. Never changed once made; not frozen only because
+    one is made per ``pb.patch`` entry, and a frozen dataclass's ``__init__`` costs twice as
+    much."""
+
     index: RootIndex
     by_name: Dict[str, Tuple[Patch, ...]]
     #: False until the names could be checked (a compiled model that has not run yet).
@@ -123,6 +130,9 @@ class PatchState:
     #: For a state patching one model: that model's occurrence shapes of these patched names
     #: (``context.occurrence``), shared by the contexts that patch them.
     shapes: Optional[Dict[Any, Any]] = None
+    #: For a state of one ``pb.patch`` map of a structure its handle has a plan for
+    #: (``context.read_known``): (plan, the map's values at entry, what ``_intact`` compares).
+    bound: Optional[Tuple[Any, Any, Any]] = None
 
 
 @dataclass(eq=False)

@@ -374,3 +374,161 @@ def test_the_eager_form_scans_the_graph_once_per_structure(monkeypatch, backend,
         with pb.patch(compiled, {"output": ZeroPatch()}):
             torch.testing.assert_close(compiled(x), torch.zeros_like(expected))
     assert len(plans) == 2
+
+
+class _Counted:
+    """Counts the calls of a function of patch_backend.context (monkeypatched)."""
+
+    def __init__(self, monkeypatch, name):
+        import patch_backend.context as context
+
+        self.calls = 0
+        real = getattr(context, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(context, name, counted)
+
+
+def test_a_context_of_a_planned_structure_reads_only_its_values(monkeypatch, backend):
+    """The second context of a map structure on a handle is planned (context._Plan): its entry
+    checks, sites, spec and shape check come from one lookup, and its call reads no structure
+    (no ``read_map``, ``validate_entered``, ``walk``); every result is the hand-hooked one."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    site = "layers_0.output"
+    read, validated, walked = (_Counted(monkeypatch, name) for name in ("read_map", "validate_entered", "walk"))
+    # The first context is checked and walked in full, and leaves its plan and program.
+    with pb.patch(compiled, {site: AddPatch(value=torch.zeros(8))}):
+        compiled(x)
+    assert (read.calls, validated.calls, walked.calls) == (1, 1, 1)
+    graph = _graph_facts(model)
+    builds = _builds(graph)
+    variants = pb.stats(compiled).variants_compiled
+    for step in range(6):
+        delta = torch.randn(8)
+        with pb.patch(compiled, {site: AddPatch(value=delta)}):
+            got = compiled(x)
+            again = compiled(x)  # a second call of the same context: the same plan
+        torch.testing.assert_close(got, _added(model, x, site, delta))
+        torch.testing.assert_close(again, got)
+    assert (read.calls, validated.calls, walked.calls) == (1, 1, 1)
+    assert _builds(graph) == builds
+    assert pb.stats(compiled).variants_compiled == variants
+
+    # Structure changes are new plans, checked and walked again; each result is right.
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(2, 8))}):  # another value shape
+        got = compiled(x)
+    torch.testing.assert_close(got, _added(model, x, site, torch.ones(2, 8)))
+    assert (read.calls, walked.calls) == (2, 2)
+    with pb.patch(compiled, {site: AddPatch(value=torch.ones(8), slice=(1,))}):  # a slice
+        got = compiled(x)
+    torch.testing.assert_close(got, _added(model, x, site, torch.ones(8), row=1))
+    with pb.patch(compiled, {"layers_1.output": AddPatch(value=torch.ones(8))}):  # another name
+        got = compiled(x)
+    torch.testing.assert_close(got, _added(model, x, "layers_1.output", torch.ones(8)))
+    with pb.patch(compiled, {site: ZeroPatch()}):  # another kind
+        got = compiled(x)
+    torch.testing.assert_close(got, _zero_output(model, x, site))
+    assert (read.calls, walked.calls) == (5, 5)
+    # A planned slice structure with other numbers: the same plan, positions are values.
+    for row in (0, 1, 0):
+        with pb.patch(compiled, {site: AddPatch(value=torch.ones(8), slice=(row,))}):
+            got = compiled(x)
+        torch.testing.assert_close(got, _added(model, x, site, torch.ones(8), row=row))
+    assert read.calls == 5
+
+
+def _zero_output(model, x, site):
+    layer = model.layers[int(site.split("_")[1].split(".")[0])]
+    handle = layer.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+def test_a_planned_structure_still_checks_each_context_and_call(backend):
+    """A plan keeps every check: a value of the wrong shape raises before the model runs,
+    naming the node and the patch, after any number of planned contexts; and a patch changed
+    inside a context (its value, or its value's grad flag) is read at the call, as before."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    site = "layers_0.output"
+    for _ in range(3):
+        with pb.patch(compiled, {site: AddPatch(value=torch.ones(8))}):
+            compiled(x)
+    calls = []
+    handle = model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="AddPatch at 'layers_0.output': value of shape \\(3,\\) does not broadcast"):
+            with pb.patch(compiled, {site: AddPatch(value=torch.ones(3))}):
+                compiled(x)
+        patch = AddPatch(value=torch.ones(8))
+        with pytest.raises(ValueError, match="AddPatch at 'layers_0.output'.*does not broadcast"):
+            with pb.patch(compiled, {site: patch}):
+                patch.value = torch.ones(5)  # changed inside the context: read at the call
+                compiled(x)
+        with pytest.raises(ValueError, match="cannot be stored in the target's dtype"):
+            with pb.patch(compiled, {site: AddPatch(value=torch.ones(8, dtype=torch.complex64))}):
+                compiled(x)
+    finally:
+        handle.remove()
+    assert calls == []  # no call reached the model
+
+    patch = AddPatch(value=torch.ones(8))
+    with pb.patch(compiled, {site: patch}):
+        other = torch.full((8,), 3.0)
+        patch.value = other
+        got = compiled(x)
+    torch.testing.assert_close(got, _added(model, x, site, other))
+
+    delta = torch.zeros(8)
+    with pb.patch(compiled, {site: AddPatch(value=delta)}):
+        delta.requires_grad_(True)  # the grad flag is structure: read at the call
+        with torch.enable_grad():
+            compiled(x).sum().backward()
+    assert delta.grad is not None
+    expected = torch.zeros(8, requires_grad=True)  # the same forward with a hand-written hook
+    hooked = model.layers[0].register_forward_hook(lambda m, a, out: out + expected)
+    try:
+        with torch.enable_grad():
+            model(x).sum().backward()
+    finally:
+        hooked.remove()
+    torch.testing.assert_close(delta.grad, expected.grad)
+
+
+def test_threads_share_plans_with_their_own_values():
+    """Threads entering contexts of one structure with their own values share the plan and
+    each get their own result."""
+    model, x = TwoLayerMLP(), torch.randn(2, 8)
+    compiled = torch.compile(model, backend="graphpatch_eager")
+    compiled(x)
+    site = "layers_1.output"
+    errors = []
+    deltas = {(offset, step): torch.full((8,), float(offset * 100 + step)) for offset in range(3) for step in range(20)}
+    # Expected results first: a hand-written hook on the model changes what Dynamo runs.
+    expected = {key: _added(model, x, site, delta) for key, delta in deltas.items()}
+    compiled(x)
+
+    def loop(offset):
+        try:
+            for step in range(20):
+                with pb.patch(compiled, {site: AddPatch(value=deltas[offset, step])}):
+                    got = compiled(x)
+                torch.testing.assert_close(got, expected[offset, step])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=loop, args=(offset,)) for offset in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]

@@ -317,5 +317,5 @@ def build_variant(capture: GraphCapture, selection: Selection, args: Sequence[An
     spec = _resolve_opaque(capture.gm, lowered)
     inserted = insert(capture.gm, spec, lowered.calls)
     device = graph_device(capture.gm)
-    fn = compile_fn(inserted.gm, list(args) + lowered.values.inputs(device))
+    fn = compile_fn(inserted.gm, [*args, *lowered.values.inputs(device)])
     return CompiledVariant(fn, spec, inserted, device)

@@ -225,11 +225,12 @@ class ProgramSpec:
     def __hash__(self) -> int:
         # The spec is the program cache's key, looked up on every patched call: its hash walks
         # every site and entry, so it is computed once per spec (the dataclass is frozen).
-        cached = self.__dict__.get("_hash")
-        if cached is None:
+        try:
+            return self._hash  # type: ignore[attr-defined]
+        except AttributeError:
             cached = hash((self.sites, self.ints, self.scalars, self.tensors, self.slots))
             object.__setattr__(self, "_hash", cached)
-        return cached
+            return cached
 
     def uses(self, graph: torch.fx.Graph) -> "Uses":
         """Per use of a patched value, the sites it passes through: those at the producer whose
@@ -250,16 +251,32 @@ class ProgramSpec:
         return Uses(chains, tuple(p for p in range(len(sites)) if p not in used))
 
 
-@dataclass(frozen=True)
 class RuntimeValues:
-    """The values for one selection, in the order of the spec's slots."""
+    """The values for one selection, in the order of the spec's slots.
 
-    ints: Tuple[int, ...]
-    scalars: Tuple[float, ...]
-    tensors: Tuple[torch.Tensor, ...]
+    Plain data, never changed once made; a slots class rather than a frozen dataclass because
+    one is made for every patched call, and a frozen dataclass's ``__init__`` costs several
+    times more."""
 
-    def inputs(self, device: torch.device) -> List[torch.Tensor]:
+    __slots__ = ("ints", "scalars", "tensors")
+
+    def __init__(self, ints: Tuple[int, ...], scalars: Tuple[float, ...], tensors: Tuple[torch.Tensor, ...]) -> None:
+        self.ints = ints
+        self.scalars = scalars
+        self.tensors = tensors
+
+    def __repr__(self) -> str:
+        return f"RuntimeValues(ints={self.ints!r}, scalars={self.scalars!r}, tensors={len(self.tensors)} tensors)"
+
+    def inputs(self, device: torch.device) -> Sequence[torch.Tensor]:
         """The extra graph inputs, in the order ``insert`` adds the placeholders."""
+        if not self.ints and not self.scalars:  # the common case: tensor values alone
+            tensors = self.tensors
+            for tensor in tensors:
+                if tensor.device != device:
+                    break
+            else:
+                return tensors
         inputs: List[torch.Tensor] = []
         if self.ints:
             inputs.append(torch.tensor(self.ints, dtype=torch.int64, device=device))
@@ -432,8 +449,8 @@ def walk(selection: "Selection") -> Optional[Walked]:
                 if tensor_slice is None:
                     form: Any = None
                 else:
-                    form = _walk_slice(tensor_slice, ints)
-                    if form is _UNWALKED:
+                    form = walk_slice(tensor_slice, ints)
+                    if form is UNWALKED:
                         return None
                 if kind is ZeroPatch:
                     value_part: Any = None
@@ -457,11 +474,12 @@ def walk(selection: "Selection") -> Optional[Walked]:
 
 
 _Tensor = torch.Tensor
-_UNWALKED = object()
+UNWALKED = object()
 
 
-def _walk_slice(tensor_slice: Any, ints: List[int]) -> Any:
-    """A slice's form for ``walk`` (its numbers go to ``ints``, in ``_slice_form``'s order)."""
+def walk_slice(tensor_slice: Any, ints: List[int]) -> Any:
+    """A slice's form for ``walk`` (its numbers go to ``ints``, in ``_slice_form``'s order);
+    ``UNWALKED`` for a slice only ``lower`` reads."""
     if tensor_slice is None:
         return None
     form: List[Any] = []
@@ -476,13 +494,13 @@ def _walk_slice(tensor_slice: Any, ints: List[int]) -> Any:
             for bound in bounds:
                 if bound is not None:
                     if type(bound) is not int:
-                        return _UNWALKED
+                        return UNWALKED
                     ints.append(bound)
             if element.step is not None and element.step <= 0:
-                return _UNWALKED
+                return UNWALKED
             form.append(tuple(bound is None for bound in bounds))
         else:
-            return _UNWALKED
+            return UNWALKED
     return tuple(form)
 
 

@@ -22,6 +22,9 @@ from .. import config
 from ..stats import Stats
 
 
+_NO_KEY = object()  # ``ProgramCache._last``'s key when no entry was used yet
+
+
 class Guarded:
     """The programs of one key on a graph with symbolic shapes, each compiled with symbolic
     sizes and valid where its shape guard holds (a patch that ties a size to a value's length
@@ -63,23 +66,33 @@ class ProgramCache:
         self._stats = stats
         self._graph_uid = graph_uid
         self._warned = not warn
+        #: (key, program) of the entry used last, already the most recently used one: a loop of
+        #: calls of one program finds it by the key's identity, without the lock or a hash.
+        #: Replaced as one tuple (atomic), under the lock, by every get, put and clear.
+        self._last: Tuple[Any, Any] = (_NO_KEY, None)
 
     def get(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """The program for ``key`` (now the most recently used), or None; counts a hit or a miss."""
-        entries = self._entries
+        last = self._last
+        if last[0] is key:
+            self._stats.variant_hits += 1
+            return last[1]
         with self._lock:
-            program = entries.get(key)
-            if program is not None:
-                entries.move_to_end(key)
-                if type(program) is Guarded:
-                    program = program.find(_guard_args(key, args))
-                    if program is None:
-                        self._stats.variant_misses += 1
-                        return None
-                self._stats.variant_hits += 1
-                return program
-            self._stats.variant_misses += 1
-            return None
+            program = self._entries.get(key)
+            if program is None:
+                self._stats.variant_misses += 1
+                return None
+            self._entries.move_to_end(key)
+            if type(program) is Guarded:
+                program = program.find(_guard_args(key, args))
+                if program is None:
+                    self._stats.variant_misses += 1
+                    return None
+                self._last = (_NO_KEY, None)  # a Guarded entry's program depends on the args
+            else:
+                self._last = (key, program)
+            self._stats.variant_hits += 1
+            return program
 
     def peek(self, key: Hashable, args: Optional[Sequence[Any]] = None) -> Optional[Any]:
         """Like ``get``, without counting or reordering (a build checking it lost no race)."""
@@ -95,7 +108,10 @@ class ProgramCache:
         with self._lock:
             kept = self._entries.setdefault(key, program)
             self._entries.move_to_end(key)
+            self._last = (key, kept) if type(kept) is not Guarded else (_NO_KEY, None)
             warn = self._evict()
+            if key not in self._entries:  # a bound of 0: nothing is kept, nor remembered
+                self._last = (_NO_KEY, None)
         if warn:
             self._warn()
         return kept
@@ -107,6 +123,7 @@ class ProgramCache:
             if type(entry) is not Guarded:
                 entry = self._entries[key] = Guarded()
             self._entries.move_to_end(key)
+            self._last = (_NO_KEY, None)
             entry.entries.append((guard, program))
             evicted = False
             while len(entry.entries) > config.max_variants:
@@ -144,6 +161,7 @@ class ProgramCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._last = (_NO_KEY, None)
 
     def keys(self) -> List[Hashable]:
         with self._lock:

@@ -80,14 +80,16 @@ class Tiers:
             if request.patched:
                 stats.eager_calls += 1
             return request.run(request.interpret(args), args)
-        if self.graph.capture.dynamic:
+        graph = self.graph
+        if graph.capture.dynamic:
             key, guarded = self._key(request, args)
+            program = self.programs.get(key, args if guarded else None)
         else:
             key, guarded = request.key, False
-        program = self.programs.get(key, args if guarded else None)
+            program = self.programs.get(key)
         if program is None:
             return self._miss(request, key, guarded, args)
-        if self.graph.compiled:
+        if graph.compiled:
             stats.compiled_calls += 1
         else:
             stats.eager_calls += 1
