@@ -135,10 +135,17 @@ def _patched(value: torch.Tensor, patches: Tuple[Patch, ...]) -> torch.Tensor:
 
 
 def _sites_here(index: RootIndex, entry: RootPatches, path: Tuple[str, ...], ordinal: int, role: str):
+    """The patched eager sites of this call in ``role``, in the order the unbroken model's graph
+    applies them: inputs from the outermost caller's name in, results from the module's own
+    ``output`` out."""
+    here = []
     for name, patches in entry.by_name.items():
         site = index.eager_sites.get(name)
         if site is not None and site.path == path and site.role == role and site.ordinal in (None, ordinal):
-            yield name, site, patches
+            here.append((name, site, patches))
+    if len(here) > 1:
+        here.sort(key=lambda found: -found[1].through if role == "input" else found[1].through)
+    return here
 
 
 def _mark(index: RootIndex, name: str) -> None:

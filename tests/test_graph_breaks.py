@@ -1192,6 +1192,90 @@ def test_decorated_forward_run_eagerly_patches_its_inputs(backend: str) -> None:
     torch.testing.assert_close(unbroken_patched, expected)
 
 
+class _ReturnsEager(nn.Module):
+    """Returns its eagerly run block's result as it is."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.block = EagerBlock(mode)
+
+    def forward(self, x: torch.Tensor):
+        return self.block(x)
+
+
+class ReturnsEagerResult(nn.Module):
+    """``return self.middle(self.pre(x))``, where ``middle`` returns its block's result."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.middle = _ReturnsEager(mode)
+
+    def forward(self, x: torch.Tensor):
+        return self.middle(self.pre(x))
+
+
+@pytest.mark.parametrize("instance", ["first", "second"])
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_callers_returning_an_eager_forwards_result_keep_their_output(backend: str, instance: str) -> None:
+    """Forwards that return an eagerly run forward's result as it is, or pass it their own
+    arguments unchanged (no graph holds either: Dynamo compiles nothing around the call) still
+    have their ``output`` and input names, the model's included, and patches there apply in the
+    order forward hooks apply them: inputs from the outermost caller in, results outwards."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    reference = ReturnsEagerResult("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unbroken = torch.compile(reference, backend="graphpatch_eager")
+        unbroken(x)
+        if instance == "second":
+            torch.compile(ReturnsEagerResult("ctx"), backend=backend)(x)
+        model = ReturnsEagerResult("ctx")
+        model.load_state_dict(reference.state_dict())
+        compiled = torch.compile(model, backend=backend)
+        compiled(x)
+    names = set(pb.nodes(compiled))
+    outputs = {"output|sub_0", "output|sub_1", "middle.output|sub_0", "middle.block.output|sub_0"}
+    assert outputs <= names
+    assert names == {n for n in pb.nodes(unbroken) if not n.startswith("middle.block.") or n in _boundary_names(reference)}
+    patch_map = {
+        "output|sub_0": pb.AddPatch(value=0.5),
+        "middle.output|sub_0": pb.ZeroPatch(slice=(0,)),
+        "middle.block.output|sub_0": pb.AddPatch(value=1.0),
+        "middle.block.x": pb.ZeroPatch(slice=(1,)),
+        "middle.x": pb.AddPatch(value=2.0),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), pb.patch(compiled, patch_map):
+            patched = compiled(x)
+
+    def first_result(change):
+        return lambda module, args, output: (change(output[0].clone()), output[1])
+
+    def zero_row(t: torch.Tensor) -> torch.Tensor:
+        t[0] = 0
+        return t
+
+    def zero_second_row_input(module: nn.Module, args):
+        zeroed = args[0].clone()
+        zeroed[1] = 0
+        return (zeroed,)
+
+    hooks = [
+        reference.register_forward_hook(first_result(lambda t: t + 0.5)),
+        reference.middle.register_forward_hook(first_result(zero_row)),
+        reference.middle.register_forward_pre_hook(lambda module, args: (args[0] + 2.0,)),
+        reference.middle.block.register_forward_hook(first_result(lambda t: t + 1.0)),
+        reference.middle.block.register_forward_pre_hook(zero_second_row_input),
+    ]
+    expected = output_with_hooks(reference, x, hooks)
+    torch.testing.assert_close(patched[0], expected[0])
+    torch.testing.assert_close(patched[1], expected[1])
+
+
 class UnwatchedLoop(LoopBreak):
     """LoopBreak's forward under another code object: observations are kept per code, and
     LoopBreak's may have been made by another test of this process."""

@@ -20,7 +20,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,6 +71,14 @@ class EagerForward:
     #: a part of its model's, the rest being those graphs' (index.py names another instance of
     #: the class from this observation only once that instance's model has run).
     graphs_inside: bool = True
+    #: The forwards that return its result as it is (``return self.block(x)``), innermost first,
+    #: each as the path from that caller to the one before (the first: to this module): their
+    #: ``output`` is this result, and no graph holds it (Dynamo compiles nothing after the call).
+    returned_through: Tuple[Tuple[str, ...], ...] = ()
+    #: The forwards that passed it their own arguments unchanged, innermost first: (path from
+    #: that caller to the one before, (this forward's parameter, the caller's parameter) pairs).
+    #: Those arguments are the callers' inputs too, and no graph holds them.
+    passed_through: Tuple[Tuple[Tuple[str, ...], Tuple[Tuple[str, str], ...]], ...] = ()
 
 
 _observed_forwards: "weakref.WeakKeyDictionary[torch.nn.Module, EagerForward]" = weakref.WeakKeyDictionary()
@@ -222,8 +230,12 @@ class _Watch:
     started (Dynamo gave up on a wrapper whose forward it then compiled, or on code that is not
     the forward itself)."""
 
-    def __init__(self, module: torch.nn.Module, watched: Any, reason: str, anchor: Any, previous: Optional["_Watch"]) -> None:
+    def __init__(self, module: torch.nn.Module, watched: Any, reason: str, anchor: Any, previous: Optional["_Watch"],
+                 returned_through: Tuple[Tuple[str, ...], ...] = (),
+                 passed_through: Tuple[Tuple[Tuple[str, ...], Tuple[Tuple[str, str], ...]], ...] = ()) -> None:
         self.module = weakref.ref(module)
+        self.returned_through = returned_through
+        self.passed_through = passed_through
         self.watched = watched
         self.reason = reason
         self.anchor = anchor
@@ -258,7 +270,7 @@ class _Watch:
         # Each call took two stamps of the clock; any other tick was a graph's (capture.py).
         whole = calls[-1]
         graphs_inside = whole.end - whole.start - 1 != 2 * (len(calls) - 1)
-        observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()), graphs_inside)
+        observed = EagerForward(self.reason, tuple(calls), tuple(self.counts.items()), graphs_inside, self.returned_through, self.passed_through)
         with _lock:
             _observed_forwards[module] = observed
             _observed_codes[self.watched] = observed
@@ -306,7 +318,10 @@ class _Watch:
             self.stop()
 
 
-def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> None:
+def _observe_eager_forward(
+    module: torch.nn.Module, code: Any, reason: str, returned_by: Sequence[torch.nn.Module] = (),
+    passed_by: Sequence[Tuple[torch.nn.Module, Tuple[Tuple[str, str], ...]]] = (),
+) -> None:
     """Watches the forward Dynamo is about to run eagerly, once (its first run): which module
     calls it makes (its own included) with their arguments and results, read off the Python
     frames through ``sys.setprofile`` for this thread (``_Watch``). A forward hook cannot see
@@ -318,7 +333,10 @@ def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> N
     Skipped where a profiler is already set (it is left alone): the forward is then observed
     on a later first run of another instance, or not named. Inside a forward being observed, the
     observation records this one's calls; a watch still waiting for its forward is replaced (and
-    put back when this one ends)."""
+    put back when this one ends). ``returned_by``: the callers returning its result as it is
+    (``frame.returning_callers``), recorded as paths (``EagerForward.returned_through``);
+    ``passed_by``: the callers that passed it their own arguments unchanged, with which
+    (``EagerForward.passed_through``)."""
     with _lock:
         if module in _observed_forwards:
             return
@@ -338,4 +356,20 @@ def _observe_eager_forward(module: torch.nn.Module, code: Any, reason: str) -> N
                  "module boundaries of a forward Dynamo runs eagerly are not observed and get no names")
         return
     watched = forward_code(module) or code
-    sys.setprofile(_Watch(module, watched, reason, anchor, previous))
+    passed = tuple(zip(_relative_paths(module, [caller for caller, _ in passed_by]), (pairs for _, pairs in passed_by)))
+    watch = _Watch(module, watched, reason, anchor, previous, _relative_paths(module, returned_by), passed)
+    sys.setprofile(watch)
+
+
+def _relative_paths(module: torch.nn.Module, callers: Sequence[torch.nn.Module]) -> Tuple[Tuple[str, ...], ...]:
+    """Per caller up a call chain (the nearest first): the path from it to the one before (the
+    first: to ``module``); cut where one does not hold the one before."""
+    paths: List[Tuple[str, ...]] = []
+    inner = module
+    for caller in callers:
+        relative = next((tuple(name.split(".")) for name, child in caller.named_modules() if child is inner and name), None)
+        if relative is None:
+            break
+        paths.append(relative)
+        inner = caller
+    return tuple(paths)

@@ -763,7 +763,8 @@ def install_eager_fallback_log() -> bool:
                         if code is not None:
                             _eager_codes[code] = _reason_line(exc)
                     if code is not None and _compiling_for_this_package(self):
-                        _observe_eager_forward(module, code, _reason_line(exc))
+                        links = _eager_caller_links(module, f_locals) if code is forward_code(module) else ()
+                        _observe_eager_forward(module, code, _reason_line(exc), returning_callers(module), links)
         except Exception as error:  # never break a trace for a message
             logger.debug("eager fallback not recorded: %r", error)
         return original(self, code_options, reason, exc)
@@ -959,6 +960,42 @@ def _runs(code: Any, forward: Any) -> bool:
         return False
     first, last = _line_range(forward)
     return first <= code.co_firstlineno <= last
+
+
+def unchanged_arguments(caller: CallerFrame) -> List[str]:
+    """The caller's parameters that hold, at the call, the tensor the caller received."""
+    code = caller.forward_code
+    parameters = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
+    local_values = caller.locals
+    if caller.received is None:
+        assigned = assigned_locals(code)
+        return [name for name in parameters if name not in assigned and isinstance(local_values.get(name), torch.Tensor)]
+    return [
+        name for name in parameters
+        if isinstance(local_values.get(name), torch.Tensor) and caller.received.get(name) is local_values[name]
+    ]
+
+
+def _eager_caller_links(
+    module: torch.nn.Module, arguments: Dict[str, Any]
+) -> Tuple[Tuple[torch.nn.Module, Tuple[Tuple[str, str], ...]], ...]:
+    """For a forward Dynamo gave up on, about to run eagerly with ``arguments``: per calling
+    forward up the call chain (the nearest first), which of its own arguments it passed on
+    unchanged, as (forward parameter, caller's parameter) pairs; see ``GraphCapture.caller_links``
+    for the same on a compiled frame."""
+    values = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor) and name != "self"}
+    links: List[Tuple[torch.nn.Module, Tuple[Tuple[str, str], ...]]] = []
+    for caller in find_callers(module):
+        pairs: Dict[str, str] = {}
+        for name in unchanged_arguments(caller):
+            for local, value in values.items():
+                if value is caller.locals[name] and local not in pairs:
+                    pairs[local] = name
+        if not pairs:
+            break
+        links.append((caller.module, tuple(pairs.items())))
+        values = {local: values[local] for local in pairs}
+    return tuple(links)
 
 
 def _received_arguments(frame: Any, module: torch.nn.Module, depth: int = 16) -> Optional[Dict[str, Any]]:

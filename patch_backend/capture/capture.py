@@ -22,7 +22,7 @@ import torch.fx
 
 from .._torch_compat.eager_observer import eager_observations_version, forward_code
 from .._torch_compat.frame import (
-    CallerFrame, CallerLink, FrameInfo, assigned_locals, call_path, continued_frame_locals, find_callers, returning_callers,
+    CallerLink, FrameInfo, call_path, continued_frame_locals, find_callers, returning_callers, unchanged_arguments,
 )
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
@@ -364,7 +364,7 @@ def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[obj
     links: List[CallerLink] = []
     for caller in callers:
         arguments: Dict[str, str] = {}
-        for name in _unchanged_arguments(caller):
+        for name in unchanged_arguments(caller):
             held = caller.locals[name]
             for local, value in values.items():
                 if value is held and local not in arguments:
@@ -374,20 +374,6 @@ def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[obj
         links.append(CallerLink(weakref.ref(caller.module), arguments))
         values = {local: values[local] for local in arguments}
     return tuple(links)
-
-
-def _unchanged_arguments(caller: CallerFrame) -> List[str]:
-    """The caller's parameters that hold, at the call, the tensor the caller received."""
-    code = caller.forward_code
-    parameters = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
-    local_values = caller.locals
-    if caller.received is None:
-        assigned = assigned_locals(code)
-        return [name for name in parameters if name not in assigned and isinstance(local_values.get(name), torch.Tensor)]
-    return [
-        name for name in parameters
-        if isinstance(local_values.get(name), torch.Tensor) and caller.received.get(name) is local_values[name]
-    ]
 
 
 def _resume_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], args: Sequence[object]) -> Optional[frozenset]:

@@ -780,6 +780,9 @@ class EagerSite:
     #: The same clock's stamp in the observed run, whichever instance ran it: among themselves,
     #: another instance's boundary names are listed in the order that run had them.
     stamp: float = math.inf
+    #: For a result: 0 for the module's own ``output``; k for the ``output`` of the k-th caller
+    #: returning it as it is (``EagerForward.returned_through``): patched after the k-1 before.
+    through: int = 0
 
 
 _LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD_DEREF", "LOAD_CLOSURE",
@@ -842,11 +845,13 @@ def eager_boundary_sites(
         if module is None:
             continue
 
-        def add(name: str, facts: Any, role: str, local: str, leaf: Tuple[str, ...]) -> None:
+        def add(name: str, facts: Any, role: str, local: str, leaf: Tuple[str, ...], through: int = 0) -> None:
             nonlocal position
             position += 1
             stamp = call.end if role == "output" else call.start
-            observed_at = float(stamp) if stamp >= 0 else math.inf
+            # A caller's name on the same value: its input listed before the callee's, its
+            # output after, as the unbroken model lists them.
+            observed_at = float(stamp) + (through if role == "output" else -through) * 1e-3 if stamp >= 0 else math.inf
             order = observed_at if timed else math.inf
             if facts is None:
                 if role == "output":
@@ -855,7 +860,7 @@ def eager_boundary_sites(
             shape, dtype = facts
             site = Site(name, "", None, (0, 0), role, position, tuple(shape), dtype, "")
             sites.append((site, EagerSite(
-                full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order, observed_at
+                full, frame_path, ordinal, role, local, leaf, call.varargs, call.varkw, order, observed_at, through
             )))
 
         read = read_locals(forward_code(module))
@@ -870,4 +875,32 @@ def eager_boundary_sites(
         for leaf, facts in call.result:
             suffix = "|" + ".".join(sanitize(p) for p in leaf) if leaf else ""
             add(join(scope, "output" + suffix), facts, "output", "", leaf)
+        if call.path == ():
+            # Callers that passed the forward their own arguments unchanged, or return its
+            # result as it is: their inputs and ``output`` are these values, which no graph
+            # holds, patched through the same hooks (inputs: the outermost caller's first;
+            # results: after the module's own).
+            facts_of = {(local, leaf): facts for local, leaf, facts in call.arguments}
+            for through, (caller_scope, pairs) in enumerate(_callers(root, frame_path, observed.passed_through), 1):
+                for local, caller_parameter in pairs:
+                    if (local, ()) in facts_of and (read is None or local in read):
+                        add(join(caller_scope, sanitize(caller_parameter)), facts_of[(local, ())], "input", local, (), through)
+            returned = [(relative, ()) for relative in observed.returned_through]
+            for through, (caller_scope, _) in enumerate(_callers(root, frame_path, returned), 1):
+                for leaf, facts in call.result:
+                    suffix = "|" + ".".join(sanitize(p) for p in leaf) if leaf else ""
+                    add(join(caller_scope, "output" + suffix), facts, "output", "", leaf, through)
     return sites
+
+
+def _callers(root: nn.Module, path: Tuple[str, ...], chain: Iterable[Tuple[Tuple[str, ...], Any]]) -> List[Tuple[str, Any]]:
+    """(scope, payload) per caller of the module at ``path`` up a recorded call chain (each
+    entry: the path from that caller to the one before, and a payload), while ``path`` ends
+    with those relative paths (another instance, elsewhere in its model, may not)."""
+    found = []
+    for relative, payload in chain:
+        if not relative or path[len(path) - len(relative):] != relative:
+            break
+        path = path[: len(path) - len(relative)]
+        found.append((format_module_path(root, path), payload))
+    return found
