@@ -1536,6 +1536,67 @@ def test_module_whose_forward_breaks_called_twice(backend: str, grad: bool) -> N
     torch.testing.assert_close(broken_patched, expected)
 
 
+class _MaySplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.breaks = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.breaks:
+            torch._dynamo.graph_break()
+        return h * 2
+
+
+class _BreaksAtTop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _MaySplit()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return self.inner(x) + 1
+
+
+class FirstGraphEmpty(nn.Module):
+    """The root's first graph is empty (its first call breaks), so no graph of its own frame
+    marks where a forward starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _BreaksAtTop()
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("backend", ["graphpatch_eager", "graphpatch"])
+def test_a_later_forward_split_otherwise_adds_no_call(backend: str) -> None:
+    """A later forward that splits the model otherwise (``inner`` inlined at first, then its
+    own frame after a recompile) is a forward of its own: its graphs are not counted as more
+    calls of the first forward's modules (``block.inner`` stays, not ``inner_0``/``inner_1``),
+    though the root's frame has no graph of its own to mark the start (the model's return
+    does), and a patch there applies in the new split as a hook does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    model = FirstGraphEmpty()
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)
+    names = pb.nodes(compiled)
+    assert {"x", "block.inner.output", "block.inner.lin.output", "output"} <= set(names)
+    model.block.inner.breaks = True
+    compiled(x)
+    assert pb.nodes(compiled) == names
+    with torch.no_grad(), pb.patch(compiled, {"block.inner.output": pb.AddPatch(value=1.0)}):
+        patched = compiled(x)
+    hook = model.block.inner.register_forward_hook(lambda module, args, output: output + 1.0)
+    torch.testing.assert_close(patched, output_with_hooks(model, x, [hook]))
+
+
 class TakesUnused(nn.Module):
     """``unused`` is never read: the unbroken model's graph has no node for it."""
 

@@ -937,6 +937,8 @@ def _running_module(frame: Any, forward: Any, depth: int) -> Optional[Tuple[Any,
             else:  # a decorator's ``wrapper(*args, **kwargs)``: the module is ``args[0]``
                 _, varargs, _ = code_parameters(code)
                 module = next(iter(f_locals.get(varargs) or ()), None) if varargs else None
+            if not isinstance(module, torch.nn.Module):
+                module = _frame_module(frame)  # a resume function: its arguments are live locals
             return (frame, module) if isinstance(module, torch.nn.Module) else None
     return None
 

@@ -78,6 +78,11 @@ class GraphCapture:
     returned_by: Dict[Any, Tuple["weakref.ref[torch.nn.Module]", ...]] = field(default_factory=dict)
     #: The module whose forward is being compiled, while capture_graph records the first call.
     compiling: Optional[torch.nn.Module] = field(default=None, repr=False)
+    #: Per instance key: when, before this key's first run on its thread, each graph returning
+    #: from a frame no module's forward called last ran ((uid, instance) → sequence number).
+    #: Where one is the model's own return and ran after the occurrence before this one, this
+    #: occurrence first ran in a later forward (index.py).
+    after_return: Dict[Any, Dict[Tuple[int, Any], int]] = field(default_factory=dict)
     #: Per instance key with a call path (``("call", key, path)``): the module whose forward
     #: made each call on the path (None where unknown), read on the key's first call; the
     #: index places a call inside its caller's call with them (``block_1.mlp``).
@@ -90,6 +95,9 @@ class GraphCapture:
     #: made (``frame.call_path``), so a module called twice in one forward is two occurrences,
     #: ``block_0`` and ``block_1``, even when one graph serves both calls (index.py).
     called_forward: Any = field(default=None, repr=False)
+    #: Whether a run may be a model's forward returning: the graph returns from a frame that no
+    #: module's forward called (``after_return``).
+    marks_return: bool = False
 
     @property
     def dispatcher(self):
@@ -106,7 +114,8 @@ class GraphCapture:
             return
         with _registry_lock:
             for key in stale:
-                for table in (self.occurrences, self.resume_held, self.returned_by, self.call_modules, self.caller_links):
+                for table in (self.occurrences, self.resume_held, self.returned_by, self.call_modules, self.caller_links,
+                              self.after_return):
                     table.pop(key, None)
             _version[0] += 1
 
@@ -150,14 +159,14 @@ class GraphCapture:
                     self.call_modules[key] = tuple(None if m is None else weakref.ref(m) for m in callers)
         if frame.is_resume or not frame.returns:
             _track_frames(self, key)
-        if key not in self.caller_links and frame.self_module is not None and not frame.is_resume:
-            # Per call: which caller arguments the inputs are depends on the call's site and
-            # on the module running (one graph may serve several instances).
-            self.caller_links[key] = _link_caller_arguments(self, args)
         if self.anchor_index is not None:
             _open_frames.last = ("after", self.uid, key)
         if frame.is_resume and key not in self.resume_held:
             self.resume_held[key] = _resume_arguments(frame, self.placeholders, args)
+        if key not in self.caller_links and frame.self_module is not None:
+            # Per call: which caller arguments the inputs are depends on the call's site and
+            # on the module running (one graph may serve several instances).
+            self.caller_links[key] = _link_caller_arguments(self, args, self.resume_held.get(key) if frame.is_resume else None)
         if frame.returns and key not in self.returned_by and (frame.self_module is not None or frame.is_resume):
             # Read per instance (one graph of a block's forward serves every block, and not
             # every caller returns its result directly), on the first call of each.
@@ -165,8 +174,29 @@ class GraphCapture:
         if key not in self.occurrences:
             with _registry_lock:
                 self.occurrences.setdefault(key, next(_sequence))
+                self.after_return[key] = dict(_latest_returns())
                 _version[0] += 1
+        if self.marks_return:
+            # Perhaps a model's forward returning (index.py tells which were): a graph first
+            # run after it is of a later forward.
+            latest = _latest_returns()
+            if len(latest) > 256:
+                latest.clear()  # graphs of models long gone, mostly; theirs return again
+            latest[(self.uid, key)] = next(_sequence)
         return key
+
+
+#: Per thread: (uid, instance) of each graph returning from a frame that no module's forward
+#: called (a model's forward returning, unless the frame's caller was not found: index.py
+#: checks) → the sequence number of its latest run.
+_returns = threading.local()
+
+
+def _latest_returns() -> Dict[Tuple[int, Any], int]:
+    latest = getattr(_returns, "latest", None)
+    if latest is None:
+        latest = _returns.latest = {}
+    return latest
 
 
 def _anchor_id(key: Any) -> Any:
@@ -277,6 +307,7 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[object], fr
     )
     if module is not None and find_callers(module):
         capture.called_forward = frame.original_code if frame.is_resume else (frame.code or forward_code(module))
+    capture.marks_return = frame.returns and capture.called_forward is None
     capture.compiling = module
     try:
         capture.record_call(example_inputs)
@@ -336,7 +367,9 @@ def _resolve_stack_modules(frame: FrameInfo) -> None:
             frame.module_locals[local] = paths[id(module)]
 
 
-def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[object]) -> Tuple[CallerLink, ...]:
+def _link_caller_arguments(
+    capture: "GraphCapture", example_inputs: Sequence[object], held: Optional[frozenset] = None
+) -> Tuple[CallerLink, ...]:
     """For a module forward compiled as its own frame (the caller's graph broke at the call):
     which frame inputs are, unchanged, the calling forwards' own arguments. Without the break
     those are the callers' inputs (the model's ``x``), named where a caller's graph used them;
@@ -344,6 +377,8 @@ def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[obj
     call chain while a caller passed its argument on unchanged: ``x`` of a root calling a
     block calling the breaking module is also the block's ``h``. Read for the call running now
     (``capture.compiling`` while it is compiled, else the module running the graph's forward).
+    For a resume graph (the forward's first graph was empty, or did not use the argument),
+    only its inputs still holding the forward's own arguments (``held``) count.
 
     A caller parameter counts only if, at the call, it holds this very tensor and that tensor is
     what the caller received for it (``x = self.block(x)`` reassigns ``x`` only after the
@@ -360,6 +395,7 @@ def _link_caller_arguments(capture: "GraphCapture", example_inputs: Sequence[obj
         for info in capture.placeholders
         if info.kind == "input" and not info.path and info.index < len(example_inputs)
         and isinstance(example_inputs[info.index], torch.Tensor)
+        and (not capture.frame.is_resume or (held is not None and info.local in held))
     }
     links: List[CallerLink] = []
     for caller in callers:

@@ -108,9 +108,10 @@ class RootIndex:
         # A module's scope gets ``_<k>`` when it is invoked more than once in the forward, which
         # is known only once every graph is counted: name until the counts settle (a suffixed
         # parent renames its children, so nesting can take one more pass per level).
+        returning = {(capture.uid, instance) for _, capture, instance, prefix in pending if prefix == () and capture.frame.returns}
         totals: Dict[str, int] = {}
         for _ in range(8):
-            named, calls = self._name_occurrences(root, pending, totals, module_paths)
+            named, calls = self._name_occurrences(root, pending, totals, module_paths, returning)
             counted = {scope: n for scope, n in calls.items() if n > 1}
             if counted == totals:
                 break
@@ -196,7 +197,7 @@ class RootIndex:
 
     @staticmethod
     def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int],
-                          module_paths: Dict[int, Tuple[str, ...]]):
+                          module_paths: Dict[int, Tuple[str, ...]], returning: Set[Tuple[int, Any]]):
         """Names every occurrence in first-run order with counters continued across graphs; a
         recompiled frame restarts from the counters its first compile started from.
 
@@ -206,8 +207,11 @@ class RootIndex:
         grad mode, or a dtype's recompile. Each such forward continues its own counters (from
         where its first graph's counters started), and a module's call count is the most
         calls it has in any one forward, not the sum over the forwards (``head`` called once
-        in each is ``head``, not ``head_0``/``head_1``). Returns the occurrences' sites and
-        those per-forward call counts.
+        in each is ``head``, not ``head_0``/``head_1``). So does a graph first run after this
+        model's forward returned (``returning``: its occurrences returning from the root's
+        frame; ``GraphCapture.after_return``), when the root's first graph is empty and no graph
+        of its frame marks the start. Returns the occurrences' sites and those per-forward call
+        counts.
 
         A graph of a module's forward that its caller's graph broke into records the path of
         calls that led to it (``("call", key, path)``, capture.record_call): each distinct
@@ -239,7 +243,8 @@ class RootIndex:
                 open_calls[(prefix, path)] = used.call(plain)
             return open_calls[(prefix, path)]
 
-        for _, capture, instance, prefix in pending:
+        previous = -1  # the sequence of the occurrence before
+        for sequence, capture, instance, prefix in pending:
             site = call_site_of(instance)
             group: Tuple[Any, ...] = (capture.code_key, prefix, site)
             if site is not None and not capture.frame.is_resume:
@@ -255,6 +260,13 @@ class RootIndex:
                 start = group_start.get(group)
                 counters = start.snapshot() if start is not None else ScopeCounters(totals)
                 open_calls = {}
+            else:
+                ended = capture.after_return.get(instance, {})
+                if any(ended.get(key, -1) > previous for key in returning):
+                    _most_calls(calls, counters.calls)  # the model returned since: a later forward
+                    counters = ScopeCounters(totals)
+                    open_calls = {}
+            previous = sequence
             if group in group_start and not begins:
                 used = group_start[group].snapshot()
             else:

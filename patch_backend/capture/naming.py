@@ -397,9 +397,6 @@ class _OccurrenceNamer:
         received as arguments (capture._link_caller_arguments): without the break a caller's
         graph would name them (the model's ``x``), so this frame names them too, before its own
         input names (the outermost caller's patch applies first, as in the callers' graphs)."""
-        frame = self.capture.frame
-        if frame.is_resume:
-            return
         end = len(self.prefix)
         callers = []
         for link in self.capture.caller_links.get(self.instance, ()):
