@@ -585,19 +585,9 @@ def test_reassigned_input_passed_to_a_breaking_forward(model_class, backend: str
     patch_map: Dict[str, Any] = {"x": pb.AddPatch(value=1.0), f"{inner}.x": pb.ZeroPatch(slice=(0,))}
     if model_class is InputThroughTwoCallers:
         patch_map["middle.h"] = pb.AddPatch(value=0.5)
-    results = []
-    for breaks in (False, True):
-        torch._dynamo.reset()
-        model = model_class(breaks)
-        if results:
-            model.load_state_dict(results[0][0].state_dict())
-        compiled = torch.compile(model, backend=backend)
-        compiled(x)
-        names = pb.nodes(compiled)
-        with torch.no_grad(), pb.patch(compiled, patch_map):
-            patched = compiled(x)
-        results.append((model, names, patched))
-    (model, names, patched), (_, broken_names, broken_patched) = results
+    model = model_class(False)
+    listed, outputs = _without_and_with_break(model_class, model, backend, x, [patch_map])
+    (names, broken_names), ((patched,), (broken_patched,)) = listed, outputs
     assert "x" in broken_names and f"{inner}.x" in broken_names
     assert broken_names == names
 
