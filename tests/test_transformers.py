@@ -369,6 +369,7 @@ class _PrintingAfter:
         return result
 
 
+@pytest.mark.slow
 def test_names_stay_when_a_context_recompiles_a_block_differently(capsys) -> None:
     """GPT-2 with a break at the end of one block's attention: the layer loop runs eagerly and
     each block is its own frame, called through transformers' ``GradientCheckpointingLayer``

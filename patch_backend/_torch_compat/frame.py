@@ -862,19 +862,12 @@ def _next_caller(frame: Any, module: torch.nn.Module, depth: int) -> Optional[Tu
             continue
         if _runs(code, forward_code(module)):
             continue  # the forward itself, or the frame a resume function of it continues
-        f_locals = frame.f_locals
-        # The caller's ``self``: the first argument of the forward, or, in a resume function
-        # (whose arguments are the live locals in Dynamo's order), the local holding it.
-        first = f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-        for caller in (first, f_locals.get("self"), *f_locals.values()):
-            if (
-                isinstance(caller, torch.nn.Module) and caller is not module and _runs(code, forward_code(caller))
-                and any(child is module for child in caller.modules())
-            ):
-                if any(_call_module(wrapper) is not module for wrapper in between):
-                    return None
-                return frame, CallerFrame(caller, dict(f_locals), forward_code(caller), _received_arguments(frame, caller))
-        return None
+        caller = _frame_module(frame)
+        if caller is None or not any(child is module for child in caller.modules()):
+            return None
+        if any(_call_module(wrapper) is not module for wrapper in between):
+            return None
+        return frame, CallerFrame(caller, dict(frame.f_locals), forward_code(caller), _received_arguments(frame, caller))
     return None
 
 
