@@ -924,12 +924,7 @@ def _running_module(frame: Any, forward: Any, depth: int) -> Optional[Tuple[Any,
             return None
         code = frame.f_code
         if _runs(code, forward):
-            f_locals = frame.f_locals
-            if code.co_argcount:
-                module = f_locals.get(code.co_varnames[0])
-            else:  # a decorator's ``wrapper(*args, **kwargs)``: the module is ``args[0]``
-                _, varargs, _ = code_parameters(code)
-                module = next(iter(f_locals.get(varargs) or ()), None) if varargs else None
+            module = _call_module(frame)  # ``self``, or a decorator's ``args[0]``
             if not isinstance(module, torch.nn.Module):
                 module = _frame_module(frame)  # a resume function: its arguments are live locals
             return (frame, module) if isinstance(module, torch.nn.Module) else None
@@ -957,7 +952,7 @@ def _runs(code: Any, forward: Any) -> bool:
     return first <= code.co_firstlineno <= last
 
 
-def unchanged_arguments(caller: CallerFrame) -> List[str]:
+def _unchanged_arguments(caller: CallerFrame) -> List[str]:
     """The caller's parameters that hold, at the call, the tensor the caller received."""
     code = caller.forward_code
     parameters = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
@@ -971,6 +966,27 @@ def unchanged_arguments(caller: CallerFrame) -> List[str]:
     ]
 
 
+def passed_arguments(
+    callers: List[CallerFrame], values: Dict[str, Any]
+) -> List[Tuple[torch.nn.Module, Dict[str, str]]]:
+    """Per calling forward up the call chain (``callers``, the nearest first), which of the
+    called forward's arguments (``values``: parameter or input local → the tensor) are that
+    caller's own arguments, passed on unchanged (local → the caller's parameter); stops at the
+    first caller that passed none of them on."""
+    links: List[Tuple[torch.nn.Module, Dict[str, str]]] = []
+    for caller in callers:
+        pairs: Dict[str, str] = {}
+        for name in _unchanged_arguments(caller):
+            for local, value in values.items():
+                if value is caller.locals[name] and local not in pairs:
+                    pairs[local] = name
+        if not pairs:
+            break
+        links.append((caller.module, pairs))
+        values = {local: values[local] for local in pairs}
+    return links
+
+
 def _eager_caller_links(
     module: torch.nn.Module, arguments: Dict[str, Any]
 ) -> Tuple[Tuple[torch.nn.Module, Tuple[Tuple[str, str], ...]], ...]:
@@ -979,18 +995,7 @@ def _eager_caller_links(
     unchanged, as (forward parameter, caller's parameter) pairs; see ``GraphCapture.caller_links``
     for the same on a compiled frame."""
     values = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor) and name != "self"}
-    links: List[Tuple[torch.nn.Module, Tuple[Tuple[str, str], ...]]] = []
-    for caller in find_callers(module):
-        pairs: Dict[str, str] = {}
-        for name in unchanged_arguments(caller):
-            for local, value in values.items():
-                if value is caller.locals[name] and local not in pairs:
-                    pairs[local] = name
-        if not pairs:
-            break
-        links.append((caller.module, tuple(pairs.items())))
-        values = {local: values[local] for local in pairs}
-    return tuple(links)
+    return tuple((caller, tuple(pairs.items())) for caller, pairs in passed_arguments(find_callers(module), values))
 
 
 def _received_arguments(frame: Any, module: torch.nn.Module, depth: int = 16) -> Optional[Dict[str, Any]]:
@@ -1061,6 +1066,7 @@ def call_path(
     sites: List[CallSite] = []
     frame: Any = sys._getframe(1)
     last = forward  # the code of the frame the latest site is in
+    given = module is not None
     for _ in range(depth):
         frame = frame.f_back
         if frame is None:
@@ -1074,9 +1080,9 @@ def call_path(
             if _forward_name(code.co_name) != "forward":
                 break  # not a module's forward (the user's code calling the model, for one)
         elif _runs(code, forward):
-            if module is None and code.co_argcount:
-                found = frame.f_locals.get(code.co_varnames[0])
-                module = found if isinstance(found, torch.nn.Module) else None
+            if not given:  # the outermost frame of the forward (not a resume function) tells
+                found = _call_module(frame)
+                module = found if isinstance(found, torch.nn.Module) else module
             continue
         elif module is not None and _forward_name(code.co_name) != "forward" and _call_module(frame) is module:
             continue  # a wrapper of the call itself

@@ -22,7 +22,7 @@ import torch.fx
 
 from .._torch_compat.eager_observer import eager_observations_version, forward_code
 from .._torch_compat.frame import (
-    CallerLink, FrameInfo, call_path, continued_frame_locals, find_callers, returning_callers, unchanged_arguments,
+    CallerLink, FrameInfo, call_path, continued_frame_locals, find_callers, passed_arguments, returning_callers,
 )
 from .._torch_compat.sources import placeholder_source
 from .._torch_compat.symbolic import is_symbolic
@@ -397,19 +397,7 @@ def _link_caller_arguments(
         and isinstance(example_inputs[info.index], torch.Tensor)
         and (not capture.frame.is_resume or (held is not None and info.local in held))
     }
-    links: List[CallerLink] = []
-    for caller in callers:
-        arguments: Dict[str, str] = {}
-        for name in unchanged_arguments(caller):
-            held = caller.locals[name]
-            for local, value in values.items():
-                if value is held and local not in arguments:
-                    arguments[local] = name
-        if not arguments:
-            break
-        links.append(CallerLink(weakref.ref(caller.module), arguments))
-        values = {local: values[local] for local in arguments}
-    return tuple(links)
+    return tuple(CallerLink(weakref.ref(caller), pairs) for caller, pairs in passed_arguments(callers, values))
 
 
 def _resume_arguments(frame: FrameInfo, placeholders: List[PlaceholderInfo], args: Sequence[object]) -> Optional[frozenset]:

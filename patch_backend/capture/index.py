@@ -111,7 +111,7 @@ class RootIndex:
         returning = {(capture.uid, instance) for _, capture, instance, prefix in pending if prefix == () and capture.frame.returns}
         totals: Dict[str, int] = {}
         for _ in range(8):
-            named, calls = self._name_occurrences(root, pending, totals, module_paths, returning)
+            named, calls = self._name_occurrences(root, pending, totals, module_paths, returning, self._by_uid)
             counted = {scope: n for scope, n in calls.items() if n > 1}
             if counted == totals:
                 break
@@ -197,7 +197,8 @@ class RootIndex:
 
     @staticmethod
     def _name_occurrences(root: nn.Module, pending: list, totals: Dict[str, int],
-                          module_paths: Dict[int, Tuple[str, ...]], returning: Set[Tuple[int, Any]]):
+                          module_paths: Dict[int, Tuple[str, ...]], returning: Set[Tuple[int, Any]],
+                          by_uid: Dict[int, GraphCapture]):
         """Names every occurrence in first-run order with counters continued across graphs; a
         recompiled frame restarts from the counters its first compile started from.
 
@@ -245,13 +246,13 @@ class RootIndex:
 
         previous = -1  # the sequence of the occurrence before
         for sequence, capture, instance, prefix in pending:
-            site = call_site_of(instance)
-            group: Tuple[Any, ...] = (capture.code_key, prefix, site)
-            if site is not None and not capture.frame.is_resume:
+            path = _call_path_of(instance)
+            group: Tuple[Any, ...] = (capture.code_key, prefix, path)
+            if path is not None and not capture.frame.is_resume:
                 # Any graph beginning this call (a recompile, or the same call split otherwise
                 # in another forward: transformers' checkpointing __call__ compiled once with
                 # the forward inlined, once the forward alone) restarts from the call's start.
-                group = ("call", prefix, site)
+                group = ("call", prefix, path)
             begins = prefix == () and not capture.frame.is_resume
             if begins and root_code is None:
                 root_code = capture.code_key
@@ -274,8 +275,8 @@ class RootIndex:
                 used = counters
             scope = None
             enclosing: Dict[Tuple[str, ...], str] = {}
-            if site is not None and prefix:
-                scope = call_scope(prefix, site, _call_modules(capture, instance), used, enclosing)
+            if path is not None and prefix:
+                scope = call_scope(prefix, path, _call_modules(by_uid, capture, instance), used, enclosing)
             sites = name_occurrence(capture, root, prefix, used, instance, scope, enclosing)
             named.append((capture, instance, prefix, sites))
         _most_calls(calls, counters.calls)
@@ -405,8 +406,8 @@ def _place_borrowed(root: nn.Module, pending: list, eager_sites: Dict[str, Eager
     return placed
 
 
-def call_site_of(instance: Any) -> Optional[Any]:
-    """The call site an occurrence key records (``("call", key, site)``, also inside a resume
+def _call_path_of(instance: Any) -> Optional[Any]:
+    """The call path an occurrence key records (``("call", key, path)``, also inside a resume
     graph's ``("via", uid, key)``), or None."""
     while isinstance(instance, tuple) and instance:
         if instance[0] == "call":
@@ -417,11 +418,11 @@ def call_site_of(instance: Any) -> Optional[Any]:
     return None
 
 
-def _call_modules(capture: GraphCapture, instance: Any) -> Tuple[Any, ...]:
+def _call_modules(by_uid: Dict[int, GraphCapture], capture: GraphCapture, instance: Any) -> Tuple[Any, ...]:
     """The callers recorded for the call path in ``instance`` (``GraphCapture.call_modules``),
     looked up through a resume graph's ``("via", uid, key)``."""
     while isinstance(instance, tuple) and instance and instance[0] == "via":
-        continued = next((c for c in all_captures() if c.uid == instance[1]), None)
+        continued = by_uid.get(instance[1])
         if continued is None:
             return ()
         capture, instance = continued, instance[2]

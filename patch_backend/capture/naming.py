@@ -536,7 +536,7 @@ class _OccurrenceNamer:
         count = len(self.capture.frame.module_returns) + 1
         rank = (1, _RETURNED_RANK_BASE + (record.return_order if _has_arguments(record) else index))
         for leaf_index, (path, leaf_node) in enumerate(record.leaves):
-            name = join(inv.scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
+            name = join(inv.scope, _output_name(path))
             # Listed just after the return, before what follows it; inner calls return first.
             position = marker + 0.48 + 0.01 * (index + leaf_index / (len(record.leaves) + 1)) / count
             if leaf_node is None:
@@ -572,7 +572,7 @@ class _OccurrenceNamer:
         returned = frame.return_leaves
         leaves = returned if any(n is not None for _, n in returned) else _flat_output_leaves(self.output_node)
         for path, leaf_node in leaves:
-            name = join(self.frame_scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
+            name = join(self.frame_scope, _output_name(path))
             if leaf_node is None:
                 self._add_value(name, float(len(self.nodes)))
                 continue
@@ -581,7 +581,7 @@ class _OccurrenceNamer:
                 self._add(name, node, frozenset({self.output_node.name}), (1, 0), "output")
         for rank, scope in enumerate(self._returning_caller_scopes(), start=1):
             for path, leaf_node in leaves:
-                name = join(scope, "output" + ("|" + ".".join(sanitize(p) for p in path) if path else ""))
+                name = join(scope, _output_name(path))
                 node = self.by_name.get(leaf_node) if leaf_node is not None else None
                 if leaf_node is None:
                     self._add_value(name, float(len(self.nodes)) + 0.01 * rank)
@@ -870,8 +870,7 @@ def eager_boundary_sites(
                 if isinstance(value, torch.Tensor):
                     add(join(scope, sanitize(attribute)), (tuple(value.shape), value.dtype), "param", attribute, ())
         for leaf, facts in call.result:
-            suffix = "|" + ".".join(sanitize(p) for p in leaf) if leaf else ""
-            add(join(scope, "output" + suffix), facts, "output", "", leaf)
+            add(join(scope, _output_name(leaf)), facts, "output", "", leaf)
         if call.path == ():
             # Callers that passed the forward their own arguments unchanged, or return its
             # result as it is: their inputs and ``output`` are these values, which no graph
@@ -885,9 +884,13 @@ def eager_boundary_sites(
             returned = [(relative, ()) for relative in observed.returned_through]
             for through, (caller_scope, _) in enumerate(_callers(root, frame_path, returned), 1):
                 for leaf, facts in call.result:
-                    suffix = "|" + ".".join(sanitize(p) for p in leaf) if leaf else ""
-                    add(join(caller_scope, "output" + suffix), facts, "output", "", leaf, through)
+                    add(join(caller_scope, _output_name(leaf)), facts, "output", "", leaf, through)
     return sites
+
+
+def _output_name(leaf: Tuple[str, ...]) -> str:
+    """``output``, or ``output|sub_1.a`` for a leaf inside a structured result."""
+    return "output" + ("|" + ".".join(sanitize(p) for p in leaf) if leaf else "")
 
 
 def _callers(root: nn.Module, path: Tuple[str, ...], chain: Iterable[Tuple[Tuple[str, ...], Any]]) -> List[Tuple[str, Any]]:
